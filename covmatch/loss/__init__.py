@@ -1,0 +1,15 @@
+"""The CovMatch loss (DESIGN 1.1-1.2): functional entry points, the module, and the backends behind them."""
+
+from .forms import choose_form, form_flops
+from .functional import covmatch_loss, cross_covariance, mean_matching_loss, resolve_backend
+from .module import CovMatchLoss
+
+__all__ = [
+    "CovMatchLoss",
+    "choose_form",
+    "covmatch_loss",
+    "cross_covariance",
+    "form_flops",
+    "mean_matching_loss",
+    "resolve_backend",
+]

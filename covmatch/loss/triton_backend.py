@@ -1,0 +1,131 @@
+"""The fused backend: ``covmatch.kernels`` wrapped in a ``torch.autograd.Function``.
+
+Triton is imported only when this backend is first used, so ``import covmatch`` stays light.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional, Tuple
+
+import torch
+
+__all__ = ["triton_available", "triton_unavailable_reason", "covmatch_loss_triton"]
+
+
+@functools.lru_cache(maxsize=None)
+def triton_unavailable_reason() -> Optional[str]:
+    """None when Triton imports, else why it does not (cached; imports triton on first call)."""
+    try:
+        import triton  # noqa: F401
+    except Exception as err:  # ImportError, or a broken install raising something else
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
+def triton_available() -> bool:
+    """True when Triton is importable."""
+    return triton_unavailable_reason() is None
+
+
+def _kernels():
+    from covmatch import kernels
+
+    return kernels
+
+
+def _block_weights(n_real: int, n_syn: int, rho: float, device: torch.device) -> torch.Tensor:
+    """Row weights of the stacked Gram form: rho/(n_T-1) for real rows, -1/(n_S-1) for synthetic rows."""
+    return torch.cat(
+        [
+            torch.full((n_real,), rho / (n_real - 1), dtype=torch.float32, device=device),
+            torch.full((n_syn,), -1.0 / (n_syn - 1), dtype=torch.float32, device=device),
+        ]
+    )
+
+
+def _column_means(real: torch.Tensor, syn: torch.Tensor) -> torch.Tensor:
+    """[2, d] fp32: the real (row 0) and synthetic (row 1) column means."""
+    return torch.stack([real.mean(dim=0, dtype=torch.float32), syn.mean(dim=0, dtype=torch.float32)])
+
+
+class CovMatchTritonFunction(torch.autograd.Function):
+    """Autograd wrapper of the fused kernels; backward returns each gradient in its input's dtype."""
+
+    @staticmethod
+    def forward(ctx, real_img, real_txt, syn_img, syn_txt, rho: float, lam: float, form: str):
+        kernels = _kernels()
+        needs_grad = any(ctx.needs_input_grad[:4])
+        n_real, n_syn = real_img.shape[0], syn_img.shape[0]
+        ctx.rho, ctx.lam, ctx.form = rho, lam, form
+        ctx.dtypes = (real_img.dtype, real_txt.dtype, syn_img.dtype, syn_txt.dtype)
+        ctx.n_real, ctx.n_syn = n_real, n_syn
+        if form == "cov":
+            out = kernels.covariance_forward(real_img, real_txt, syn_img, syn_txt, rho, store_diff=needs_grad)
+            cov_loss, mean_loss = out.cov_loss, out.mean_loss
+            ctx.save_for_backward(real_img, real_txt, syn_img, syn_txt, out.diff, out.mean_x, out.mean_y)
+        else:
+            mean_x = _column_means(real_img, syn_img)
+            mean_y = _column_means(real_txt, syn_txt)
+            z_x = torch.cat([real_img, syn_img])
+            z_y = torch.cat([real_txt, syn_txt])
+            weights = _block_weights(n_real, n_syn, rho, real_img.device)
+            out = kernels.gram_forward(z_x, z_y, mean_x, mean_y, weights, n_real, store_gram=needs_grad)
+            cov_loss = out.cov_loss
+            gap_x, gap_y = mean_x[0] - mean_x[1], mean_y[0] - mean_y[1]
+            mean_loss = gap_x @ gap_x + gap_y @ gap_y
+            ctx.save_for_backward(z_x, z_y, out.gram_x, out.gram_y, weights, mean_x, mean_y)
+        return cov_loss + lam * mean_loss if lam != 0 else cov_loss
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:
+        kernels = _kernels()
+        rho, lam, n_real, n_syn = ctx.rho, ctx.lam, ctx.n_real, ctx.n_syn
+        needs = ctx.needs_input_grad[:4]
+        grad = grad.to(torch.float32)
+        grads = [None, None, None, None]
+        if ctx.form == "cov":
+            real_img, real_txt, syn_img, syn_txt, diff, mean_x, mean_y = ctx.saved_tensors
+            gap_x, gap_y = mean_x[0] - mean_x[1], mean_y[0] - mean_y[1]
+            # dL/dX = alpha * (Y - 1 mu_Y^T) D^T + mean-term row, dL/dY = alpha * (X - 1 mu_X^T) D + ...
+            # (DESIGN 1.2): alpha = 2 rho / (n_T - 1) on the real side, -2 / (n_S - 1) on the synthetic side.
+            sides = (
+                (0, real_txt, mean_y[0], diff.t(), gap_x, 2.0 * rho / (n_real - 1), 2.0 * lam / n_real),
+                (1, real_img, mean_x[0], diff, gap_y, 2.0 * rho / (n_real - 1), 2.0 * lam / n_real),
+                (2, syn_txt, mean_y[1], diff.t(), gap_x, -2.0 / (n_syn - 1), -2.0 * lam / n_syn),
+                (3, syn_img, mean_x[1], diff, gap_y, -2.0 / (n_syn - 1), -2.0 * lam / n_syn),
+            )
+            for idx, other, other_mean, diff_view, gap, alpha, beta in sides:
+                if needs[idx]:
+                    grads[idx] = kernels.centred_matmul(
+                        other, other_mean, diff_view, beta * gap, grad, alpha, ctx.dtypes[idx]
+                    )
+        else:
+            z_x, z_y, gram_x, gram_y, weights, mean_x, mean_y = ctx.saved_tensors
+            gap_x, gap_y = mean_x[0] - mean_x[1], mean_y[0] - mean_y[1]
+            # dL/dZ_x[i] = 2 w_i sum_j K_y[i, j] w_j Zc_x[j] (and symmetrically), plus the mean-term row.
+            sides = (
+                (0, gram_y, z_x, mean_x, 0, n_real, gap_x, 2.0 * lam / n_real),
+                (1, gram_x, z_y, mean_y, 0, n_real, gap_y, 2.0 * lam / n_real),
+                (2, gram_y, z_x, mean_x, n_real, n_syn, gap_x, -2.0 * lam / n_syn),
+                (3, gram_x, z_y, mean_y, n_real, n_syn, gap_y, -2.0 * lam / n_syn),
+            )
+            for idx, gram_other, z, mean, row_start, n_out, gap, beta in sides:
+                if needs[idx]:
+                    grads[idx] = kernels.gram_grad(
+                        gram_other, weights, z, mean, n_real, row_start, n_out, beta * gap, grad, ctx.dtypes[idx]
+                    )
+        return (*grads, None, None, None)
+
+
+def covmatch_loss_triton(
+    real_img: torch.Tensor,
+    real_txt: torch.Tensor,
+    syn_img: torch.Tensor,
+    syn_txt: torch.Tensor,
+    rho: float,
+    lam: float,
+    form: str,
+) -> torch.Tensor:
+    """The CovMatch loss through the fused kernels (inputs already validated; form 'cov' or 'gram')."""
+    return CovMatchTritonFunction.apply(real_img, real_txt, syn_img, syn_txt, float(rho), float(lam), form)

@@ -1,0 +1,51 @@
+"""Package definition for covmatch.
+
+``kernels/`` (the Triton kernels) installs as ``covmatch.kernels`` through ``package_dir``, never as a
+top-level ``kernels`` module: a widely installed PyPI package of that name is imported by transformers.
+"""
+
+import re
+from pathlib import Path
+
+from setuptools import setup
+
+HERE = Path(__file__).parent
+VERSION = re.search(r'__version__ = "([^"]+)"', (HERE / "covmatch" / "_version.py").read_text()).group(1)
+
+DISTILL = [
+    "transformers>=4.40",
+    "timm>=1.0",
+    "deepspeed>=0.14",
+    "nvidia-ml-py>=12.0",
+    "safetensors>=0.4",
+    "tqdm>=4.60",
+    "matplotlib>=3.7",
+    "pillow>=9.0",
+]
+DEV = ["pytest>=7.4", "pytest-benchmark>=4.0", "ruff>=0.4"]
+
+setup(
+    name="covmatch",
+    version=VERSION,
+    description="CovMatch multimodal dataset distillation: cross-covariance matching loss with fused Triton kernels",
+    long_description=(HERE / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.9",
+    packages=["covmatch", "covmatch.kernels"],
+    package_dir={"covmatch": "covmatch", "covmatch.kernels": "kernels"},
+    install_requires=[
+        "torch>=2.4",
+        "numpy",
+        "triton>=3.0; platform_system == 'Linux'",
+    ],
+    extras_require={
+        "distill": DISTILL,
+        "dev": DEV,
+        "all": DISTILL + DEV,
+    },
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
+)
