@@ -9,9 +9,10 @@ The first moments (column means) and the mean-matching term come out of the same
 Backward: ``dL/dX = alpha * (Y - 1 mu_Y^T) D^T + 1 beta^T`` (and the same for Y with ``D``), one tiled
 GEMM with the centring applied on load and the mean-term gradient ``beta`` added in the epilogue.
 
-Numerical note: rows are shifted by the first row of each matrix before accumulation (the classic
-shifted one-pass algorithm), so the rank-one correction acts on ``mean - x_0`` instead of ``mean``
-and does not cancel catastrophically when features have a large mean.
+Numerical note: fp32 rows are shifted by the first row of each matrix before accumulation (the classic
+shifted one-pass algorithm), so the rank-one correction acts on ``mean - x_0`` instead of ``mean`` and
+does not cancel catastrophically when features have a large mean. Half-precision rows multiply
+exactly into the fp32 accumulator unshifted (see ``_shifted_cross_product``).
 """
 
 from __future__ import annotations
@@ -59,9 +60,19 @@ def _shifted_cross_product(
     DOT_DTYPE: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """For one output tile: sum_i (x_i - x_0)(y_i - y_0)^T and the shifted column sums, in fp32."""
-    x0 = tl.load(x_ptr + offs_m * stride_xd, mask=mask_m, other=0.0).to(tl.float32)
-    y0 = tl.load(y_ptr + offs_n * stride_yd, mask=mask_n, other=0.0).to(tl.float32)
+    """For one output tile: sum_i (x_i - x_0)(y_i - y_0)^T and the shifted column sums, in fp32.
+
+    fp32 operands are shifted by the first row before the product. Half-precision operands are not:
+    rounding the shifted values back to 16 bits would cost more accuracy (2^-11 per element) than the
+    fp32 accumulation of their exact products loses to the rank-one correction, so x_0 = y_0 = 0 there.
+    """
+    SHIFT: tl.constexpr = DOT_DTYPE == tl.float32
+    if SHIFT:
+        x0 = tl.load(x_ptr + offs_m * stride_xd, mask=mask_m, other=0.0).to(tl.float32)
+        y0 = tl.load(y_ptr + offs_n * stride_yd, mask=mask_n, other=0.0).to(tl.float32)
+    else:
+        x0 = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        y0 = tl.zeros((BLOCK_N,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     sum_x = tl.zeros((BLOCK_M,), dtype=tl.float32)
     sum_y = tl.zeros((BLOCK_N,), dtype=tl.float32)
@@ -74,16 +85,17 @@ def _shifted_cross_product(
             x_ptr + offs_m[:, None] * stride_xd + rows[None, :] * stride_xn,
             mask=mask_m[:, None] & mask_k[None, :],
             other=0.0,
-        ).to(tl.float32)
+        )
         y = tl.load(
             y_ptr + rows[:, None] * stride_yn + offs_n[None, :] * stride_yd,
             mask=mask_k[:, None] & mask_n[None, :],
             other=0.0,
-        ).to(tl.float32)
-        xt = tl.where(mask_k[None, :], xt - x0[:, None], 0.0)
-        y = tl.where(mask_k[:, None], y - y0[None, :], 0.0)
-        sum_x += tl.sum(xt, axis=1)
-        sum_y += tl.sum(y, axis=0)
+        )
+        if SHIFT:
+            xt = tl.where(mask_k[None, :], xt.to(tl.float32) - x0[:, None], 0.0)
+            y = tl.where(mask_k[:, None], y.to(tl.float32) - y0[None, :], 0.0)
+        sum_x += tl.sum(xt.to(tl.float32), axis=1)
+        sum_y += tl.sum(y.to(tl.float32), axis=0)
         acc = tl.dot(xt.to(DOT_DTYPE), y.to(DOT_DTYPE), acc, input_precision=PRECISION)
     return acc, sum_x, sum_y, x0, y0
 
@@ -247,8 +259,6 @@ _GEMM_CONFIGS = (
 )
 # The interpreter runs one program after another in numpy: big tiles mean few programs.
 _INTERPRETER_CONFIG = TileConfig(64, 64, 32, num_warps=4, num_stages=1)
-
-
 
 
 # --------------------------------------------------------------------------------------------------

@@ -161,8 +161,6 @@ _GRAD_CONFIGS = (
 _INTERPRETER_CONFIG = TileConfig(64, 64, 64, num_warps=4, num_stages=1)
 
 
-
-
 def _upper_triangle_pairs(n_blocks: int, device: torch.device) -> torch.Tensor:
     """(i, j) block pairs with j >= i, flattened to int32 [2 * count]: the forward's 1-D grid."""
     idx = torch.triu_indices(n_blocks, n_blocks)

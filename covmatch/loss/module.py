@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .functional import BACKENDS, covmatch_loss
 from .forms import FORMS
+from .functional import BACKENDS, covmatch_loss
 from .validation import check_hyperparameters
 
 __all__ = ["CovMatchLoss"]

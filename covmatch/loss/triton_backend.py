@@ -5,22 +5,26 @@ Triton is imported only when this backend is first used, so ``import covmatch`` 
 
 from __future__ import annotations
 
-import functools
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 
 __all__ = ["triton_available", "triton_unavailable_reason", "covmatch_loss_triton"]
 
 
-@functools.lru_cache(maxsize=None)
+_TRITON_IMPORT: Dict[str, Optional[str]] = {}
+
+
 def triton_unavailable_reason() -> Optional[str]:
-    """None when Triton imports, else why it does not (cached; imports triton on first call)."""
-    try:
-        import triton  # noqa: F401
-    except Exception as err:  # ImportError, or a broken install raising something else
-        return f"{type(err).__name__}: {err}"
-    return None
+    """None when Triton imports, else why it does not (imports triton on the first call, then cached)."""
+    if "reason" not in _TRITON_IMPORT:
+        try:
+            import triton  # noqa: F401
+
+            _TRITON_IMPORT["reason"] = None
+        except Exception as err:  # ImportError, or a broken install raising something else
+            _TRITON_IMPORT["reason"] = f"{type(err).__name__}: {err}"
+    return _TRITON_IMPORT["reason"]
 
 
 def triton_available() -> bool:

@@ -1,0 +1,33 @@
+# covmatch: `make test` runs the test suite, creating .venv and installing everything on first use.
+#
+# TORCH_SPEC is what gets installed when the venv has no torch yet. The default pins the CPU machines'
+# local wheels; on a GPU box pass your own, e.g. `make test TORCH_SPEC="torch==2.11.0"`, or point VENV
+# at an environment that already has torch.
+
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.covmatch-installed
+
+.PHONY: install test lint bench-smoke clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): setup.py pyproject.toml | $(PY)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install $(TORCH_SPEC)
+	$(PY) -m pip install -e ".[all]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(VENV)/bin/pytest
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check covmatch kernels tests benchmarks setup.py
+	$(VENV)/bin/ruff format --check covmatch kernels tests benchmarks setup.py
+
+clean:
+	rm -rf build *.egg-info .pytest_cache .ruff_cache

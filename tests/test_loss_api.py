@@ -1,0 +1,160 @@
+"""The loss API around the numbers: helpers, backend resolution, and one clear error per bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from covmatch import CovMatchLoss, covmatch_loss, cross_covariance, mean_matching_loss
+from covmatch.loss import resolve_backend
+
+from .reference import centred_cov
+
+
+def _four(n_real=4, n_syn=3, d_img=5, d_txt=2, dtype=torch.float32):
+    return (
+        torch.randn(n_real, d_img, dtype=dtype),
+        torch.randn(n_real, d_txt, dtype=dtype),
+        torch.randn(n_syn, d_img, dtype=dtype),
+        torch.randn(n_syn, d_txt, dtype=dtype),
+    )
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_cross_covariance(dtype):
+    x = (torch.randn(50, 7, dtype=torch.float64) + 4).to(dtype)
+    y = (torch.randn(50, 3, dtype=torch.float64) - 2).to(dtype)
+    c = cross_covariance(x, y)
+    assert c.shape == (7, 3) and c.dtype == torch.float32
+    torch.testing.assert_close(c.double(), centred_cov(x.double(), y.double()), rtol=1e-5, atol=1e-6)
+    biased = cross_covariance(x, y, unbiased=False)
+    torch.testing.assert_close(biased.double(), centred_cov(x.double(), y.double()) * 49 / 50, rtol=1e-5, atol=1e-6)
+
+
+def test_cross_covariance_gradients():
+    x = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(6, 2, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: cross_covariance(a, b), (x, y))
+
+
+def test_cross_covariance_biased_allows_one_row():
+    c = cross_covariance(torch.ones(1, 2), torch.ones(1, 3), unbiased=False)
+    assert torch.equal(c, torch.zeros(2, 3))
+    with pytest.raises(ValueError, match="at least 2"):
+        cross_covariance(torch.ones(1, 2), torch.ones(1, 3))
+
+
+def test_mean_matching_loss():
+    real = torch.randn(10, 4)
+    syn = torch.randn(3, 4, dtype=torch.float16)
+    expected = ((real.double().mean(0) - syn.double().mean(0)) ** 2).sum()
+    out = mean_matching_loss(real, syn)
+    assert out.dim() == 0 and out.dtype == torch.float32
+    assert abs(out.item() - expected.item()) < 1e-5
+    with pytest.raises(ValueError, match=r"same feature dim.*\(10, 4\).*\(3, 5\)"):
+        mean_matching_loss(real, torch.randn(3, 5))
+
+
+# ------------------------------------------------------------------------------------------ backends
+
+
+def test_backend_auto_on_cpu_is_torch():
+    assert resolve_backend("auto", torch.device("cpu")) == "torch"
+    assert resolve_backend("auto", torch.device("cpu"), (torch.float64,)) == "torch"
+
+
+def test_backend_env_override(monkeypatch):
+    monkeypatch.setenv("COVMATCH_BACKEND", "triton")
+    assert resolve_backend("auto", torch.device("cpu")) == "triton"  # the interpreter is on in tests
+    monkeypatch.setenv("COVMATCH_BACKEND", "torch")
+    assert resolve_backend("auto", torch.device("cpu")) == "torch"
+    assert resolve_backend("triton", torch.device("cpu")) == "triton"  # explicit beats the variable
+    monkeypatch.setenv("COVMATCH_BACKEND", "cuda")
+    with pytest.raises(ValueError, match="COVMATCH_BACKEND must be one of"):
+        resolve_backend("auto", torch.device("cpu"))
+
+
+def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        covmatch_loss(*_four(), backend="triton")
+
+
+def test_triton_rejects_float64():
+    with pytest.raises(TypeError, match="float64 is torch-only"):
+        covmatch_loss(*_four(dtype=torch.float64), backend="triton")
+
+
+def test_unknown_backend_and_form():
+    with pytest.raises(ValueError, match="backend must be one of"):
+        covmatch_loss(*_four(), backend="cuda")
+    with pytest.raises(ValueError, match="form must be one of"):
+        covmatch_loss(*_four(), form="dense")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        CovMatchLoss(backend="fast")
+
+
+# ------------------------------------------------------------------------------------------ bad inputs
+
+
+def test_fewer_than_two_rows():
+    xr, yr, xs, ys = _four()
+    with pytest.raises(ValueError, match=r"syn_img has 1 row\(s\) \(shape \(1, 5\)\).*at least 2"):
+        covmatch_loss(xr, yr, xs[:1], ys[:1])
+
+
+def test_pair_row_counts_differ():
+    xr, yr, xs, ys = _four()
+    with pytest.raises(
+        ValueError, match=r"real_img and real_txt must have the same number of rows.*\(4, 5\).*\(3, 2\)"
+    ):
+        covmatch_loss(xr, yr[:3], xs, ys)
+
+
+def test_feature_dims_differ():
+    xr, yr, xs, ys = _four()
+    with pytest.raises(ValueError, match=r"image feature dims differ.*\(4, 5\).*\(3, 6\)"):
+        covmatch_loss(xr, yr, torch.randn(3, 6), ys)
+    with pytest.raises(ValueError, match=r"text feature dims differ.*\(4, 2\).*\(3, 9\)"):
+        covmatch_loss(xr, yr, xs, torch.randn(3, 9))
+
+
+def test_not_two_dimensional():
+    xr, yr, xs, ys = _four()
+    with pytest.raises(ValueError, match=r"real_txt must be 2-D \[rows, features\], got shape \(4, 2, 1\)"):
+        covmatch_loss(xr, yr[..., None], xs, ys)
+    with pytest.raises(ValueError, match=r"syn_txt must be 2-D.*got shape \(3,\)"):
+        covmatch_loss(xr, yr, xs, ys[:, 0])
+
+
+def test_integer_and_non_tensor_inputs():
+    xr, yr, xs, ys = _four()
+    with pytest.raises(TypeError, match="syn_img must be a floating-point tensor.*torch.int64"):
+        covmatch_loss(xr, yr, xs.long(), ys)
+    with pytest.raises(TypeError, match="real_img must be a torch.Tensor, got list"):
+        covmatch_loss(xr.tolist(), yr, xs, ys)
+
+
+def test_devices_differ():
+    xr, yr, xs, ys = _four()
+    with pytest.raises(ValueError, match="real_img is on cpu but real_txt is on meta"):
+        covmatch_loss(xr, yr.to("meta"), xs, ys)
+    with pytest.raises(ValueError, match="real features are on cpu but synthetic features on meta"):
+        covmatch_loss(xr, yr, xs.to("meta"), ys.to("meta"))
+
+
+@pytest.mark.parametrize(
+    "kwargs,exc,message",
+    [
+        ({"rho": 0.0}, ValueError, "rho must be > 0"),
+        ({"rho": float("nan")}, ValueError, "rho must be finite"),
+        ({"lam": -0.1}, ValueError, "lam must be >= 0"),
+        ({"lam": "0.1"}, TypeError, "lam must be a real number, got str"),
+    ],
+)
+def test_bad_hyperparameters(kwargs, exc, message):
+    with pytest.raises(exc, match=message):
+        covmatch_loss(*_four(), **kwargs)
