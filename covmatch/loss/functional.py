@@ -8,6 +8,7 @@ and returns a 0-dim fp32 tensor whose gradients reach every input that requires 
 from __future__ import annotations
 
 import os
+from typing import Callable, List
 
 import torch
 
@@ -86,10 +87,16 @@ def mean_matching_loss(real: torch.Tensor, syn: torch.Tensor) -> torch.Tensor:
         return mean_gap_torch(real, syn)
 
 
-@torch.compiler.disable
+_TRITON_ENTRY: List[Callable[..., torch.Tensor]] = []
+
+
 def _covmatch_loss_triton_eager(*args) -> torch.Tensor:
-    # Dynamo does not trace the kernels' host code; a graph break keeps torch.compile callers working.
-    return covmatch_loss_triton(*args)
+    """The fused path behind ``torch.compiler.disable``: dynamo does not trace the kernels' host code, so a
+    graph break keeps ``torch.compile`` callers working. Wrapped on first use, because applying the
+    decorator at import time would import torch._dynamo (and triton) with every ``import covmatch``."""
+    if not _TRITON_ENTRY:
+        _TRITON_ENTRY.append(torch.compiler.disable(covmatch_loss_triton))
+    return _TRITON_ENTRY[0](*args)
 
 
 def covmatch_loss(
