@@ -1,0 +1,119 @@
+"""The dual encoder: image and text encoders, projections, InfoNCE, and the reset to pretrained weights."""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .image import ImageEncoder
+from .text import TextEncoder
+
+__all__ = ["Projection", "DualEncoder", "info_nce"]
+
+
+class Projection(nn.Module):
+    """Linear map (depth 1) or an MLP of ``depth`` layers with GELU in between, to ``out_dim``."""
+
+    def __init__(self, in_dim: int, out_dim: int, depth: int = 1) -> None:
+        super().__init__()
+        if depth not in (1, 2, 3):
+            raise ValueError(f"projection depth must be 1, 2 or 3, got {depth}")
+        layers = []
+        dims = [in_dim] + [out_dim] * depth
+        for i in range(depth):
+            layers.append(nn.Linear(dims[i], dims[i + 1]))
+            if i < depth - 1:
+                layers.append(nn.GELU())
+        self.net = nn.Sequential(*layers)
+
+    def reset_parameters(self, generator: Optional[torch.Generator] = None) -> None:
+        """Fresh random weights (PyTorch's Linear init, drawn from ``generator`` when given)."""
+        for layer in self.net:
+            if isinstance(layer, nn.Linear):
+                bound = 1.0 / math.sqrt(layer.in_features)
+                with torch.no_grad():
+                    w = torch.empty(layer.weight.shape).uniform_(-bound, bound, generator=generator)
+                    b = torch.empty(layer.bias.shape).uniform_(-bound, bound, generator=generator)
+                    layer.weight.copy_(w)
+                    layer.bias.copy_(b)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def info_nce(image_z: torch.Tensor, text_z: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE over a batch of matched pairs (row i of each is a pair), cosine similarity."""
+    image_z = F.normalize(image_z.float(), dim=-1)
+    text_z = F.normalize(text_z.float(), dim=-1)
+    logits = logit_scale.exp() * image_z @ text_z.t()
+    target = torch.arange(logits.shape[0], device=logits.device)
+    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
+
+
+class DualEncoder(nn.Module):
+    """CLIP-style model: ``encode_image``/``encode_text`` give encoder features (``project=False``, what
+    CovMatch matches) or projected embeddings; ``contrastive_loss`` is InfoNCE at temperature 0.07."""
+
+    def __init__(
+        self,
+        image: ImageEncoder,
+        text: TextEncoder,
+        *,
+        proj_dim: int = 2304,
+        proj_depth: int = 1,
+        temperature: float = 0.07,
+        learnable_temperature: bool = False,
+    ) -> None:
+        super().__init__()
+        self.image = image
+        self.text = text
+        self.image_proj = Projection(image.feature_dim, proj_dim, proj_depth)
+        self.text_proj = Projection(text.feature_dim, proj_dim, proj_depth)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / temperature)), requires_grad=learnable_temperature)
+        self._initial_logit_scale = float(self.logit_scale)
+        self._pretrained: Dict[str, torch.Tensor] = {}
+        self.snapshot_pretrained()
+
+    def snapshot_pretrained(self) -> None:
+        """Remember the encoders' current weights as the 'pretrained' state that ``reset`` returns to."""
+        self._pretrained = {
+            k: v.detach().to("cpu", copy=True)
+            for k, v in self.state_dict().items()
+            if k.startswith(("image.", "text."))
+        }
+
+    def pretrained_state(self) -> Dict[str, torch.Tensor]:
+        return self._pretrained
+
+    def reset(self, generator: Optional[torch.Generator] = None) -> None:
+        """Encoders back to pretrained weights, projections re-initialised, temperature back to its start."""
+        self.load_state_dict(self._pretrained, strict=False)
+        self.image_proj.reset_parameters(generator)
+        self.text_proj.reset_parameters(generator)
+        with torch.no_grad():
+            self.logit_scale.fill_(self._initial_logit_scale)
+
+    def encoder_parameters(self):
+        return list(self.image.parameters()) + list(self.text.parameters())
+
+    def head_parameters(self):
+        heads = list(self.image_proj.parameters()) + list(self.text_proj.parameters())
+        return heads + ([self.logit_scale] if self.logit_scale.requires_grad else [])
+
+    def encode_image(self, pixels: torch.Tensor, project: bool = True) -> torch.Tensor:
+        features = self.image(pixels)
+        return self.image_proj(features) if project else features
+
+    def encode_text(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, project: bool = True):
+        features = self.text(inputs_embeds, attention_mask)
+        return self.text_proj(features) if project else features
+
+    def encode_text_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, project: bool = True):
+        return self.encode_text(self.text.embed(input_ids), attention_mask, project)
+
+    def contrastive_loss(self, image_z: torch.Tensor, text_z: torch.Tensor) -> torch.Tensor:
+        return info_nce(image_z, text_z, self.logit_scale)

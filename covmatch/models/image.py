@@ -1,0 +1,67 @@
+"""Image encoder: any timm model, created with ``num_classes=0`` so it returns pooled features."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+from covmatch.errors import ConfigError
+
+from .weights import load_weights_into
+
+__all__ = ["ImageEncoder"]
+
+
+def _cached_hub_file(model: nn.Module) -> Path:
+    """The pretrained file of a timm model in the local Hugging Face cache (never downloads)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    cfg = getattr(model, "pretrained_cfg", {}) or {}
+    repo = cfg.get("hf_hub_id")
+    if not repo:
+        raise ConfigError(f"timm model {cfg.get('architecture')!r} names no Hugging Face repo for its weights")
+    for filename in ("model.safetensors", "open_clip_pytorch_model.bin", "pytorch_model.bin"):
+        found = try_to_load_from_cache(repo, filename)
+        if isinstance(found, str):
+            return Path(found)
+    raise ConfigError(
+        f"pretrained weights of {repo!r} are not in the local Hugging Face cache; covmatch never downloads: "
+        "pass a local file with --image-weights"
+    )
+
+
+class ImageEncoder(nn.Module):
+    """A timm backbone; ``forward(pixels [n, 3, H, W]) -> features [n, feature_dim]``."""
+
+    def __init__(self, model: nn.Module, name: str, image_size: int) -> None:
+        super().__init__()
+        self.model = model
+        self.name = name
+        self.image_size = image_size
+        self.feature_dim = int(model.num_features)
+
+    @classmethod
+    def create(cls, name: str, *, image_size: int, weights: Optional[str] = None) -> ImageEncoder:
+        """Build ``name`` from timm. ``weights``: None (random init), a local file, or "cache" (local HF cache)."""
+        import timm
+
+        if not timm.is_model(name):
+            raise ConfigError(f"unknown timm image encoder {name!r}")
+        try:
+            model = timm.create_model(name, pretrained=False, num_classes=0, img_size=image_size)
+        except TypeError:  # convolutional models take no img_size
+            model = timm.create_model(name, pretrained=False, num_classes=0)
+        if weights:
+            path = _cached_hub_file(model) if weights == "cache" else Path(weights)
+            classifier = (getattr(model, "pretrained_cfg", {}) or {}).get("classifier") or ""
+            load_weights_into(model, path, ignore_prefixes=(classifier + "."))
+        return cls(model, name, image_size)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.model.set_grad_checkpointing(enable)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.model(pixels)

