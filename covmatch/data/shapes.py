@@ -18,6 +18,7 @@ from typing import Dict, List, Tuple
 import torch
 from PIL import Image, ImageDraw
 
+from .captions import preprocess_caption
 from .sources import SPLITS, ImageTextSource, RetrievalSplit
 
 __all__ = ["ShapeSpec", "Scene", "ShapesSource", "COLOURS", "SHAPES"]
@@ -119,7 +120,7 @@ def _captions(scene: Scene, rng: random.Random) -> List[str]:
             pool[0] += f", with {_article(c.colour)} {c.words()} {c.position()}"
             pool[3] += f" and {_one(c)} {c.position()}"
     rng.shuffle(pool)
-    return pool[:CAPTIONS_PER_IMAGE]
+    return [preprocess_caption(c) for c in pool[:CAPTIONS_PER_IMAGE]]
 
 
 def _draw(draw: ImageDraw.ImageDraw, o: ShapeSpec, size_px: int) -> None:

@@ -57,7 +57,7 @@ class ImageEncoder(nn.Module):
         if weights:
             path = _cached_hub_file(model) if weights == "cache" else Path(weights)
             classifier = (getattr(model, "pretrained_cfg", {}) or {}).get("classifier") or ""
-            load_weights_into(model, path, ignore_prefixes=(classifier + "."))
+            load_weights_into(model, path, ignore_prefixes=(classifier + ".",) if classifier else ())
         return cls(model, name, image_size)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:

