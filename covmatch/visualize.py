@@ -47,7 +47,9 @@ def save_image_grid(
         ax = axes.flat[i]
         ax.imshow(pics[i].permute(1, 2, 0).numpy(), interpolation="nearest")
         if captions:
-            ax.set_title(_wrap(captions[i], 22), fontsize=5, pad=2)
+            # decoded tokens can be any script; the bundled font has Latin glyphs only
+            text = captions[i].encode("ascii", "replace").decode()
+            ax.set_title(_wrap(text, 22), fontsize=5, pad=2)
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()

@@ -112,8 +112,15 @@ class TextEncoder(nn.Module):
         return self.forward(self.embed(input_ids), attention_mask)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        if enable:
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # transformers 5 renamed gradient_checkpointing_* to activation_checkpointing_*; support both.
+        kwargs = {"use_reentrant": False}
+        if hasattr(self.model, "activation_checkpointing_enable"):
+            if enable:
+                self.model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            else:
+                self.model.activation_checkpointing_disable()
+        elif enable:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         else:
             self.model.gradient_checkpointing_disable()
 

@@ -1,0 +1,126 @@
+"""Atomic checkpoints of a distillation run, the last K kept, validated in full before anything is applied.
+
+A checkpoint is one ``torch.save`` file of tensors, numbers and strings only, read back with
+``weights_only=True`` (no pickled code). It is written to a temporary file and moved into place with
+``os.replace``, so a crash never leaves a half-written checkpoint under the final name.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from pathlib import Path
+from typing import Callable, List, Optional
+
+import torch
+
+from covmatch._version import __version__
+from covmatch.errors import CheckpointError
+from covmatch.synthetic import atomic_write_bytes
+
+__all__ = ["CHECKPOINT_DIR", "save_checkpoint", "list_checkpoints", "read_checkpoint", "resume_latest", "fingerprint"]
+
+CHECKPOINT_DIR = "checkpoints"
+FORMAT = 1
+_NAME = re.compile(r"^step_(\d{8})\.pt$")
+
+
+def fingerprint(distiller) -> dict:
+    """What must match for a checkpoint to belong to this run (shapes and the settings that shape them)."""
+    cfg = distiller.config
+    return {
+        "num_pairs": cfg.num_pairs,
+        "preset": cfg.preset.name,
+        "image_encoder": cfg.preset.image_encoder,
+        "text_encoder": cfg.preset.text_encoder,
+        "image_size": cfg.preset.image_size,
+        "seq_len": cfg.preset.seq_len,
+        "seed": cfg.seed,
+        "frozen_text": cfg.frozen_text,
+        "distill_mode": cfg.distill_mode,
+        "world_size": getattr(distiller, "world_size", 1),
+    }
+
+
+def save_checkpoint(distiller, directory: Path, *, keep: int) -> Path:
+    """Write ``step_<iteration>.pt`` atomically and delete all but the newest ``keep`` checkpoints."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = distiller.state_dict()
+    payload = {"format": FORMAT, "covmatch_version": __version__, "fingerprint": fingerprint(distiller), "state": state}
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    path = directory / f"step_{distiller.iteration:08d}.pt"
+    atomic_write_bytes(path, buffer.getvalue())
+    for old in list_checkpoints(directory)[keep:]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def list_checkpoints(directory: Path) -> List[Path]:
+    """Checkpoint files in ``directory``, newest (highest iteration) first."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := _NAME.match(p.name))]
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def read_checkpoint(path: Path, distiller) -> dict:
+    """Load and fully validate a checkpoint against ``distiller``; returns its state or raises CheckpointError."""
+    try:
+        payload = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise CheckpointError(f"{path}: unreadable or truncated ({type(err).__name__}: {str(err)[:120]})") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT or "state" not in payload:
+        raise CheckpointError(f"{path}: not a covmatch checkpoint of format {FORMAT}")
+    expected = fingerprint(distiller)
+    saved = payload.get("fingerprint", {})
+    for key, value in expected.items():
+        if saved.get(key) != value:
+            if key == "world_size":
+                raise CheckpointError(
+                    f"{path}: written by a run with {saved.get(key)} process(es), this run has {value}; "
+                    "resume with the same world size"
+                )
+            raise CheckpointError(f"{path}: made with {key}={saved.get(key)!r}, this run has {key}={value!r}")
+    state = payload["state"]
+    _check_like(state, distiller.state_dict(), str(path), "")
+    return state
+
+
+def _check_like(saved, current, where: str, prefix: str) -> None:
+    """Same nested keys, and tensors of the same shape and dtype, as the running state."""
+    if isinstance(current, torch.Tensor):
+        if not isinstance(saved, torch.Tensor):
+            raise CheckpointError(f"{where}: {prefix or 'value'} should be a tensor")
+        if saved.shape != current.shape or saved.dtype != current.dtype:
+            raise CheckpointError(
+                f"{where}: {prefix} has shape {tuple(saved.shape)} {saved.dtype}, "
+                f"expected {tuple(current.shape)} {current.dtype}"
+            )
+        return
+    if isinstance(current, dict):
+        if not isinstance(saved, dict):
+            raise CheckpointError(f"{where}: {prefix or 'state'} should be a mapping")
+        missing = [k for k in current if k not in saved]
+        if missing:
+            raise CheckpointError(f"{where}: missing {prefix + '.' if prefix else ''}{missing[0]}")
+        # optimiser momentum buffers appear only after a first step: check what both have
+        for key in current:
+            _check_like(saved[key], current[key], where, f"{prefix}.{key}" if prefix else str(key))
+
+
+def resume_latest(distiller, directory: Path, *, log: Callable[[str], None] = print) -> Optional[Path]:
+    """Apply the newest valid checkpoint in ``directory``; report and skip the bad ones. None when none."""
+    for path in list_checkpoints(directory):
+        try:
+            state = read_checkpoint(path, distiller)
+        except CheckpointError as err:
+            log(f"covmatch: skipping checkpoint: {err}")
+            continue
+        distiller.load_state_dict(state)
+        log(f"covmatch: resumed from {path} (iteration {distiller.iteration})")
+        return path
+    log(f"covmatch: no valid checkpoint in {directory}; starting from iteration 0")
+    return None

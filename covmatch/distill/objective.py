@@ -1,0 +1,161 @@
+"""The distillation objective on encoder features, and the synthetic-set gradient in one pass or in chunks.
+
+``loss = covmatch_loss(real, syn, rho, lam=0) + lam * (mean gap of projected image features + of projected
+text features)`` (DESIGN 1.1). The chunked path (DESIGN 1.3, the GradCache idea) first encodes the whole
+synthetic batch without autograd, differentiates the loss w.r.t. the *features*, then re-encodes one chunk
+at a time with autograd and backpropagates those feature gradients: the same gradient on every synthetic
+input as one big pass, with the activation memory of one chunk.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Iterator, Optional, Tuple
+
+import torch
+
+from covmatch.loss import covmatch_loss, mean_matching_loss
+
+__all__ = ["Features", "LossParts", "DistillObjective", "SyntheticBatch", "frozen_parameters", "synthetic_backward"]
+
+
+@dataclass
+class Features:
+    """Encoder outputs (before projection) of a batch of pairs."""
+
+    image: torch.Tensor
+    text: torch.Tensor
+
+
+@dataclass
+class LossParts:
+    """Detached loss terms of one iteration (kept on the device; logged without a per-step sync)."""
+
+    total: torch.Tensor
+    cov: torch.Tensor
+    mean: torch.Tensor
+
+
+@dataclass
+class SyntheticBatch:
+    """Views of the synthetic tensors for one iteration: pixels, and either token embeddings + mask or,
+    with a frozen text encoder, text features that are learned directly."""
+
+    images: torch.Tensor
+    text_embeds: Optional[torch.Tensor]
+    attention_mask: Optional[torch.Tensor]
+    text_features: Optional[torch.Tensor] = None
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def chunk(self, sl: slice) -> SyntheticBatch:
+        return SyntheticBatch(
+            self.images[sl],
+            None if self.text_embeds is None else self.text_embeds[sl],
+            None if self.attention_mask is None else self.attention_mask[sl],
+            None if self.text_features is None else self.text_features[sl],
+        )
+
+
+@contextlib.contextmanager
+def frozen_parameters(model: torch.nn.Module) -> Iterator[None]:
+    """Parameters stop requiring grad inside the block, so backward computes only input gradients."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def encode_synthetic(model, batch: SyntheticBatch) -> Features:
+    """Encoder features of synthetic pairs (text through ``inputs_embeds``, or the learned text features)."""
+    image = model.image(batch.images)
+    text = (
+        batch.text_features if batch.text_features is not None else model.text(batch.text_embeds, batch.attention_mask)
+    )
+    return Features(image, text)
+
+
+class DistillObjective:
+    """The CovMatch distillation loss for fixed real features (``real``) as a function of synthetic features."""
+
+    def __init__(self, model, real: Features, *, rho: float, lam: float, backend: str = "auto") -> None:
+        self.model = model
+        self.real = Features(real.image.detach().float(), real.text.detach().float())
+        self.rho = rho
+        self.lam = lam
+        self.backend = backend
+        self._real_proj: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+        if lam:
+            with torch.no_grad():
+                self._real_proj = (model.image_proj(self.real.image), model.text_proj(self.real.text))
+
+    def __call__(self, syn: Features) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(total, covariance term, mean term) as fp32 scalars with autograd to ``syn``."""
+        cov = covmatch_loss(
+            self.real.image, self.real.text, syn.image, syn.text, rho=self.rho, lam=0.0, backend=self.backend
+        )
+        if not self.lam:
+            zero = cov.new_zeros(())
+            return cov, cov, zero
+        real_img, real_txt = self._real_proj
+        mean = mean_matching_loss(real_img, self.model.image_proj(syn.image)) + mean_matching_loss(
+            real_txt, self.model.text_proj(syn.text)
+        )
+        return cov + self.lam * mean, cov, mean
+
+
+def synthetic_backward(
+    objective: DistillObjective,
+    batch: SyntheticBatch,
+    *,
+    chunk: Optional[int] = None,
+    loss_scale: Optional[torch.Tensor] = None,
+    autocast=contextlib.nullcontext,
+) -> LossParts:
+    """Accumulate d(loss * loss_scale)/d(synthetic inputs) into their ``.grad``; return the loss parts.
+
+    ``chunk=None`` encodes the whole batch with autograd; ``chunk=K`` uses the exact two-pass method with
+    peak activation memory of K samples. Model parameters receive no gradient.
+    """
+    model = objective.model
+    scale = loss_scale if loss_scale is not None else 1.0
+    with frozen_parameters(model):
+        if chunk is None or chunk >= len(batch):
+            with autocast():
+                feats = encode_synthetic(model, batch)
+            total, cov, mean = objective(Features(feats.image.float(), feats.text.float()))
+            (total * scale).backward()
+            return LossParts(total.detach(), cov.detach(), mean.detach())
+
+        # Pass 1: features of the whole synthetic batch, no autograd graph kept.
+        images, texts = [], []
+        with torch.no_grad():
+            for start in range(0, len(batch), chunk):
+                with autocast():
+                    f = encode_synthetic(model, batch.chunk(slice(start, start + chunk)))
+                images.append(f.image.float())
+                texts.append(f.text.float())
+        image = torch.cat(images).requires_grad_(True)
+        text = torch.cat(texts).requires_grad_(True)
+        total, cov, mean = objective(Features(image, text))
+        grad_image, grad_text = torch.autograd.grad(total * scale, [image, text])
+
+        # Pass 2: re-encode chunk by chunk with autograd; backpropagate the feature gradients.
+        for start in range(0, len(batch), chunk):
+            sl = slice(start, start + chunk)
+            with autocast():
+                f = encode_synthetic(model, batch.chunk(sl))
+            outputs, grads = [], []
+            for out, g in ((f.image, grad_image[sl]), (f.text, grad_text[sl])):
+                if out.requires_grad:
+                    outputs.append(out)
+                    grads.append(g.to(out.dtype))
+            if outputs:
+                torch.autograd.backward(outputs, grads)
+        return LossParts(total.detach(), cov.detach(), mean.detach())
