@@ -199,12 +199,11 @@ class Distiller:
         # 3. Synthetic batch: gradient of the CovMatch loss w.r.t. pixels and text embeddings.
         objective = DistillObjective(model, real, rho=cfg.rho, lam=cfg.lam, backend=cfg.loss_backend)
         self.syn_optimizer.zero_grad(set_to_none=True)
+        loss_scale = None
+        if self.syn_scaler.is_enabled():  # the current scale as a device tensor (scale() also initialises it)
+            loss_scale = self.syn_scaler.scale(torch.ones((), device=self.device))
         parts: LossParts = synthetic_backward(
-            objective,
-            self.synthetic_batch(t),
-            chunk=cfg.syn_chunk,
-            loss_scale=self.syn_scaler.get_scale() if self.syn_scaler.is_enabled() else None,
-            autocast=self._autocast,
+            objective, self.synthetic_batch(t), chunk=cfg.syn_chunk, loss_scale=loss_scale, autocast=self._autocast
         )
 
         # 4. SGD (momentum 0.5) on the synthetic set; with fp16, an overflowing step is skipped, never applied.
@@ -323,6 +322,8 @@ class Distiller:
             collate_fn=_collate,
             pin_memory=self.device.type == "cuda",
             persistent_workers=False,
+            # its own generator: creating the iterator must not draw from the (checkpointed) global RNG
+            generator=torch.Generator().manual_seed(self.config.seed),
         )
 
     def run(self) -> SyntheticSet:

@@ -59,6 +59,11 @@ class SyntheticBatch:
         )
 
 
+def full_precision(x: torch.Tensor) -> torch.Tensor:
+    """Half-precision features (from autocast) as fp32; fp32 and fp64 features unchanged."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 @contextlib.contextmanager
 def frozen_parameters(model: torch.nn.Module) -> Iterator[None]:
     """Parameters stop requiring grad inside the block, so backward computes only input gradients."""
@@ -86,7 +91,7 @@ class DistillObjective:
 
     def __init__(self, model, real: Features, *, rho: float, lam: float, backend: str = "auto") -> None:
         self.model = model
-        self.real = Features(real.image.detach().float(), real.text.detach().float())
+        self.real = Features(full_precision(real.image.detach()), full_precision(real.text.detach()))
         self.rho = rho
         self.lam = lam
         self.backend = backend
@@ -129,7 +134,7 @@ def synthetic_backward(
         if chunk is None or chunk >= len(batch):
             with autocast():
                 feats = encode_synthetic(model, batch)
-            total, cov, mean = objective(Features(feats.image.float(), feats.text.float()))
+            total, cov, mean = objective(Features(full_precision(feats.image), full_precision(feats.text)))
             (total * scale).backward()
             return LossParts(total.detach(), cov.detach(), mean.detach())
 
@@ -139,8 +144,8 @@ def synthetic_backward(
             for start in range(0, len(batch), chunk):
                 with autocast():
                     f = encode_synthetic(model, batch.chunk(slice(start, start + chunk)))
-                images.append(f.image.float())
-                texts.append(f.text.float())
+                images.append(full_precision(f.image))
+                texts.append(full_precision(f.text))
         image = torch.cat(images).requires_grad_(True)
         text = torch.cat(texts).requires_grad_(True)
         total, cov, mean = objective(Features(image, text))

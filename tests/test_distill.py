@@ -1,0 +1,283 @@
+"""The distillation engine on the ``tiny`` preset: the loss falls, chunked == single pass, resume after
+SIGKILL is bit-exact, every ablation switch runs, fp16 overflow skips the step, bad input exits 2."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import weakref
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import covmatch.distill.objective as objective_module
+from covmatch.distill import DistillConfig, Distiller, DistillObjective, Features, synthetic_backward
+from covmatch.distill.cli import main
+from covmatch.distill.engine import stream_generator
+from covmatch.distill.objective import encode_synthetic
+from covmatch.presets import get_preset
+from covmatch.synthetic import SyntheticSet
+
+
+def tiny_config(**overrides) -> DistillConfig:
+    preset_fields = {k: overrides.pop(k) for k in list(overrides) if k in get_preset("tiny").to_dict()}
+    return DistillConfig(preset=get_preset("tiny", **preset_fields), progress=False, **overrides)
+
+
+def quiet(_msg: str) -> None:
+    pass
+
+
+def held_out_objective(d: Distiller, batches) -> float:
+    """Mean distillation loss of the current synthetic set over fixed real batches, at the t=0 model."""
+    m = d.model
+    m.reset(stream_generator(d.config.seed, "reset", 0))
+    m.eval()
+    total = 0.0
+    with torch.no_grad():
+        for px, ids, mask, _ in batches:
+            obj = DistillObjective(
+                m, Features(m.image(px), m.text.encode_ids(ids, mask)), rho=d.config.rho, lam=d.config.lam
+            )
+            total += float(obj(encode_synthetic(m, d.synthetic_batch(0)))[0]) / len(batches)
+    return total
+
+
+def test_loss_falls_with_a_fixed_model():
+    d = Distiller(tiny_config(iterations=20, online="fixed"), log=quiet)
+    held_out = list(d.real_batches(100, 104))  # batches the run never sees
+    before = held_out_objective(d, held_out)
+    d.run()
+    after = held_out_objective(d, held_out)
+    assert after < 0.97 * before, (before, after)
+
+
+def test_default_run_writes_everything(tmp_path, capsys):
+    out = tmp_path / "run"
+    rc = main(["--preset", "tiny", "--out", str(out), "--iterations", "4", "--save-every", "2", "--log-every", "1",
+               "--no-progress", "--keep-checkpoints", "1"])  # fmt: skip
+    assert rc == 0
+    assert "8 synthetic pairs after 4 iterations" in capsys.readouterr().out
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in records] == [1, 2, 3, 4]
+    assert all(set(r) >= {"loss", "cov", "mean", "online", "s_per_it"} for r in records)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000004.pt"]
+    assert sorted(p.name for p in (out / "grids").iterdir()) == ["grid_0000002.png", "grid_0000004.png"]
+    syn = SyntheticSet.load(out)
+    assert len(syn) == 8 and syn.metadata["iteration"] == 4
+    assert syn.metadata["hyperparameters"]["resolved"] == {"rho": 2.0, "lam": 0.1, "iterations": 4}
+
+
+def _grads(d: Distiller, chunk):
+    d.syn_images.grad = None
+    d.syn_text.grad = None
+    m = d.model
+    with torch.no_grad():
+        px, ids, mask, _ = next(iter(d.real_batches(0, 1)))
+        real = Features(m.image(px.double()), m.text.encode_ids(ids, mask))
+    obj = DistillObjective(m, real, rho=2.0, lam=0.3, backend="torch")
+    parts = synthetic_backward(obj, d.synthetic_batch(0), chunk=chunk)
+    return parts.total, d.syn_images.grad.clone(), d.syn_text.grad.clone()
+
+
+def test_chunked_gradient_equals_single_pass_float64():
+    d = Distiller(tiny_config(num_pairs=10, syn_batch=10, online="fixed"), log=quiet)
+    d.model.double().eval()
+    with torch.no_grad():
+        d.syn_images.data = d.syn_images.data.double()
+        d.syn_text.data = d.syn_text.data.double()
+    loss, g_img, g_txt = _grads(d, None)
+    for chunk in (1, 3, 4):
+        loss_c, g_img_c, g_txt_c = _grads(d, chunk)
+        assert abs(loss_c.item() - loss.item()) <= 1e-12 * abs(loss.item())
+        torch.testing.assert_close(g_img_c, g_img, rtol=1e-9, atol=1e-14)
+        torch.testing.assert_close(g_txt_c, g_txt, rtol=1e-9, atol=1e-14)
+    assert g_img.abs().sum() > 0 and g_txt.abs().sum() > 0
+
+
+class _LiveSavedBytes:
+    """Peak bytes of activations held for backward (saved tensors alive at once), via autograd hooks."""
+
+    def __init__(self):
+        self.live = 0
+        self.peak = 0
+
+    def pack(self, t: torch.Tensor):
+        size = t.numel() * t.element_size()
+        box = _Box(t)
+        self.live += size
+        self.peak = max(self.peak, self.live)
+        weakref.finalize(box, self._release, size)
+        return box
+
+    def _release(self, size: int) -> None:
+        self.live -= size
+
+    @staticmethod
+    def unpack(box):
+        return box.tensor
+
+
+class _Box:
+    def __init__(self, tensor):
+        self.tensor = tensor
+
+
+def _peak_activation_bytes(num_pairs: int, chunk):
+    d = Distiller(tiny_config(num_pairs=num_pairs, syn_batch=num_pairs, online="fixed"), log=quiet)
+    m = d.model.eval()
+    with torch.no_grad():
+        px, ids, mask, _ = next(iter(d.real_batches(0, 1)))
+        real = Features(m.image(px), m.text.encode_ids(ids, mask))
+    obj = DistillObjective(m, real, rho=2.0, lam=0.1)
+    meter = _LiveSavedBytes()
+    with torch.autograd.graph.saved_tensors_hooks(meter.pack, meter.unpack):
+        synthetic_backward(obj, d.synthetic_batch(0), chunk=chunk)
+    return meter.peak
+
+
+def test_chunked_activation_memory_is_flat_in_n():
+    small, large = _peak_activation_bytes(8, 4), _peak_activation_bytes(32, 4)
+    assert large <= 1.1 * small, (small, large)
+    single_small, single_large = _peak_activation_bytes(8, None), _peak_activation_bytes(32, None)
+    assert single_large > 2 * single_small  # without chunking it grows with N (weights are a constant part)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"frozen_text": True},
+        {"online": "synthetic"},
+        {"online": "fixed"},
+        {"distill_mode": "images"},
+        {"distill_mode": "texts"},
+        {"precision": "bf16"},
+        {"grad_checkpointing": True, "syn_chunk": 3},
+        {"frozen_text": True, "online": "synthetic", "syn_chunk": 5},
+    ],
+    ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()),
+)
+def test_ablation_switches_run(overrides):
+    d = Distiller(tiny_config(iterations=3, **overrides), log=quiet)
+    images0, text0 = d.syn_images.detach().clone(), d.syn_text.detach().clone()
+    features0 = None if d.syn_text_features is None else d.syn_text_features.detach().clone()
+    text_params0 = {k: v.clone() for k, v in d.model.text.state_dict().items()}
+    syn = d.run()
+    assert torch.isfinite(syn.images).all() and torch.isfinite(syn.text_embeds).all()
+    mode = overrides.get("distill_mode", "both")
+    assert torch.equal(syn.images, images0) == (mode == "texts")
+    if overrides.get("frozen_text"):
+        assert torch.equal(syn.text_embeds, text0)  # captions live as features in this regime
+        assert syn.text_features is not None and not torch.equal(syn.text_features, features0)
+        for k, v in d.model.text.state_dict().items():
+            assert torch.equal(v, text_params0[k]), k  # the text encoder was never trained
+    else:
+        assert torch.equal(syn.text_embeds, text0) == (mode == "images")
+
+
+def test_fp16_overflow_skips_the_step(monkeypatch):
+    real_loss = objective_module.covmatch_loss
+    calls = {"n": 0}
+
+    def overflow_once(*args, **kwargs):
+        calls["n"] += 1
+        loss = real_loss(*args, **kwargs)
+        return loss * float("inf") if calls["n"] == 1 else loss
+
+    monkeypatch.setattr(objective_module, "covmatch_loss", overflow_once)
+    d = Distiller(tiny_config(iterations=2, precision="fp16"), log=quiet)
+    images0 = d.syn_images.detach().clone()
+    batches = iter(d.real_batches(0, 2))
+    d.step(next(batches))
+    scale_after_overflow = d.syn_scaler.get_scale()
+    assert d.skipped_steps == 1
+    assert torch.equal(d.syn_images, images0)  # the overflowing step was not applied
+    assert scale_after_overflow == 65536.0 / 2
+    d.step(next(batches))
+    assert d.skipped_steps == 1 and not torch.equal(d.syn_images, images0)
+
+
+def _run_cli(out, *extra):
+    cmd = [sys.executable, "-m", "covmatch.distill", "--preset", "tiny", "--out", str(out), "--iterations", "8",
+           "--save-every", "2", "--no-progress", "--device", "cpu", *extra]  # fmt: skip
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_is_bit_exact(tmp_path):
+    straight = _run_cli(tmp_path / "straight")
+    killed = _run_cli(tmp_path / "killed")
+    deadline = time.time() + 240
+    while not (tmp_path / "killed" / "checkpoints" / "step_00000004.pt").exists():
+        assert killed.poll() is None, killed.communicate()
+        assert time.time() < deadline, "no checkpoint appeared"
+        time.sleep(0.05)
+    os.kill(killed.pid, signal.SIGKILL)
+    killed.wait()
+    assert straight.wait(timeout=240) == 0, straight.communicate()
+    resumed = _run_cli(tmp_path / "killed", "--resume")
+    _, err = resumed.communicate(timeout=240)
+    assert resumed.returncode == 0, err
+    assert "resumed from" in err
+    a = load_file(str(tmp_path / "straight" / "synthetic.safetensors"))
+    b = load_file(str(tmp_path / "killed" / "synthetic.safetensors"))
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_resume_skips_truncated_and_mismatched_checkpoints(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["--preset", "tiny", "--out", str(out), "--iterations", "4", "--save-every", "2", "--no-progress"]) == 0
+    newest = out / "checkpoints" / "step_00000004.pt"
+    newest.write_bytes(newest.read_bytes()[:1000])
+    capsys.readouterr()
+    assert main(["--preset", "tiny", "--out", str(out), "--iterations", "6", "--resume", "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "skipping checkpoint" in err and "step_00000004.pt: unreadable or truncated" in err
+    assert "resumed from" in err and "(iteration 2)" in err
+    assert main(["--preset", "tiny", "--out", str(out), "--num-pairs", "6", "--resume", "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "made with num_pairs=8, this run has num_pairs=6" in err
+    assert "no valid checkpoint" in err
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--num-pairs", "x"], "argument --num-pairs: invalid int value: 'x'"),
+        (["--online", "sometimes"], "argument --online: invalid choice"),
+        (["--fp16", "--bf16"], "not allowed with argument"),
+        (["--resume", "--overwrite"], "--resume and --overwrite contradict each other"),
+        (["--syn-chunk", "0"], "--syn-chunk must be >= 1"),
+        (["--num-pairs", "1"], "--num-pairs must be >= 2"),
+        (["--num-pairs", "500"], "--num-pairs 500 is larger than the train split (64 images)"),
+        (["--dataset", "karpathy"], "--dataset karpathy needs --ann-root DIR and --image-root DIR"),
+        (["--device", "cuda:7"] if not torch.cuda.is_available() else ["--device", "tpu"], "--device"),
+        (["--text-encoder", "/no/such/model"], "not a local model directory"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, argv, message):
+    out = tmp_path / "run"
+    try:
+        code = main(["--preset", "tiny", "--out", str(out), "--no-progress", *argv])
+    except SystemExit as exc:  # argparse's own errors
+        code = exc.code
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
+    assert not out.exists() or not any(out.iterdir())  # nothing written
+
+
+def test_existing_out_is_refused(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "keep.txt").write_text("user data")
+    assert main(["--preset", "tiny", "--out", str(out), "--no-progress"]) == 2
+    assert "already exists; pass --resume to continue it or --overwrite" in capsys.readouterr().err
+    assert main(["--preset", "tiny", "--out", str(out), "--no-progress", "--iterations", "1", "--overwrite"]) == 0
+    assert (out / "keep.txt").read_text() == "user data"  # --overwrite removes run files only
