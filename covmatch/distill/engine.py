@@ -197,7 +197,9 @@ class Distiller:
             real = Features(model.image(pixels).float(), model.text.encode_ids(ids, mask).float())
 
         # 3. Synthetic batch: gradient of the CovMatch loss w.r.t. pixels and text embeddings.
-        objective = DistillObjective(model, real, rho=cfg.rho, lam=cfg.lam, backend=cfg.loss_backend)
+        objective = DistillObjective(
+            model, real, rho=cfg.rho, lam=cfg.lam, backend=cfg.loss_backend, normalize=cfg.preset.normalize_loss
+        )
         self.syn_optimizer.zero_grad(set_to_none=True)
         loss_scale = None
         if self.syn_scaler.is_enabled():  # the current scale as a device tensor (scale() also initialises it)

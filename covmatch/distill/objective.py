@@ -15,7 +15,7 @@ from typing import Iterator, Optional, Tuple
 
 import torch
 
-from covmatch.loss import covmatch_loss, mean_matching_loss
+from covmatch.loss import covmatch_loss, cross_covariance, mean_matching_loss
 
 __all__ = ["Features", "LossParts", "DistillObjective", "SyntheticBatch", "frozen_parameters", "synthetic_backward"]
 
@@ -89,7 +89,9 @@ def encode_synthetic(model, batch: SyntheticBatch) -> Features:
 class DistillObjective:
     """The CovMatch distillation loss for fixed real features (``real``) as a function of synthetic features."""
 
-    def __init__(self, model, real: Features, *, rho: float, lam: float, backend: str = "auto") -> None:
+    def __init__(
+        self, model, real: Features, *, rho: float, lam: float, backend: str = "auto", normalize: bool = False
+    ) -> None:
         self.model = model
         self.real = Features(full_precision(real.image.detach()), full_precision(real.text.detach()))
         self.rho = rho
@@ -99,10 +101,24 @@ class DistillObjective:
         if lam:
             with torch.no_grad():
                 self._real_proj = (model.image_proj(self.real.image), model.text_proj(self.real.text))
+        # Optional scale-free form: each term divided by its real-data magnitude (a per-iteration constant),
+        # ||rho C_T - C_S||^2 / ||rho C_T||^2 and ||Δmean||^2 / ||mean_T||^2. The loss is quartic in the
+        # features, so as the online model trains and features grow, a fixed SGD step on the raw loss
+        # explodes; normalised, one learning rate fits every stage. Not in the paper: off by default.
+        self.cov_scale = torch.ones((), device=self.real.image.device)
+        self.mean_scale = torch.ones((), device=self.real.image.device)
+        if normalize:
+            with torch.no_grad():
+                c_t = cross_covariance(self.real.image, self.real.text)
+                self.cov_scale = 1.0 / (rho * rho * c_t.pow(2).sum()).clamp_min(1e-30)
+                if lam:
+                    r_img, r_txt = self._real_proj
+                    mean_norm = r_img.float().mean(0).pow(2).sum() + r_txt.float().mean(0).pow(2).sum()
+                    self.mean_scale = 1.0 / mean_norm.clamp_min(1e-30)
 
     def __call__(self, syn: Features) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(total, covariance term, mean term) as fp32 scalars with autograd to ``syn``."""
-        cov = covmatch_loss(
+        cov = self.cov_scale * covmatch_loss(
             self.real.image, self.real.text, syn.image, syn.text, rho=self.rho, lam=0.0, backend=self.backend
         )
         if not self.lam:
@@ -112,6 +128,7 @@ class DistillObjective:
         mean = mean_matching_loss(real_img, self.model.image_proj(syn.image)) + mean_matching_loss(
             real_txt, self.model.text_proj(syn.text)
         )
+        mean = self.mean_scale * mean
         return cov + self.lam * mean, cov, mean
 
 
