@@ -49,6 +49,7 @@ setup(
     entry_points={
         "console_scripts": [
             "covmatch-distill=covmatch.distill.cli:main",
+            "covmatch-eval=covmatch.eval.cli:main",
         ],
     },
     classifiers=[

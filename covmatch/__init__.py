@@ -5,6 +5,14 @@ by the modules that need it, and Triton only when the fused backend is first use
 """
 
 from ._version import __version__
+from .eval.metrics import retrieval_recall
 from .loss import CovMatchLoss, covmatch_loss, cross_covariance, mean_matching_loss
 
-__all__ = ["CovMatchLoss", "__version__", "covmatch_loss", "cross_covariance", "mean_matching_loss"]
+__all__ = [
+    "CovMatchLoss",
+    "__version__",
+    "covmatch_loss",
+    "cross_covariance",
+    "mean_matching_loss",
+    "retrieval_recall",
+]

@@ -64,6 +64,9 @@ class SyntheticSet:
     metadata: Dict[str, Any] = field(default_factory=dict)
     # With a frozen text encoder (prior work's regime) captions are learned as text features [N, d_l].
     text_features: Optional[torch.Tensor] = None
+    # [N, L] nearest vocabulary tokens of each caption in the distilling encoder's embedding table: lets
+    # another text encoder read the captions (cross-architecture evaluation) and people inspect them.
+    nearest_token_ids: Optional[torch.Tensor] = None
 
     def __post_init__(self) -> None:
         self.check()
@@ -111,6 +114,13 @@ class SyntheticSet:
                 )
             if not torch.isfinite(self.text_features).all():
                 raise CheckpointError("synthetic text_features contain NaN or inf values")
+        if self.nearest_token_ids is not None and tuple(self.nearest_token_ids.shape) != tuple(
+            self.attention_mask.shape
+        ):
+            raise CheckpointError(
+                f"nearest_token_ids shape {tuple(self.nearest_token_ids.shape)} does not match the attention mask "
+                f"{tuple(self.attention_mask.shape)}"
+            )
         if self.attention_mask.dtype not in (torch.int64, torch.int32, torch.bool):
             raise CheckpointError(f"attention_mask must be an integer tensor, got {self.attention_mask.dtype}")
 
@@ -133,6 +143,8 @@ class SyntheticSet:
         }
         if self.text_features is not None:
             tensors["text_features"] = self.text_features.detach().float().contiguous().cpu()
+        if self.nearest_token_ids is not None:
+            tensors["nearest_token_ids"] = self.nearest_token_ids.detach().long().contiguous().cpu()
         return tensors
 
     def save(self, directory: Path) -> Path:
@@ -184,6 +196,7 @@ class SyntheticSet:
                 tensors["attention_mask"],
                 metadata,
                 tensors.get("text_features"),
+                tensors.get("nearest_token_ids"),
             )
         except CheckpointError as err:
             raise CheckpointError(f"{tensors_path}: {err}") from None

@@ -8,7 +8,14 @@ from typing import List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["denormalize", "save_image_grid", "nearest_tokens", "nearest_captions"]
+__all__ = [
+    "decode_token_ids",
+    "denormalize",
+    "nearest_captions",
+    "nearest_token_ids",
+    "nearest_tokens",
+    "save_image_grid",
+]
 
 
 def denormalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
@@ -75,20 +82,31 @@ def _wrap(text: str, width: int, max_lines: int = 3) -> str:
 
 
 @torch.no_grad()
+def nearest_token_ids(text_embeds: torch.Tensor, embedding_table: torch.Tensor) -> torch.Tensor:
+    """[N, L] ids of the vocabulary tokens whose input embeddings are most cosine-similar, position by position."""
+    table = F.normalize(embedding_table.detach().float(), dim=-1)
+    ids = [
+        (F.normalize(emb.to(table.device), dim=-1) @ table.t()).argmax(dim=-1) for emb in text_embeds.detach().float()
+    ]
+    return torch.stack(ids).cpu() if ids else torch.zeros(0, text_embeds.shape[1], dtype=torch.long)
+
+
+def decode_token_ids(token_ids: torch.Tensor, attention_mask: torch.Tensor, tokenizer) -> List[str]:
+    """Token ids to text, skipping masked positions and special tokens."""
+    special = set(getattr(tokenizer, "all_special_ids", []))
+    out = []
+    for ids, mask in zip(token_ids.tolist(), attention_mask.tolist()):
+        kept = [t for t, m in zip(ids, mask) if m and t not in special]
+        out.append(tokenizer.decode(kept).strip())
+    return out
+
+
 def nearest_tokens(
     text_embeds: torch.Tensor, attention_mask: torch.Tensor, embedding_table: torch.Tensor, tokenizer
 ) -> List[str]:
     """Each synthetic caption decoded position by position to the vocabulary token of highest cosine
     similarity in the input-embedding table (masked positions and special tokens skipped)."""
-    table = F.normalize(embedding_table.detach().float(), dim=-1)
-    special = set(getattr(tokenizer, "all_special_ids", []))
-    out = []
-    for emb, mask in zip(text_embeds.detach().float(), attention_mask):
-        sims = F.normalize(emb.to(table.device), dim=-1) @ table.t()
-        ids = sims.argmax(dim=-1).tolist()
-        kept = [t for t, m in zip(ids, mask.tolist()) if m and t not in special]
-        out.append(tokenizer.decode(kept).strip())
-    return out
+    return decode_token_ids(nearest_token_ids(text_embeds, embedding_table), attention_mask, tokenizer)
 
 
 @torch.no_grad()

@@ -98,6 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
     hp.add_argument("--online-lr-encoder", type=float, default=None, help="online model: encoder learning rate")
     hp.add_argument("--online-lr-proj", type=float, default=None, help="online model: projection learning rate")
     hp.add_argument("--online-momentum", type=float, default=None, help="online model: SGD momentum")
+    hp.add_argument(
+        "--normalize-loss",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="divide each loss term by its real-data magnitude (scale-free; not in the paper; default: preset)",
+    )
 
     ab = p.add_argument_group("ablations")
     ab.add_argument("--frozen-text", action="store_true", help="freeze the text encoder (prior work's regime)")
@@ -143,6 +149,7 @@ def config_from_args(args: argparse.Namespace) -> DistillConfig:
         online_lr_encoder=args.online_lr_encoder,
         online_lr_proj=args.online_lr_proj,
         online_momentum=args.online_momentum,
+        normalize_loss=args.normalize_loss,
     )
     return DistillConfig(
         preset=preset,

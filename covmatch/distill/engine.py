@@ -21,6 +21,7 @@ from covmatch.data.build import build_source, build_train_dataset
 from covmatch.errors import ConfigError
 from covmatch.models import build_dual_encoder
 from covmatch.synthetic import SyntheticSet, init_synthetic_set
+from covmatch.visualize import nearest_token_ids
 
 from . import checkpoint as ckpt
 from .config import DistillConfig
@@ -272,6 +273,7 @@ class Distiller:
             self.syn_mask.detach().cpu(),
             metadata,
             features,
+            nearest_token_ids(self.syn_text, self.model.text.embedding_table),
         )
 
     def state_dict(self) -> dict:
@@ -429,11 +431,9 @@ class _RunWriter:
         syn = d.synthetic_set()
         syn.save(self.out)
         if d.config.grid_every_save:
-            from covmatch.visualize import nearest_tokens, save_image_grid
+            from covmatch.visualize import decode_token_ids, save_image_grid
 
-            captions = nearest_tokens(
-                syn.text_embeds, syn.attention_mask, d.model.text.embedding_table, d.model.text.tokenizer
-            )
+            captions = decode_token_ids(syn.nearest_token_ids, syn.attention_mask, d.model.text.tokenizer)
             save_image_grid(
                 syn.images,
                 self.out / "grids" / f"grid_{t:07d}.png",

@@ -73,7 +73,9 @@ class TextEncoder(nn.Module):
         """Load offline. ``num_layers`` keeps the first k transformer layers (CPU budgets);
         ``random_init`` builds the architecture (with ``config_overrides``) without its weights."""
         from transformers import AutoConfig, AutoModel, AutoTokenizer
+        from transformers.utils import logging as hf_logging
 
+        hf_logging.disable_progress_bar()  # one line per problem on stderr, no loading bars
         path = resolve_text_encoder_path(name_or_path)
         try:
             tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)

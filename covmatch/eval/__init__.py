@@ -1,0 +1,8 @@
+"""Evaluation: retrieval recall, the training protocol of DESIGN 1.6, coreset baselines, ``covmatch-eval``.
+
+Only ``metrics`` is imported eagerly (``covmatch.retrieval_recall``); the rest loads with the command.
+"""
+
+from .metrics import metric_keys, retrieval_recall
+
+__all__ = ["metric_keys", "retrieval_recall"]

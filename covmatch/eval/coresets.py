@@ -1,0 +1,80 @@
+"""Coreset baselines: N real pairs chosen at random, by herding, or by k-center, or the full split.
+
+Herding and k-center work in the pretrained encoders' feature space, each pair represented by its
+L2-normalised image feature concatenated with its L2-normalised text feature. Candidates are one caption
+per train image (drawn with the seed), so a coreset never holds two captions of one image.
+"""
+
+from __future__ import annotations
+
+from typing import List, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from covmatch.errors import ConfigError
+
+__all__ = ["CORESETS", "candidate_pairs", "herding", "k_center", "select_coreset"]
+
+CORESETS = ("random", "herding", "kcenter", "full")
+
+
+def candidate_pairs(pairs: Sequence[Tuple[str, str]], seed: int) -> List[int]:
+    """One pair index per distinct image (a random caption of it), in image order."""
+    by_image = {}
+    for i, (key, _) in enumerate(pairs):
+        by_image.setdefault(key, []).append(i)
+    gen = torch.Generator().manual_seed(seed)
+    return [opts[int(torch.randint(len(opts), (1,), generator=gen))] for opts in by_image.values()]
+
+
+def herding(features: torch.Tensor, n: int) -> List[int]:
+    """Greedy herding (Welling 2009): each pick moves the running mean of picks closest to the full mean."""
+    mu = features.mean(0)
+    chosen: List[int] = []
+    running = torch.zeros_like(mu)
+    available = torch.ones(features.shape[0], dtype=torch.bool, device=features.device)
+    for t in range(1, n + 1):
+        target = mu * t - running  # what the t-th pick should contribute
+        dist = (features - target).pow(2).sum(1).masked_fill(~available, float("inf"))
+        i = int(dist.argmin())
+        chosen.append(i)
+        running += features[i]
+        available[i] = False
+    return chosen
+
+
+def k_center(features: torch.Tensor, n: int, seed: int) -> List[int]:
+    """Greedy k-center (farthest-first traversal) from a seeded random first centre."""
+    gen = torch.Generator().manual_seed(seed)
+    first = int(torch.randint(features.shape[0], (1,), generator=gen))
+    chosen = [first]
+    dist = (features - features[first]).pow(2).sum(1)
+    for _ in range(n - 1):
+        i = int(dist.argmax())
+        chosen.append(i)
+        dist = torch.minimum(dist, (features - features[i]).pow(2).sum(1))
+    return chosen
+
+
+def pair_features(image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
+    """[normalised image feature, normalised text feature] per pair."""
+    return torch.cat([F.normalize(image_features.float(), dim=-1), F.normalize(text_features.float(), dim=-1)], 1)
+
+
+def select_coreset(method: str, pairs: Sequence[Tuple[str, str]], n: int, seed: int, encode=None) -> List[int]:
+    """Indices into ``pairs`` for a coreset of ``n`` pairs. ``encode(indices) -> [len, d]`` pair features
+    (needed by herding and k-center) comes from the pretrained encoders."""
+    if method not in CORESETS:
+        raise ConfigError(f"unknown coreset {method!r}; choose one of {', '.join(CORESETS)}")
+    if method == "full":
+        return list(range(len(pairs)))
+    candidates = candidate_pairs(pairs, seed)
+    if n > len(candidates):
+        raise ConfigError(f"--num-pairs {n} is larger than the train split ({len(candidates)} images)")
+    if method == "random":
+        gen = torch.Generator().manual_seed(seed)
+        return [candidates[i] for i in torch.randperm(len(candidates), generator=gen)[:n].tolist()]
+    feats = encode(candidates)
+    picks = herding(feats, n) if method == "herding" else k_center(feats, n, seed)
+    return [candidates[i] for i in picks]

@@ -1,0 +1,157 @@
+"""Evaluation: retrieval recall against brute force, coresets, and covmatch-eval end to end on ``tiny``."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from covmatch import retrieval_recall
+from covmatch.distill.cli import main as distill_main
+from covmatch.eval.cli import main as eval_main
+from covmatch.eval.coresets import herding, k_center, select_coreset
+from covmatch.models.text import resolve_text_encoder_path
+
+
+def brute_force_recall(sim: torch.Tensor, owner: torch.Tensor, ks=(1, 5, 10)) -> dict:
+    """Explicit ranking with pessimistic ties (a wrong item tied with a correct one ranks first)."""
+    n_img, n_txt = sim.shape
+    out = {}
+    for k in ks:
+        hits = 0
+        for i in range(n_img):
+            order = sorted(range(n_txt), key=lambda j: (-float(sim[i, j]), owner[j] == i))
+            hits += any(owner[j] == i for j in order[:k])
+        out[f"i2t_R@{k}"] = 100.0 * hits / n_img
+    for k in ks:
+        hits = 0
+        for j in range(n_txt):
+            order = sorted(range(n_img), key=lambda i: (-float(sim[i, j]), i == owner[j]))
+            hits += owner[j] in order[:k]
+        out[f"t2i_R@{k}"] = 100.0 * hits / n_txt
+    out["mean"] = sum(out.values()) / (2 * len(ks))
+    return out
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_recall_matches_brute_force_with_ties(seed):
+    gen = torch.Generator().manual_seed(seed)
+    n_img = 23
+    owner = torch.cat([torch.arange(n_img), torch.randint(n_img, (40,), generator=gen)])  # 1..several captions each
+    owner = owner[torch.randperm(len(owner), generator=gen)]
+    # few distinct directions so that many scores tie exactly
+    basis = torch.eye(6)[:4]  # one-hot directions: every cosine is exactly 0 or 1, whatever the summation order
+    images = basis[torch.randint(4, (n_img,), generator=gen)] * (1 + torch.rand(n_img, 1, generator=gen))
+    texts = basis[torch.randint(4, (len(owner),), generator=gen)]
+    sim = torch.nn.functional.normalize(images, dim=-1) @ torch.nn.functional.normalize(texts, dim=-1).t()
+    expected = brute_force_recall(sim, owner.tolist())
+    got = retrieval_recall(images, texts, owner, block_size=5)  # blocks smaller than the matrix
+    assert got.keys() == expected.keys()
+    for key in expected:
+        assert got[key] == pytest.approx(expected[key]), key
+
+
+def test_recall_perfect_and_errors():
+    emb = torch.eye(5)
+    owner = torch.arange(5).repeat_interleave(2)
+    result = retrieval_recall(emb, emb[owner], owner)
+    assert all(v == 100.0 for v in result.values())
+    with pytest.raises(ValueError, match="image 4 has no caption"):
+        retrieval_recall(emb, emb[:4], torch.arange(4))
+    with pytest.raises(ValueError, match="one entry per caption"):
+        retrieval_recall(emb, emb, torch.arange(4))
+    with pytest.raises(ValueError, match="same d"):
+        retrieval_recall(emb, torch.ones(5, 3), torch.arange(5))
+
+
+def test_herding_and_kcenter():
+    gen = torch.Generator().manual_seed(0)
+    feats = torch.randn(50, 3, generator=gen)
+    picks = herding(feats, 10)
+    assert len(set(picks)) == 10
+    # herding's running mean tracks the full mean better than a random subset of the same size does
+    rand = torch.randperm(50, generator=gen)[:10]
+    assert (feats[picks].mean(0) - feats.mean(0)).norm() < (feats[rand].mean(0) - feats.mean(0)).norm()
+    centres = k_center(feats, 5, seed=1)
+    assert len(set(centres)) == 5
+    d = torch.cdist(feats, feats[centres]).min(1).values
+    assert d.max() <= torch.cdist(feats, feats[rand[:5]]).min(1).values.max() + 1e-6
+    pairs = [(f"img{i // 2}", f"cap{i}") for i in range(20)]  # 10 images, 2 captions each
+    random_picks = select_coreset("random", pairs, 4, seed=3)
+    assert random_picks == select_coreset("random", pairs, 4, seed=3)
+    assert len({pairs[i][0] for i in random_picks}) == 4
+    assert select_coreset("full", pairs, 4, seed=0) == list(range(20))
+
+
+@pytest.fixture(scope="module")
+def distilled(tmp_path_factory):
+    out = tmp_path_factory.mktemp("distill") / "run"
+    assert distill_main(["--preset", "tiny", "--out", str(out), "--iterations", "3", "--no-progress"]) == 0
+    return out
+
+
+def _eval(tmp_path, *argv):
+    return eval_main(["--preset", "tiny", "--no-progress", "--out", str(tmp_path / "eval"), *argv])
+
+
+def test_eval_synthetic_set(distilled, tmp_path):
+    assert _eval(tmp_path, "--synthetic", str(distilled), "--runs", "2") == 0
+    result = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert result["method"] == "covmatch" and result["num_pairs"] == 8 and len(result["runs"]) == 2
+    assert result["selection"] == "final epoch" and result["config"]["seeds"] == [0, 1]
+    assert set(result["summary"]) == {"i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10", "mean"}
+    for name in ("results.md", "recall.png", "synthetic_grid.png"):
+        assert (tmp_path / "eval" / name).is_file(), name
+
+
+@pytest.mark.parametrize("method", ["random", "herding", "kcenter", "full"])
+def test_eval_coresets(tmp_path, method):
+    assert _eval(tmp_path, "--coreset", method, "--num-pairs", "8", "--select-on-val") == 0
+    result = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert result["method"] == method
+    assert result["num_pairs"] == (320 if method == "full" else 8)
+    assert result["selection"] == "best val epoch"
+
+
+def test_eval_cross_architecture(distilled, tmp_path):
+    # another image encoder, and a text encoder under another name: captions go through token decoding
+    other_text = tmp_path / "other-text-encoder"
+    os.symlink(resolve_text_encoder_path("all-MiniLM-L6-v2"), other_text)
+    rc = _eval(tmp_path, "--synthetic", str(distilled), "--image-encoder", "test_vit",
+               "--text-encoder", str(other_text))  # fmt: skip
+    assert rc == 0
+    result = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert result["config"]["image_encoder"] == "test_vit"
+    assert result["config"]["text_encoder"] == str(other_text)
+
+
+def test_eval_compare(distilled, tmp_path):
+    for name, argv in (("a", ["--synthetic", str(distilled)]), ("b", ["--coreset", "random", "--num-pairs", "8"])):
+        assert eval_main(["--preset", "tiny", "--no-progress", "--out", str(tmp_path / name), *argv]) == 0
+    assert eval_main(["--compare", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "c")]) == 0
+    table = (tmp_path / "c" / "comparison.md").read_text()
+    assert "| covmatch | 8 |" in table and "| random | 8 |" in table
+    assert (tmp_path / "c" / "comparison.png").is_file()
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--preset", "demo", "--synthetic", "{distilled}"], "made for image_size=16, but this run uses image_size=32"),
+        (["--coreset", "random", "--num-pairs", "500"], "--num-pairs 500 is larger than the train split (64 images)"),
+        (["--synthetic", "{empty}"], "empty or missing directory"),
+        (["--compare", "{empty}"], "no results.json"),
+        (["--coreset", "random", "--runs", "0"], "--runs must be >= 1"),
+    ],
+)
+def test_eval_bad_input(distilled, tmp_path, capsys, argv, message):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    argv = [a.format(distilled=distilled, empty=empty) for a in argv]
+    if "--preset" not in argv:
+        argv = ["--preset", "tiny", *argv]
+    assert eval_main(["--no-progress", "--out", str(tmp_path / "eval"), *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
