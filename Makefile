@@ -1,4 +1,5 @@
-# covmatch: `make test` runs the test suite, creating .venv and installing everything on first use.
+# covmatch: `make demo` runs the main job on the embedded dataset, `make test` the test suite; both
+# create .venv and install everything on first use.
 #
 # TORCH_SPEC is what gets installed when the venv has no torch yet. The default pins the CPU machines'
 # local wheels; on a GPU box pass your own, e.g. `make test TORCH_SPEC="torch==2.11.0"`, or point VENV
@@ -10,7 +11,7 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.covmatch-installed
 
-.PHONY: install test lint bench-smoke clean
+.PHONY: install test demo lint clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +25,9 @@ install: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/pytest
+
+demo: $(STAMP)
+	$(PY) -m covmatch.demo
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check covmatch kernels tests benchmarks setup.py
