@@ -1,18 +1,12 @@
-"""Test-session setup.
-
-Triton reads TRITON_INTERPRET when it is first imported, so it is decided here, before any test module
-imports triton: without a GPU the fused kernels run in the interpreter on CPU tensors.
-"""
+"""Fixtures shared by the tests (the interpreter switch lives in the root conftest.py)."""
 
 import os
 
+import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+# Tests check correctness, not speed: one tile configuration per kernel (no autotuning on a GPU).
 os.environ.setdefault("COVMATCH_TRITON_SINGLE_CONFIG", "1")
-
-import pytest  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

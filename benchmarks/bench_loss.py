@@ -1,0 +1,152 @@
+"""Microbenchmarks of ``covmatch_loss``: our triton and torch backends against the plain eager formula and
+that formula under ``torch.compile``, forward and forward+backward, with time percentiles, effective
+TFLOP/s, the ratio to a GEMM-only floor, peak memory and the error against a float64 reference.
+
+    pytest benchmarks/bench_loss.py            # GPU: real measurements -> benchmarks/results/loss.csv
+    COVMATCH_BENCH_SMOKE=1 pytest benchmarks/   # smoke: tiny shapes, interpreter, no timing claims
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import pytest
+import torch
+
+from covmatch import covmatch_loss
+from tests.reference import eager_covmatch_loss, float64_loss_and_grads, relative_error
+
+from .common import DEVICE, SMOKE, append_row, peak_memory_mb, run_benchmark
+
+# (name, n_real, n_syn, d_img, d_txt)
+if SMOKE:
+    SHAPES = [("smoke-a", 6, 5, 16, 8), ("smoke-b", 12, 7, 20, 9)]
+    DTYPES = [torch.float32, torch.float16]
+else:
+    SHAPES = [
+        ("paper", 128, 256, 2304, 768),
+        ("N=100", 128, 100, 2304, 768),
+        ("N=1000", 128, 1000, 2304, 768),
+        ("N=10000", 128, 10_000, 2304, 768),
+        ("square-4096", 128, 256, 4096, 4096),
+        ("square-4096-N=10000", 128, 10_000, 4096, 4096),
+    ]
+    DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+COMPILED_SHAPES = {"smoke-a", "paper", "square-4096-N=10000"}  # compile time is paid per shape and dtype
+IMPLS = ["triton", "torch", "eager", "compiled"]
+RHO, LAM = 2.0, 0.1
+
+
+def loss_flops(n_real: int, n_syn: int, d_img: int, d_txt: int, backward: bool) -> float:
+    """Algorithmic FLOPs of the covariance form: 2 n d_x d_y per covariance, 2 x 2 n_S d_x d_y backward."""
+    forward = 2.0 * (n_real + n_syn) * d_img * d_txt
+    return forward + (4.0 * n_syn * d_img * d_txt if backward else 0.0)
+
+
+@functools.cache
+def _compiled():
+    return torch.compile(eager_covmatch_loss, backend="aot_eager" if SMOKE else "inductor", dynamic=False)
+
+
+def make_loss_fn(impl: str):
+    if impl in ("triton", "torch"):
+        return lambda *xs: covmatch_loss(*xs, rho=RHO, lam=LAM, backend=impl)
+    if impl == "eager":
+        return lambda *xs: eager_covmatch_loss(*xs, rho=RHO, lam=LAM)
+    return lambda *xs: _compiled()(*xs, rho=RHO, lam=LAM)
+
+
+def make_inputs(shape, dtype, requires_grad: bool):
+    _, n_real, n_syn, d_img, d_txt = shape
+    gen = torch.Generator().manual_seed(0)
+    out = []
+    for n, d, grad in ((n_real, d_img, False), (n_real, d_txt, False), (n_syn, d_img, True), (n_syn, d_txt, True)):
+        t = (torch.randn(n, d, generator=gen) + torch.rand(d, generator=gen)).to(DEVICE, dtype)
+        out.append(t.requires_grad_(grad and requires_grad))
+    return out
+
+
+def gemm_floor_ms(shape, dtype, backward: bool) -> float:
+    """Time of the unavoidable cuBLAS products: X_T^T Y_T and X_S^T Y_S (+ D Y_S^T and X_S D backward)."""
+    if SMOKE:
+        return float("nan")
+    _, n_real, n_syn, d_img, d_txt = shape
+    xr, yr = (
+        torch.randn(n_real, d_img, device=DEVICE, dtype=dtype),
+        torch.randn(n_real, d_txt, device=DEVICE, dtype=dtype),
+    )
+    xs, ys = (
+        torch.randn(n_syn, d_img, device=DEVICE, dtype=dtype),
+        torch.randn(n_syn, d_txt, device=DEVICE, dtype=dtype),
+    )
+    d = torch.randn(d_img, d_txt, device=DEVICE, dtype=dtype)
+
+    def products():
+        xr.t() @ yr
+        xs.t() @ ys
+        if backward:
+            ys @ d.t()
+            xs @ d
+
+    from triton.testing import do_bench
+
+    return float(do_bench(products, warmup=10, rep=50))
+
+
+def _case_ids():
+    for shape in SHAPES:
+        for dtype in DTYPES:
+            for impl in IMPLS:
+                if impl == "compiled" and shape[0] not in COMPILED_SHAPES:
+                    continue
+                if impl == "triton" and SMOKE and dtype == torch.bfloat16:
+                    continue  # the interpreter has no bf16 tl.dot
+                yield pytest.param(shape, dtype, impl, id=f"{shape[0]}-{str(dtype)[6:]}-{impl}")
+
+
+@pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwdbwd"])
+@pytest.mark.parametrize("shape,dtype,impl", list(_case_ids()))
+def test_covmatch_loss_speed(benchmark, shape, dtype, impl, backward):
+    inputs = make_inputs(shape, dtype, requires_grad=backward)
+    loss_fn = make_loss_fn(impl)
+
+    def step():
+        loss = loss_fn(*inputs)
+        if backward:
+            torch.autograd.grad(loss, inputs[2:])
+        return loss
+
+    # correctness first: against float64 on the same (rounded) inputs
+    ref_loss, ref_grads, scale = float64_loss_and_grads(inputs, RHO, LAM)
+    loss = loss_fn(*inputs)
+    loss_err = abs(float(loss) - float(ref_loss)) / max(float(scale), 1e-30)
+    grad_err = float("nan")
+    if backward:
+        grads = torch.autograd.grad(loss, inputs[2:])
+        grad_err = max(relative_error(g.float().cpu(), r.cpu()) for g, r in zip(grads, ref_grads[2:]))
+    assert math.isfinite(loss_err)
+
+    timing = run_benchmark(benchmark, step)
+    _, n_real, n_syn, d_img, d_txt = shape
+    flops = loss_flops(n_real, n_syn, d_img, d_txt, backward)
+    floor = gemm_floor_ms(shape, dtype, backward)
+    row = {
+        "impl": impl,
+        "pass": "fwdbwd" if backward else "fwd",
+        "shape": shape[0],
+        "n_real": n_real,
+        "n_syn": n_syn,
+        "d_img": d_img,
+        "d_txt": d_txt,
+        "dtype": str(dtype).replace("torch.", ""),
+        **timing,
+        "tflops": flops / (timing["median_ms"] * 1e-3) / 1e12,
+        "gemm_floor_ms": floor,
+        "vs_floor": timing["median_ms"] / floor if floor == floor else float("nan"),
+        "peak_mem_mb": peak_memory_mb(step),
+        "loss_rel_err": loss_err,
+        "grad_rel_err": grad_err,
+    }
+    append_row("loss", row)
+    benchmark.extra_info.update({k: v for k, v in row.items() if isinstance(v, (int, float, str))})

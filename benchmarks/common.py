@@ -1,0 +1,130 @@
+"""Shared benchmark plumbing: smoke mode, device facts, timing percentiles, peak memory, CSV rows.
+
+On a CUDA machine the suite measures for real and appends to ``benchmarks/results/*.csv``; elsewhere it
+runs in smoke mode (tiny shapes, the Triton interpreter, results to a temporary directory) so that CI
+keeps it working without asserting anything about time.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import os
+import platform
+import tempfile
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SMOKE = os.environ.get("COVMATCH_BENCH_SMOKE", "auto") == "1" or (
+    os.environ.get("COVMATCH_BENCH_SMOKE", "auto") == "auto" and not torch.cuda.is_available()
+)
+DEVICE = torch.device("cuda" if torch.cuda.is_available() and not SMOKE else "cpu")
+
+
+def results_dir() -> Path:
+    """Where CSVs go: ``COVMATCH_BENCH_RESULTS``, else benchmarks/results (GPU) or a temp dir (smoke)."""
+    env = os.environ.get("COVMATCH_BENCH_RESULTS")
+    if env:
+        return Path(env)
+    if SMOKE:
+        return Path(tempfile.gettempdir()) / "covmatch-bench-smoke"
+    return RESULTS
+
+
+def device_facts() -> Dict[str, str]:
+    """Device name and driver (nvidia-ml-py when present), and the software versions of this run."""
+    import covmatch
+
+    facts = {
+        "device": platform.processor() or platform.machine(),
+        "driver": "",
+        "torch": torch.__version__,
+        "triton": "",
+        "covmatch": covmatch.__version__,
+        "smoke": str(SMOKE),
+    }
+    try:
+        import triton
+
+        facts["triton"] = triton.__version__
+    except ImportError:
+        pass
+    if DEVICE.type == "cuda":
+        facts["device"] = torch.cuda.get_device_name(DEVICE)
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            handle = pynvml.nvmlDeviceGetHandleByIndex(DEVICE.index or 0)
+            name = pynvml.nvmlDeviceGetName(handle)
+            facts["device"] = name.decode() if isinstance(name, bytes) else name
+            driver = pynvml.nvmlSystemGetDriverVersion()
+            facts["driver"] = driver.decode() if isinstance(driver, bytes) else driver
+        except Exception:  # nvidia-ml-py missing or NVML unavailable: keep torch's name
+            pass
+    return facts
+
+
+def synchronize() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
+
+
+def percentiles(samples: List[float]) -> Dict[str, float]:
+    """Median, p20 and p80 of a list of seconds, in milliseconds."""
+    data = sorted(samples)
+
+    def q(p: float) -> float:
+        if len(data) == 1:
+            return data[0]
+        pos = p * (len(data) - 1)
+        lo, hi = int(pos), min(int(pos) + 1, len(data) - 1)
+        return data[lo] + (data[hi] - data[lo]) * (pos - lo)
+
+    return {"median_ms": 1e3 * q(0.5), "p20_ms": 1e3 * q(0.2), "p80_ms": 1e3 * q(0.8)}
+
+
+def run_benchmark(benchmark, fn: Callable[[], object], *, rounds: int = 20, warmup: int = 3) -> Dict[str, float]:
+    """Time ``fn`` (synchronised) with pytest-benchmark and return median/p20/p80 in ms."""
+
+    def timed():
+        fn()
+        synchronize()
+
+    if SMOKE:
+        rounds, warmup = 1, 0
+    benchmark.pedantic(timed, rounds=rounds, iterations=1, warmup_rounds=warmup)
+    samples = list(getattr(benchmark.stats, "stats", benchmark.stats).data) if benchmark.stats else []
+    if not samples:  # --benchmark-disable: pytest-benchmark ran it once without timing
+        return {"median_ms": float("nan"), "p20_ms": float("nan"), "p80_ms": float("nan")}
+    return percentiles(samples)
+
+
+def peak_memory_mb(fn: Callable[[], object]) -> float:
+    """Peak CUDA memory allocated by one call of ``fn`` above what was allocated before (NaN on CPU)."""
+    if DEVICE.type != "cuda":
+        return float("nan")
+    synchronize()
+    torch.cuda.reset_peak_memory_stats(DEVICE)
+    base = torch.cuda.memory_allocated(DEVICE)
+    fn()
+    synchronize()
+    return (torch.cuda.max_memory_allocated(DEVICE) - base) / 2**20
+
+
+def append_row(name: str, row: Dict[str, object], path: Optional[Path] = None) -> Path:
+    """Append ``row`` (plus device facts and a timestamp) to ``<results>/<name>.csv``."""
+    path = path or results_dir() / f"{name}.csv"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    full = {"timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), **device_facts()}
+    full.update(row)
+    new = not path.exists()
+    with path.open("a", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(full))
+        if new:
+            writer.writeheader()
+        writer.writerow(full)
+    return path

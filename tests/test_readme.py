@@ -1,0 +1,48 @@
+"""The README's commands stay true: every flag it shows exists, and its make targets exist."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from covmatch.distill.cli import build_parser as distill_parser
+from covmatch.eval.cli import build_parser as eval_parser
+
+REPO = Path(__file__).resolve().parents[1]
+README = (REPO / "README.md").read_text()
+PARSERS = {"covmatch-distill": distill_parser, "covmatch-eval": eval_parser}
+
+
+def _known_flags(parser) -> set:
+    return {s for action in parser._actions for s in action.option_strings}
+
+
+def _commands(tool: str):
+    """Every README command line of ``tool`` (backslash continuations joined)."""
+    text = README.replace("\\\n", " ")
+    return [line for line in text.splitlines() if line.strip().startswith(tool + " ")]
+
+
+@pytest.mark.parametrize("tool", sorted(PARSERS))
+def test_readme_flags_exist(tool):
+    lines = _commands(tool)
+    assert lines, f"the README shows no {tool} command"
+    known = _known_flags(PARSERS[tool]())
+    for line in lines:
+        for flag in re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*)", line.split("#")[0]):
+            assert flag in known, f"README uses {flag} in: {line.strip()}"
+
+
+def test_readme_inline_flags_exist():
+    known = set().union(*(_known_flags(p()) for p in PARSERS.values()))
+    inline = set(re.findall(r"`(--[a-z][a-z0-9-]*)", README))
+    assert inline and inline <= known, inline - known
+
+
+def test_make_targets_exist():
+    makefile = (REPO / "Makefile").read_text()
+    for target in re.findall(r"^make (\w+)", README, flags=re.M):
+        assert re.search(rf"^{target}:", makefile, flags=re.M), target
+    assert "make test" in (REPO / ".ci" / "run").read_text()
