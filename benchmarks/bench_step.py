@@ -77,10 +77,20 @@ def _flops_and_loss_share(d: Distiller, batch) -> tuple:
     """Model FLOPs of one iteration (counted) and the fraction of device time inside covmatch_loss."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    # Model FLOPs exclude the recomputation of checkpointing and of --syn-chunk's second pass (and
+    # FlopCounterMode's module tracking cannot follow either), so count one plain iteration.
+    ckpt, chunk = d.config.grad_checkpointing, d.config.syn_chunk
+    d.model.image.set_grad_checkpointing(False)
+    d.model.text.set_grad_checkpointing(False)
+    d.config.syn_chunk = None
     counter = FlopCounterMode(display=False)
     with counter:
         d.step(batch)
     flops = counter.get_total_flops()
+    d.config.syn_chunk = chunk
+    if ckpt:
+        d.model.image.set_grad_checkpointing(True)
+        d.model.text.set_grad_checkpointing(True)
     activities = [torch.profiler.ProfilerActivity.CPU]
     if DEVICE.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)

@@ -109,6 +109,7 @@ PRESETS = {
         train_augment=False,
         flip=False,
         image_encoder="test_nfnet",
+        image_weights="shapes-pretrained",  # pretrained on a disjoint generated split (covmatch.pretrain)
         text_encoder="all-MiniLM-L6-v2",
         text_layers=2,
         text_pooling="mean",  # all-MiniLM-L6-v2 was trained with mean pooling; its [CLS] output barely varies

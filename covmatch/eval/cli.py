@@ -153,6 +153,21 @@ def _write_results(out: Path, result: dict) -> None:
 # ---------------------------------------------------------------------------------------------- the run
 
 
+def _check_synthetic_dir(directory: Path, preset) -> None:
+    from covmatch.data.datasets import CLIP_MEAN, CLIP_STD
+    from covmatch.synthetic import SyntheticSet
+
+    if not Path(directory).is_dir() or not any(Path(directory).iterdir()):
+        raise CheckpointError(f"--synthetic {directory}: empty or missing directory (expected synthetic.safetensors)")
+    expect = {
+        "image_size": preset.image_size,
+        "mean": list(CLIP_MEAN),
+        "std": list(CLIP_STD),
+        "seq_len": preset.seq_len,
+    }
+    SyntheticSet.load(directory, expect=expect)
+
+
 def _synthetic_train_set(args, preset, model):
     """Load the synthetic set, check it fits the evaluation encoders, map captions across text encoders."""
     from covmatch.synthetic import SyntheticSet, synthetic_metadata
@@ -249,6 +264,8 @@ def run_evaluation(args) -> dict:
     if preset.eval_epochs < 1:
         raise ConfigError(f"--epochs must be >= 1, got {preset.eval_epochs}")
     device = resolve_device(args.device)
+    if args.synthetic is not None:
+        _check_synthetic_dir(args.synthetic, preset)  # fail fast, before any encoder is built
     model = build_dual_encoder(
         preset, image_encoder=args.image_encoder, text_encoder=args.text_encoder, image_weights=args.image_weights
     )

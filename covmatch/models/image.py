@@ -45,7 +45,8 @@ class ImageEncoder(nn.Module):
 
     @classmethod
     def create(cls, name: str, *, image_size: int, weights: Optional[str] = None) -> ImageEncoder:
-        """Build ``name`` from timm. ``weights``: None (random init), a local file, or "cache" (local HF cache)."""
+        """Build ``name`` from timm. ``weights``: None (random init), a local file, "cache" (the local HF cache),
+        or "shapes-pretrained" (pretrained on a disjoint split of the embedded dataset, made and cached locally)."""
         import timm
 
         if not timm.is_model(name):
@@ -54,6 +55,10 @@ class ImageEncoder(nn.Module):
             model = timm.create_model(name, pretrained=False, num_classes=0, img_size=image_size)
         except TypeError:  # convolutional models take no img_size
             model = timm.create_model(name, pretrained=False, num_classes=0)
+        if weights == "shapes-pretrained":  # made locally on first use, see covmatch.pretrain
+            from covmatch.pretrain import ensure_pretrained
+
+            weights = str(ensure_pretrained(name, image_size))
         if weights:
             path = _cached_hub_file(model) if weights == "cache" else Path(weights)
             classifier = (getattr(model, "pretrained_cfg", {}) or {}).get("classifier") or ""
