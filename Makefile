@@ -27,7 +27,7 @@ test: $(STAMP)
 	$(VENV)/bin/pytest
 
 demo: $(STAMP)
-	$(PY) -m covmatch.demo
+	$(PY) -m covmatch.demo --runs 1
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check covmatch kernels tests benchmarks setup.py
