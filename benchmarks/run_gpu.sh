@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 OUT="${OUT:-benchmarks/results}"
 mkdir -p "$OUT"
 export COVMATCH_BENCH_RESULTS="$OUT"
-PY="${PYTHON:-python}"
+if [ -n "${PYTHON:-}" ]; then PY="$PYTHON"; elif [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
 
 if [ -d wheels ]; then "$PY" -m pip install -q --no-index --find-links wheels wheels/*.whl || true; fi
 "$PY" -m pip install -q --no-deps --no-build-isolation -e . 2>/dev/null || export PYTHONPATH="$PWD:${PYTHONPATH:-}"
