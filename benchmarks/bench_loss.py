@@ -120,7 +120,7 @@ def test_covmatch_loss_speed(benchmark, shape, dtype, impl, backward):
     # correctness first: against float64 on the same (rounded) inputs
     ref_loss, ref_grads, scale = float64_loss_and_grads(inputs, RHO, LAM)
     loss = loss_fn(*inputs)
-    loss_err = abs(float(loss) - float(ref_loss)) / max(float(scale), 1e-30)
+    loss_err = abs(float(loss.detach()) - float(ref_loss)) / max(float(scale), 1e-30)
     grad_err = float("nan")
     if backward:
         grads = torch.autograd.grad(loss, inputs[2:])
