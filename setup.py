@@ -48,6 +48,7 @@ setup(
     },
     entry_points={
         "console_scripts": [
+            "covmatch=covmatch.cli:main",
             "covmatch-distill=covmatch.distill.cli:main",
             "covmatch-eval=covmatch.eval.cli:main",
         ],

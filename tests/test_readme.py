@@ -46,3 +46,16 @@ def test_make_targets_exist():
     for target in re.findall(r"^make (\w+)", README, flags=re.M):
         assert re.search(rf"^{target}:", makefile, flags=re.M), target
     assert "make test" in (REPO / ".ci" / "run").read_text()
+
+
+def test_umbrella_command(capsys):
+    from covmatch import __version__
+    from covmatch.cli import main
+
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"covmatch {__version__}"
+    assert main(["frobnicate"]) == 2
+    assert "unknown command 'frobnicate'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main(["distill", "--version"])
+    assert exc.value.code == 0 and __version__ in capsys.readouterr().out
