@@ -83,6 +83,14 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--image-size", type=int, default=None, help="input resolution in pixels")
     model.add_argument("--seq-len", type=int, default=None, help="caption length in tokens")
     model.add_argument("--proj-dim", type=int, default=None, help="projection dimension")
+    model.add_argument("--proj-depth", type=int, choices=(1, 2, 3), default=None, help="1 = linear, 2-3 = MLP")
+    model.add_argument("--text-pooling", choices=("cls", "mean"), default=None, help="[CLS] output or masked mean")
+    model.add_argument(
+        "--learnable-temperature",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="learn the InfoNCE temperature",
+    )
 
     hp = p.add_argument_group("distillation hyperparameters")
     hp.add_argument("--real-batch", type=int, default=None, help="real batch size |B_T|")
@@ -138,6 +146,9 @@ def config_from_args(args: argparse.Namespace) -> DistillConfig:
         image_size=args.image_size,
         seq_len=args.seq_len,
         proj_dim=args.proj_dim,
+        proj_depth=args.proj_depth,
+        text_pooling=args.text_pooling,
+        learnable_temperature=args.learnable_temperature,
         real_batch=args.real_batch,
         syn_batch=args.syn_batch,
         rho=args.rho,
