@@ -74,7 +74,7 @@ class DualEncoder(nn.Module):
         self.image_proj = Projection(image.feature_dim, proj_dim, proj_depth)
         self.text_proj = Projection(text.feature_dim, proj_dim, proj_depth)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / temperature)), requires_grad=learnable_temperature)
-        self._initial_logit_scale = float(self.logit_scale)
+        self._initial_logit_scale = float(self.logit_scale.detach())
         self._pretrained: Dict[str, torch.Tensor] = {}
         self.snapshot_pretrained()
 
