@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 from typing import Optional, Sequence
 
 from covmatch._version import __version__
 
-__all__ = ["main"]
+__all__ = ["OneLineArgumentParser", "main"]
+
+
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """argparse that reports a bad flag in one line (and exit code 2), without the usage block."""
+
+    def error(self, message: str) -> None:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
 
 USAGE = """usage: covmatch [--version] {distill,eval,demo} ...
 

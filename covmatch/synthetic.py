@@ -209,17 +209,6 @@ class SyntheticSet:
             check_metadata_matches(metadata, expect, where=str(meta_path))
         return syn
 
-    # ------------------------------------------------------------------ use
-
-    def to(self, device) -> SyntheticSet:
-        return SyntheticSet(
-            self.images.to(device), self.text_embeds.to(device), self.attention_mask.to(device), dict(self.metadata)
-        )
-
-    def subset(self, indices: Sequence[int]) -> SyntheticSet:
-        idx = torch.as_tensor(list(indices), dtype=torch.long)
-        return SyntheticSet(self.images[idx], self.text_embeds[idx], self.attention_mask[idx], dict(self.metadata))
-
 
 def check_metadata_matches(metadata: Dict[str, Any], expect: Dict[str, Any], *, where: str) -> None:
     """Every field of ``expect`` among MATCHING_FIELDS must equal the saved one (floats compared loosely)."""
@@ -247,9 +236,9 @@ def _same(a: Any, b: Any) -> bool:
 
 def pick_initial_pairs(pairs: Sequence[Tuple[str, str]], num_pairs: int, seed: int) -> List[int]:
     """Indices of ``num_pairs`` train pairs with distinct images (one random caption each), from ``seed``."""
-    by_image: Dict[str, List[int]] = {}
-    for i, (key, _) in enumerate(pairs):
-        by_image.setdefault(key, []).append(i)
+    from covmatch.data.sources import pairs_by_image
+
+    by_image = pairs_by_image(pairs)
     if num_pairs > len(by_image):
         raise ConfigError(
             f"cannot draw {num_pairs} pairs with distinct images from a train split of {len(by_image)} images"

@@ -19,7 +19,14 @@ from covmatch.errors import DataError
 
 from .captions import preprocess_caption
 
-__all__ = ["RetrievalSplit", "ImageTextSource", "KarpathySource", "find_annotation_file", "read_annotation_file"]
+__all__ = [
+    "pairs_by_image",
+    "RetrievalSplit",
+    "ImageTextSource",
+    "KarpathySource",
+    "find_annotation_file",
+    "read_annotation_file",
+]
 
 SPLITS = ("train", "val", "test")
 
@@ -50,6 +57,14 @@ class ImageTextSource:
 
     def load_image(self, key: str) -> Image.Image:
         raise NotImplementedError
+
+
+def pairs_by_image(pairs: Sequence[Tuple[str, str]]) -> Dict[str, List[int]]:
+    """Indices of the (image, caption) pairs grouped by image key, in first-seen image order."""
+    groups: Dict[str, List[int]] = {}
+    for i, (key, _) in enumerate(pairs):
+        groups.setdefault(key, []).append(i)
+    return groups
 
 
 def find_annotation_file(ann_root: Path, split: str) -> Path:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from covmatch._version import __version__
+from covmatch.cli import OneLineArgumentParser
 from covmatch.errors import CovMatchError
 from covmatch.presets import PRESETS, get_preset
 
@@ -32,15 +33,8 @@ RUN_OUTPUTS = (
 )
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    """argparse that reports a bad flag in one line (and exit code 2), without the usage block."""
-
-    def error(self, message: str) -> None:  # noqa: D401
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _OneLineParser(
+    p = OneLineArgumentParser(
         prog=PROG,
         description="Distil a real image–caption dataset into N synthetic pairs by matching the cross-covariance "
         "of image and text features (CovMatch). Unset hyperparameters come from the preset, and rho, lam and "

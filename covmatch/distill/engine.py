@@ -18,6 +18,7 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from covmatch.data.build import build_source, build_train_dataset
+from covmatch.data.sources import pairs_by_image
 from covmatch.errors import ConfigError
 from covmatch.models import build_dual_encoder
 from covmatch.synthetic import SyntheticSet, init_synthetic_set
@@ -100,11 +101,9 @@ class Distiller:
             seed=config.seed,
         )
         self.train_data = build_train_dataset(self.source, self.model.text.tokenizer, preset, augment=True)
-        if config.num_pairs > len({k for k, _ in self.train_data.pairs}):
-            raise ConfigError(
-                f"--num-pairs {config.num_pairs} is larger than the train split "
-                f"({len({k for k, _ in self.train_data.pairs})} images)"
-            )
+        num_images = len(pairs_by_image(self.train_data.pairs))
+        if config.num_pairs > num_images:
+            raise ConfigError(f"--num-pairs {config.num_pairs} is larger than the train split ({num_images} images)")
         initial = init_synthetic_set(self.train_data, self.model, preset, config.num_pairs, config.seed)
         self.syn_metadata = dict(initial.metadata)
         self.syn_images = initial.images.to(self.device)
@@ -341,6 +340,7 @@ class Distiller:
         total = cfg.iterations
         progress = _progress(total, self.iteration, enabled=cfg.progress)
         pending: List[Dict[str, torch.Tensor]] = []
+        saved_at = None
         tick = time.perf_counter()
         for real_batch in self.real_batches(self.iteration, total):
             metrics = self.step(real_batch)
@@ -358,9 +358,10 @@ class Distiller:
             progress.update(1)
             if writer is not None and (t % cfg.save_every == 0 or t == total):
                 writer.save(t)
+                saved_at = t
         progress.close()
         if writer is not None:
-            if self.iteration == 0 or self.iteration % cfg.save_every:
+            if saved_at != self.iteration:  # no step ran (0 iterations, or resumed at the end)
                 writer.save(self.iteration)
             writer.close()
         return self.synthetic_set()

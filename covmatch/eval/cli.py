@@ -20,6 +20,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from covmatch._version import __version__
+from covmatch.cli import OneLineArgumentParser
 from covmatch.errors import CheckpointError, ConfigError, CovMatchError
 from covmatch.presets import PRESETS, get_preset
 
@@ -31,13 +32,8 @@ __all__ = ["build_parser", "main", "summarise_runs", "results_table"]
 PROG = "covmatch-eval"
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _OneLineParser(
+    p = OneLineArgumentParser(
         prog=PROG,
         description="Evaluate a distilled set (or a coreset baseline) by training fresh dual encoders on it and "
         "measuring image-text retrieval on the test split (final epoch; --select-on-val picks the epoch on val).",
@@ -153,7 +149,9 @@ def _write_results(out: Path, result: dict) -> None:
 # ---------------------------------------------------------------------------------------------- the run
 
 
-def _check_synthetic_dir(directory: Path, preset) -> None:
+def _load_synthetic(directory: Path, preset):
+    """The synthetic set, checked against what the preset fixes (pixel space, caption length) before any
+    encoder is built; the encoders themselves may differ (cross-architecture evaluation)."""
     from covmatch.data.datasets import CLIP_MEAN, CLIP_STD
     from covmatch.synthetic import SyntheticSet
 
@@ -165,23 +163,16 @@ def _check_synthetic_dir(directory: Path, preset) -> None:
         "std": list(CLIP_STD),
         "seq_len": preset.seq_len,
     }
-    SyntheticSet.load(directory, expect=expect)
+    return SyntheticSet.load(directory, expect=expect)
 
 
-def _synthetic_train_set(args, preset, model):
-    """Load the synthetic set, check it fits the evaluation encoders, map captions across text encoders."""
-    from covmatch.synthetic import SyntheticSet, synthetic_metadata
+def _synthetic_train_set(args, syn, preset, model):
+    """Training batches of the loaded set, its captions mapped to the evaluation text encoder if it differs."""
+    from covmatch.synthetic import SyntheticSet
     from covmatch.visualize import decode_token_ids
 
     from .protocol import SyntheticTrainSet
 
-    if not Path(args.synthetic).is_dir() or not any(Path(args.synthetic).iterdir()):
-        raise CheckpointError(
-            f"--synthetic {args.synthetic}: empty or missing directory (expected synthetic.safetensors)"
-        )
-    expect = synthetic_metadata(preset, model)
-    # Encoders may differ (cross-architecture); the pixel space and caption length may not.
-    syn = SyntheticSet.load(args.synthetic, expect={k: expect[k] for k in ("image_size", "mean", "std", "seq_len")})
     saved_text = syn.metadata.get("text_encoder")
     if syn.metadata.get("text_mode") == "features" or args.frozen_text:
         if syn.text_features is None:
@@ -265,7 +256,7 @@ def run_evaluation(args) -> dict:
         raise ConfigError(f"--epochs must be >= 1, got {preset.eval_epochs}")
     device = resolve_device(args.device)
     if args.synthetic is not None:
-        _check_synthetic_dir(args.synthetic, preset)  # fail fast, before any encoder is built
+        syn = _load_synthetic(args.synthetic, preset)  # fails fast, before any encoder is built
     model = build_dual_encoder(
         preset, image_encoder=args.image_encoder, text_encoder=args.text_encoder, image_weights=args.image_weights
     )
@@ -273,7 +264,7 @@ def run_evaluation(args) -> dict:
     start = time.perf_counter()
     extra = {}
     if args.synthetic is not None:
-        syn, train_set = _synthetic_train_set(args, preset, model)
+        syn, train_set = _synthetic_train_set(args, syn, preset, model)
         method, n = "covmatch", len(syn)
         extra["synthetic"] = str(args.synthetic)
         _save_synthetic_grid(syn, model, Path(args.out))

@@ -12,6 +12,7 @@ from typing import List, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
+from covmatch.data.sources import pairs_by_image
 from covmatch.errors import ConfigError
 
 __all__ = ["CORESETS", "candidate_pairs", "herding", "k_center", "select_coreset"]
@@ -21,11 +22,8 @@ CORESETS = ("random", "herding", "kcenter", "full")
 
 def candidate_pairs(pairs: Sequence[Tuple[str, str]], seed: int) -> List[int]:
     """One pair index per distinct image (a random caption of it), in image order."""
-    by_image = {}
-    for i, (key, _) in enumerate(pairs):
-        by_image.setdefault(key, []).append(i)
     gen = torch.Generator().manual_seed(seed)
-    return [opts[int(torch.randint(len(opts), (1,), generator=gen))] for opts in by_image.values()]
+    return [opts[int(torch.randint(len(opts), (1,), generator=gen))] for opts in pairs_by_image(pairs).values()]
 
 
 def herding(features: torch.Tensor, n: int) -> List[int]:

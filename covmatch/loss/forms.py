@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-__all__ = ["FORMS", "choose_form", "form_flops"]
+import torch
+
+__all__ = ["FORMS", "choose_form", "form_flops", "gram_row_weights"]
 
 FORMS = ("cov", "gram")
 
@@ -20,6 +22,16 @@ def form_flops(form: str, n_real: int, n_syn: int, dim_x: int, dim_y: int) -> fl
         n = n_real + n_syn
         return 0.5 * n * n * (dim_x + dim_y) + float(n_syn) * n * (dim_x + dim_y)
     raise ValueError(f"form must be one of {FORMS} or 'auto', got {form!r}")
+
+
+def gram_row_weights(n_real: int, n_syn: int, rho: float, dtype: torch.dtype, device) -> torch.Tensor:
+    """Row weights of the stacked Gram form: rho/(n_T-1) for real rows, -1/(n_S-1) for synthetic rows."""
+    return torch.cat(
+        [
+            torch.full((n_real,), rho / (n_real - 1), dtype=dtype, device=device),
+            torch.full((n_syn,), -1.0 / (n_syn - 1), dtype=dtype, device=device),
+        ]
+    )
 
 
 def choose_form(form: str, n_real: int, n_syn: int, dim_x: int, dim_y: int) -> str:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch
 
+from .forms import gram_row_weights
+
 __all__ = ["compute_dtype", "cross_covariance_torch", "mean_gap_torch", "covmatch_loss_torch"]
 
 
@@ -40,12 +42,7 @@ def _gram_cov_term(
     n_real, n_syn = real_img.shape[0], syn_img.shape[0]
     z_x = torch.cat([real_img - real_img.mean(0), syn_img - syn_img.mean(0)])
     z_y = torch.cat([real_txt - real_txt.mean(0), syn_txt - syn_txt.mean(0)])
-    w = torch.cat(
-        [
-            torch.full((n_real,), rho / (n_real - 1), dtype=z_x.dtype, device=z_x.device),
-            torch.full((n_syn,), -1.0 / (n_syn - 1), dtype=z_x.dtype, device=z_x.device),
-        ]
-    )
+    w = gram_row_weights(n_real, n_syn, rho, z_x.dtype, z_x.device)
     return w @ ((z_x @ z_x.t()) * (z_y @ z_y.t())) @ w
 
 

@@ -9,7 +9,9 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-__all__ = ["triton_available", "triton_unavailable_reason", "covmatch_loss_triton"]
+from .forms import gram_row_weights
+
+__all__ = ["triton_unavailable_reason", "covmatch_loss_triton"]
 
 
 _TRITON_IMPORT: Dict[str, Optional[str]] = {}
@@ -27,25 +29,10 @@ def triton_unavailable_reason() -> Optional[str]:
     return _TRITON_IMPORT["reason"]
 
 
-def triton_available() -> bool:
-    """True when Triton is importable."""
-    return triton_unavailable_reason() is None
-
-
 def _kernels():
     from covmatch import kernels
 
     return kernels
-
-
-def _block_weights(n_real: int, n_syn: int, rho: float, device: torch.device) -> torch.Tensor:
-    """Row weights of the stacked Gram form: rho/(n_T-1) for real rows, -1/(n_S-1) for synthetic rows."""
-    return torch.cat(
-        [
-            torch.full((n_real,), rho / (n_real - 1), dtype=torch.float32, device=device),
-            torch.full((n_syn,), -1.0 / (n_syn - 1), dtype=torch.float32, device=device),
-        ]
-    )
 
 
 def _column_means(real: torch.Tensor, syn: torch.Tensor) -> torch.Tensor:
@@ -73,7 +60,7 @@ class CovMatchTritonFunction(torch.autograd.Function):
             mean_y = _column_means(real_txt, syn_txt)
             z_x = torch.cat([real_img, syn_img])
             z_y = torch.cat([real_txt, syn_txt])
-            weights = _block_weights(n_real, n_syn, rho, real_img.device)
+            weights = gram_row_weights(n_real, n_syn, rho, torch.float32, real_img.device)
             out = kernels.gram_forward(z_x, z_y, mean_x, mean_y, weights, n_real, store_gram=needs_grad)
             cov_loss = out.cov_loss
             gap_x, gap_y = mean_x[0] - mean_x[1], mean_y[0] - mean_y[1]
