@@ -2,13 +2,17 @@
 
 A checkpoint is one ``torch.save`` file of tensors, numbers and strings only, read back with
 ``weights_only=True`` (no pickled code). It is written to a temporary file and moved into place with
-``os.replace``, so a crash never leaves a half-written checkpoint under the final name.
+``os.replace``, so a crash never leaves a half-written checkpoint under the final name. With several
+processes, rank 0 writes the whole (gathered) synthetic set. With DeepSpeed (``--zero 1-3``) the online
+model and its sharded optimiser state are saved by DeepSpeed into ``step_<t>.online/`` first, and the
+``step_<t>.pt`` file, written last, marks the checkpoint complete.
 """
 
 from __future__ import annotations
 
 import io
 import re
+import shutil
 from pathlib import Path
 from typing import Callable, List, Optional
 
@@ -21,6 +25,13 @@ from covmatch.synthetic import atomic_write_bytes
 __all__ = ["CHECKPOINT_DIR", "save_checkpoint", "list_checkpoints", "read_checkpoint", "resume_latest", "fingerprint"]
 
 CHECKPOINT_DIR = "checkpoints"
+
+
+class LayoutMismatchError(CheckpointError):
+    """The checkpoint was written with another number of processes or ZeRO stage: resuming would not
+    continue that run, and starting over would overwrite it, so this stops the run instead of skipping."""
+
+
 FORMAT = 1
 _NAME = re.compile(r"^step_(\d{8})\.pt$")
 
@@ -39,21 +50,42 @@ def fingerprint(distiller) -> dict:
         "frozen_text": cfg.frozen_text,
         "distill_mode": cfg.distill_mode,
         "world_size": getattr(distiller, "world_size", 1),
+        "zero": cfg.zero,
     }
 
 
+def online_dir(path: Path) -> Path:
+    """Where DeepSpeed keeps the online engine's state that belongs to checkpoint ``path``."""
+    return Path(path).with_suffix(".online")
+
+
 def save_checkpoint(distiller, directory: Path, *, keep: int) -> Path:
-    """Write ``step_<iteration>.pt`` atomically and delete all but the newest ``keep`` checkpoints."""
+    """Write ``step_<iteration>.pt`` atomically and delete all but the newest ``keep`` checkpoints.
+
+    Collective: every rank calls it (the state is gathered, DeepSpeed saves its shards); rank 0 writes.
+    """
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    ranks = distiller.ranks
     state = distiller.state_dict()
-    payload = {"format": FORMAT, "covmatch_version": __version__, "fingerprint": fingerprint(distiller), "state": state}
-    buffer = io.BytesIO()
-    torch.save(payload, buffer)
     path = directory / f"step_{distiller.iteration:08d}.pt"
-    atomic_write_bytes(path, buffer.getvalue())
-    for old in list_checkpoints(directory)[keep:]:
-        old.unlink(missing_ok=True)
+    if distiller.engine is not None:
+        distiller.engine.save_checkpoint(str(online_dir(path)), tag="online", save_latest=False)
+        ranks.barrier()  # every shard is on disk before the .pt says the checkpoint is complete
+    if ranks.is_main:
+        directory.mkdir(parents=True, exist_ok=True)
+        payload = {
+            "format": FORMAT,
+            "covmatch_version": __version__,
+            "fingerprint": fingerprint(distiller),
+            "state": state,
+        }
+        buffer = io.BytesIO()
+        torch.save(payload, buffer)
+        atomic_write_bytes(path, buffer.getvalue())
+        for old in list_checkpoints(directory)[keep:]:
+            old.unlink(missing_ok=True)
+            shutil.rmtree(online_dir(old), ignore_errors=True)
+    ranks.barrier()
     return path
 
 
@@ -79,13 +111,19 @@ def read_checkpoint(path: Path, distiller) -> dict:
     for key, value in expected.items():
         if saved.get(key) != value:
             if key == "world_size":
-                raise CheckpointError(
+                raise LayoutMismatchError(
                     f"{path}: written by a run with {saved.get(key)} process(es), this run has {value}; "
                     "resume with the same world size"
+                )
+            if key == "zero":
+                raise LayoutMismatchError(
+                    f"{path}: written with --zero {saved.get(key)}, this run has --zero {value}; resume with the same"
                 )
             raise CheckpointError(f"{path}: made with {key}={saved.get(key)!r}, this run has {key}={value!r}")
     state = payload["state"]
     _check_like(state, distiller.state_dict(), str(path), "")
+    if distiller.engine is not None and not (online_dir(path) / "online").is_dir():
+        raise CheckpointError(f"{path}: its DeepSpeed state {online_dir(path)}/online is missing")
     return state
 
 
@@ -116,10 +154,16 @@ def resume_latest(distiller, directory: Path, *, log: Callable[[str], None] = pr
     for path in list_checkpoints(directory):
         try:
             state = read_checkpoint(path, distiller)
+        except LayoutMismatchError:
+            raise
         except CheckpointError as err:
             log(f"covmatch: skipping checkpoint: {err}")
             continue
         distiller.load_state_dict(state)
+        if distiller.engine is not None:
+            distiller.engine.load_checkpoint(
+                str(online_dir(path)), tag="online", load_optimizer_states=True, load_lr_scheduler_states=False
+            )
         log(f"covmatch: resumed from {path} (iteration {distiller.iteration})")
         return path
     log(f"covmatch: no valid checkpoint in {directory}; starting from iteration 0")

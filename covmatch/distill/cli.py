@@ -6,6 +6,7 @@ Bad flags, files or settings print one line ``covmatch-distill: error: ...`` and
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -121,6 +122,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--syn-chunk", type=int, default=None, help="exact two-pass gradient, K synthetic samples per pass"
     )
     perf.add_argument(
+        "--zero", type=int, choices=(0, 1, 2, 3), default=0, help="DeepSpeed ZeRO stage of the online model (0: off)"
+    )
+    perf.add_argument(
+        "--deepspeed-config", type=Path, default=None, help="DeepSpeed JSON merged over the config built from flags"
+    )
+    perf.add_argument("--grad-clip", type=float, default=0.0, help="online model: max gradient norm (0: no clipping)")
+    # the deepspeed launcher passes --local_rank to every process; LOCAL_RANK in the environment says the same
+    perf.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    perf.add_argument(
         "--loss-backend", choices=("auto", "torch", "triton"), default="auto", help="covmatch_loss backend"
     )
     return p
@@ -172,6 +182,9 @@ def config_from_args(args: argparse.Namespace) -> DistillConfig:
         distill_mode=args.distill,
         workers=args.workers,
         loss_backend=args.loss_backend,
+        zero=args.zero,
+        deepspeed_config=args.deepspeed_config,
+        grad_clip=args.grad_clip,
         ann_root=args.ann_root,
         image_root=args.image_root,
         validate_data=args.validate_data,
@@ -181,13 +194,21 @@ def config_from_args(args: argparse.Namespace) -> DistillConfig:
     )
 
 
+def _is_main_process() -> bool:
+    """Rank 0 of a launched run (torchrun / deepspeed set RANK), or a single process."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def prepare_out_dir(config: DistillConfig) -> None:
-    """Refuse an existing, non-empty --out unless --resume or --overwrite; --overwrite removes run files only."""
+    """Refuse an existing, non-empty --out unless --resume or --overwrite; --overwrite removes run files only
+    (on rank 0; the other ranks only check)."""
     out = Path(config.out)
     if out.exists() and not out.is_dir():
         raise CovMatchError(f"--out {out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()):
         if config.overwrite:
+            if not _is_main_process():
+                return
             for name in RUN_OUTPUTS:
                 target = out / name
                 if target.is_dir():
@@ -200,24 +221,38 @@ def prepare_out_dir(config: DistillConfig) -> None:
             )
 
 
+def check_precision_device(config: DistillConfig) -> None:
+    """fp16 (autocast with loss scaling, or DeepSpeed's fp16) is a GPU mode: one line instead of a traceback."""
+    from .engine import resolve_device
+
+    if config.precision == "fp16" and resolve_device(config.device).type != "cuda":
+        raise CovMatchError("--fp16 needs a CUDA GPU and none is in use here; on CPU use --bf16 or full precision")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    main_process = _is_main_process()
     try:
         config = config_from_args(args)
+        check_precision_device(config)
         prepare_out_dir(config)
         from .engine import Distiller
 
         distiller = Distiller(config, log=lambda msg: print(msg, file=sys.stderr))
         syn = distiller.run()
+        distiller.close()
     except CovMatchError as err:
-        print(f"{PROG}: error: {err}", file=sys.stderr)
+        if main_process:
+            print(f"{PROG}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"{PROG}: interrupted; rerun with --resume to continue from the last checkpoint", file=sys.stderr)
+        if main_process:
+            print(f"{PROG}: interrupted; rerun with --resume to continue from the last checkpoint", file=sys.stderr)
         return 130
-    files = "synthetic.safetensors, synthetic.json, log.jsonl, grids/"
-    print(f"{PROG}: {len(syn)} synthetic pairs after {distiller.iteration} iterations -> {config.out}/ ({files})")
+    if main_process:
+        files = "synthetic.safetensors, synthetic.json, log.jsonl, grids/"
+        print(f"{PROG}: {len(syn)} synthetic pairs after {distiller.iteration} iterations -> {config.out}/ ({files})")
     return 0
 
 

@@ -35,6 +35,9 @@ class DistillConfig:
     distill_mode: str = "both"
     workers: int = 0
     loss_backend: str = "auto"
+    zero: int = 0  # 0: plain PyTorch; 1-3: DeepSpeed ZeRO stage of the online model
+    deepspeed_config: Optional[Path] = None  # a user's DeepSpeed JSON, merged over the one built from flags
+    grad_clip: float = 0.0  # online model: clip the gradient norm (0: off)
     ann_root: Optional[Path] = None
     image_root: Optional[Path] = None
     validate_data: bool = False
@@ -100,13 +103,19 @@ class DistillConfig:
             raise ConfigError(f"--rho must be > 0, got {p.rho}")
         if p.lam is not None and p.lam < 0:
             raise ConfigError(f"--lam must be >= 0, got {p.lam}")
+        if self.zero not in (0, 1, 2, 3):
+            raise ConfigError(f"--zero must be 0, 1, 2 or 3, got {self.zero}")
+        if self.deepspeed_config is not None and self.zero == 0:
+            raise ConfigError("--deepspeed-config needs --zero 1, 2 or 3 (0 is plain PyTorch)")
+        if self.grad_clip < 0:
+            raise ConfigError(f"--grad-clip must be >= 0, got {self.grad_clip}")
         if self.resume and self.overwrite:
             raise ConfigError("--resume and --overwrite contradict each other; pick one")
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["preset"] = self.preset.to_dict()
-        for key in ("out", "ann_root", "image_root"):
+        for key in ("out", "ann_root", "image_root", "deepspeed_config"):
             d[key] = str(d[key]) if d[key] is not None else None
         d["resolved"] = {"rho": self.rho, "lam": self.lam, "iterations": self.iterations}
         return d

@@ -3,6 +3,10 @@
 Every random choice that the loop makes (real batch, synthetic batch, projection re-initialisation) is
 drawn from a generator seeded by (seed, iteration), so a resumed run draws exactly what an uninterrupted
 one would; the only stateful randomness (dropout in the online step) is the global RNG, checkpointed.
+
+Under a launcher (``torchrun`` / ``deepspeed``) each rank holds a shard of the synthetic set and a slice of
+every real batch, and the loss is computed from all-reduced statistics (``distributed.py``); with
+``--zero 1-3`` the online model is a DeepSpeed engine. Only rank 0 prints, logs and writes.
 """
 
 from __future__ import annotations
@@ -26,7 +30,8 @@ from covmatch.visualize import nearest_token_ids
 
 from . import checkpoint as ckpt
 from .config import DistillConfig
-from .objective import DistillObjective, Features, LossParts, SyntheticBatch, synthetic_backward
+from .distributed import Ranks, build_ds_config, gathered_parameters, load_ds_config, setup_processes
+from .objective import Features, LossParts, SyntheticBatch, make_objective, synthetic_backward
 
 __all__ = ["Distiller", "distill", "resolve_device", "stream_generator"]
 
@@ -54,16 +59,23 @@ def stream_generator(seed: int, stream: str, iteration: int) -> torch.Generator:
 
 class RealBatchSampler(Sampler):
     """Index batches for iterations ``start .. stop-1``: batch t is drawn from ``stream_generator(seed, 'real', t)``
-    (without replacement within a batch), so batches do not depend on what ran before."""
+    (without replacement within a batch), so batches do not depend on what ran before. With R ranks, rank r
+    takes the r-th slice of one permutation: the ranks' batches are disjoint and their union is what one
+    process with an R times larger batch would draw."""
 
-    def __init__(self, num_items: int, batch_size: int, seed: int, start: int, stop: int) -> None:
+    def __init__(
+        self, num_items: int, batch_size: int, seed: int, start: int, stop: int, ranks: Optional[Ranks] = None
+    ) -> None:
+        ranks = ranks or Ranks()
         self.num_items, self.batch_size, self.seed = num_items, min(batch_size, num_items), seed
         self.start, self.stop = start, stop
+        self.offset = ranks.rank * self.batch_size
 
     def __iter__(self) -> Iterator[List[int]]:
         for t in range(self.start, self.stop):
             gen = stream_generator(self.seed, "real", t)
-            yield torch.randperm(self.num_items, generator=gen)[: self.batch_size].tolist()
+            perm = torch.randperm(self.num_items, generator=gen)
+            yield perm[self.offset : self.offset + self.batch_size].tolist()
 
     def __len__(self) -> int:
         return max(0, self.stop - self.start)
@@ -79,9 +91,26 @@ class Distiller:
 
     def __init__(self, config: DistillConfig, *, log: Callable[[str], None] = print) -> None:
         self.config = config
-        self.log = log
-        self.device = resolve_device(config.device)
+        self.ds_config = None
+        if config.zero > 0:  # checked before any process group or model exists
+            self.ds_config = build_ds_config(
+                config.zero,
+                config.precision,
+                config.preset.real_batch,
+                grad_clip=config.grad_clip,
+                user_config=load_ds_config(config.deepspeed_config),
+                source=f"--deepspeed-config {config.deepspeed_config}",
+            )
+        self.ranks, self.device = setup_processes(config.device, config.zero)
+        self.world_size = self.ranks.world_size
+        self.log = log if self.ranks.is_main else _silent
         preset = config.preset
+        if config.precision == "fp16" and config.zero > 0 and self.device.type != "cuda":
+            raise ConfigError("--fp16 with DeepSpeed needs a CUDA GPU; on CPU use --bf16 or full precision")
+        if config.num_pairs % self.world_size:
+            raise ConfigError(f"--num-pairs {config.num_pairs} does not split evenly over {self.world_size} processes")
+        if min(preset.syn_batch, config.num_pairs) < self.world_size:
+            raise ConfigError(f"--syn-batch {preset.syn_batch} is smaller than the {self.world_size} processes")
         torch.manual_seed(config.seed)
 
         # Online model: pretrained encoders + random projections.
@@ -104,11 +133,18 @@ class Distiller:
         num_images = len(pairs_by_image(self.train_data.pairs))
         if config.num_pairs > num_images:
             raise ConfigError(f"--num-pairs {config.num_pairs} is larger than the train split ({num_images} images)")
+        if self.world_size > 1 and preset.real_batch * self.world_size > len(self.train_data):
+            raise ConfigError(
+                f"--real-batch {preset.real_batch} per process x {self.world_size} processes is more than the "
+                f"{len(self.train_data)} train pairs"
+            )
+        # Every rank builds the same initial set and keeps its own shard of it.
         initial = init_synthetic_set(self.train_data, self.model, preset, config.num_pairs, config.seed)
+        shard = self.ranks.shard(config.num_pairs)
         self.syn_metadata = dict(initial.metadata)
-        self.syn_images = initial.images.to(self.device)
-        self.syn_text = initial.text_embeds.to(self.device)
-        self.syn_mask = initial.attention_mask.to(self.device)
+        self.syn_images = initial.images[shard].to(self.device)
+        self.syn_text = initial.text_embeds[shard].to(self.device)
+        self.syn_mask = initial.attention_mask[shard].to(self.device)
         self.syn_text_features: Optional[torch.Tensor] = None
         if config.frozen_text:
             # Prior work's regime: the text encoder is frozen and not differentiated through, so synthetic
@@ -117,6 +153,9 @@ class Distiller:
                 self.syn_text_features = self.model.text(self.syn_text, self.syn_mask).float()
         self._setup_synthetic_optimizer()
         self._setup_online_optimizer()
+        self.engine = None  # the DeepSpeed engine around self.model with --zero 1-3
+        if config.zero > 0:
+            self._setup_deepspeed()
         amp = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.precision)
         self.amp_dtype = amp
         self.syn_scaler = torch.amp.GradScaler(self.device.type, enabled=config.precision == "fp16")
@@ -153,6 +192,28 @@ class Distiller:
         groups.append({"params": self.model.head_parameters(), "lr": p.online_lr_proj})
         self.online_optimizer = torch.optim.SGD(groups, lr=p.online_lr_proj, momentum=p.online_momentum)
 
+    def _setup_deepspeed(self) -> None:
+        """Wrap the online model and its SGD in a DeepSpeed engine (ZeRO stage, precision, clipping from flags)."""
+        import deepspeed
+
+        self.engine, self.online_optimizer, _, _ = deepspeed.initialize(
+            model=self.model, optimizer=self.online_optimizer, config=self.ds_config
+        )
+
+    def _reset_online(self, generator: torch.Generator) -> None:
+        """Online model back to the pretrained encoders with fresh projections, and no optimiser state."""
+        if self.engine is None:
+            self.model.reset(generator)
+            self._setup_online_optimizer()
+            self.online_scaler = torch.amp.GradScaler(self.device.type, enabled=self.config.precision == "fp16")
+            return
+        with gathered_parameters(self.model.parameters(), modify=True):  # ZeRO-3: full tensors, then re-shard
+            self.model.reset(generator)
+        optimizer = self.engine.optimizer
+        if hasattr(optimizer, "refresh_fp32_params"):  # ZeRO / mixed precision: fp32 master copy <- weights
+            optimizer.refresh_fp32_params()
+        getattr(optimizer, "optimizer", optimizer).state.clear()  # momentum buffers
+
     def _autocast(self):
         if self.amp_dtype is None:
             return contextlib.nullcontext()
@@ -161,14 +222,19 @@ class Distiller:
     # ------------------------------------------------------------------ one iteration
 
     def synthetic_indices(self, t: int) -> torch.Tensor:
-        n, b = self.config.num_pairs, self.config.preset.syn_batch
+        """Indices into this rank's shard: of one global permutation (the same on every rank), the first
+        ``syn_batch / R`` that fall in the shard, so every rank runs the same number of samples."""
+        n, b = self.config.num_pairs, min(self.config.preset.syn_batch, self.config.num_pairs)
         if n <= b:
-            return torch.arange(n)
-        return torch.randperm(n, generator=stream_generator(self.config.seed, "synthetic", t))[:b]
+            return torch.arange(self.syn_images.shape[0])
+        perm = torch.randperm(n, generator=stream_generator(self.config.seed, "synthetic", t))
+        shard = self.ranks.shard(n)
+        mine = perm[(perm >= shard.start) & (perm < shard.stop)] - shard.start
+        return mine[: b // self.world_size]
 
     def synthetic_batch(self, t: int) -> SyntheticBatch:
         idx = self.synthetic_indices(t).to(self.device)
-        take_all = idx.numel() == self.config.num_pairs
+        take_all = idx.numel() == self.syn_images.shape[0]
 
         def view(x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
             if x is None:
@@ -187,9 +253,7 @@ class Distiller:
 
         # 1. Periodic reset of the online model (not in the fixed-model ablation, which keeps its t=0 state).
         if t % cfg.preset.reset_every == 0 and (t == 0 or cfg.online != "fixed"):
-            model.reset(stream_generator(cfg.seed, "reset", t))
-            self._setup_online_optimizer()
-            self.online_scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16")
+            self._reset_online(stream_generator(cfg.seed, "reset", t))
 
         # 2. Features of the real batch (no grad), encoders in eval mode: deterministic feature extraction.
         model.eval()
@@ -197,8 +261,14 @@ class Distiller:
             real = Features(model.image(pixels).float(), model.text.encode_ids(ids, mask).float())
 
         # 3. Synthetic batch: gradient of the CovMatch loss w.r.t. pixels and text embeddings.
-        objective = DistillObjective(
-            model, real, rho=cfg.rho, lam=cfg.lam, backend=cfg.loss_backend, normalize=cfg.preset.normalize_loss
+        objective = make_objective(
+            model,
+            real,
+            rho=cfg.rho,
+            lam=cfg.lam,
+            backend=cfg.loss_backend,
+            normalize=cfg.preset.normalize_loss,
+            ranks=self.ranks,
         )
         self.syn_optimizer.zero_grad(set_to_none=True)
         loss_scale = None
@@ -211,6 +281,11 @@ class Distiller:
         # 4. SGD (momentum 0.5) on the synthetic set; with fp16, an overflowing step is skipped, never applied.
         if self.syn_scaler.is_enabled():
             scale_before = self.syn_scaler.get_scale()
+            self.syn_scaler.unscale_(self.syn_optimizer)
+            if self.ranks.distributed:  # one rank's overflow skips the step on every rank
+                found = self.syn_scaler._per_optimizer_states[id(self.syn_optimizer)]["found_inf_per_device"]
+                for flag in found.values():
+                    self.ranks.all_reduce_max_(flag)
             self.syn_scaler.step(self.syn_optimizer)
             self.syn_scaler.update()
             skipped = torch.tensor(float(self.syn_scaler.get_scale() < scale_before))
@@ -234,29 +309,41 @@ class Distiller:
         cfg, model = self.config, self.model
         if cfg.online == "fixed":
             return torch.zeros((), device=self.device)
+        if cfg.online == "real":
+            inputs = {"input_ids": ids, "attention_mask": mask}
+        else:  # "synthetic": train the online model on the (detached) synthetic batch
+            batch = self.synthetic_batch(t)
+            pixels = batch.images.detach()
+            if batch.text_features is not None:
+                inputs = {"text_features": batch.text_features.detach()}
+            else:
+                inputs = {"inputs_embeds": batch.text_embeds.detach(), "attention_mask": batch.attention_mask}
         model.train()
-        with self._autocast():
-            if cfg.online == "real":
-                image_z = model.encode_image(pixels)
-                text_z = model.encode_text_ids(ids, mask)
-            else:  # "synthetic": train the online model on the (detached) synthetic batch
-                batch = self.synthetic_batch(t)
-                image_z = model.encode_image(batch.images.detach())
-                if batch.text_features is not None:
-                    text_z = model.text_proj(batch.text_features.detach())
-                else:
-                    text_z = model.encode_text(batch.text_embeds.detach(), batch.attention_mask)
-            loss = model.contrastive_loss(image_z, text_z)
-        self.online_optimizer.zero_grad(set_to_none=True)
-        self.online_scaler.scale(loss).backward()
-        self.online_scaler.step(self.online_optimizer)
-        self.online_scaler.update()
+        if self.engine is not None:  # DeepSpeed: loss scaling, gradient reduction, clipping, ZeRO
+            with self._autocast():
+                loss = self.engine(pixels, **inputs)
+            self.engine.backward(loss)
+            self.engine.step()
+        else:
+            with self._autocast():
+                loss = model(pixels, **inputs)
+            self.online_optimizer.zero_grad(set_to_none=True)
+            self.online_scaler.scale(loss).backward()
+            params = [p for g in self.online_optimizer.param_groups for p in g["params"]]
+            if self.ranks.distributed:
+                _average_gradients(params, self.ranks)
+            if cfg.grad_clip > 0:
+                self.online_scaler.unscale_(self.online_optimizer)
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            self.online_scaler.step(self.online_optimizer)
+            self.online_scaler.update()
         model.eval()
         return loss.detach()
 
     # ------------------------------------------------------------------ results and state
 
     def synthetic_set(self) -> SyntheticSet:
+        """The whole synthetic set (every rank's shard, gathered: all ranks must call this together)."""
         metadata = dict(self.syn_metadata)
         metadata.update(
             {
@@ -265,59 +352,97 @@ class Distiller:
                 "text_mode": "features" if self.config.frozen_text else "embeddings",
             }
         )
-        features = None if self.syn_text_features is None else self.syn_text_features.detach().cpu()
+
+        def gathered_copy(x: torch.Tensor) -> torch.Tensor:  # a copy: the set must not alias the live tensors
+            return self.ranks.gather_rows(x.detach()).to("cpu", copy=True)
+
+        text = self.ranks.gather_rows(self.syn_text.detach())
+        features = None if self.syn_text_features is None else gathered_copy(self.syn_text_features)
+        table = self.model.text.model.get_input_embeddings().weight
+        with gathered_parameters([table]):
+            nearest = nearest_token_ids(text, table)
         return SyntheticSet(
-            self.syn_images.detach().cpu(),
-            self.syn_text.detach().cpu(),
-            self.syn_mask.detach().cpu(),
+            gathered_copy(self.syn_images),
+            text.to("cpu", copy=True),
+            gathered_copy(self.syn_mask),
             metadata,
             features,
-            nearest_token_ids(self.syn_text, self.model.text.embedding_table),
+            nearest,
         )
 
     def state_dict(self) -> dict:
-        synthetic = {"images": self.syn_images.detach(), "text_embeds": self.syn_text.detach()}
+        """Everything a resume needs, gathered over ranks (collective): the whole synthetic set and its
+        optimiser state, every rank's RNG state; the online model and its optimiser unless DeepSpeed saves them."""
+        gather = self.ranks.gather_rows
+        synthetic = {"images": gather(self.syn_images.detach()), "text_embeds": gather(self.syn_text.detach())}
         if self.syn_text_features is not None:
-            synthetic["text_features"] = self.syn_text_features.detach()
-        rng = {"torch": torch.get_rng_state()}
+            synthetic["text_features"] = gather(self.syn_text_features.detach())
+        syn_opt = self.syn_optimizer.state_dict()
+        syn_opt["state"] = {
+            k: {name: gather(v) if torch.is_tensor(v) and v.dim() > 0 else v for name, v in entry.items()}
+            for k, entry in syn_opt["state"].items()
+        }
+        rng = {"torch": gather(torch.get_rng_state().unsqueeze(0))}
         if self.device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state(self.device)
-        return {
+            rng["cuda"] = gather(torch.cuda.get_rng_state(self.device).to(self.device).unsqueeze(0)).cpu()
+        state = {
             "iteration": self.iteration,
             "skipped_steps": self.skipped_steps,
             "synthetic": synthetic,
-            "syn_optimizer": self.syn_optimizer.state_dict(),
-            "model": self.model.state_dict(),
-            "online_optimizer": self.online_optimizer.state_dict(),
+            "syn_optimizer": syn_opt,
             "syn_scaler": self.syn_scaler.state_dict(),
-            "online_scaler": self.online_scaler.state_dict(),
             "rng": rng,
         }
+        if self.engine is None:
+            state["model"] = self.model.state_dict()
+            state["online_optimizer"] = self.online_optimizer.state_dict()
+            state["online_scaler"] = self.online_scaler.state_dict()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
-        """Apply a checkpoint already validated by ``checkpoint.validate_state`` (so nothing fails half-way)."""
+        """Apply a checkpoint already validated by ``checkpoint.validate_state`` (so nothing fails half-way);
+        each rank takes its shard."""
+        shard = self.ranks.shard(self.config.num_pairs)
         with torch.no_grad():
-            self.syn_images.copy_(state["synthetic"]["images"])
-            self.syn_text.copy_(state["synthetic"]["text_embeds"])
+            self.syn_images.copy_(state["synthetic"]["images"][shard])
+            self.syn_text.copy_(state["synthetic"]["text_embeds"][shard])
             if self.syn_text_features is not None:
-                self.syn_text_features.copy_(state["synthetic"]["text_features"])
-        self.syn_optimizer.load_state_dict(state["syn_optimizer"])
-        self.model.load_state_dict(state["model"])
-        self.online_optimizer.load_state_dict(state["online_optimizer"])
+                self.syn_text_features.copy_(state["synthetic"]["text_features"][shard])
+        syn_opt = dict(state["syn_optimizer"])
+        syn_opt["state"] = {
+            k: {name: v[shard] if torch.is_tensor(v) and v.dim() > 0 else v for name, v in entry.items()}
+            for k, entry in syn_opt["state"].items()
+        }
+        self.syn_optimizer.load_state_dict(syn_opt)
         if state["syn_scaler"]:
             self.syn_scaler.load_state_dict(state["syn_scaler"])
-        if state["online_scaler"]:
-            self.online_scaler.load_state_dict(state["online_scaler"])
-        torch.set_rng_state(state["rng"]["torch"])
+        if self.engine is None:
+            self.model.load_state_dict(state["model"])
+            self.online_optimizer.load_state_dict(state["online_optimizer"])
+            if state["online_scaler"]:
+                self.online_scaler.load_state_dict(state["online_scaler"])
+        rank = self.ranks.rank
+        torch.set_rng_state(state["rng"]["torch"][rank].clone())  # a row of its own (offset 0)
         if "cuda" in state["rng"] and self.device.type == "cuda":
-            torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
+            torch.cuda.set_rng_state(state["rng"]["cuda"][rank].clone(), self.device)
         self.iteration = int(state["iteration"])
         self.skipped_steps = int(state["skipped_steps"])
+
+    def close(self) -> None:
+        """Leave the process group (if this run joined one)."""
+        if self.ranks.distributed or self.engine is not None:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.barrier()
+                dist.destroy_process_group()
 
     # ------------------------------------------------------------------ the loop
 
     def real_batches(self, start: int, stop: int) -> DataLoader:
-        sampler = RealBatchSampler(len(self.train_data), self.config.preset.real_batch, self.config.seed, start, stop)
+        sampler = RealBatchSampler(
+            len(self.train_data), self.config.preset.real_batch, self.config.seed, start, stop, self.ranks
+        )
         return DataLoader(
             self.train_data,
             batch_sampler=sampler,
@@ -333,14 +458,15 @@ class Distiller:
         """Distil until ``config.iterations``, with checkpoints, logs and grids under ``config.out``."""
         cfg = self.config
         out = Path(cfg.out) if cfg.out is not None else None
-        writer = _RunWriter(out, self) if out is not None else None
-        if writer is not None and cfg.resume:
+        writer = _RunWriter(out, self) if out is not None and self.ranks.is_main else None
+        if out is not None and cfg.resume:
             ckpt.resume_latest(self, out / ckpt.CHECKPOINT_DIR, log=self.log)
-            writer.truncate_log(self.iteration)
+            if writer is not None:
+                writer.truncate_log(self.iteration)
         total = cfg.iterations
-        progress = _progress(total, self.iteration, enabled=cfg.progress)
+        progress = _progress(total, self.iteration, enabled=cfg.progress and self.ranks.is_main)
         pending: List[Dict[str, torch.Tensor]] = []
-        saved_at = None
+        saved: Optional[SyntheticSet] = None
         tick = time.perf_counter()
         for real_batch in self.real_batches(self.iteration, total):
             metrics = self.step(real_batch)
@@ -350,21 +476,42 @@ class Distiller:
                 now = time.perf_counter()
                 record = _summarise(pending, t, (now - tick) / len(pending), self.device)
                 pending, tick = [], now
-                if not math.isfinite(record["loss"]):
+                if not math.isfinite(record["loss"]):  # the loss is the same on every rank: all stop together
                     raise FloatingPointError(f"distillation loss became {record['loss']} at iteration {t}")
                 progress.set_postfix(_postfix(record), refresh=False)
                 if writer is not None:
                     writer.log(record)
             progress.update(1)
-            if writer is not None and (t % cfg.save_every == 0 or t == total):
-                writer.save(t)
-                saved_at = t
+            if out is not None and (t % cfg.save_every == 0 or t == total):
+                saved = self._save(out, writer)
         progress.close()
+        if out is not None and (saved is None or saved.metadata["iteration"] != self.iteration):
+            saved = self._save(out, writer)  # no step ran (0 iterations, or resumed at the end)
         if writer is not None:
-            if saved_at != self.iteration:  # no step ran (0 iterations, or resumed at the end)
-                writer.save(self.iteration)
             writer.close()
-        return self.synthetic_set()
+        return saved if saved is not None else self.synthetic_set()
+
+    def _save(self, out: Path, writer: Optional[_RunWriter]) -> SyntheticSet:
+        """Checkpoint, synthetic set and grid at the current iteration (collective; rank 0 writes)."""
+        ckpt.save_checkpoint(self, out / ckpt.CHECKPOINT_DIR, keep=self.config.keep_checkpoints)
+        syn = self.synthetic_set()
+        if writer is not None:
+            writer.save(syn, self.iteration)
+        return syn
+
+
+def _silent(message: str) -> None:
+    """The log of ranks other than 0."""
+
+
+def _average_gradients(params: List[torch.Tensor], ranks: Ranks) -> None:
+    """Data parallelism without DeepSpeed (--zero 0 under a launcher): one flat all-reduce of the gradients."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    summed = ranks.all_reduce_sum(grads)
+    for g, total in zip(grads, summed):
+        g.copy_(total / ranks.world_size)
 
 
 def _progress(total: int, initial: int, enabled: bool):
@@ -426,10 +573,9 @@ class _RunWriter:
                 if key != "iteration":
                     self.tb.add_scalar(f"distill/{key}", value, record["iteration"])
 
-    def save(self, t: int) -> None:
+    def save(self, syn: SyntheticSet, t: int) -> None:
+        """The synthetic set (atomically) and, if asked, its image grid with decoded captions."""
         d = self.distiller
-        ckpt.save_checkpoint(d, self.out / ckpt.CHECKPOINT_DIR, keep=d.config.keep_checkpoints)
-        syn = d.synthetic_set()
         syn.save(self.out)
         if d.config.grid_every_save:
             from covmatch.visualize import decode_token_ids, save_image_grid
@@ -451,4 +597,8 @@ class _RunWriter:
 
 def distill(config: DistillConfig, *, log: Callable[[str], None] = print) -> SyntheticSet:
     """Run CovMatch distillation as configured and return the synthetic set (also saved under ``config.out``)."""
-    return Distiller(config, log=log).run()
+    distiller = Distiller(config, log=log)
+    try:
+        return distiller.run()
+    finally:
+        distiller.close()

@@ -17,7 +17,18 @@ import torch
 
 from covmatch.loss import covmatch_loss, cross_covariance, mean_matching_loss
 
-__all__ = ["Features", "LossParts", "DistillObjective", "SyntheticBatch", "frozen_parameters", "synthetic_backward"]
+from .distributed import Ranks, sum_over_ranks
+
+__all__ = [
+    "Features",
+    "LossParts",
+    "DistillObjective",
+    "ShardedObjective",
+    "SyntheticBatch",
+    "frozen_parameters",
+    "make_objective",
+    "synthetic_backward",
+]
 
 
 @dataclass
@@ -113,7 +124,7 @@ class DistillObjective:
                 self.cov_scale = 1.0 / (rho * rho * c_t.pow(2).sum()).clamp_min(1e-30)
                 if lam:
                     r_img, r_txt = self._real_proj
-                    mean_norm = r_img.float().mean(0).pow(2).sum() + r_txt.float().mean(0).pow(2).sum()
+                    mean_norm = full_precision(r_img).mean(0).pow(2).sum() + full_precision(r_txt).mean(0).pow(2).sum()
                     self.mean_scale = 1.0 / mean_norm.clamp_min(1e-30)
 
     def __call__(self, syn: Features) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -130,6 +141,78 @@ class DistillObjective:
         )
         mean = self.mean_scale * mean
         return cov + self.lam * mean, cov, mean
+
+
+class ShardedObjective(DistillObjective):
+    """The same loss when the real and synthetic batches are split over ranks (DESIGN 1.4).
+
+    Every term depends on a batch only through sums (Σ x yᵀ, Σ x, Σ y, Σ G x, n), so those are
+    all-reduced: each rank gets the loss of the union of all shards, and autograd sends each rank the
+    exact gradient for its own samples (the other ranks' sums are constants here). The sums are taken
+    around the global real means, which keeps them well conditioned in fp32 (a covariance is
+    shift-invariant).
+    """
+
+    def __init__(
+        self,
+        model,
+        real: Features,
+        *,
+        rho: float,
+        lam: float,
+        ranks: Ranks,
+        normalize: bool = False,
+    ) -> None:
+        self.model, self.rho, self.lam, self.ranks = model, rho, lam, ranks
+        self.backend = "torch"
+        image, text = full_precision(real.image.detach()), full_precision(real.text.detach())
+        self.dtype = image.dtype
+        count = torch.tensor(float(image.shape[0]), device=image.device)
+        sum_x, sum_y, n = ranks.all_reduce_sum([image.sum(0), text.sum(0), count])
+        self.shift_x, self.shift_y = (sum_x / n).to(self.dtype), (sum_y / n).to(self.dtype)
+        xc, yc = image - self.shift_x, text - self.shift_y
+        s_xy, s_x, s_y = ranks.all_reduce_sum([xc.t() @ yc, xc.sum(0), yc.sum(0)])
+        self.real_cov = ((s_xy - torch.outer(s_x, s_y) / n) / (n - 1)).to(self.dtype)
+        self.real = Features(image, text)
+        one = torch.ones((), device=image.device, dtype=self.dtype)
+        self.cov_scale, self.mean_scale = one, one
+        self._real_means: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+        if lam:
+            with torch.no_grad():
+                p_img, p_txt = model.image_proj(image), model.text_proj(text)
+            sum_pi, sum_pt = ranks.all_reduce_sum([p_img.sum(0), p_txt.sum(0)])
+            self._real_means = ((sum_pi / n).to(self.dtype), (sum_pt / n).to(self.dtype))
+        if normalize:
+            self.cov_scale = 1.0 / (rho * rho * self.real_cov.pow(2).sum()).clamp_min(1e-30)
+            if lam:
+                norm = self._real_means[0].pow(2).sum() + self._real_means[1].pow(2).sum()
+                self.mean_scale = 1.0 / norm.clamp_min(1e-30)
+
+    def __call__(self, syn: Features) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        ranks = self.ranks
+        x = syn.image.to(self.dtype) - self.shift_x
+        y = syn.text.to(self.dtype) - self.shift_y
+        (n,) = ranks.all_reduce_sum([torch.tensor(float(x.shape[0]), device=x.device)])
+        s_xy = sum_over_ranks(x.t() @ y, ranks)
+        s_x, s_y = sum_over_ranks(x.sum(0), ranks), sum_over_ranks(y.sum(0), ranks)
+        syn_cov = (s_xy - torch.outer(s_x, s_y) / n) / (n - 1)
+        cov = self.cov_scale * (self.rho * self.real_cov - syn_cov).pow(2).sum()
+        if not self.lam:
+            return cov, cov, cov.new_zeros(())
+        mean_img = sum_over_ranks(self.model.image_proj(syn.image).to(self.dtype).sum(0), ranks) / n
+        mean_txt = sum_over_ranks(self.model.text_proj(syn.text).to(self.dtype).sum(0), ranks) / n
+        real_img, real_txt = self._real_means
+        mean = self.mean_scale * ((real_img - mean_img).pow(2).sum() + (real_txt - mean_txt).pow(2).sum())
+        return cov + self.lam * mean, cov, mean
+
+
+def make_objective(
+    model, real: Features, *, rho: float, lam: float, backend: str, normalize: bool, ranks: Optional[Ranks] = None
+) -> DistillObjective:
+    """The objective for this process: the fused ``covmatch_loss`` alone, or the all-reduced form on R ranks."""
+    if ranks is not None and ranks.distributed:
+        return ShardedObjective(model, real, rho=rho, lam=lam, ranks=ranks, normalize=normalize)
+    return DistillObjective(model, real, rho=rho, lam=lam, backend=backend, normalize=normalize)
 
 
 def synthetic_backward(

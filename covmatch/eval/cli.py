@@ -55,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of run 0 (run r uses seed + r)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:K")
     p.add_argument("--select-on-val", action="store_true", help="report the epoch with the best val recall")
+    p.add_argument(
+        "--split", choices=("test", "val"), default="test", help="split to score (val: for hyperparameter tuning)"
+    )
     p.add_argument("--frozen-text", action="store_true", help="do not train the text encoder")
     p.add_argument("--image-encoder", default=None, help="cross-architecture: another timm image encoder")
     p.add_argument("--image-weights", default=None, help="weights of --image-encoder (file or 'cache')")
@@ -274,7 +277,9 @@ def run_evaluation(args) -> dict:
             raise ConfigError(f"--num-pairs must be >= 2, got {n}")
         indices, train_set = _coreset_train_set(args, preset, model, source, device, n)
         method, n = args.coreset, len(indices)
-    test = build_retrieval_data(source, "test", model.text.tokenizer, preset)
+    if args.split == "val" and args.select_on_val:
+        raise ConfigError("--select-on-val with --split val would select and score on the same split")
+    test = build_retrieval_data(source, args.split, model.text.tokenizer, preset)
     val = build_retrieval_data(source, "val", model.text.tokenizer, preset) if args.select_on_val else None
     settings = EvalSettings.from_preset(
         preset,
@@ -297,6 +302,7 @@ def run_evaluation(args) -> dict:
         "runs": run_results,
         "epochs_reported": epochs,
         "selection": "best val epoch" if args.select_on_val else "final epoch",
+        "split": args.split,
         "summary": summarise_runs(run_results),
         "seconds": time.perf_counter() - start,
         "config": {

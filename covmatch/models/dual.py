@@ -42,14 +42,15 @@ class Projection(nn.Module):
                     layer.bias.copy_(b)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+        # fp32 features into half-precision weights (DeepSpeed bf16/fp16 outside autocast): use the weights' dtype
+        return self.net(x.to(self.net[0].weight.dtype))
 
 
 def info_nce(image_z: torch.Tensor, text_z: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
     """Symmetric InfoNCE over a batch of matched pairs (row i of each is a pair), cosine similarity."""
     image_z = F.normalize(image_z.float(), dim=-1)
     text_z = F.normalize(text_z.float(), dim=-1)
-    logits = logit_scale.exp() * image_z @ text_z.t()
+    logits = logit_scale.float().exp() * image_z @ text_z.t()
     target = torch.arange(logits.shape[0], device=logits.device)
     return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
 
@@ -73,7 +74,10 @@ class DualEncoder(nn.Module):
         self.text = text
         self.image_proj = Projection(image.feature_dim, proj_dim, proj_depth)
         self.text_proj = Projection(text.feature_dim, proj_dim, proj_depth)
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / temperature)), requires_grad=learnable_temperature)
+        # shape [1], not a 0-d scalar: DeepSpeed's parameter broadcast cannot view a 0-d tensor as bytes
+        self.logit_scale = nn.Parameter(
+            torch.full((1,), math.log(1.0 / temperature)), requires_grad=learnable_temperature
+        )
         self._initial_logit_scale = float(self.logit_scale.detach())
         self._pretrained: Dict[str, torch.Tensor] = {}
         self.snapshot_pretrained()
@@ -117,3 +121,25 @@ class DualEncoder(nn.Module):
 
     def contrastive_loss(self, image_z: torch.Tensor, text_z: torch.Tensor) -> torch.Tensor:
         return info_nce(image_z, text_z, self.logit_scale)
+
+    def forward(
+        self,
+        pixels: torch.Tensor,
+        *,
+        input_ids: Optional[torch.Tensor] = None,
+        inputs_embeds: Optional[torch.Tensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        text_features: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """InfoNCE of a batch of pairs; captions as token ids, input embeddings, or encoder features.
+
+        The online training step goes through here, so that wrappers that act on ``forward`` (DeepSpeed
+        ZeRO-3 gathers the model's own parameters, such as the temperature, around it) see the whole step.
+        """
+        if text_features is not None:
+            text_z = self.text_proj(text_features)
+        elif input_ids is not None:
+            text_z = self.encode_text_ids(input_ids, attention_mask)
+        else:
+            text_z = self.encode_text(inputs_embeds, attention_mask)
+        return self.contrastive_loss(self.encode_image(pixels), text_z)

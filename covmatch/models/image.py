@@ -69,4 +69,6 @@ class ImageEncoder(nn.Module):
         self.model.set_grad_checkpointing(enable)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.model(pixels)
+        # inputs in the weights' dtype: DeepSpeed bf16/fp16 keeps half-precision weights, and CPU autocast
+        # does not cast every op's weights (mixed-dtype norms fail there)
+        return self.model(pixels.to(next(self.model.parameters()).dtype))

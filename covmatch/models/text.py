@@ -103,6 +103,9 @@ class TextEncoder(nn.Module):
         return self.model.get_input_embeddings()(input_ids)
 
     def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        # inputs in the weights' dtype: DeepSpeed bf16/fp16 keeps half-precision weights, and CPU autocast
+        # does not cast LayerNorm's weights (mixed dtypes fail there)
+        inputs_embeds = inputs_embeds.to(self.model.get_input_embeddings().weight.dtype)
         hidden = self.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask).last_hidden_state
         if self.pooling == "cls":
             return hidden[:, 0]

@@ -1,0 +1,120 @@
+"""Run by ``torchrun --nproc_per_node 2`` from ``test_distributed.py``; each scenario asserts on every rank.
+
+    python -m torch.distributed.run --nproc_per_node 2 tests/distributed_worker.py SCENARIO [ARGS]
+
+``loss``: the all-reduced loss and gradients on 2 shards equal the single-process ones on their union.
+``reset STAGE:PRECISION,...``: after online steps under ZeRO, the reset puts back the pretrained parameters,
+the fp32 master copy and an empty optimiser state (a zero-gradient step then changes nothing).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+def scenario_loss() -> None:
+    from covmatch.distill.distributed import Ranks
+    from covmatch.distill.objective import DistillObjective, Features, ShardedObjective
+
+    dist.init_process_group("gloo")
+    ranks = Ranks(dist.get_rank(), dist.get_world_size(), dist.get_rank())
+    gen = torch.Generator().manual_seed(7)
+    for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 2e-5)):
+        # awkward sizes: unequal real and synthetic counts, a mean offset that stresses fp32 sums
+        real_img = (torch.randn(2 * 7, 10, generator=gen) + 3.0).to(dtype)
+        real_txt = (torch.randn(2 * 7, 6, generator=gen) - 2.0).to(dtype)
+        syn_img = (torch.randn(2 * 5, 10, generator=gen) + 2.5).to(dtype)
+        syn_txt = (torch.randn(2 * 5, 6, generator=gen) - 1.5).to(dtype)
+        torch.manual_seed(0)  # the same projections on every rank
+        model = nn.Module()
+        model.image_proj = nn.Linear(10, 4).to(dtype)
+        model.text_proj = nn.Linear(6, 4).to(dtype)
+        r = ranks.rank
+        real_shard, syn_shard = slice(7 * r, 7 * (r + 1)), slice(5 * r, 5 * (r + 1))
+        for lam in (0.0, 0.1):
+            for normalize in (False, True):
+                full_img = syn_img.clone().requires_grad_(True)
+                full_txt = syn_txt.clone().requires_grad_(True)
+                single = DistillObjective(
+                    model, Features(real_img, real_txt), rho=2.0, lam=lam, backend="torch", normalize=normalize
+                )
+                expected = single(Features(full_img, full_txt))
+                expected[0].backward()
+
+                mine_img = syn_img[syn_shard].clone().requires_grad_(True)
+                mine_txt = syn_txt[syn_shard].clone().requires_grad_(True)
+                sharded = ShardedObjective(
+                    model,
+                    Features(real_img[real_shard], real_txt[real_shard]),
+                    rho=2.0,
+                    lam=lam,
+                    ranks=ranks,
+                    normalize=normalize,
+                )
+                got = sharded(Features(mine_img, mine_txt))
+                got[0].backward()
+                for g, e, name in zip(got, expected, ("total", "cov", "mean")):
+                    assert torch.allclose(g.double(), e.double(), rtol=tol, atol=tol * 1e-3), (name, dtype, g, e)
+                for mine, full in ((mine_img, full_img), (mine_txt, full_txt)):
+                    scale = full.grad.abs().max()
+                    err = (mine.grad - full.grad[syn_shard]).abs().max() / scale
+                    assert err < tol, (dtype, lam, normalize, float(err))
+    dist.destroy_process_group()
+    print(f"rank {ranks.rank}: sharded loss == single-process loss")
+
+
+def scenario_reset(cases: str) -> None:
+    """``cases``: comma-separated STAGE:PRECISION, e.g. ``1:fp32,2:bf16,3:fp32`` (one engine after another)."""
+    from covmatch.distill import DistillConfig, Distiller
+    from covmatch.distill.distributed import gathered_parameters
+    from covmatch.distill.engine import stream_generator
+    from covmatch.presets import get_preset
+
+    d = None
+    for case in cases.split(","):
+        stage, precision = case.split(":")
+        config = DistillConfig(
+            preset=get_preset("tiny", iterations=3, reset_every=100),
+            zero=int(stage),
+            precision=precision,
+            progress=False,
+            device="cpu",
+        )
+        d = Distiller(config, log=lambda _m: None)
+        pretrained = d.model.pretrained_state()
+        for batch in d.real_batches(0, 3):
+            d.step(batch)
+        params = dict(d.model.named_parameters())
+        names = [k for k in pretrained if k in params]
+
+        def differences(params=params, names=names, pretrained=pretrained) -> list:
+            with gathered_parameters([params[k] for k in names]):
+                return [k for k in names if not torch.equal(params[k].detach(), pretrained[k].to(params[k].dtype))]
+
+        assert differences(), "the online steps did not change the encoders"
+        d._reset_online(stream_generator(0, "reset", 3))
+        assert differences() == [], f"after the reset: {differences()[:3]} differ from the pretrained weights"
+        # A step on a zero gradient must not move anything: the fp32 master weights were refreshed and the
+        # momentum buffers cleared (a stale master copy or momentum would pull the weights away).
+        pixels, ids, mask, _ = next(iter(d.real_batches(5, 6)))
+        with d._autocast():
+            loss = d.engine(pixels, input_ids=ids, attention_mask=mask)
+        d.engine.backward(loss * 0.0)
+        d.engine.step()
+        assert differences() == [], f"a zero-gradient step after the reset moved {differences()[:3]}"
+        print(f"rank {d.ranks.rank}: ZeRO-{stage} {precision}: the reset restores the pretrained state", flush=True)
+    d.close()
+
+
+if __name__ == "__main__":
+    name, *args = sys.argv[1:]
+    if name == "loss":
+        scenario_loss()
+    elif name == "reset":
+        scenario_reset(args[0])
+    else:
+        raise SystemExit(f"unknown scenario {name!r}")

@@ -1,0 +1,194 @@
+"""Multi-process distillation and DeepSpeed ZeRO on CPU (DESIGN 1.4): 2 ranks, gloo, the ``tiny`` preset.
+
+The launched tests start ``torchrun --nproc_per_node 2`` (DS_ACCELERATOR=cpu); the first DeepSpeed launch on
+a machine also compiles DeepSpeed's small shared-memory communication op (cached afterwards).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from covmatch.distill import DistillConfig, Distiller, DistillObjective, Features
+from covmatch.distill.cli import main
+from covmatch.distill.distributed import Ranks, build_ds_config, sum_over_ranks
+from covmatch.distill.engine import stream_generator
+from covmatch.errors import ConfigError
+from covmatch.presets import get_preset
+from covmatch.synthetic import SyntheticSet
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKER = Path(__file__).with_name("distributed_worker.py")
+deepspeed = pytest.importorskip("deepspeed")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(*args: str, nproc: int = 2, timeout: int = 300, expect: int = 0) -> str:
+    """``torchrun --nproc_per_node nproc ARGS`` on CPU (``nproc=1``: plain ``python ARGS``, no launcher);
+    returns its output, failing with its tail."""
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    env.pop("TRITON_INTERPRET", None)
+    cmd = [sys.executable]
+    if nproc > 1:
+        cmd += ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={_free_port()}"]
+    proc = subprocess.run(
+        [*cmd, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, check=False
+    )
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == expect, output[-4000:]
+    return output
+
+
+def distill_argv(out: Path, *extra: str) -> list:
+    return ["-m", "covmatch.distill", "--preset", "tiny", "--device", "cpu", "--out", str(out), "--no-progress", *extra]
+
+
+# ------------------------------------------------------------------------------------------ without a launch
+
+
+def test_one_rank_is_the_identity():
+    x = torch.randn(3, 4, requires_grad=True)
+    assert sum_over_ranks(x, Ranks()) is x
+    assert Ranks().shard(8) == slice(0, 8)
+    assert Ranks(rank=1, world_size=2).shard(8) == slice(4, 8)
+
+
+def test_ds_config_from_flags_and_a_user_file():
+    cfg = build_ds_config(2, "bf16", 64, grad_clip=1.0)
+    assert cfg["zero_optimization"]["stage"] == 2 and cfg["bf16"]["enabled"] and not cfg["fp16"]["enabled"]
+    assert cfg["train_micro_batch_size_per_gpu"] == 64 and cfg["gradient_clipping"] == 1.0
+    assert "optimizer" not in cfg and cfg["zero_allow_untested_optimizer"]
+    user = {"zero_optimization": {"stage": 3, "stage3_max_live_parameters": 10**8}, "bf16": {"enabled": False}}
+    merged = build_ds_config(3, "fp32", 64, user_config=user)
+    assert merged["zero_optimization"] == {"stage": 3, "stage3_max_live_parameters": 10**8}
+
+
+@pytest.mark.parametrize(
+    "stage,precision,user,message",
+    [
+        (0, "fp32", None, "DeepSpeed runs stages 1, 2 or 3"),
+        (2, "fp32", {"optimizer": {"type": "Adam"}}, "'optimizer' is set by covmatch"),
+        (2, "fp32", {"zero_optimization": {"stage": 3}}, "contradicts --zero 2"),
+        (2, "bf16", {"bf16": {"enabled": False}}, "bf16.enabled contradicts"),
+        (2, "fp32", {"gradient_accumulation_steps": 4}, "gradient_accumulation_steps must be 1"),
+        (2, "fp32", {"train_batch_size": 7}, "train_batch_size=7"),
+    ],
+)
+def test_ds_config_conflicts_are_one_line(stage, precision, user, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        build_ds_config(stage, precision, 64, user_config=user)
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--fp16"], "--fp16 needs a CUDA GPU"),
+        (["--deepspeed-config", "x.json"], "--deepspeed-config needs --zero 1, 2 or 3"),
+        (["--zero", "2", "--deepspeed-config", "/no/such.json"], "--deepspeed-config /no/such.json: no such file"),
+        (["--zero", "4"], "argument --zero: invalid choice"),
+        (["--grad-clip", "-1"], "--grad-clip must be >= 0"),
+    ],
+)
+def test_bad_distributed_flags_are_one_line(tmp_path, capsys, argv, message):
+    if "--fp16" in argv and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    out = tmp_path / "run"
+    try:
+        code = main(["--preset", "tiny", "--device", "cpu", "--out", str(out), "--no-progress", *argv])
+    except SystemExit as exc:
+        code = exc.code
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_bad_json_config_is_one_line(tmp_path, capsys):
+    bad = tmp_path / "ds.json"
+    bad.write_text('{"zero_optimization": {"stage": 2,}}')
+    code = main(["--preset", "tiny", "--device", "cpu", "--out", str(tmp_path / "r"), "--zero", "2",
+                 "--deepspeed-config", str(bad), "--no-progress"])  # fmt: skip
+    assert code == 2
+    assert f"--deepspeed-config {bad}: not valid JSON (line 1" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------ 2 ranks
+
+
+def test_sharded_loss_equals_the_single_process_loss_on_the_union():
+    """Loss and synthetic gradients from all-reduced statistics, fp64 and fp32, with/without mean term."""
+    output = launch(str(WORKER), "loss")
+    assert output.count("sharded loss == single-process loss") == 2
+
+
+def test_reset_under_zero_restores_the_pretrained_state():
+    output = launch(str(WORKER), "reset", "1:fp32,2:bf16,3:fp32")
+    for case in ("ZeRO-1 fp32", "ZeRO-2 bf16", "ZeRO-3 fp32"):
+        assert output.count(f"{case}: the reset restores the pretrained state") == 2, case
+
+
+def test_zero2_bf16_run_resumes_and_refuses_another_world_size(tmp_path):
+    out = tmp_path / "zero2"
+    launch(*distill_argv(out, "--zero", "2", "--bf16", "--iterations", "4", "--save-every", "2", "--log-every", "2"))
+    syn = SyntheticSet.load(out)  # validates shapes, dtypes and metadata
+    assert len(syn) == 8 and syn.metadata["iteration"] == 4
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
+        "step_00000002.online",
+        "step_00000002.pt",
+        "step_00000004.online",
+        "step_00000004.pt",
+    ]
+    output = launch(*distill_argv(out, "--zero", "2", "--bf16", "--iterations", "6", "--resume", "--log-every", "2"))
+    assert "resumed from" in output and "(iteration 4)" in output
+    assert SyntheticSet.load(out).metadata["iteration"] == 6
+    assert [json.loads(line)["iteration"] for line in (out / "log.jsonl").read_text().splitlines()] == [2, 4, 6]
+    # one process cannot continue a 2-process run: one clear line, exit 2, nothing overwritten
+    before = (out / "synthetic.safetensors").read_bytes()
+    output = launch(*distill_argv(out, "--zero", "2", "--bf16", "--iterations", "8", "--resume"), nproc=1, expect=2)
+    assert "written by a run with 2 process(es), this run has 1; resume with the same world size" in output
+    assert (out / "synthetic.safetensors").read_bytes() == before
+
+
+def held_out_loss(d: Distiller, syn: SyntheticSet, batches) -> float:
+    """Distillation loss of ``syn`` at the t=0 online model over real batches the runs never see."""
+    m = d.model
+    m.reset(stream_generator(d.config.seed, "reset", 0))
+    m.eval()
+    total = 0.0
+    with torch.no_grad():
+        syn_features = Features(m.image(syn.images), m.text(syn.text_embeds, syn.attention_mask))
+        for pixels, ids, mask, _ in batches:
+            real = Features(m.image(pixels), m.text.encode_ids(ids, mask))
+            total += float(DistillObjective(m, real, rho=d.config.rho, lam=d.config.lam)(syn_features)[0])
+    return total / len(batches)
+
+
+def test_zero3_run_equals_one_process_with_the_union_batch(tmp_path):
+    """With a fixed online model, 2 ranks x real batch 8 (ZeRO-3) distil what 1 process does with 16."""
+    out = tmp_path / "zero3"
+    launch(*distill_argv(out, "--zero", "3", "--real-batch", "8", "--iterations", "12", "--online", "fixed"))
+    sharded = SyntheticSet.load(out)
+    config = DistillConfig(
+        preset=get_preset("tiny", iterations=12, real_batch=16), online="fixed", progress=False, device="cpu"
+    )
+    d = Distiller(config, log=lambda _m: None)
+    initial = d.synthetic_set()
+    held_out = list(d.real_batches(100, 104))
+    single = d.run()
+    for key in ("images", "text_embeds"):
+        a, b = getattr(sharded, key), getattr(single, key)
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5 * float(b.abs().max())), (key, (a - b).abs().max())
+    before, after = held_out_loss(d, initial, held_out), held_out_loss(d, sharded, held_out)
+    assert after < 0.97 * before, (before, after)
