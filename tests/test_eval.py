@@ -115,6 +115,12 @@ def test_eval_coresets(tmp_path, method):
     assert result["selection"] == "best val epoch"
 
 
+def test_eval_on_val_for_tuning(tmp_path):
+    assert _eval(tmp_path, "--coreset", "random", "--num-pairs", "8", "--split", "val") == 0
+    result = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert result["split"] == "val" and result["selection"] == "final epoch"
+
+
 def test_eval_cross_architecture(distilled, tmp_path):
     # another image encoder, and a text encoder under another name: captions go through token decoding
     other_text = tmp_path / "other-text-encoder"
@@ -144,6 +150,7 @@ def test_eval_compare(distilled, tmp_path):
         (["--synthetic", "{empty}"], "empty or missing directory"),
         (["--compare", "{empty}"], "no results.json"),
         (["--coreset", "random", "--runs", "0"], "--runs must be >= 1"),
+        (["--coreset", "random", "--split", "val", "--select-on-val"], "would select and score on the same split"),
     ],
 )
 def test_eval_bad_input(distilled, tmp_path, capsys, argv, message):

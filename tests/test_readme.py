@@ -20,9 +20,17 @@ def _known_flags(parser) -> set:
 
 
 def _commands(tool: str):
-    """Every README command line of ``tool`` (backslash continuations joined)."""
+    """Every README command line of ``tool`` (backslash continuations joined), from the tool's name on;
+    launcher lines (``torchrun ... -m covmatch.distill ...``) count for the tool they launch."""
+    module = tool.replace("covmatch-", "covmatch.") + " "
     text = README.replace("\\\n", " ")
-    return [line for line in text.splitlines() if line.strip().startswith(tool + " ")]
+    lines = []
+    for line in text.splitlines():
+        if line.strip().startswith(tool + " "):
+            lines.append(line)
+        elif module in line and line.strip().startswith(("torchrun ", "deepspeed ", "python ")):
+            lines.append(line[line.index(module) :])
+    return lines
 
 
 @pytest.mark.parametrize("tool", sorted(PARSERS))

@@ -233,6 +233,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     main_process = _is_main_process()
+    distiller = None
     try:
         config = config_from_args(args)
         check_precision_device(config)
@@ -241,7 +242,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         distiller = Distiller(config, log=lambda msg: print(msg, file=sys.stderr))
         syn = distiller.run()
-        distiller.close()
     except CovMatchError as err:
         if main_process:
             print(f"{PROG}: error: {err}", file=sys.stderr)
@@ -250,6 +250,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if main_process:
             print(f"{PROG}: interrupted; rerun with --resume to continue from the last checkpoint", file=sys.stderr)
         return 130
+    finally:
+        if distiller is not None:
+            distiller.close()
     if main_process:
         files = "synthetic.safetensors, synthetic.json, log.jsonl, grids/"
         print(f"{PROG}: {len(syn)} synthetic pairs after {distiller.iteration} iterations -> {config.out}/ ({files})")

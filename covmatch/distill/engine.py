@@ -433,8 +433,7 @@ class Distiller:
         if self.ranks.distributed or self.engine is not None:
             import torch.distributed as dist
 
-            if dist.is_initialized():
-                dist.barrier()
+            if dist.is_initialized():  # no barrier: after a failure on one rank it would wait forever
                 dist.destroy_process_group()
 
     # ------------------------------------------------------------------ the loop
