@@ -139,6 +139,20 @@ def test_reset_under_zero_restores_the_pretrained_state():
         assert output.count(f"{case}: the reset restores the pretrained state") == 2, case
 
 
+def held_out_loss(d: Distiller, syn: SyntheticSet, batches) -> float:
+    """Distillation loss of ``syn`` at the t=0 online model over real batches the runs never see."""
+    m = d.model
+    m.reset(stream_generator(d.config.seed, "reset", 0))
+    m.eval()
+    total = 0.0
+    with torch.no_grad():
+        syn_features = Features(m.image(syn.images), m.text(syn.text_embeds, syn.attention_mask))
+        for pixels, ids, mask, _ in batches:
+            real = Features(m.image(pixels), m.text.encode_ids(ids, mask))
+            total += float(DistillObjective(m, real, rho=d.config.rho, lam=d.config.lam)(syn_features)[0])
+    return total / len(batches)
+
+
 def test_zero2_bf16_run_resumes_and_refuses_another_world_size(tmp_path):
     out = tmp_path / "zero2"
     launch(*distill_argv(out, "--zero", "2", "--bf16", "--iterations", "4", "--save-every", "2", "--log-every", "2"))
@@ -152,27 +166,18 @@ def test_zero2_bf16_run_resumes_and_refuses_another_world_size(tmp_path):
     ]
     output = launch(*distill_argv(out, "--zero", "2", "--bf16", "--iterations", "6", "--resume", "--log-every", "2"))
     assert "resumed from" in output and "(iteration 4)" in output
-    assert SyntheticSet.load(out).metadata["iteration"] == 6
+    final = SyntheticSet.load(out)
+    assert final.metadata["iteration"] == 6
+    d = Distiller(DistillConfig(preset=get_preset("tiny"), progress=False, device="cpu"), log=lambda _m: None)
+    held_out = list(d.real_batches(100, 104))
+    before, after = held_out_loss(d, d.synthetic_set(), held_out), held_out_loss(d, final, held_out)
+    assert after < 0.99 * before, (before, after)  # with the online model training (reset every 3)
     assert [json.loads(line)["iteration"] for line in (out / "log.jsonl").read_text().splitlines()] == [2, 4, 6]
     # one process cannot continue a 2-process run: one clear line, exit 2, nothing overwritten
     before = (out / "synthetic.safetensors").read_bytes()
     output = launch(*distill_argv(out, "--zero", "2", "--bf16", "--iterations", "8", "--resume"), nproc=1, expect=2)
     assert "written by a run with 2 process(es), this run has 1; resume with the same world size" in output
     assert (out / "synthetic.safetensors").read_bytes() == before
-
-
-def held_out_loss(d: Distiller, syn: SyntheticSet, batches) -> float:
-    """Distillation loss of ``syn`` at the t=0 online model over real batches the runs never see."""
-    m = d.model
-    m.reset(stream_generator(d.config.seed, "reset", 0))
-    m.eval()
-    total = 0.0
-    with torch.no_grad():
-        syn_features = Features(m.image(syn.images), m.text(syn.text_embeds, syn.attention_mask))
-        for pixels, ids, mask, _ in batches:
-            real = Features(m.image(pixels), m.text.encode_ids(ids, mask))
-            total += float(DistillObjective(m, real, rho=d.config.rho, lam=d.config.lam)(syn_features)[0])
-    return total / len(batches)
 
 
 def test_zero3_run_equals_one_process_with_the_union_batch(tmp_path):
