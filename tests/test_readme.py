@@ -67,3 +67,10 @@ def test_umbrella_command(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["distill", "--version"])
     assert exc.value.code == 0 and __version__ in capsys.readouterr().out
+
+
+def test_cli_reference_is_current():
+    from covmatch.cli_reference import END, START, render
+
+    block = README.split(START, 1)[1].split(END, 1)[0]
+    assert block.strip() == render().strip(), "out of date: run python -m covmatch.cli_reference --write README.md"

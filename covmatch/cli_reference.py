@@ -1,0 +1,87 @@
+"""The README's CLI reference, generated from the argument parsers so that it cannot drift.
+
+``python -m covmatch.cli_reference`` prints it; ``--write README.md`` replaces the block between the
+``<!-- cli-reference -->`` markers. A test fails when the README's block differs from what this renders.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+__all__ = ["render", "replace_block", "main"]
+
+START, END = "<!-- cli-reference:start -->", "<!-- cli-reference:end -->"
+
+
+def _parsers():
+    from covmatch.distill.cli import build_parser as distill_parser
+    from covmatch.eval.cli import build_parser as eval_parser
+
+    return {"covmatch-distill": distill_parser(), "covmatch-eval": eval_parser()}
+
+
+def _flag_cell(action: argparse.Action) -> str:
+    flags = ", ".join(f"`{s}`" for s in action.option_strings)
+    if action.choices is not None:
+        return f"{flags} {{{','.join(str(c) for c in action.choices)}}}"
+    if action.nargs == 0:
+        return flags
+    metavar = action.metavar or action.dest.upper()
+    return f"{flags} {metavar}" + (" ..." if action.nargs in ("+", "*") else "")
+
+
+def _default_cell(action: argparse.Action) -> str:
+    if action.required:
+        return "required"
+    if action.nargs == 0 or action.default is None or action.default is False or action.default == argparse.SUPPRESS:
+        return ""
+    return f"`{action.default}`"
+
+
+def render() -> str:
+    """Markdown: one table per command, one row per flag (hidden flags and --help left out)."""
+    out = []
+    for name, parser in _parsers().items():
+        out.append(f"**`{name}`** — {parser.description.split('. ')[0].rstrip('.')}.\n")
+        out.append("| flag | default | what |")
+        out.append("|---|---|---|")
+        for action in parser._actions:
+            if (
+                not action.option_strings
+                or action.help == argparse.SUPPRESS
+                or isinstance(action, argparse._HelpAction)
+            ):
+                continue
+            what = (action.help or "").replace("%(prog)s", name)
+            what = what.replace("|", "\\|").replace("*", "\\*")
+            out.append(f"| {_flag_cell(action)} | {_default_cell(action)} | {what} |")
+        out.append("")
+    return "\n".join(out).rstrip() + "\n"
+
+
+def replace_block(text: str, block: str) -> str:
+    """``text`` with the part between the markers replaced by ``block``."""
+    if START not in text or END not in text:
+        raise ValueError(f"no {START} ... {END} block")
+    head, rest = text.split(START, 1)
+    _, tail = rest.split(END, 1)
+    return f"{head}{START}\n{block}{END}{tail}"
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m covmatch.cli_reference", description=__doc__.splitlines()[0])
+    parser.add_argument("--write", type=Path, default=None, help="rewrite the reference block of this file")
+    args = parser.parse_args(argv)
+    block = render()
+    if args.write is None:
+        print(block, end="")
+        return 0
+    args.write.write_text(replace_block(args.write.read_text(), block))
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
