@@ -41,7 +41,7 @@ else:
     SYN_SWEEP = [64, 256, 1024, 4096]
 
 
-def _distiller(precision: str, grad_ckpt: bool, chunk, syn_batch: int) -> Distiller:
+def _distiller(precision: str, grad_ckpt: bool, chunk, syn_batch: int, zero: int = 0) -> Distiller:
     name = BASE["name"]
     overrides = {k: v for k, v in BASE.items() if k != "name"}
     preset = get_preset(name, num_pairs=syn_batch, syn_batch=syn_batch, iterations=10_000, **overrides)
@@ -51,6 +51,7 @@ def _distiller(precision: str, grad_ckpt: bool, chunk, syn_batch: int) -> Distil
         precision=precision,
         grad_checkpointing=grad_ckpt,
         syn_chunk=chunk,
+        zero=zero,
         progress=False,
     )
     return Distiller(config, log=lambda _msg: None)
@@ -142,4 +143,28 @@ def test_memory_vs_synthetic_batch(syn_batch, chunk):
     append_row(
         "step_scaling",
         {"syn_batch": syn_batch, "syn_chunk": chunk or 0, "s_per_it": timing["median_ms"] / 1e3, "peak_mem_gb": peak},
+    )
+
+
+def test_distillation_step_deepspeed():
+    """``--fp16 --zero 2`` (bf16 in smoke mode: DeepSpeed's fp16 needs CUDA) in one process, no launcher."""
+    pytest.importorskip("deepspeed")
+    precision, syn_batch = ("bf16", 8) if SMOKE else ("fp16", 256)
+    d = _distiller(precision, False, None, syn_batch, zero=2)
+    try:
+        timing, peak, _ = _measure(d, iterations=1 if SMOKE else 5)
+    finally:
+        d.close()
+    append_row(
+        "step_deepspeed",
+        {
+            "preset": BASE["name"],
+            "precision": precision,
+            "zero": 2,
+            "syn_batch": syn_batch,
+            "s_per_it": timing["median_ms"] / 1e3,
+            "p20_s": timing["p20_ms"] / 1e3,
+            "p80_s": timing["p80_ms"] / 1e3,
+            "peak_mem_gb": peak,
+        },
     )

@@ -24,6 +24,6 @@ timeout 150 "$PY" -m pytest -q -x -p no:cacheprovider tests/test_loss.py -k "tri
   --junitxml="$OUT/gpu_tests.xml" 2>&1 | tail -3 | tee "$OUT/gpu_tests.txt" || true
 # 2. kernel microbenchmarks (autotuned) and 3. the distillation step
 timeout 240 "$PY" -m pytest -q -p no:cacheprovider benchmarks/bench_loss.py --benchmark-enable 2>&1 | tail -3 || true
-timeout 150 "$PY" -m pytest -q -p no:cacheprovider benchmarks/bench_step.py --benchmark-enable 2>&1 | tail -3 || true
+timeout 200 "$PY" -m pytest -q -p no:cacheprovider benchmarks/bench_step.py --benchmark-enable 2>&1 | tail -3 || true
 "$PY" -m benchmarks.plot "$OUT" || true
 ls -la "$OUT"

@@ -134,20 +134,18 @@ def setup_processes(device_name: str, zero: int) -> Tuple[Ranks, torch.device]:
             raise ConfigError(f"--device {device_name}: under a launcher each process uses cuda:LOCAL_RANK; pass cuda")
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-    if world == 1:  # DeepSpeed without a launcher: a process group of one (else it looks for MPI)
-        os.environ.setdefault("RANK", "0")
-        os.environ.setdefault("WORLD_SIZE", "1")
-        os.environ.setdefault("LOCAL_RANK", "0")
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
     backend = "nccl" if device.type == "cuda" else "gloo"
+    # DeepSpeed without a launcher: a process group of one on a free local port (else it looks for MPI)
+    solo = {"init_method": f"tcp://127.0.0.1:{_free_port()}", "rank": 0, "world_size": 1} if world == 1 else {}
+    if world == 1:
+        os.environ.setdefault("LOCAL_RANK", "0")  # deepspeed.initialize insists on it
     if not dist.is_initialized():
         if zero > 0:
             import deepspeed
 
-            deepspeed.init_distributed(dist_backend=backend)
+            deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, **solo)
         else:
-            dist.init_process_group(backend=backend)
+            dist.init_process_group(backend=backend, **solo)
     return Ranks(dist.get_rank(), dist.get_world_size(), local_rank), device
 
 
