@@ -30,7 +30,14 @@ from covmatch.visualize import nearest_token_ids
 
 from . import checkpoint as ckpt
 from .config import DistillConfig
-from .distributed import Ranks, build_ds_config, gathered_parameters, load_ds_config, setup_processes
+from .distributed import (
+    Ranks,
+    build_ds_config,
+    gathered_parameters,
+    launched_world_size,
+    load_ds_config,
+    setup_processes,
+)
 from .objective import Features, LossParts, SyntheticBatch, make_objective, synthetic_backward
 
 __all__ = ["Distiller", "distill", "resolve_device", "stream_generator"]
@@ -101,16 +108,27 @@ class Distiller:
                 user_config=load_ds_config(config.deepspeed_config),
                 source=f"--deepspeed-config {config.deepspeed_config}",
             )
+        world = launched_world_size()
+        if config.num_pairs % world:
+            raise ConfigError(f"--num-pairs {config.num_pairs} does not split evenly over {world} processes")
+        if min(config.preset.syn_batch, config.num_pairs) < world:
+            raise ConfigError(f"--syn-batch {config.preset.syn_batch} is smaller than the {world} processes")
+        self.engine = None  # the DeepSpeed engine around self.model with --zero 1-3
         self.ranks, self.device = setup_processes(config.device, config.zero)
         self.world_size = self.ranks.world_size
         self.log = log if self.ranks.is_main else _silent
-        preset = config.preset
         if config.precision == "fp16" and config.zero > 0 and self.device.type != "cuda":
+            self.close()
             raise ConfigError("--fp16 with DeepSpeed needs a CUDA GPU; on CPU use --bf16 or full precision")
-        if config.num_pairs % self.world_size:
-            raise ConfigError(f"--num-pairs {config.num_pairs} does not split evenly over {self.world_size} processes")
-        if min(preset.syn_batch, config.num_pairs) < self.world_size:
-            raise ConfigError(f"--syn-batch {preset.syn_batch} is smaller than the {self.world_size} processes")
+        try:
+            self._build()
+        except BaseException:
+            self.close()  # leave the process group: this object will not be used
+            raise
+
+    def _build(self) -> None:
+        """Model, data, synthetic set and optimisers (after the process group exists)."""
+        config, preset = self.config, self.config.preset
         torch.manual_seed(config.seed)
 
         # Online model: pretrained encoders + random projections.
@@ -153,7 +171,6 @@ class Distiller:
                 self.syn_text_features = self.model.text(self.syn_text, self.syn_mask).float()
         self._setup_synthetic_optimizer()
         self._setup_online_optimizer()
-        self.engine = None  # the DeepSpeed engine around self.model with --zero 1-3
         if config.zero > 0:
             self._setup_deepspeed()
         amp = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.precision)
@@ -430,7 +447,7 @@ class Distiller:
 
     def close(self) -> None:
         """Leave the process group (if this run joined one)."""
-        if self.ranks.distributed or self.engine is not None:
+        if self.ranks.distributed or self.config.zero > 0:
             import torch.distributed as dist
 
             if dist.is_initialized():  # no barrier: after a failure on one rank it would wait forever
