@@ -81,25 +81,21 @@ class Ranks:
         dist.all_gather(parts, tensor.contiguous())
         return torch.cat(parts)
 
-    def gather_objects(self, obj) -> list:
-        if not self.distributed:
-            return [obj]
-        out = [None] * self.world_size
-        dist.all_gather_object(out, obj)
-        return out
-
     def barrier(self) -> None:
         if self.distributed:
             dist.barrier()
 
 
-def sum_over_ranks(local: torch.Tensor, ranks: Ranks) -> torch.Tensor:
-    """The sum of ``local`` over ranks, differentiable w.r.t. this rank's ``local`` only: the other ranks'
-    contributions enter as constants, so the gradient on a local sample is that of the global loss."""
+def sum_over_ranks(local, ranks: Ranks):
+    """The sum over ranks of ``local`` (a tensor, or a list of tensors reduced in one message),
+    differentiable w.r.t. this rank's ``local`` only: the other ranks' contributions enter as constants,
+    so the gradient on a local sample is that of the global loss."""
     if not ranks.distributed:
         return local
-    (total,) = ranks.all_reduce_sum([local])
-    return local + (total.to(local.dtype) - local.detach())
+    tensors = local if isinstance(local, (list, tuple)) else [local]
+    totals = ranks.all_reduce_sum(list(tensors))
+    out = [t + (total.to(t.dtype) - t.detach()) for t, total in zip(tensors, totals)]
+    return out if isinstance(local, (list, tuple)) else out[0]
 
 
 def _free_port() -> int:

@@ -178,7 +178,12 @@ class Distiller:
         self.syn_scaler = torch.amp.GradScaler(self.device.type, enabled=config.precision == "fp16")
         self.online_scaler = torch.amp.GradScaler(self.device.type, enabled=config.precision == "fp16")
         self.iteration = 0
-        self.skipped_steps = 0
+        self._skipped = torch.zeros((), device=self.device)  # steps skipped for fp16 overflow, kept on the device
+
+    @property
+    def skipped_steps(self) -> int:
+        """Synthetic-set steps skipped because of an fp16 overflow (reading it synchronises)."""
+        return int(self._skipped)
 
     # ------------------------------------------------------------------ setup
 
@@ -296,20 +301,19 @@ class Distiller:
         )
 
         # 4. SGD (momentum 0.5) on the synthetic set; with fp16, an overflowing step is skipped, never applied.
+        # The overflow flag stays on the device (no host sync per iteration).
         if self.syn_scaler.is_enabled():
-            scale_before = self.syn_scaler.get_scale()
             self.syn_scaler.unscale_(self.syn_optimizer)
-            if self.ranks.distributed:  # one rank's overflow skips the step on every rank
-                found = self.syn_scaler._per_optimizer_states[id(self.syn_optimizer)]["found_inf_per_device"]
-                for flag in found.values():
-                    self.ranks.all_reduce_max_(flag)
+            found = self.syn_scaler._per_optimizer_states[id(self.syn_optimizer)]["found_inf_per_device"]
+            for flag in found.values():  # one rank's overflow skips the step on every rank
+                self.ranks.all_reduce_max_(flag)
+            skipped = torch.stack([f.to(self.device) for f in found.values()]).amax().clamp(max=1.0)
             self.syn_scaler.step(self.syn_optimizer)
             self.syn_scaler.update()
-            skipped = torch.tensor(float(self.syn_scaler.get_scale() < scale_before))
-            self.skipped_steps += int(skipped.item())
+            self._skipped = self._skipped + skipped
         else:
             self.syn_optimizer.step()
-            skipped = torch.zeros(())
+            skipped = torch.zeros((), device=self.device)
 
         # 5. Online update: one InfoNCE step training both encoders and the projections.
         online_loss = self._online_step(pixels, ids, mask, t)
@@ -375,7 +379,7 @@ class Distiller:
 
         text = self.ranks.gather_rows(self.syn_text.detach())
         features = None if self.syn_text_features is None else gathered_copy(self.syn_text_features)
-        table = self.model.text.model.get_input_embeddings().weight
+        table = self.model.text.embedding_table
         with gathered_parameters([table]):
             nearest = nearest_token_ids(text, table)
         return SyntheticSet(
@@ -443,7 +447,7 @@ class Distiller:
         if "cuda" in state["rng"] and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["rng"]["cuda"][rank].clone(), self.device)
         self.iteration = int(state["iteration"])
-        self.skipped_steps = int(state["skipped_steps"])
+        self._skipped = torch.tensor(float(state["skipped_steps"]), device=self.device)
 
     def close(self) -> None:
         """Leave the process group (if this run joined one)."""

@@ -167,8 +167,12 @@ class ShardedObjective(DistillObjective):
         self.backend = "torch"
         image, text = full_precision(real.image.detach()), full_precision(real.text.detach())
         self.dtype = image.dtype
-        count = torch.tensor(float(image.shape[0]), device=image.device)
-        sum_x, sum_y, n = ranks.all_reduce_sum([image.sum(0), text.sum(0), count])
+        count = torch.full((), float(image.shape[0]), device=image.device)
+        sums = [image.sum(0), text.sum(0), count]
+        if lam:
+            with torch.no_grad():
+                sums += [model.image_proj(image).sum(0), model.text_proj(text).sum(0)]
+        sum_x, sum_y, n, *proj_sums = ranks.all_reduce_sum(sums)
         self.shift_x, self.shift_y = (sum_x / n).to(self.dtype), (sum_y / n).to(self.dtype)
         xc, yc = image - self.shift_x, text - self.shift_y
         s_xy, s_x, s_y = ranks.all_reduce_sum([xc.t() @ yc, xc.sum(0), yc.sum(0)])
@@ -178,10 +182,7 @@ class ShardedObjective(DistillObjective):
         self.cov_scale, self.mean_scale = one, one
         self._real_means: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
         if lam:
-            with torch.no_grad():
-                p_img, p_txt = model.image_proj(image), model.text_proj(text)
-            sum_pi, sum_pt = ranks.all_reduce_sum([p_img.sum(0), p_txt.sum(0)])
-            self._real_means = ((sum_pi / n).to(self.dtype), (sum_pt / n).to(self.dtype))
+            self._real_means = tuple((s / n).to(self.dtype) for s in proj_sums)
         if normalize:
             self.cov_scale = 1.0 / (rho * rho * self.real_cov.pow(2).sum()).clamp_min(1e-30)
             if lam:
@@ -192,15 +193,18 @@ class ShardedObjective(DistillObjective):
         ranks = self.ranks
         x = syn.image.to(self.dtype) - self.shift_x
         y = syn.text.to(self.dtype) - self.shift_y
-        (n,) = ranks.all_reduce_sum([torch.tensor(float(x.shape[0]), device=x.device)])
-        s_xy = sum_over_ranks(x.t() @ y, ranks)
-        s_x, s_y = sum_over_ranks(x.sum(0), ranks), sum_over_ranks(y.sum(0), ranks)
+        local = [x.t() @ y, x.sum(0), y.sum(0), torch.full((), float(x.shape[0]), device=x.device, dtype=self.dtype)]
+        if self.lam:
+            local += [
+                self.model.image_proj(syn.image).to(self.dtype).sum(0),
+                self.model.text_proj(syn.text).to(self.dtype).sum(0),
+            ]
+        s_xy, s_x, s_y, n, *proj_sums = sum_over_ranks(local, ranks)  # one all-reduce per call
         syn_cov = (s_xy - torch.outer(s_x, s_y) / n) / (n - 1)
         cov = self.cov_scale * (self.rho * self.real_cov - syn_cov).pow(2).sum()
         if not self.lam:
             return cov, cov, cov.new_zeros(())
-        mean_img = sum_over_ranks(self.model.image_proj(syn.image).to(self.dtype).sum(0), ranks) / n
-        mean_txt = sum_over_ranks(self.model.text_proj(syn.text).to(self.dtype).sum(0), ranks) / n
+        mean_img, mean_txt = (s / n for s in proj_sums)
         real_img, real_txt = self._real_means
         mean = self.mean_scale * ((real_img - mean_img).pow(2).sum() + (real_txt - mean_txt).pow(2).sum())
         return cov + self.lam * mean, cov, mean
