@@ -97,6 +97,17 @@ def encode_synthetic(model, batch: SyntheticBatch) -> Features:
     return Features(image, text)
 
 
+def normalisation_scales(
+    rho: float, real_cov: torch.Tensor, real_means: Optional[Tuple[torch.Tensor, torch.Tensor]]
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(1 / ||rho C_T||^2, 1 / ||mean_T||^2) for the scale-free loss (mean scale 1 without a mean term)."""
+    cov_scale = 1.0 / (rho * rho * real_cov.pow(2).sum()).clamp_min(1e-30)
+    if real_means is None:
+        return cov_scale, torch.ones_like(cov_scale)
+    norm = real_means[0].pow(2).sum() + real_means[1].pow(2).sum()
+    return cov_scale, 1.0 / norm.clamp_min(1e-30)
+
+
 class DistillObjective:
     """The CovMatch distillation loss for fixed real features (``real``) as a function of synthetic features."""
 
@@ -120,12 +131,9 @@ class DistillObjective:
         self.mean_scale = torch.ones((), device=self.real.image.device)
         if normalize:
             with torch.no_grad():
+                means = None if not lam else tuple(full_precision(p).mean(0) for p in self._real_proj)
                 c_t = cross_covariance(self.real.image, self.real.text)
-                self.cov_scale = 1.0 / (rho * rho * c_t.pow(2).sum()).clamp_min(1e-30)
-                if lam:
-                    r_img, r_txt = self._real_proj
-                    mean_norm = full_precision(r_img).mean(0).pow(2).sum() + full_precision(r_txt).mean(0).pow(2).sum()
-                    self.mean_scale = 1.0 / mean_norm.clamp_min(1e-30)
+                self.cov_scale, self.mean_scale = normalisation_scales(rho, c_t, means)
 
     def __call__(self, syn: Features) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(total, covariance term, mean term) as fp32 scalars with autograd to ``syn``."""
@@ -164,7 +172,6 @@ class ShardedObjective(DistillObjective):
         normalize: bool = False,
     ) -> None:
         self.model, self.rho, self.lam, self.ranks = model, rho, lam, ranks
-        self.backend = "torch"
         image, text = full_precision(real.image.detach()), full_precision(real.text.detach())
         self.dtype = image.dtype
         count = torch.full((), float(image.shape[0]), device=image.device)
@@ -184,10 +191,7 @@ class ShardedObjective(DistillObjective):
         if lam:
             self._real_means = tuple((s / n).to(self.dtype) for s in proj_sums)
         if normalize:
-            self.cov_scale = 1.0 / (rho * rho * self.real_cov.pow(2).sum()).clamp_min(1e-30)
-            if lam:
-                norm = self._real_means[0].pow(2).sum() + self._real_means[1].pow(2).sum()
-                self.mean_scale = 1.0 / norm.clamp_min(1e-30)
+            self.cov_scale, self.mean_scale = normalisation_scales(rho, self.real_cov, self._real_means)
 
     def __call__(self, syn: Features) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         ranks = self.ranks

@@ -257,6 +257,8 @@ def run_evaluation(args) -> dict:
         raise ConfigError(f"--runs must be >= 1, got {runs}")
     if preset.eval_epochs < 1:
         raise ConfigError(f"--epochs must be >= 1, got {preset.eval_epochs}")
+    if args.split == "val" and args.select_on_val:
+        raise ConfigError("--select-on-val with --split val would select and score on the same split")
     device = resolve_device(args.device)
     if args.synthetic is not None:
         syn = _load_synthetic(args.synthetic, preset)  # fails fast, before any encoder is built
@@ -277,8 +279,6 @@ def run_evaluation(args) -> dict:
             raise ConfigError(f"--num-pairs must be >= 2, got {n}")
         indices, train_set = _coreset_train_set(args, preset, model, source, device, n)
         method, n = args.coreset, len(indices)
-    if args.split == "val" and args.select_on_val:
-        raise ConfigError("--select-on-val with --split val would select and score on the same split")
     test = build_retrieval_data(source, args.split, model.text.tokenizer, preset)
     val = build_retrieval_data(source, "val", model.text.tokenizer, preset) if args.select_on_val else None
     settings = EvalSettings.from_preset(
