@@ -9,7 +9,8 @@
 # Two lanes run side by side, one thread each (lane 1: distil, evaluate CovMatch, full data; lane 2: random,
 # herding, k-center), so every time in times.txt is one core's wall time. Full-data training uses
 # FULL_EPOCHS epochs over all 50,000 train captions (500 steps per epoch) instead of the protocol's 100;
-# the 100-pair sets use the preset's 100 epochs (100 steps).
+# the 100-pair sets use the preset's 100 epochs (100 steps). An evaluation whose OUT/eval-NAME/results.json
+# already exists is kept, not rerun (copy a finished eval-full/ in to skip the longest step).
 set -euo pipefail
 out=${1:?usage: embedded_table.sh OUT [RUNS] [FULL_EPOCHS]}
 runs=${2:-3}
@@ -22,6 +23,10 @@ pin() { if command -v taskset >/dev/null && [ "$(nproc)" -ge 2 ]; then taskset -
 step() {  # step CORE NAME COMMAND...: run on CORE, log to OUT/NAME.log, record wall seconds
   local core=$1 name=$2
   shift 2
+  if [ "$name" != distill ] && [ -f "$out/eval-$name/results.json" ]; then  # kept from an earlier run
+    echo "$name reused $out/eval-$name/results.json (its own time is in that file)" | tee -a "$out/times.txt"
+    return 0
+  fi
   local start=$SECONDS
   pin "$core" "$@" >"$out/$name.log" 2>&1 || { echo "step $name failed; see $out/$name.log" >&2; return 1; }
   echo "$name $((SECONDS - start))" | tee -a "$out/times.txt"

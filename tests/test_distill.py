@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 import covmatch.distill.objective as objective_module
 from covmatch.distill import DistillConfig, Distiller, DistillObjective, Features, synthetic_backward
-from covmatch.distill.cli import main
+from covmatch.distill.cli import build_parser, config_from_args, main
 from covmatch.distill.engine import stream_generator
 from covmatch.distill.objective import encode_synthetic
 from covmatch.presets import get_preset
@@ -46,6 +46,18 @@ def held_out_objective(d: Distiller, batches) -> float:
             )
             total += float(obj(encode_synthetic(m, d.synthetic_batch(0)))[0]) / len(batches)
     return total
+
+
+def test_online_mode_comes_from_the_preset_unless_a_flag_sets_it(tmp_path):
+    def parse(*argv: str) -> DistillConfig:
+        return config_from_args(build_parser().parse_args(["--out", str(tmp_path / "o"), *argv]))
+
+    for name in ("tiny", "demo", "paper"):
+        assert parse("--preset", name).online == get_preset(name).online
+    assert get_preset("paper").online == "real"  # Algorithm 1
+    assert parse("--preset", "demo", "--online", "synthetic").online == "synthetic"
+    assert DistillConfig(preset=get_preset("tiny", online="fixed")).online == "fixed"
+    assert DistillConfig(preset=get_preset("tiny", online="fixed"), online="real").online == "real"
 
 
 def test_loss_falls_with_a_fixed_model():

@@ -110,7 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     ab = p.add_argument_group("ablations")
     ab.add_argument("--frozen-text", action="store_true", help="freeze the text encoder (prior work's regime)")
-    ab.add_argument("--online", choices=ONLINE_MODES, default="real", help="what the online model trains on")
+    ab.add_argument(
+        "--online", choices=ONLINE_MODES, default=None, help="what the online model trains on (default: preset)"
+    )
     ab.add_argument("--distill", choices=DISTILL_MODES, default="both", help="which modality is distilled")
 
     perf = p.add_argument_group("memory and speed")

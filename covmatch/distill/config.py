@@ -31,7 +31,7 @@ class DistillConfig:
     precision: str = "fp32"
     grad_checkpointing: bool = False
     frozen_text: bool = False
-    online: str = "real"
+    online: Optional[str] = None  # None: the preset's (Preset.online)
     distill_mode: str = "both"
     workers: int = 0
     loss_backend: str = "auto"
@@ -47,6 +47,8 @@ class DistillConfig:
     grid_every_save: bool = True
 
     def __post_init__(self) -> None:
+        if self.online is None:
+            self.online = self.preset.online
         self.check()
 
     @property
