@@ -10,23 +10,31 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.covmatch-installed
+DEMO_STAMP := $(VENV)/.covmatch-demo-installed
 
 .PHONY: install test demo lint clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
+# Everything (tests, DeepSpeed, lint tools); it also satisfies the demo.
 $(STAMP): setup.py pyproject.toml | $(PY)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install $(TORCH_SPEC)
 	$(PY) -m pip install -e ".[all]"
-	touch $(STAMP)
+	touch $(STAMP) $(DEMO_STAMP)
+
+# What the demo needs and no more (no DeepSpeed, whose install builds from source, no test tools).
+$(DEMO_STAMP): setup.py pyproject.toml | $(PY)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install $(TORCH_SPEC)
+	$(PY) -m pip install -e ".[distill]"
+	touch $(DEMO_STAMP)
 
 install: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/pytest
 
-demo: $(STAMP)
+demo: $(DEMO_STAMP)
 	$(PY) -m covmatch.demo --runs 1
 
 lint: $(STAMP)

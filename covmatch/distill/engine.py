@@ -12,6 +12,7 @@ every real batch, and the loss is computed from all-reduced statistics (``distri
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import math
 import time
@@ -100,6 +101,8 @@ class Distiller:
         self.config = config
         self.ds_config = None
         if config.zero > 0:  # checked before any process group or model exists
+            if importlib.util.find_spec("deepspeed") is None:
+                raise ConfigError(f"--zero {config.zero} needs DeepSpeed: pip install 'covmatch[zero]'")
             self.ds_config = build_ds_config(
                 config.zero,
                 config.precision,
