@@ -9,9 +9,14 @@ PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 PY := $(VENV)/bin/python
-# --no-compile: Python compiles a module's bytecode when it is first imported instead of pip compiling
-# every file of torch, transformers, sympy... at install (about 45 s of a fresh install on 2 cores).
+# --no-compile: pip does not compile every file of torch, transformers, sympy... to bytecode one at a time
+# (about 45 s of a fresh install on 2 cores); the demo, one process, compiles what it imports. The test
+# suite starts many processes, so `make test` compiles everything once, on all cores (COMPILE_ALL), which
+# matters where PYTHONDONTWRITEBYTECODE is set (nothing imported would ever be cached).
 PIP_INSTALL := $(PY) -m pip install --no-compile
+SITE_PACKAGES = $(shell $(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+# a few packages ship files for other Python versions that do not compile; like pip, ignore them
+COMPILE_ALL = $(PY) -m compileall -q -j 0 $(SITE_PACKAGES) >/dev/null 2>&1 || true
 STAMP := $(VENV)/.covmatch-installed
 DEMO_STAMP := $(VENV)/.covmatch-demo-installed
 
@@ -24,6 +29,7 @@ $(PY):
 $(STAMP): setup.py pyproject.toml | $(PY)
 	$(PY) -c "import torch" 2>/dev/null || $(PIP_INSTALL) $(TORCH_SPEC)
 	$(PIP_INSTALL) -e ".[all]"
+	$(COMPILE_ALL)
 	touch $(STAMP) $(DEMO_STAMP)
 
 # What the demo needs and no more (no DeepSpeed, whose install builds from source, no test tools).
