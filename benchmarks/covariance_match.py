@@ -18,17 +18,18 @@ from typing import List, Optional, Sequence
 
 import torch
 
-
-def cross_covariance(image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-    """Centred, unbiased cross-covariance (DESIGN 1.1) in float64."""
-    image, text = image.double(), text.double()
-    image = image - image.mean(0)
-    text = text - text.mean(0)
-    return image.T @ text / (image.shape[0] - 1)
+from covmatch.loss import cross_covariance
+from tests.reference import relative_error
 
 
-def relative_error(target: torch.Tensor, estimate: torch.Tensor) -> float:
-    return float((target - estimate).pow(2).sum() / target.pow(2).sum())
+def covariance64(image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    """The centred, unbiased cross-covariance (DESIGN 1.1) of two feature sets, in float64."""
+    return cross_covariance(image.double(), text.double())
+
+
+def relative_squared_error(target: torch.Tensor, estimate: torch.Tensor) -> float:
+    """||target - estimate||^2 / ||target||^2 (the normalised loss's form)."""
+    return relative_error(estimate, target) ** 2
 
 
 @torch.no_grad()
@@ -45,7 +46,7 @@ def encode_real(model, dataset, indices: torch.Tensor, batch: int = 256):
 
 @torch.no_grad()
 def set_covariance(model, syn) -> torch.Tensor:
-    return cross_covariance(model.image(syn.images), model.text(syn.text_embeds, syn.attention_mask))
+    return covariance64(model.image(syn.images), model.text(syn.text_embeds, syn.attention_mask))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> List[str]:
@@ -68,21 +69,21 @@ def main(argv: Optional[Sequence[str]] = None) -> List[str]:
     dataset = build_train_dataset(source, model.text.tokenizer, preset, augment=False)
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(123))[: args.real_pairs]
     image, text = encode_real(model, dataset, order)
-    c_t = cross_covariance(image, text)
+    c_t = covariance64(image, text)
     rho = preset.resolved_rho()
 
     lines = [f"reference: {len(order)} real pairs, rho {rho:g}, image dim {image.shape[1]}, text dim {text.shape[1]}"]
     for b in sorted({64, 128, 256, preset.real_batch}):
         if 2 <= b <= len(order) // 2:
-            batches = [cross_covariance(image[i : i + b], text[i : i + b]) for i in range(0, len(order) - b + 1, b)]
-            noise = sum(relative_error(c_t, c) for c in batches) / len(batches)
+            batches = [covariance64(image[i : i + b], text[i : i + b]) for i in range(0, len(order) - b + 1, b)]
+            noise = sum(relative_squared_error(c_t, c) for c in batches) / len(batches)
             lines.append(f"one real batch of {b}: ||C_B - C_T||^2 / ||C_T||^2 = {noise:.3f} (mean of {len(batches)})")
     named = [("iteration 0", init_synthetic_set(dataset, model, preset, preset.num_pairs, args.seed))]
     named += [(str(d), SyntheticSet.load(d)) for d in args.sets]
     for name, syn in named:
         c_s = set_covariance(model, syn)
         ratio = float(c_s.norm() / c_t.norm())
-        lines.append(f"{name}: ||rho C_T - C_S||^2 / ||rho C_T||^2 = {relative_error(rho * c_t, c_s):.3f}, "
+        lines.append(f"{name}: ||rho C_T - C_S||^2 / ||rho C_T||^2 = {relative_squared_error(rho * c_t, c_s):.3f}, "
                      f"||C_S|| / ||C_T|| = {ratio:.2f}")  # fmt: skip
     print("\n".join(lines))
     return lines

@@ -168,13 +168,13 @@ def test_eval_bad_input(distilled, tmp_path, capsys, argv, message):
 
 def test_covariance_match_diagnostic(tmp_path):
     """benchmarks/covariance_match.py (quoted by the README): the iteration-0 set, a saved set, batch noise."""
-    from benchmarks.covariance_match import cross_covariance
+    from benchmarks.covariance_match import covariance64
     from benchmarks.covariance_match import main as covariance_match
 
     x, y = torch.randn(7, 3, dtype=torch.float64), torch.randn(7, 2, dtype=torch.float64)
     expected = torch.stack([torch.stack([torch.cov(torch.stack([x[:, i], y[:, j]]))[0, 1] for j in range(2)])
                             for i in range(3)])  # fmt: skip
-    torch.testing.assert_close(cross_covariance(x, y), expected)
+    torch.testing.assert_close(covariance64(x, y), expected)
     d = Distiller(DistillConfig(preset=get_preset("tiny", iterations=0), out=tmp_path / "s", progress=False))
     d.run()
     lines = covariance_match(["--preset", "tiny", "--real-pairs", "64", str(tmp_path / "s")])
