@@ -18,6 +18,8 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
+# rows of one run share this (run_gpu.sh sets it for all its stages; else the process's start time)
+RUN_ID = os.environ.get("COVMATCH_BENCH_RUN") or datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S")
 SMOKE = os.environ.get("COVMATCH_BENCH_SMOKE", "auto") == "1" or (
     os.environ.get("COVMATCH_BENCH_SMOKE", "auto") == "auto" and not torch.cuda.is_available()
 )
@@ -34,12 +36,25 @@ def results_dir() -> Path:
     return RESULTS
 
 
+def _cpu_name() -> str:
+    """The CPU's model name and core count (Linux /proc/cpuinfo), else the platform's machine type."""
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{name} ({os.cpu_count()} cores)"
+
+
 def device_facts() -> Dict[str, str]:
     """Device name and driver (nvidia-ml-py when present), and the software versions of this run."""
     import covmatch
 
     facts = {
-        "device": platform.processor() or platform.machine(),
+        "device": _cpu_name(),
         "driver": "",
         "torch": torch.__version__,
         "triton": "",
@@ -115,16 +130,38 @@ def peak_memory_mb(fn: Callable[[], object]) -> float:
     return (torch.cuda.max_memory_allocated(DEVICE) - base) / 2**20
 
 
+def peak_rss_gb() -> float:
+    """This process's peak resident memory so far (Linux reports ru_maxrss in KiB), in GiB."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
 def append_row(name: str, row: Dict[str, object], path: Optional[Path] = None) -> Path:
-    """Append ``row`` (plus device facts and a timestamp) to ``<results>/<name>.csv``."""
+    """Append ``row`` (plus device facts and a timestamp) to ``<results>/<name>.csv``; a file started with
+    other columns is rewritten with the union of both (missing cells left empty)."""
     path = path or results_dir() / f"{name}.csv"
     path.parent.mkdir(parents=True, exist_ok=True)
-    full = {"timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), **device_facts()}
+    now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    full = {"timestamp": now, "run": RUN_ID, **device_facts()}
     full.update(row)
-    new = not path.exists()
+    header = []
+    if path.exists():
+        with path.open(newline="") as fh:
+            header = list(csv.DictReader(fh).fieldnames or [])
+    if header and not set(full) <= set(header):  # new columns since the file was started: rewrite with the union
+        with path.open(newline="") as fh:
+            rows = list(csv.DictReader(fh))
+        tmp = path.with_suffix(".tmp")
+        with tmp.open("w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=header + [k for k in full if k not in header])
+            writer.writeheader()
+            writer.writerows(rows + [full])
+        os.replace(tmp, path)
+        return path
     with path.open("a", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(full))
-        if new:
+        writer = csv.DictWriter(fh, fieldnames=header or list(full))
+        if not header:
             writer.writeheader()
         writer.writerow(full)
     return path

@@ -1,0 +1,106 @@
+"""The benchmark tooling itself: CSV rows, the target summary, the plots, and run_gpu.sh end to end in
+smoke mode (the benchmarks' own smoke cases run from benchmarks/ in the same suite)."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks.common import append_row
+from benchmarks.plot import main as plot_main
+from benchmarks.summarize import summarize
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _loss_row(shape, dtype, impl, median_ms, floor_ms, pss="fwdbwd"):
+    return {"impl": impl, "pass": pss, "shape": shape, "dtype": dtype, "median_ms": median_ms,
+            "p20_ms": median_ms, "p80_ms": median_ms, "gemm_floor_ms": floor_ms, "grad_rel_err": 1e-3,
+            "smoke": "False", "device": "NVIDIA H200"}  # fmt: skip
+
+
+def _step_row(precision, chunk, syn_batch, s_per_it, peak, table_extra=None):
+    row = {"preset": "paper", "precision": precision, "grad_checkpointing": False, "syn_chunk": chunk, "zero": 0,
+           "syn_batch": syn_batch, "real_batch": 128, "s_per_it": s_per_it, "p20_s": s_per_it, "p80_s": s_per_it,
+           "peak_mem_gb": peak, "model_tflop_per_it": 20.0, "achieved_tflops": 20.0 / s_per_it,
+           "smoke": "False", "device": "NVIDIA H200"}  # fmt: skip
+    row.update(table_extra or {})
+    return row
+
+
+def test_append_row_widens_an_older_file(tmp_path):
+    path = tmp_path / "t.csv"
+    append_row("t", {"a": 1}, path=path)
+    append_row("t", {"a": 2, "b": 3}, path=path)
+    append_row("t", {"a": 4}, path=path)
+    rows = list(csv.DictReader(path.open()))
+    assert [(r["a"], r["b"]) for r in rows] == [("1", ""), ("2", "3"), ("4", "")]
+    assert all(r["run"] == rows[0]["run"] and r["torch"] for r in rows)
+
+
+def test_summary_checks_every_target(tmp_path):
+    """Ratios within the run, each target met / missed, and cases that did not run reported as such."""
+    for impl, ms in (("triton", 1.0), ("torch", 1.4), ("eager", 3.5), ("compiled", 1.2)):
+        append_row("loss", _loss_row("paper", "bfloat16", impl, ms, 0.8), path=tmp_path / "loss.csv")
+    append_row("loss", _loss_row("square-4096-N=10000", "bfloat16", "triton", 13.0, 10.0), path=tmp_path / "loss.csv")
+    append_row("step", _step_row("bf16", 0, 256, 0.08, 9.5), path=tmp_path / "step.csv")
+    for n, peak, state in ((256, 4.0, 0.5), (4096, 11.2, 7.5)):
+        extra = {"syn_state_gb": state, "peak_excl_syn_state_gb": peak - state}
+        append_row("step_scaling", _step_row("bf16", 64, n, 0.1, peak, extra), path=tmp_path / "step_scaling.csv")
+    text = summarize(tmp_path)
+    assert "NVIDIA H200" in text and "SMOKE" not in text
+    targets = {line.split("|")[1].strip(): line.split("|")[2:5] for line in text.splitlines() if line.count("|") == 5}
+    assert targets["bfloat16: triton vs eager"] == [" 3.5 ", " >= 3.0 ", " met "]
+    assert targets["bfloat16: triton vs torch.compile"] == [" 1.2 ", " >= 1.5 ", " missed "]
+    assert targets["bfloat16: triton / GEMM floor"] == [" 1.25 ", " <= 1.5 ", " met "]
+    assert targets["bfloat16: triton / GEMM floor at square-4096-N=10000"] == [" 1.3 ", " <= 1.2 ", " missed "]
+    assert targets["bf16 iteration, s"] == [" 0.08 ", " <= 0.1 ", " met "]
+    assert targets["bf16 iteration, peak GiB"] == [" 9.5 ", " <= 8.0 ", " missed "]
+    assert targets["--syn-chunk peak memory, batch 4096 / batch 256"] == [" 2.8 ", " <= 1.1 ", " missed "]
+    assert targets["the same without the set's own storage, 4096 / 256"] == [" 1.06 ", " <= 1.1 ", " met "]
+    assert "| 4096 | n/a | 11.2 | 7.5 | 3.7 | 0.1 |" in text
+    assert "| bf16 | False | 0 | 0 | 0.08 | 9.5 | 20 | 250 | 25.3% |" in text  # 250 / 989.5 TFLOP/s
+
+    append_row("loss", _loss_row("paper", "float16", "eager", 3.0, 0.8), path=tmp_path / "loss.csv")
+    targets = {line.split("|")[1].strip(): line.split("|")[4] for line in summarize(tmp_path).splitlines()
+               if line.count("|") == 5}  # fmt: skip
+    assert targets["float16: triton vs eager"] == " not measured "  # its triton case did not run
+
+
+def test_plots_from_csvs(tmp_path):
+    pytest.importorskip("matplotlib")
+    for impl, ms in (("triton", 1.0), ("eager", 3.5)):
+        append_row("loss", _loss_row("paper", "bfloat16", impl, ms, 0.8), path=tmp_path / "loss.csv")
+    append_row("step", _step_row("bf16", 0, 256, 0.08, 9.5), path=tmp_path / "step.csv")
+    append_row("step_scaling", _step_row("bf16", 64, 256, 0.1, 4.0), path=tmp_path / "step_scaling.csv")
+    assert plot_main([str(tmp_path)]) == 0
+    assert (tmp_path / "loss.png").stat().st_size > 0 and (tmp_path / "step.png").stat().st_size > 0
+
+
+def test_run_gpu_script_in_smoke_mode(tmp_path):
+    """benchmarks/run_gpu.sh end to end on the CPU, with a few cases per stage: it must leave the files the GPU
+    run is fetched for (at most 8 files come back from the device machine) and a summary."""
+    out = tmp_path / "out"
+    env = {
+        **os.environ,
+        "PYTHON": sys.executable,
+        "OUT": str(out),
+        "CARRY": str(tmp_path / "no-carry"),
+        "COVMATCH_BENCH_SMOKE": "1",
+        "TRITON_INTERPRET": "1",
+        "RUN_GPU_TESTS_K": "forms",
+        "RUN_GPU_BENCH_K": "smoke-a and float32 and triton-fwdbwd or headline or synthetic_batch",
+    }
+    result = subprocess.run(["bash", str(ROOT / "benchmarks" / "run_gpu.sh")], env=env, cwd=ROOT,
+                            capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    files = sorted(p.name for p in out.iterdir())
+    assert files == ["loss.csv", "loss.png", "run_gpu.log", "step.csv", "step.png", "step_scaling.csv", "summary.md"]
+    log = (out / "run_gpu.log").read_text()
+    assert "2 passed" in log and "time limit" not in log and "=== done" in log
+    assert "SMOKE MODE" in (out / "summary.md").read_text()
