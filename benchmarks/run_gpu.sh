@@ -12,7 +12,8 @@
 # every case appends its CSV row when it finishes, so a stage cut short keeps what it measured (the log says so).
 # Check the script itself on a CPU first (smoke mode: tiny shapes, the Triton interpreter, no timing claims):
 #   COVMATCH_BENCH_SMOKE=1 TRITON_INTERPRET=1 OUT=/tmp/gpu-smoke bash benchmarks/run_gpu.sh
-# RUN_GPU_TESTS_K / RUN_GPU_BENCH_K replace the pytest -k selections of the correctness and benchmark stages.
+# RUN_GPU_TESTS_K / RUN_GPU_BENCH_K replace the pytest -k selections of the correctness and benchmark stages;
+# RUN_GPU_LIMITS="75 200 150" are the three stages' time limits in seconds.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-benchmarks/results/gpu}"
@@ -32,6 +33,7 @@ limited() {  # limited SECONDS CMD...: run CMD, say in the log when the time lim
   return 0
 }
 
+read -r LIMIT_TESTS LIMIT_LOSS LIMIT_STEP <<<"${RUN_GPU_LIMITS:-75 200 150}"
 BENCH_K=()
 if [ -n "${RUN_GPU_BENCH_K:-}" ]; then BENCH_K=(-k "$RUN_GPU_BENCH_K"); fi
 
@@ -65,14 +67,14 @@ print("cuda", torch.version.cuda, "available:", torch.cuda.is_available(),
 EOF
 
 stage "1. correctness of the fused kernels on this device (fp32, fp16, bf16) against float64"
-limited 75 "$PY" -m pytest -q -x -p no:cacheprovider tests/test_loss.py -k "${RUN_GPU_TESTS_K:-triton or forms}"
+limited "$LIMIT_TESTS" "$PY" -m pytest -q -x -p no:cacheprovider tests/test_loss.py -k "${RUN_GPU_TESTS_K:-triton or forms}"
 
 stage "2. covmatch_loss microbenchmarks"
-limited 200 "$PY" -m pytest -q -p no:cacheprovider benchmarks/bench_loss.py --benchmark-enable \
-  --benchmark-disable-gc "${BENCH_K[@]}"
+limited "$LIMIT_LOSS" "$PY" -m pytest -q -p no:cacheprovider benchmarks/bench_loss.py --benchmark-enable \
+  --benchmark-disable-gc --benchmark-columns=median,iqr,rounds "${BENCH_K[@]}"
 
 stage "3. distillation step"
-limited 150 "$PY" -m pytest -q -p no:cacheprovider benchmarks/bench_step.py "${BENCH_K[@]}"
+limited "$LIMIT_STEP" "$PY" -m pytest -q -p no:cacheprovider benchmarks/bench_step.py "${BENCH_K[@]}"
 
 stage "4. plots and summary"
 "$PY" -m benchmarks.plot "$OUT"
