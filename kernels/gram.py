@@ -25,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from covmatch.loss.forms import cached_constant
+
 from ._launch import (
     TileConfig,
     candidate_configs,
@@ -162,9 +164,14 @@ _INTERPRETER_CONFIG = TileConfig(64, 64, 64, num_warps=4, num_stages=1)
 
 
 def _upper_triangle_pairs(n_blocks: int, device: torch.device) -> torch.Tensor:
-    """(i, j) block pairs with j >= i, flattened to int32 [2 * count]: the forward's 1-D grid."""
-    idx = torch.triu_indices(n_blocks, n_blocks)
-    return idx.t().contiguous().to(device=device, dtype=torch.int32).reshape(-1)
+    """(i, j) block pairs with j >= i, flattened to int32 [2 * count]: the forward's 1-D grid (made on the
+    host and copied once per block count and device, not on every call)."""
+
+    def make() -> torch.Tensor:
+        idx = torch.triu_indices(n_blocks, n_blocks)
+        return idx.t().contiguous().to(device=device, dtype=torch.int32).reshape(-1)
+
+    return cached_constant(("gram_upper_triangle_pairs", n_blocks), device, make)
 
 
 @dataclass

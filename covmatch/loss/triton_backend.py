@@ -9,7 +9,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from .forms import gram_row_weights
+from .forms import cached_constant, gram_row_weights
 
 __all__ = ["triton_unavailable_reason", "covmatch_loss_triton"]
 
@@ -40,6 +40,23 @@ def _column_means(real: torch.Tensor, syn: torch.Tensor) -> torch.Tensor:
     return torch.stack([real.mean(dim=0, dtype=torch.float32), syn.mean(dim=0, dtype=torch.float32)])
 
 
+def _mean_gaps(mean_x: torch.Tensor, mean_y: torch.Tensor, lam: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Real minus synthetic column means of each modality; with lam = 0 cached zeros (no launches: the
+    mean term's gradient vanishes, and the kernels still take a bias row)."""
+    if lam == 0:
+        return _zeros(mean_x.shape[1], mean_x.device), _zeros(mean_y.shape[1], mean_y.device)
+    return mean_x[0] - mean_x[1], mean_y[0] - mean_y[1]
+
+
+def _zeros(n: int, device: torch.device) -> torch.Tensor:
+    return cached_constant(("zeros_fp32", n), device, lambda: torch.zeros(n, dtype=torch.float32, device=device))
+
+
+def _row_bias(beta: float, gap: torch.Tensor) -> torch.Tensor:
+    """The mean term's gradient row ``beta * gap`` (the cached zeros as they are when beta is 0)."""
+    return gap if beta == 0 else beta * gap
+
+
 class CovMatchTritonFunction(torch.autograd.Function):
     """Autograd wrapper of the fused kernels; backward returns each gradient in its input's dtype."""
 
@@ -63,8 +80,9 @@ class CovMatchTritonFunction(torch.autograd.Function):
             weights = gram_row_weights(n_real, n_syn, rho, torch.float32, real_img.device)
             out = kernels.gram_forward(z_x, z_y, mean_x, mean_y, weights, n_real, store_gram=needs_grad)
             cov_loss = out.cov_loss
-            gap_x, gap_y = mean_x[0] - mean_x[1], mean_y[0] - mean_y[1]
-            mean_loss = gap_x @ gap_x + gap_y @ gap_y
+            if lam != 0:  # the distillation objective passes lam = 0 (its mean term is separate): skip it
+                gap_x, gap_y = mean_x[0] - mean_x[1], mean_y[0] - mean_y[1]
+                mean_loss = gap_x @ gap_x + gap_y @ gap_y
             ctx.save_for_backward(z_x, z_y, out.gram_x, out.gram_y, weights, mean_x, mean_y)
         return cov_loss + lam * mean_loss if lam != 0 else cov_loss
 
@@ -77,7 +95,7 @@ class CovMatchTritonFunction(torch.autograd.Function):
         grads = [None, None, None, None]
         if ctx.form == "cov":
             real_img, real_txt, syn_img, syn_txt, diff, mean_x, mean_y = ctx.saved_tensors
-            gap_x, gap_y = mean_x[0] - mean_x[1], mean_y[0] - mean_y[1]
+            gap_x, gap_y = _mean_gaps(mean_x, mean_y, lam)
             # dL/dX = alpha * (Y - 1 mu_Y^T) D^T + mean-term row, dL/dY = alpha * (X - 1 mu_X^T) D + ...
             # (DESIGN 1.2): alpha = 2 rho / (n_T - 1) on the real side, -2 / (n_S - 1) on the synthetic side.
             sides = (
@@ -89,11 +107,11 @@ class CovMatchTritonFunction(torch.autograd.Function):
             for idx, other, other_mean, diff_view, gap, alpha, beta in sides:
                 if needs[idx]:
                     grads[idx] = kernels.centred_matmul(
-                        other, other_mean, diff_view, beta * gap, grad, alpha, ctx.dtypes[idx]
+                        other, other_mean, diff_view, _row_bias(beta, gap), grad, alpha, ctx.dtypes[idx]
                     )
         else:
             z_x, z_y, gram_x, gram_y, weights, mean_x, mean_y = ctx.saved_tensors
-            gap_x, gap_y = mean_x[0] - mean_x[1], mean_y[0] - mean_y[1]
+            gap_x, gap_y = _mean_gaps(mean_x, mean_y, lam)
             # dL/dZ_x[i] = 2 w_i sum_j K_y[i, j] w_j Zc_x[j] (and symmetrically), plus the mean-term row.
             sides = (
                 (0, gram_y, z_x, mean_x, 0, n_real, gap_x, 2.0 * lam / n_real),
@@ -104,8 +122,9 @@ class CovMatchTritonFunction(torch.autograd.Function):
             for idx, gram_other, z, mean, row_start, n_out, gap, beta in sides:
                 if needs[idx]:
                     grads[idx] = kernels.gram_grad(
-                        gram_other, weights, z, mean, n_real, row_start, n_out, beta * gap, grad, ctx.dtypes[idx]
-                    )
+                        gram_other, weights, z, mean, n_real, row_start, n_out, _row_bias(beta, gap), grad,
+                        ctx.dtypes[idx],
+                    )  # fmt: skip
         return (*grads, None, None, None)
 
 
