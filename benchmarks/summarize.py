@@ -75,17 +75,19 @@ def loss_section(
         f"covmatch_loss forward+backward, `{headline}` shape (median ms; targets: >= 3x eager, >= 1.5x "
         "torch.compile, <= 1.5x the GEMM floor)",
         "",
-        "| dtype | triton | torch | eager | compiled | GEMM floor | eager / triton | compiled / triton "
-        "| triton / floor |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| dtype | triton | (cov form) | (Gram form) | torch | eager | compiled | GEMM floor | eager / triton "
+        "| compiled / triton | triton / floor |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     checks: List[Check] = []
     for dtype in dtypes:
-        t = {impl: _loss_time(rows, headline, dtype, impl) for impl in ("triton", "torch", "eager", "compiled")}
+        impls = ("triton", "triton-cov", "triton-gram", "torch", "eager", "compiled")
+        t = {impl: _loss_time(rows, headline, dtype, impl) for impl in impls}
         floor = _loss_floor(rows, headline, dtype)
         vs_eager, vs_compiled, vs_floor = t["eager"] / t["triton"], t["compiled"] / t["triton"], t["triton"] / floor
         out.append(
-            f"| {dtype} | {_fmt(t['triton'])} | {_fmt(t['torch'])} | {_fmt(t['eager'])} | {_fmt(t['compiled'])} | "
+            f"| {dtype} | {_fmt(t['triton'])} | {_fmt(t['triton-cov'])} | {_fmt(t['triton-gram'])} | "
+            f"{_fmt(t['torch'])} | {_fmt(t['eager'])} | {_fmt(t['compiled'])} | "
             f"{_fmt(floor)} | {_fmt(vs_eager)} | {_fmt(vs_compiled)} | {_fmt(vs_floor)} |"
         )
         checks += [
