@@ -73,7 +73,9 @@ def _preset(name: str, syn_batch: int, **overrides):
     return preset
 
 
-def _distiller(precision: str, grad_ckpt: bool, chunk, syn_batch: int, zero: int = 0, base=None) -> Distiller:
+def _distiller(
+    precision: str, grad_ckpt: bool, chunk, syn_batch: int, zero: int = 0, base=None, channels_last: bool = False
+) -> Distiller:
     base = dict(base or BASE)
     preset = _preset(base.pop("name"), syn_batch, **base)
     config = DistillConfig(
@@ -81,6 +83,7 @@ def _distiller(precision: str, grad_ckpt: bool, chunk, syn_batch: int, zero: int
         device=str(DEVICE),
         precision=precision,
         grad_checkpointing=grad_ckpt,
+        channels_last=channels_last,
         syn_chunk=chunk,
         zero=zero,
         progress=False,
@@ -209,6 +212,7 @@ def _step_row(d: Distiller, precision, grad_ckpt, chunk, syn_batch, timing, peak
         "preset": d.config.preset.name,
         "precision": precision,
         "grad_checkpointing": grad_ckpt,
+        "channels_last": d.config.channels_last,
         "syn_chunk": chunk or 0,
         "zero": zero,
         "syn_batch": syn_batch,
@@ -230,10 +234,19 @@ def _step_row(d: Distiller, precision, grad_ckpt, chunk, syn_batch, timing, peak
 
 
 def _full_case(
-    precision: str, grad_ckpt: bool, chunk, syn_batch: int, *, base=None, table="step", iterations=None, **extra
+    precision: str,
+    grad_ckpt: bool,
+    chunk,
+    syn_batch: int,
+    *,
+    base=None,
+    channels_last: bool = False,
+    table="step",
+    iterations=None,
+    **extra,
 ) -> None:
     """Time one configuration, count its FLOPs, attribute its time to the loss, append the row to ``table``."""
-    d = _distiller(precision, grad_ckpt, chunk, syn_batch, base=base)
+    d = _distiller(precision, grad_ckpt, chunk, syn_batch, base=base, channels_last=channels_last)
     timing, peak, batch = _measure(d, iterations=iterations or MEASURED_ITERATIONS)
     flops = _model_flops(d, batch)
     loss_s = _loss_time_isolated(d, syn_batch, precision, repeats=1 if SMOKE else 10)
@@ -263,6 +276,11 @@ def _case_id(precision, grad_ckpt, chunk, syn_batch) -> str:
 def test_step_headline():
     """The target case first: paper architecture, bf16, synthetic batch 256, no checkpointing or chunking."""
     _full_case(*HEADLINE)
+
+
+def test_step_headline_channels_last():
+    """The headline case with ``--channels-last`` (NHWC convolutions), the first lever if it misses."""
+    _full_case(*HEADLINE, channels_last=True)
 
 
 @pytest.mark.parametrize("syn_batch", SYN_SWEEP)

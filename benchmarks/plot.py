@@ -95,6 +95,7 @@ def plot_step(out_dir: Path, results: Path) -> List[Path]:
             f"{r['precision']}{' ckpt' if r['grad_checkpointing'] == 'True' else ''}"
             f"{' chunk' + r['syn_chunk'] if r['syn_chunk'] not in ('0', '') else ''}"
             f"{' zero' + r['zero'] if r.get('zero') not in (None, '', '0') else ''}"
+            f"{' NHWC' if r.get('channels_last') == 'True' else ''}"
             for r in step
         ]
         on_gpu = any(math.isfinite(_number(r["peak_mem_gb"])) for r in step)

@@ -110,7 +110,8 @@ def step_section(step: List[Dict[str, str]], scaling: List[Dict[str, str]]) -> T
     checks: List[Check] = []
     headline: Optional[Dict[str, str]] = None
     for r in step:
-        if (r["precision"], r["grad_checkpointing"], r["syn_chunk"], r.get("zero", "0")) == ("bf16", "False", "0", "0"):
+        config = (r["precision"], r["grad_checkpointing"], r["syn_chunk"], r.get("zero") or "0")
+        if config == ("bf16", "False", "0", "0") and r.get("channels_last") in (None, "", "False"):
             headline = r
             break
     if step:
@@ -118,15 +119,16 @@ def step_section(step: List[Dict[str, str]], scaling: List[Dict[str, str]]) -> T
             f"Distillation iteration (`{step[0]['preset']}` preset, real batch {step[0]['real_batch']}, synthetic "
             f"batch {step[0]['syn_batch']}; median of the measured iterations)",
             "",
-            "| precision | checkpointing | --syn-chunk | ZeRO | s / it | peak GiB | model TFLOP / it | TFLOP/s | "
-            "utilisation | loss share (profiler) | loss share (isolated) |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
+            "| precision | checkpointing | --syn-chunk | ZeRO | channels last | s / it | peak GiB | model TFLOP / it "
+            "| TFLOP/s | utilisation | loss share (profiler) | loss share (isolated) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in step:
             achieved = _number(r.get("achieved_tflops"))
             util = achieved / device_peak(r["device"], r["precision"])
             out.append(
                 f"| {r['precision']} | {r['grad_checkpointing']} | {r['syn_chunk']} | {r.get('zero', '0')} | "
+                f"{r.get('channels_last') or 'False'} | "
                 f"{_fmt(_number(r['s_per_it']))} | {_fmt(_number(r['peak_mem_gb']))} | "
                 f"{_fmt(_number(r.get('model_tflop_per_it')))} | {_fmt(achieved)} | {_percent(util)} | "
                 f"{_fmt(_number(r.get('loss_share_profiled')), 2)} | {_fmt(_number(r.get('loss_share_isolated')), 2)} |"

@@ -64,7 +64,7 @@ def test_summary_checks_every_target(tmp_path):
     assert targets["--syn-chunk peak memory, batch 4096 / batch 256"] == [" 2.8 ", " <= 1.1 ", " missed "]
     assert targets["the same without the set's own storage, 4096 / 256"] == [" 1.06 ", " <= 1.1 ", " met "]
     assert "| 4096 | n/a | 11.2 | 7.5 | 3.7 | 0.1 |" in text
-    assert "| bf16 | False | 0 | 0 | 0.08 | 9.5 | 20 | 250 | 25.3% |" in text  # 250 / 989.5 TFLOP/s
+    assert "| bf16 | False | 0 | 0 | False | 0.08 | 9.5 | 20 | 250 | 25.3% |" in text  # 250 / 989.5 TFLOP/s
 
     append_row("loss", _loss_row("paper", "float16", "eager", 3.0, 0.8), path=tmp_path / "loss.csv")
     targets = {line.split("|")[1].strip(): line.split("|")[4] for line in summarize(tmp_path).splitlines()

@@ -170,6 +170,7 @@ def test_chunked_activation_memory_is_flat_in_n():
         {"distill_mode": "texts"},
         {"precision": "bf16"},
         {"grad_checkpointing": True, "syn_chunk": 3},
+        {"channels_last": True},
         {"frozen_text": True, "online": "synthetic", "syn_chunk": 5},
         {"proj_depth": 2, "learnable_temperature": True, "text_pooling": "mean"},
     ],
@@ -294,3 +295,11 @@ def test_existing_out_is_refused(tmp_path, capsys):
     assert "already exists; pass --resume to continue it or --overwrite" in capsys.readouterr().err
     assert main(["--preset", "tiny", "--out", str(out), "--no-progress", "--iterations", "1", "--overwrite"]) == 0
     assert (out / "keep.txt").read_text() == "user data"  # --overwrite removes run files only
+
+
+def test_channels_last_distils_the_same_set():
+    """``--channels-last`` changes the image encoder's memory layout only: same set up to rounding."""
+    plain = Distiller(tiny_config(iterations=3), log=quiet).run()
+    nhwc = Distiller(tiny_config(iterations=3, channels_last=True), log=quiet).run()
+    torch.testing.assert_close(nhwc.images, plain.images, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(nhwc.text_embeds, plain.text_embeds, rtol=1e-4, atol=1e-4)

@@ -101,6 +101,23 @@ def test_grad_checkpointing_keeps_outputs(tiny_model, minilm):
     assert minilm.encode_ids(ids, mask).shape == (1, 384)
 
 
+def test_channels_last_keeps_features_and_pixel_gradients(tiny_model):
+    pixels = torch.randn(3, 3, 16, 16, requires_grad=True)
+    ref = tiny_model.image(pixels)
+    (ref_grad,) = torch.autograd.grad(ref.square().sum(), pixels)
+    tiny_model.image.set_channels_last(True)
+    try:
+        weight = next(p for p in tiny_model.image.parameters() if p.dim() == 4)
+        assert weight.is_contiguous(memory_format=torch.channels_last)
+        out = tiny_model.image(pixels)
+        (grad,) = torch.autograd.grad(out.square().sum(), pixels)
+    finally:
+        tiny_model.image.set_channels_last(False)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-5)
+    assert grad.shape == pixels.shape
+
+
 def test_dual_encoder_reset_restores_pretrained(tiny_model):
     model = tiny_model
     before = {k: v.clone() for k, v in model.state_dict().items()}

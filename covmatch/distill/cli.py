@@ -120,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     precision.add_argument("--fp16", action="store_true", help="fp16 autocast with dynamic loss scaling")
     precision.add_argument("--bf16", action="store_true", help="bf16 autocast")
     perf.add_argument("--grad-checkpointing", action="store_true", help="activation checkpointing in both encoders")
+    perf.add_argument("--channels-last", action="store_true", help="NHWC image encoder (faster convolutions on GPUs)")
     perf.add_argument(
         "--syn-chunk", type=int, default=None, help="exact two-pass gradient, K synthetic samples per pass"
     )
@@ -179,6 +180,7 @@ def config_from_args(args: argparse.Namespace) -> DistillConfig:
         syn_chunk=args.syn_chunk,
         precision="fp16" if args.fp16 else "bf16" if args.bf16 else "fp32",
         grad_checkpointing=args.grad_checkpointing,
+        channels_last=args.channels_last,
         frozen_text=args.frozen_text,
         online=args.online,
         distill_mode=args.distill,

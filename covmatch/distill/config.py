@@ -30,6 +30,7 @@ class DistillConfig:
     syn_chunk: Optional[int] = None
     precision: str = "fp32"
     grad_checkpointing: bool = False
+    channels_last: bool = False  # NHWC image encoder (GPU convolution speed; same result up to rounding)
     frozen_text: bool = False
     online: Optional[str] = None  # None: the preset's (Preset.online)
     distill_mode: str = "both"

@@ -139,6 +139,8 @@ class Distiller:
         if config.grad_checkpointing:
             self.model.image.set_grad_checkpointing(True)
             self.model.text.set_grad_checkpointing(True)
+        if config.channels_last:
+            self.model.image.set_channels_last(True)
         if config.frozen_text:
             self.model.text.requires_grad_(False)
 

@@ -42,6 +42,7 @@ class ImageEncoder(nn.Module):
         self.name = name
         self.image_size = image_size
         self.feature_dim = int(model.num_features)
+        self.channels_last = False
 
     @classmethod
     def create(cls, name: str, *, image_size: int, weights: Optional[str] = None) -> ImageEncoder:
@@ -68,7 +69,16 @@ class ImageEncoder(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.model.set_grad_checkpointing(enable)
 
+    def set_channels_last(self, enable: bool = True) -> None:
+        """NHWC weights and inputs: the layout cuDNN's tensor-core convolutions use natively (NCHW costs
+        layout transposes around every convolution on a GPU). Same features up to rounding."""
+        self.channels_last = enable
+        self.model.to(memory_format=torch.channels_last if enable else torch.contiguous_format)
+
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         # inputs in the weights' dtype: DeepSpeed bf16/fp16 keeps half-precision weights, and CPU autocast
         # does not cast every op's weights (mixed-dtype norms fail there)
-        return self.model(pixels.to(next(self.model.parameters()).dtype))
+        pixels = pixels.to(next(self.model.parameters()).dtype)
+        if self.channels_last:
+            pixels = pixels.contiguous(memory_format=torch.channels_last)
+        return self.model(pixels)
