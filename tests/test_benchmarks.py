@@ -104,3 +104,16 @@ def test_run_gpu_script_in_smoke_mode(tmp_path):
     log = (out / "run_gpu.log").read_text()
     assert "2 passed" in log and "time limit" not in log and "=== done" in log
     assert "SMOKE MODE" in (out / "summary.md").read_text()
+
+
+def test_count_flops_extrapolates_linearly():
+    """benchmarks/count_flops.py (the README's FLOPs per paper iteration): the fit from small batches
+    predicts a direct count at other batch sizes."""
+    from benchmarks.count_flops import count_iteration
+    from benchmarks.count_flops import main as count_flops
+
+    lines = count_flops(["--preset", "tiny", "--small", "2", "4", "--real-batch", "12", "--syn-batch", "6"])
+    assert float(lines[1].split("linearity check at (4, 8): ")[1].split(" %")[0]) < 1.0
+    predicted = float(lines[2].split(": ")[1].split(" GFLOP")[0]) * 1e9
+    direct = count_iteration("tiny", 12, 6)
+    assert predicted == pytest.approx(direct, rel=0.02)
