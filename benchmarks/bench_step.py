@@ -144,13 +144,9 @@ def _model_flops(d: Distiller, batch) -> float:
     return float(counter.get_total_flops())
 
 
-def _event_time(event, device: bool) -> float:
-    """An event's inclusive time in us: device (kernel) time on CUDA, CPU time elsewhere."""
-    names = ("device_time_total", "cuda_time_total") if device else ("cpu_time_total",)
-    for name in names:
-        if hasattr(event, name):
-            return float(getattr(event, name))
-    return 0.0
+def _event_time(event, *names: str) -> float:
+    """The first of ``names`` the profiler event has, in us (torch renamed cuda_* to device_* in 2.4)."""
+    return next((float(getattr(event, name)) for name in names if hasattr(event, name)), 0.0)
 
 
 def _loss_share_profiled(d: Distiller, batch) -> float:
@@ -166,16 +162,12 @@ def _loss_share_profiled(d: Distiller, batch) -> float:
             d.step(batch)
         synchronize()
     events = prof.key_averages()
-    loss = sum(_event_time(e, on_cuda) for e in events if e.key == "covmatch_loss" or e.key.startswith("CovMatch"))
-    if on_cuda:
-        total = 0.0
-        for e in events:
-            for name in ("self_device_time_total", "self_cuda_time_total"):
-                if hasattr(e, name):
-                    total += float(getattr(e, name))
-                    break
+    inclusive = ("device_time_total", "cuda_time_total") if on_cuda else ("cpu_time_total",)
+    loss = sum(_event_time(e, *inclusive) for e in events if e.key == "covmatch_loss" or e.key.startswith("CovMatch"))
+    if on_cuda:  # every kernel's own time
+        total = sum(_event_time(e, "self_device_time_total", "self_cuda_time_total") for e in events)
     else:
-        total = sum(_event_time(e, False) for e in events if e.key == "iteration")
+        total = sum(_event_time(e, *inclusive) for e in events if e.key == "iteration")
     return loss / total if total else float("nan")
 
 
@@ -191,17 +183,16 @@ def _loss_time_isolated(d: Distiller, syn_batch: int, precision: str, repeats: i
     xr, yr = (torch.randn(n_real, k, generator=gen).to(DEVICE, dtype) for k in (d_img, d_txt))
     xs, ys = (torch.randn(syn_batch, k, generator=gen).to(DEVICE, dtype).requires_grad_() for k in (d_img, d_txt))
     rho = d.config.preset.resolved_rho(syn_batch)
+
+    def loss_and_grad():
+        return torch.autograd.grad(covmatch_loss(xr, yr, xs, ys, rho=rho), (xs, ys))
+
     if DEVICE.type == "cuda":
-        return (
-            device_time_ms(lambda: torch.autograd.grad(covmatch_loss(xr, yr, xs, ys, rho=rho), (xs, ys)))["median_ms"]
-            / 1e3
-        )
+        return device_time_ms(loss_and_grad)["median_ms"] / 1e3
     times = []
-    for i in range(repeats + 2):
-        synchronize()
+    for i in range(repeats + 2):  # two warm-up calls
         start = time.perf_counter()
-        torch.autograd.grad(covmatch_loss(xr, yr, xs, ys, rho=rho), (xs, ys))
-        synchronize()
+        loss_and_grad()
         if i >= 2:
             times.append(time.perf_counter() - start)
     return percentiles(times)["median_ms"] / 1e3

@@ -176,3 +176,23 @@ def append_row(name: str, row: Dict[str, object], path: Optional[Path] = None) -
             writer.writeheader()
         writer.writerow(full)
     return path
+
+
+def newest_run(csv_path: Path) -> List[Dict[str, str]]:
+    """The rows of ``csv_path`` from the run of its newest row (its ``run`` column); none if it is missing."""
+    if not csv_path.exists():
+        return []
+    with csv_path.open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    if not rows:
+        return []
+    latest = max(rows, key=lambda r: r["timestamp"]).get("run")
+    return [r for r in rows if r.get("run") == latest]
+
+
+def number(text: str) -> float:
+    """A CSV cell as a float (NaN for empty or missing cells)."""
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        return float("nan")

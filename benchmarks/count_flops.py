@@ -22,18 +22,12 @@ os.environ.setdefault("COVMATCH_BENCH_SMOKE", "1")  # counting runs on the CPU, 
 
 def count_iteration(preset_name: str, real_batch: int, syn_batch: int) -> float:
     """FLOPs of one plain fp32 ``Distiller.step`` at these batch sizes (paper: the GPU suite's configuration)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from .bench_step import PAPER, _distiller
+    from .bench_step import PAPER, _distiller, _model_flops
 
     base = dict(PAPER) if preset_name == "paper" else {"name": preset_name}
     base["real_batch"] = real_batch
     d = _distiller("fp32", False, None, syn_batch, base=base)
-    batch = next(iter(d.real_batches(0, 1)))
-    counter = FlopCounterMode(display=False)
-    with counter:
-        d.step(batch)
-    return float(counter.get_total_flops())
+    return _model_flops(d, next(iter(d.real_batches(0, 1))))
 
 
 def fit(counts: Dict[Tuple[int, int], float]) -> Tuple[float, float, float]:

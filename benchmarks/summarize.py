@@ -12,8 +12,7 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-from .common import RESULTS
-from .plot import _number, newest_run
+from .common import RESULTS, newest_run, number
 
 # Dense tensor-core peaks from the vendor's data sheets (TFLOP/s, without sparsity); fp32 is the
 # non-tensor-core rate, since our fp32 matmuls do not enable TF32. Used only for utilisation.
@@ -51,14 +50,14 @@ def _check(value: float, target: float, at_most: bool, smoke: bool = False) -> s
 def _loss_time(rows: List[Dict[str, str]], shape: str, dtype: str, impl: str, pss: str = "fwdbwd") -> float:
     for r in rows:
         if (r["shape"], r["dtype"], r["impl"], r["pass"]) == (shape, dtype, impl, pss):
-            return _number(r["median_ms"])
+            return number(r["median_ms"])
     return float("nan")
 
 
 def _loss_floor(rows: List[Dict[str, str]], shape: str, dtype: str, pss: str = "fwdbwd") -> float:
     for r in rows:
-        if (r["shape"], r["dtype"], r["pass"]) == (shape, dtype, pss) and math.isfinite(_number(r["gemm_floor_ms"])):
-            return _number(r["gemm_floor_ms"])
+        if (r["shape"], r["dtype"], r["pass"]) == (shape, dtype, pss) and math.isfinite(number(r["gemm_floor_ms"])):
+            return number(r["gemm_floor_ms"])
     return float("nan")
 
 
@@ -97,7 +96,7 @@ def loss_section(
         ]
         square_ratio = _loss_time(rows, square, dtype, "triton") / _loss_floor(rows, square, dtype)
         checks.append((f"{dtype}: triton / GEMM floor at {square}", square_ratio, 1.2, True))
-    errors = [_number(r.get("grad_rel_err", "nan")) for r in rows]
+    errors = [number(r.get("grad_rel_err", "nan")) for r in rows]
     worst = max((e for e in errors if math.isfinite(e)), default=float("nan"))
     out += ["", f"Largest gradient error against float64 in this run: {_fmt(worst)} (relative, any case)."]
     return out, checks
@@ -124,23 +123,23 @@ def step_section(step: List[Dict[str, str]], scaling: List[Dict[str, str]]) -> T
             "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in step:
-            achieved = _number(r.get("achieved_tflops"))
+            achieved = number(r.get("achieved_tflops"))
             util = achieved / device_peak(r["device"], r["precision"])
             out.append(
                 f"| {r['precision']} | {r['grad_checkpointing']} | {r['syn_chunk']} | {r.get('zero', '0')} | "
                 f"{r.get('channels_last') or 'False'} | "
-                f"{_fmt(_number(r['s_per_it']))} | {_fmt(_number(r['peak_mem_gb']))} | "
-                f"{_fmt(_number(r.get('model_tflop_per_it')))} | {_fmt(achieved)} | {_percent(util)} | "
-                f"{_fmt(_number(r.get('loss_share_profiled')), 2)} | {_fmt(_number(r.get('loss_share_isolated')), 2)} |"
+                f"{_fmt(number(r['s_per_it']))} | {_fmt(number(r['peak_mem_gb']))} | "
+                f"{_fmt(number(r.get('model_tflop_per_it')))} | {_fmt(achieved)} | {_percent(util)} | "
+                f"{_fmt(number(r.get('loss_share_profiled')), 2)} | {_fmt(number(r.get('loss_share_isolated')), 2)} |"
             )
-    s_per_it = _number(headline["s_per_it"]) if headline else float("nan")
-    peak = _number(headline["peak_mem_gb"]) if headline else float("nan")
+    s_per_it = number(headline["s_per_it"]) if headline else float("nan")
+    peak = number(headline["peak_mem_gb"]) if headline else float("nan")
     checks += [("bf16 iteration, s", s_per_it, 0.1, True), ("bf16 iteration, peak GiB", peak, 8.0, True)]
     nan = float("nan")
 
     def by_batch(chunked: bool, key: str) -> Dict[int, float]:
         return {
-            int(r["syn_batch"]): _number(r.get(key)) for r in scaling if (r["syn_chunk"] not in ("0", "")) == chunked
+            int(r["syn_batch"]): number(r.get(key)) for r in scaling if (r["syn_chunk"] not in ("0", "")) == chunked
         }
 
     chunked, single = by_batch(True, "peak_mem_gb"), by_batch(False, "peak_mem_gb")
@@ -176,15 +175,14 @@ def summarize(results: Path) -> str:
     lines: List[str] = []
     checks: List[Check] = []
     first = None
-    if (results / "loss.csv").exists():
-        rows = newest_run(results / "loss.csv")
-        if rows:
-            first = first or rows[0]
-            section, found = loss_section(rows)
-            lines += section + [""]
-            checks += found
-    step = newest_run(results / "step.csv") if (results / "step.csv").exists() else []
-    scaling = newest_run(results / "step_scaling.csv") if (results / "step_scaling.csv").exists() else []
+    rows = newest_run(results / "loss.csv")
+    if rows:
+        first = rows[0]
+        section, found = loss_section(rows)
+        lines += section + [""]
+        checks += found
+    step = newest_run(results / "step.csv")
+    scaling = newest_run(results / "step_scaling.csv")
     if step or scaling:
         first = first or (step or scaling)[0]
         section, found = step_section(step, scaling)

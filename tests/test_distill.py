@@ -170,7 +170,6 @@ def test_chunked_activation_memory_is_flat_in_n():
         {"distill_mode": "texts"},
         {"precision": "bf16"},
         {"grad_checkpointing": True, "syn_chunk": 3},
-        {"channels_last": True},
         {"frozen_text": True, "online": "synthetic", "syn_chunk": 5},
         {"proj_depth": 2, "learnable_temperature": True, "text_pooling": "mean"},
     ],

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Hashable
-
 import torch
 
-__all__ = ["FORMS", "cached_constant", "choose_form", "form_flops", "gram_row_weights"]
+from .constants import cached_constant
+
+__all__ = ["FORMS", "choose_form", "form_flops", "gram_row_weights"]
 
 FORMS = ("cov", "gram")
 
@@ -24,32 +24,6 @@ def form_flops(form: str, n_real: int, n_syn: int, dim_x: int, dim_y: int) -> fl
         n = n_real + n_syn
         return 0.5 * n * n * (dim_x + dim_y) + float(n_syn) * n * (dim_x + dim_y)
     raise ValueError(f"form must be one of {FORMS} or 'auto', got {form!r}")
-
-
-# Small constant tensors the loss needs on every call (Gram row weights, the Gram kernel's tile pairs), made
-# once per shape and device: re-making them costs kernel launches (and, for tensors built on the host, a
-# blocking host-to-device copy) on every call of a loss whose kernels run in microseconds.
-_CONSTANTS: Dict[Hashable, torch.Tensor] = {}
-_MAX_CONSTANTS = 256
-
-
-def cached_constant(key: Hashable, device: torch.device, make: Callable[[], torch.Tensor]) -> torch.Tensor:
-    """``make()`` for ``key`` on ``device``, made once and reused (callers must not modify it in place).
-
-    Made outside inference mode (so that autograd may save it later) and never cached while a CUDA graph is
-    being captured (the capture records ``make``'s kernels without running them)."""
-    device = torch.device(device)
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        return make()
-    full_key = (key, device)
-    tensor = _CONSTANTS.get(full_key)
-    if tensor is None:
-        with torch.inference_mode(False), torch.no_grad():
-            tensor = make()
-        if len(_CONSTANTS) >= _MAX_CONSTANTS:
-            _CONSTANTS.clear()
-        _CONSTANTS[full_key] = tensor
-    return tensor
 
 
 def gram_row_weights(n_real: int, n_syn: int, rho: float, dtype: torch.dtype, device) -> torch.Tensor:

@@ -9,7 +9,8 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from .forms import cached_constant, gram_row_weights
+from .constants import cached_constant
+from .forms import gram_row_weights
 
 __all__ = ["triton_unavailable_reason", "covmatch_loss_triton"]
 
@@ -52,9 +53,9 @@ def _zeros(n: int, device: torch.device) -> torch.Tensor:
     return cached_constant(("zeros_fp32", n), device, lambda: torch.zeros(n, dtype=torch.float32, device=device))
 
 
-def _row_bias(beta: float, gap: torch.Tensor) -> torch.Tensor:
-    """The mean term's gradient row ``beta * gap`` (the cached zeros as they are when beta is 0)."""
-    return gap if beta == 0 else beta * gap
+def _row_bias(lam: float, beta: float, gap: torch.Tensor) -> torch.Tensor:
+    """The mean term's gradient row ``beta * gap``; with lam = 0, ``gap`` is already the zeros row."""
+    return gap if lam == 0 else beta * gap
 
 
 class CovMatchTritonFunction(torch.autograd.Function):
@@ -107,7 +108,7 @@ class CovMatchTritonFunction(torch.autograd.Function):
             for idx, other, other_mean, diff_view, gap, alpha, beta in sides:
                 if needs[idx]:
                     grads[idx] = kernels.centred_matmul(
-                        other, other_mean, diff_view, _row_bias(beta, gap), grad, alpha, ctx.dtypes[idx]
+                        other, other_mean, diff_view, _row_bias(lam, beta, gap), grad, alpha, ctx.dtypes[idx]
                     )
         else:
             z_x, z_y, gram_x, gram_y, weights, mean_x, mean_y = ctx.saved_tensors
@@ -122,7 +123,7 @@ class CovMatchTritonFunction(torch.autograd.Function):
             for idx, gram_other, z, mean, row_start, n_out, gap, beta in sides:
                 if needs[idx]:
                     grads[idx] = kernels.gram_grad(
-                        gram_other, weights, z, mean, n_real, row_start, n_out, _row_bias(beta, gap), grad,
+                        gram_other, weights, z, mean, n_real, row_start, n_out, _row_bias(lam, beta, gap), grad,
                         ctx.dtypes[idx],
                     )  # fmt: skip
         return (*grads, None, None, None)
