@@ -1,0 +1,86 @@
+"""Host cost of one ``covmatch_loss`` forward+backward call: the part of a launch-bound call that is not GPU work.
+
+At the paper's shape (real 128, synthetic 256, d 2304 x 768) the loss is ~1.5 GFLOP, microseconds on an H200,
+so what a call costs is the host code that issues it: argument checks, autograd, allocations, tile-config
+lookup and every torch op besides the kernels (each one a launch on a GPU). This measures that code alone, at
+a tiny shape where compute is negligible, with the fused path's Triton launches replaced by no-ops (so it runs
+on any machine; Triton's own launcher is left out, and is in bench_loss.py's GPU times). Compared in the same
+run: the torch backend, the plain eager formula (imported from the tests) and the four GEMM calls that are the
+issue's floor. Also counted: the torch ops each call dispatches (allocations and views excepted).
+
+    COVMATCH_BENCH_SMOKE=0 COVMATCH_BENCH_RESULTS=benchmarks/results/cpu pytest benchmarks/bench_host.py
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from covmatch import covmatch_loss
+from tests.host_cost import count_dispatched_ops, no_kernel_launches
+from tests.reference import eager_covmatch_loss
+
+from .common import DEVICE, SMOKE, append_row, percentiles
+
+N_REAL, N_SYN, D_IMG, D_TXT = 6, 5, 7, 3  # tiny: the host code does not depend on the shape
+RHO = 2.0
+IMPLS = ["triton-cov", "triton-gram", "torch", "eager", "gemm-floor"]
+
+
+def _inputs():
+    gen = torch.Generator().manual_seed(0)
+    real = [torch.randn(N_REAL, d, generator=gen).to(DEVICE) for d in (D_IMG, D_TXT)]
+    syn = [torch.randn(N_SYN, d, generator=gen).to(DEVICE).requires_grad_() for d in (D_IMG, D_TXT)]
+    return (*real, *syn)
+
+
+def make_call(impl: str, lam: float, inputs):
+    """One forward+backward call of ``impl`` (gradients w.r.t. the synthetic features, as distillation needs)."""
+    real_img, real_txt, syn_img, syn_txt = inputs
+    if impl == "gemm-floor":  # the unavoidable products: X_T^T Y_T, X_S^T Y_S, D Y_S^T, X_S D
+        xs, ys, diff = syn_img.detach(), syn_txt.detach(), torch.randn(D_IMG, D_TXT, device=DEVICE)
+
+        def gemms():
+            return real_img.t() @ real_txt, xs.t() @ ys, ys @ diff.t(), xs @ diff
+
+        return gemms
+    if impl == "eager":
+
+        def loss():
+            return eager_covmatch_loss(real_img, real_txt, syn_img, syn_txt, rho=RHO, lam=lam)
+    else:
+        backend, _, form = impl.partition("-")
+
+        def loss():
+            return covmatch_loss(
+                real_img, real_txt, syn_img, syn_txt, rho=RHO, lam=lam, backend=backend, form=form or "auto"
+            )
+
+    return lambda: torch.autograd.grad(loss(), (syn_img, syn_txt))
+
+
+@pytest.mark.parametrize("lam", [0.0, 0.1], ids=["lam0", "lam0.1"])
+@pytest.mark.parametrize("impl", IMPLS)
+def test_host_cost(benchmark, impl, lam):
+    if impl == "gemm-floor" and lam:
+        pytest.skip("the floor has no mean term")
+    if impl.startswith("triton"):
+        pytest.importorskip("triton")
+        if DEVICE.type == "cpu":  # the backend accepts CPU tensors only under the interpreter (never run here)
+            import covmatch.loss.functional as functional
+
+            if not functional._interpreter_on():
+                pytest.skip("backend='triton' on CPU tensors needs TRITON_INTERPRET=1")
+    call = make_call(impl, lam, _inputs())
+    with no_kernel_launches():
+        call()  # first call: tile-config choice and cached constants
+        ops = count_dispatched_ops(call)
+        rounds, iterations = (1, 1) if SMOKE else (30, 200)
+        benchmark.pedantic(call, rounds=rounds, iterations=iterations, warmup_rounds=0 if SMOKE else 3)
+    samples = list(getattr(benchmark.stats, "stats", benchmark.stats).data) if benchmark.stats else []
+    # percentiles() takes seconds and reports ms; samples scaled by 1e3 come out in microseconds
+    times = {k.replace("_ms", "_us"): v for k, v in percentiles([s * 1e3 for s in samples]).items()} if samples else {}
+    row = {"impl": impl, "lam": lam, "n_real": N_REAL, "n_syn": N_SYN, "torch_ops": len(ops), **times}
+    append_row("host", row)
+    benchmark.extra_info.update({"torch_ops": len(ops)})
+    assert len(ops) >= (1 if impl != "gemm-floor" else 4)
