@@ -1,8 +1,12 @@
 """Launch plumbing shared by the kernels: interpreter detection, dot precision, tile configs, autotuning.
 
-Nothing here touches the GPU at import time. Tile configurations are chosen per shape on first use
+Nothing here touches the GPU at import time. Tile configurations are chosen per shape class on first use
 (timed on the device, then cached); ``COVMATCH_TRITON_SINGLE_CONFIG=1`` or the Triton interpreter
 collapses every list to its first entry so tests are fast and deterministic.
+
+Host code runs on every call of a loss whose kernels can take microseconds (the paper's shape), so what runs
+per call is kept to dictionary lookups and integer arithmetic: config choices are cached by exact shape,
+the interpreter flag is read once, and grid sizes use plain integer division.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import triton.language as tl
 
 __all__ = [
     "TileConfig",
+    "cdiv",
     "interpreter_enabled",
     "single_config_mode",
     "dot_operand_dtype",
@@ -38,15 +43,29 @@ class TileConfig:
     num_stages: int = 2
 
 
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "0").strip().lower() not in ("", "0", "false")
+
+
+# Read once, at import: Triton itself decides when it decorates the kernels (at this package's import)
+# whether they run compiled or interpreted, so a later change of the variable would not change them either.
+_INTERPRETER = _env_flag("TRITON_INTERPRET")
+
+
 def interpreter_enabled() -> bool:
-    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() not in ("", "0", "false")
+    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1`` when this was imported)."""
+    return _INTERPRETER
+
+
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for grid sizes on the host (``triton.cdiv`` is a constexpr function on recent Triton,
+    whose call wrapper costs microseconds per call)."""
+    return -(-a // b)
 
 
 def single_config_mode() -> bool:
     """True when every config list collapses to its first entry (interpreter, or tests on a GPU)."""
-    flag = os.environ.get("COVMATCH_TRITON_SINGLE_CONFIG", "0").strip().lower()
-    return interpreter_enabled() or flag not in ("", "0", "false")
+    return _INTERPRETER or _env_flag("COVMATCH_TRITON_SINGLE_CONFIG")
 
 
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
@@ -62,28 +81,39 @@ def dot_operand_dtype(*dtypes: torch.dtype):
 
 def fp32_dot_precision() -> str:
     """``tl.dot`` precision for fp32 operands: TF32 only where PyTorch itself would use it."""
-    if interpreter_enabled():
+    if _INTERPRETER:
         return "ieee"
     return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
 
 
-_CHOSEN: Dict[Tuple[str, Hashable], TileConfig] = {}
+_CHOSEN: Dict[Tuple[str, Hashable], TileConfig] = {}  # by shape class (sizes rounded up to powers of two)
+_CHOSEN_EXACT: Dict[Tuple[str, Hashable], TileConfig] = {}  # by exact key: the per-call lookup
+_MAX_EXACT_KEYS = 4096
 
 
 def pick_config(
     name: str,
-    key: Hashable,
+    key: Tuple[Hashable, ...],
     configs: Sequence[TileConfig],
     launch: Callable[[TileConfig], object],
 ) -> TileConfig:
     """Return the fastest of ``configs`` for ``(name, key)``, timing each once with ``launch``.
 
-    ``launch(config)`` must run the kernel with that config and write only buffers it allocates
-    itself, so timing runs leave nothing behind (which is why we do not use ``triton.autotune``:
-    per-tile partial buffers are sized by the tile shape).
+    ``key`` holds the call's exact sizes (ints) and whatever else decides the choice (dtypes, flags). The
+    choice is made once per shape class (ints rounded up by ``shape_bucket``) and then found by exact key,
+    one dictionary lookup per call. ``launch(config)`` must run the kernel with that config and write only
+    buffers it allocates itself, so timing runs leave nothing behind (which is why we do not use
+    ``triton.autotune``: per-tile partial buffers are sized by the tile shape).
     """
-    cache_key = (name, key)
+    exact_key = (name, key)
+    chosen = _CHOSEN_EXACT.get(exact_key)
+    if chosen is not None:
+        return chosen
+    if len(_CHOSEN_EXACT) >= _MAX_EXACT_KEYS:  # many distinct shapes (ragged last chunks...): start over
+        _CHOSEN_EXACT.clear()
+    cache_key = (name, tuple(shape_bucket(k) if type(k) is int else k for k in key))
     if cache_key in _CHOSEN:
+        _CHOSEN_EXACT[exact_key] = _CHOSEN[cache_key]
         return _CHOSEN[cache_key]
     if single_config_mode() or len(configs) == 1:
         best = configs[0]
@@ -98,7 +128,7 @@ def pick_config(
         if not timings:
             raise RuntimeError(f"covmatch: no tile configuration of kernel {name!r} runs for shape {key}")
         best = min(timings, key=lambda t: t[0])[1]
-    _CHOSEN[cache_key] = best
+    _CHOSEN[cache_key] = _CHOSEN_EXACT[exact_key] = best
     return best
 
 

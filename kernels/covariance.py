@@ -27,10 +27,10 @@ import triton.language as tl
 from ._launch import (
     TileConfig,
     candidate_configs,
+    cdiv,
     dot_operand_dtype,
     fp32_dot_precision,
     pick_config,
-    shape_bucket,
 )
 
 __all__ = ["CovarianceForward", "covariance_forward", "centred_matmul"]
@@ -109,8 +109,7 @@ def _covmatch_cov_fwd_kernel(
     diff_ptr,
     mean_x_ptr,
     mean_y_ptr,
-    cov_partial_ptr,
-    mean_partial_ptr,
+    partial_ptr,
     n_real,
     n_syn,
     dim_x,
@@ -158,8 +157,10 @@ def _covmatch_cov_fwd_kernel(
     tile_mask = mask_m[:, None] & mask_n[None, :]
     diff = tl.where(tile_mask, rho * cov_r - cov_s, 0.0)
 
+    # per-tile partial sums: the covariance term in row 0 of the [2, tiles] buffer, the mean term in row 1
     tile = pid_m * tl.num_programs(1) + pid_n
-    tl.store(cov_partial_ptr + tile, tl.sum(tl.sum(diff * diff, axis=1), axis=0))
+    n_tiles = tl.num_programs(0) * tl.num_programs(1)
+    tl.store(partial_ptr + tile, tl.sum(tl.sum(diff * diff, axis=1), axis=0))
     if STORE_DIFF:
         tl.store(diff_ptr + offs_m[:, None] * stride_diff_m + offs_n[None, :] * stride_diff_n, diff, mask=tile_mask)
 
@@ -180,7 +181,7 @@ def _covmatch_cov_fwd_kernel(
     mean_part = tl.where(own_x, tl.sum(gap_x * gap_x, axis=0), 0.0) + tl.where(
         own_y, tl.sum(gap_y * gap_y, axis=0), 0.0
     )
-    tl.store(mean_partial_ptr + tile, mean_part)
+    tl.store(partial_ptr + n_tiles + tile, mean_part)
 
 
 @triton.jit
@@ -299,7 +300,7 @@ def covariance_forward(
     precision = fp32_dot_precision()
 
     def launch(config: TileConfig) -> CovarianceForward:
-        grid = (triton.cdiv(dim_x, config.block_m), triton.cdiv(dim_y, config.block_n))
+        grid = (cdiv(dim_x, config.block_m), cdiv(dim_y, config.block_n))
         tiles = grid[0] * grid[1]
         diff = torch.empty((dim_x, dim_y), dtype=torch.float32, device=device) if store_diff else None
         mean_x = torch.empty((2, dim_x), dtype=torch.float32, device=device)
@@ -308,24 +309,20 @@ def covariance_forward(
         diff_arg = diff if diff is not None else partials  # never written when STORE_DIFF is False
         _covmatch_cov_fwd_kernel[grid](
             real_x, real_y, syn_x, syn_y,
-            diff_arg, mean_x, mean_y, partials[0], partials[1],
+            diff_arg, mean_x, mean_y, partials,
             n_real, n_syn, dim_x, dim_y,
-            real_x.stride(0), real_x.stride(1), real_y.stride(0), real_y.stride(1),
-            syn_x.stride(0), syn_x.stride(1), syn_y.stride(0), syn_y.stride(1),
-            diff.stride(0) if diff is not None else 0, diff.stride(1) if diff is not None else 0,
+            *real_x.stride(), *real_y.stride(), *syn_x.stride(), *syn_y.stride(),
+            *(diff.stride() if diff is not None else (0, 0)),
             float(rho),
             STORE_DIFF=store_diff, REAL_DOT=real_dot, SYN_DOT=syn_dot, PRECISION=precision,
             BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
             num_warps=config.num_warps, num_stages=config.num_stages,
         )  # fmt: skip
         # Deterministic reduction of the per-tile partials (no float atomics).
-        sums = partials.sum(dim=1)
-        return CovarianceForward(sums[0], sums[1], diff, mean_x, mean_y)
+        cov_loss, mean_loss = partials.sum(dim=1).unbind()
+        return CovarianceForward(cov_loss, mean_loss, diff, mean_x, mean_y)
 
-    key = (
-        shape_bucket(n_real), shape_bucket(n_syn), shape_bucket(dim_x), shape_bucket(dim_y),
-        real_x.dtype, real_y.dtype, syn_x.dtype, syn_y.dtype, store_diff,
-    )  # fmt: skip
+    key = (n_real, n_syn, dim_x, dim_y, real_x.dtype, real_y.dtype, syn_x.dtype, syn_y.dtype, store_diff)
     config = pick_config("covmatch_cov_fwd", key, candidate_configs(_INTERPRETER_CONFIG, _FWD_CONFIGS), launch)
     return launch(config)
 
@@ -350,11 +347,11 @@ def centred_matmul(
     precision = fp32_dot_precision()
 
     def launch(config: TileConfig) -> torch.Tensor:
-        grid = (triton.cdiv(n_rows, config.block_m), triton.cdiv(n_cols, config.block_n))
+        grid = (cdiv(n_rows, config.block_m), cdiv(n_cols, config.block_n))
         _centred_matmul_kernel[grid](
             a, a_mean, b, bias, grad_scale, out,
             n_rows, n_inner, n_cols,
-            a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
+            *a.stride(), *b.stride(), *out.stride(),
             float(alpha),
             PRECISION=precision,
             BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
@@ -362,6 +359,6 @@ def centred_matmul(
         )  # fmt: skip
         return out
 
-    key = (shape_bucket(n_rows), shape_bucket(n_inner), shape_bucket(n_cols), a.dtype, out_dtype, b.stride(0) == 1)
+    key = (n_rows, n_inner, n_cols, a.dtype, out_dtype, b.stride(0) == 1)
     config = pick_config("covmatch_centred_matmul", key, candidate_configs(_INTERPRETER_CONFIG, _GEMM_CONFIGS), launch)
     return launch(config)

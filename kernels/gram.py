@@ -30,10 +30,10 @@ from covmatch.loss.constants import cached_constant
 from ._launch import (
     TileConfig,
     candidate_configs,
+    cdiv,
     dot_operand_dtype,
     fp32_dot_precision,
     pick_config,
-    shape_bucket,
 )
 
 __all__ = ["GramForward", "gram_forward", "gram_grad"]
@@ -206,7 +206,7 @@ def gram_forward(
     precision = fp32_dot_precision()
 
     def launch(config: TileConfig) -> GramForward:
-        n_blocks = triton.cdiv(n_total, config.block_m)
+        n_blocks = cdiv(n_total, config.block_m)
         pairs = _upper_triangle_pairs(n_blocks, device)
         n_programs = pairs.numel() // 2
         partials = torch.empty(n_programs, dtype=torch.float32, device=device)
@@ -219,7 +219,7 @@ def gram_forward(
             z_x, z_y, mean_x, mean_y, weights, pairs,
             gram_x if store_gram else partials, gram_y if store_gram else partials, partials,
             n_total, n_real, dim_x, dim_y,
-            z_x.stride(0), z_x.stride(1), z_y.stride(0), z_y.stride(1),
+            *z_x.stride(), *z_y.stride(),
             n_total if store_gram else 0, 1 if store_gram else 0,
             STORE_GRAM=store_gram, X_DOT=x_dot, Y_DOT=y_dot, PRECISION=precision,
             BLOCK=config.block_m, BLOCK_K=config.block_k,
@@ -227,7 +227,7 @@ def gram_forward(
         )  # fmt: skip
         return GramForward(partials.sum(), gram_x, gram_y)
 
-    key = (shape_bucket(n_total), shape_bucket(dim_x), shape_bucket(dim_y), z_x.dtype, z_y.dtype, store_gram)
+    key = (n_total, dim_x, dim_y, z_x.dtype, z_y.dtype, store_gram)
     config = pick_config("covmatch_gram_fwd", key, candidate_configs(_INTERPRETER_CONFIG, _FWD_CONFIGS), launch)
     return launch(config)
 
@@ -254,17 +254,17 @@ def gram_grad(
     precision = fp32_dot_precision()
 
     def launch(config: TileConfig) -> torch.Tensor:
-        grid = (triton.cdiv(n_out, config.block_m), triton.cdiv(dim, config.block_n))
+        grid = (cdiv(n_out, config.block_m), cdiv(dim, config.block_n))
         _gram_grad_kernel[grid](
             gram_other, weights, z, mean, bias, grad_scale, out,
             row_start, n_out, n_total, n_real, dim,
-            gram_other.stride(0), gram_other.stride(1), z.stride(0), z.stride(1), out.stride(0), out.stride(1),
+            *gram_other.stride(), *z.stride(), *out.stride(),
             PRECISION=precision,
             BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
             num_warps=config.num_warps, num_stages=config.num_stages,
         )  # fmt: skip
         return out
 
-    key = (shape_bucket(n_out), shape_bucket(n_total), shape_bucket(dim), z.dtype, out_dtype)
+    key = (n_out, n_total, dim, z.dtype, out_dtype)
     config = pick_config("covmatch_gram_grad", key, candidate_configs(_INTERPRETER_CONFIG, _GRAD_CONFIGS), launch)
     return launch(config)

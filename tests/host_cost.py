@@ -25,8 +25,8 @@ KERNELS = (
 
 # allocations and views: no launch on any device
 FREE_OPS = frozenset(
-    {"empty", "empty_like", "new_empty", "empty_strided", "t", "view", "select", "expand", "unsqueeze", "slice",
-     "detach", "alias", "as_strided", "_record_function_enter_new", "_record_function_exit"}
+    {"empty", "empty_like", "new_empty", "empty_strided", "t", "view", "select", "slice", "unbind", "expand",
+     "unsqueeze", "detach", "alias", "as_strided", "_record_function_enter_new", "_record_function_exit"}
 )  # fmt: skip
 
 
@@ -56,20 +56,21 @@ def no_kernel_launches() -> Iterator[None]:
 
 
 class _CountOps(TorchDispatchMode):
-    def __init__(self) -> None:
+    def __init__(self, skip: frozenset) -> None:
         super().__init__()
+        self.skip = skip
         self.ops: List[str] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.overloadpacket.__name__
-        if name not in FREE_OPS:
+        if name not in self.skip:
             self.ops.append(name)
         return func(*args, **(kwargs or {}))
 
 
-def count_dispatched_ops(fn: Callable[[], object]) -> List[str]:
-    """Names of the torch ops (allocations and views excepted) that one call of ``fn`` dispatches, backward
-    included when ``fn`` runs it."""
-    with _CountOps() as counter:
+def count_dispatched_ops(fn: Callable[[], object], *, all_ops: bool = False) -> List[str]:
+    """Names of the torch ops that one call of ``fn`` dispatches (backward included when ``fn`` runs it):
+    those that launch work, or with ``all_ops`` every one (allocations, views, profiler markers)."""
+    with _CountOps(frozenset() if all_ops else FREE_OPS) as counter:
         fn()
     return counter.ops

@@ -143,9 +143,12 @@ def test_forms_agree(backend, device):
 
 
 def test_auto_form_choice():
-    # Paper shape: n = 128 + 256 is small next to d_v d_l / (d_v + d_l) = 576: the Gram form is cheaper.
-    assert choose_form("auto", 128, 256, 2304, 768) == "gram"
+    # Paper shape: n = 128 + 256 is not << d_v d_l / (d_v + d_l) = 576; the Gram form's ~1e9 fewer
+    # multiply-adds do not pay for its 8 extra launches. Square 4096 features: they do, many times over.
+    assert choose_form("auto", 128, 256, 2304, 768) == "cov"
+    assert choose_form("auto", 128, 256, 4096, 4096) == "gram"
     assert choose_form("auto", 128, 10_000, 2304, 768) == "cov"
+    assert choose_form("auto", 128, 10_000, 4096, 4096) == "cov"
     assert choose_form("cov", 128, 256, 2304, 768) == "cov"
     with pytest.raises(ValueError, match="form must be one of"):
         choose_form("dense", 2, 2, 2, 2)

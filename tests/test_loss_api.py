@@ -200,3 +200,18 @@ def test_fused_path_issues_few_torch_ops_around_its_kernels(form, lam, most):
         call()  # makes the cached constants
         ops = count_dispatched_ops(call)
     assert len(ops) <= most, sorted(ops)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_named_in_profiles_and_unmarked_otherwise(backend):
+    """The call is a named range in torch.profiler traces (bench_step.py attributes time by it), and costs
+    no profiler marker when no profiler runs."""
+    inputs = _four(n_real=6, n_syn=5, d_img=7, d_txt=3)
+
+    def call():
+        covmatch_loss(*inputs, rho=2.0, backend=backend)
+
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        call()
+    assert "covmatch_loss" in {event.key for event in prof.key_averages()}
+    assert not [op for op in count_dispatched_ops(call, all_ops=True) if "record_function" in op]

@@ -90,13 +90,20 @@ def mean_matching_loss(real: torch.Tensor, syn: torch.Tensor) -> torch.Tensor:
 _TRITON_ENTRY: List[Callable[..., torch.Tensor]] = []
 
 
-def _covmatch_loss_triton_eager(*args) -> torch.Tensor:
-    """The fused path behind ``torch.compiler.disable``: dynamo does not trace the kernels' host code, so a
-    graph break keeps ``torch.compile`` callers working. Wrapped on first use, because applying the
-    decorator at import time would import torch._dynamo (and triton) with every ``import covmatch``."""
+def _covmatch_loss_triton_graph_break(*args) -> torch.Tensor:
+    """The fused path behind ``torch.compiler.disable``, for callers under ``torch.compile``: dynamo does not
+    trace the kernels' host code, so a graph break keeps compiled callers working. Wrapped on first use,
+    because applying the decorator at import time would import torch._dynamo (and triton) with every
+    ``import covmatch``; eager callers skip the wrapper (it costs microseconds per call)."""
     if not _TRITON_ENTRY:
         _TRITON_ENTRY.append(torch.compiler.disable(covmatch_loss_triton))
     return _TRITON_ENTRY[0](*args)
+
+
+def _name_in_profiles() -> bool:
+    """Whether to mark the call with ``record_function``: while a profiler records (so that profiles name
+    it), and under ``torch.compile`` (as before); otherwise the marker's two dispatcher calls are skipped."""
+    return torch.compiler.is_compiling() or torch.autograd._profiler_enabled()
 
 
 def covmatch_loss(
@@ -122,7 +129,11 @@ def covmatch_loss(
     dtypes = (real_img.dtype, real_txt.dtype, syn_img.dtype, syn_txt.dtype)
     resolved = resolve_backend(backend, real_img.device, dtypes)
     resolved_form = choose_form(form, n_real, n_syn, d_img, d_txt)
-    with torch.profiler.record_function("covmatch_loss"):  # named in profiles (near-free when not profiling)
-        if resolved == "triton":
-            return _covmatch_loss_triton_eager(real_img, real_txt, syn_img, syn_txt, rho, lam, resolved_form)
-        return covmatch_loss_torch(real_img, real_txt, syn_img, syn_txt, rho, lam, resolved_form)
+    if resolved == "triton":
+        impl = _covmatch_loss_triton_graph_break if torch.compiler.is_compiling() else covmatch_loss_triton
+    else:
+        impl = covmatch_loss_torch
+    if _name_in_profiles():
+        with torch.profiler.record_function("covmatch_loss"):
+            return impl(real_img, real_txt, syn_img, syn_txt, rho, lam, resolved_form)
+    return impl(real_img, real_txt, syn_img, syn_txt, rho, lam, resolved_form)

@@ -92,24 +92,27 @@ class CovMatchTritonFunction(torch.autograd.Function):
         kernels = _kernels()
         rho, lam, n_real, n_syn = ctx.rho, ctx.lam, ctx.n_real, ctx.n_syn
         needs = ctx.needs_input_grad[:4]
-        grad = grad.to(torch.float32)
+        if grad.dtype != torch.float32:
+            grad = grad.to(torch.float32)
         grads = [None, None, None, None]
         if ctx.form == "cov":
             real_img, real_txt, syn_img, syn_txt, diff, mean_x, mean_y = ctx.saved_tensors
             gap_x, gap_y = _mean_gaps(mean_x, mean_y, lam)
             # dL/dX = alpha * (Y - 1 mu_Y^T) D^T + mean-term row, dL/dY = alpha * (X - 1 mu_X^T) D + ...
-            # (DESIGN 1.2): alpha = 2 rho / (n_T - 1) on the real side, -2 / (n_S - 1) on the synthetic side.
+            # (DESIGN 1.2): alpha = 2 rho / (n_T - 1) on the real side, -2 / (n_S - 1) on the synthetic side;
+            # each side: (input index, the other modality's rows and mean, D or D^T, gap, alpha, beta)
             sides = (
-                (0, real_txt, mean_y[0], diff.t(), gap_x, 2.0 * rho / (n_real - 1), 2.0 * lam / n_real),
-                (1, real_img, mean_x[0], diff, gap_y, 2.0 * rho / (n_real - 1), 2.0 * lam / n_real),
-                (2, syn_txt, mean_y[1], diff.t(), gap_x, -2.0 / (n_syn - 1), -2.0 * lam / n_syn),
-                (3, syn_img, mean_x[1], diff, gap_y, -2.0 / (n_syn - 1), -2.0 * lam / n_syn),
+                (0, real_txt, mean_y, 0, True, gap_x, 2.0 * rho / (n_real - 1), 2.0 * lam / n_real),
+                (1, real_img, mean_x, 0, False, gap_y, 2.0 * rho / (n_real - 1), 2.0 * lam / n_real),
+                (2, syn_txt, mean_y, 1, True, gap_x, -2.0 / (n_syn - 1), -2.0 * lam / n_syn),
+                (3, syn_img, mean_x, 1, False, gap_y, -2.0 / (n_syn - 1), -2.0 * lam / n_syn),
             )
-            for idx, other, other_mean, diff_view, gap, alpha, beta in sides:
-                if needs[idx]:
+            for idx, other, other_means, which, transpose, gap, alpha, beta in sides:
+                if needs[idx]:  # distillation needs the synthetic side only: no work, not even views, for the rest
                     grads[idx] = kernels.centred_matmul(
-                        other, other_mean, diff_view, _row_bias(lam, beta, gap), grad, alpha, ctx.dtypes[idx]
-                    )
+                        other, other_means[which], diff.t() if transpose else diff, _row_bias(lam, beta, gap),
+                        grad, alpha, ctx.dtypes[idx],
+                    )  # fmt: skip
         else:
             z_x, z_y, gram_x, gram_y, weights, mean_x, mean_y = ctx.saved_tensors
             gap_x, gap_y = _mean_gaps(mean_x, mean_y, lam)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 
@@ -59,10 +59,44 @@ def check_hyperparameters(rho: float, lam: float) -> None:
         raise ValueError(f"lam must be >= 0 (a negative weight makes the loss unbounded below), got {lam}")
 
 
+def _valid_shapes(real_img, real_txt, syn_img, syn_txt) -> Optional[Tuple[int, int, int, int]]:
+    """(n_real, n_syn, d_img, d_txt) when the four inputs pass every check below, else None (the detailed
+    checks then say what is wrong). One pass of attribute reads: this runs on every call of a loss whose
+    kernels can take microseconds."""
+    tensor = torch.Tensor
+    if not (
+        isinstance(real_img, tensor)
+        and isinstance(real_txt, tensor)
+        and isinstance(syn_img, tensor)
+        and isinstance(syn_txt, tensor)
+    ):
+        return None
+    try:
+        (n_real, d_img), (n_real_txt, d_txt) = real_img.shape, real_txt.shape
+        (n_syn, d_syn_img), (n_syn_txt, d_syn_txt) = syn_img.shape, syn_txt.shape
+    except ValueError:  # not 2-D
+        return None
+    valid = (
+        n_real == n_real_txt >= 2
+        and n_syn == n_syn_txt >= 2
+        and d_syn_img == d_img >= 1
+        and d_syn_txt == d_txt >= 1
+        and real_img.dtype in _FLOAT_DTYPES
+        and real_txt.dtype in _FLOAT_DTYPES
+        and syn_img.dtype in _FLOAT_DTYPES
+        and syn_txt.dtype in _FLOAT_DTYPES
+        and real_img.device == real_txt.device == syn_img.device == syn_txt.device
+    )
+    return (n_real, n_syn, d_img, d_txt) if valid else None
+
+
 def check_covmatch_inputs(
     real_img: object, real_txt: object, syn_img: object, syn_txt: object
 ) -> Tuple[int, int, int, int]:
     """Validate the four feature matrices of ``covmatch_loss``. Returns (n_real, n_syn, d_img, d_txt)."""
+    shapes = _valid_shapes(real_img, real_txt, syn_img, syn_txt)
+    if shapes is not None:
+        return shapes
     n_real, d_img, d_txt = check_pair("real_img", real_img, "real_txt", real_txt, min_rows=2)
     n_syn, ds_img, ds_txt = check_pair("syn_img", syn_img, "syn_txt", syn_txt, min_rows=2)
     if ds_img != d_img:
