@@ -4,14 +4,17 @@ At the paper's shape (real 128, synthetic 256, d 2304 x 768) the loss is ~1.5 GF
 so what a call costs is the host code that issues it: argument checks, autograd, allocations, tile-config
 lookup and every torch op besides the kernels (each one a launch on a GPU). This measures that code alone, at
 a tiny shape where compute is negligible, with the fused path's Triton launches replaced by no-ops (so it runs
-on any machine; Triton's own launcher is left out, and is in bench_loss.py's GPU times). Compared in the same
-run: the torch backend, the plain eager formula (imported from the tests) and the four GEMM calls that are the
-issue's floor. Also counted: the torch ops each call dispatches (allocations and views excepted).
+on any machine); on a GPU, ``+launch`` cases add Triton's own launcher (real launches, not synchronised:
+the host's time to issue a call). Compared in the same run: the torch backend, the plain eager formula
+(imported from the tests) and the four GEMM calls that are the issue's floor. Also counted: the torch ops
+each call dispatches (allocations and views excepted).
 
     COVMATCH_BENCH_SMOKE=0 COVMATCH_BENCH_RESULTS=benchmarks/results/cpu pytest benchmarks/bench_host.py
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import pytest
 import torch
@@ -24,7 +27,7 @@ from .common import DEVICE, SMOKE, append_row, percentiles
 
 N_REAL, N_SYN, D_IMG, D_TXT = 6, 5, 7, 3  # tiny: the host code does not depend on the shape
 RHO = 2.0
-IMPLS = ["triton-cov", "triton-gram", "torch", "eager", "gemm-floor"]
+IMPLS = ["triton-cov", "triton-gram", "torch", "eager", "gemm-floor", "triton-cov+launch", "triton-gram+launch"]
 
 
 def _inputs():
@@ -49,7 +52,7 @@ def make_call(impl: str, lam: float, inputs):
         def loss():
             return eager_covmatch_loss(real_img, real_txt, syn_img, syn_txt, rho=RHO, lam=lam)
     else:
-        backend, _, form = impl.partition("-")
+        backend, _, form = impl.removesuffix("+launch").partition("-")
 
         def loss():
             return covmatch_loss(
@@ -64,6 +67,9 @@ def make_call(impl: str, lam: float, inputs):
 def test_host_cost(benchmark, impl, lam):
     if impl == "gemm-floor" and lam:
         pytest.skip("the floor has no mean term")
+    launches = impl.endswith("+launch")
+    if launches and DEVICE.type != "cuda":
+        pytest.skip("real Triton launches are timed on a GPU only")
     if impl.startswith("triton"):
         pytest.importorskip("triton")
         if DEVICE.type == "cpu":  # the backend accepts CPU tensors only under the interpreter (never run here)
@@ -72,7 +78,7 @@ def test_host_cost(benchmark, impl, lam):
             if not functional._interpreter_on():
                 pytest.skip("backend='triton' on CPU tensors needs TRITON_INTERPRET=1")
     call = make_call(impl, lam, _inputs())
-    with no_kernel_launches():
+    with contextlib.nullcontext() if launches else no_kernel_launches():
         call()  # first call: tile-config choice and cached constants
         ops = count_dispatched_ops(call)
         rounds, iterations = (1, 1) if SMOKE else (30, 200)

@@ -6,8 +6,9 @@
 #
 #   bash benchmarks/run_gpu.sh        # OUT=dir (default benchmarks/results/gpu), CARRY=dir (default .gpu_carry)
 #
-# It writes seven files to $OUT: run_gpu.log, loss.csv, step.csv, step_scaling.csv, loss.png, step.png and
-# summary.md (the README's table, every target marked met / missed / not measured).
+# It writes eight files to $OUT (the most the device machine returns): run_gpu.log, loss.csv, host.csv,
+# step.csv, step_scaling.csv, loss.png, step.png and summary.md (the README's table, every target marked
+# met / missed / not measured).
 # Budget: under 8 minutes. Each stage has its own time limit and runs its cases in order of importance, and
 # every case appends its CSV row when it finishes, so a stage cut short keeps what it measured (the log says so).
 # Check the script itself on a CPU first (smoke mode: tiny shapes, the Triton interpreter, no timing claims):
@@ -69,8 +70,8 @@ EOF
 stage "1. correctness of the fused kernels on this device (fp32, fp16, bf16) against float64"
 limited "$LIMIT_TESTS" "$PY" -m pytest -q -x -p no:cacheprovider tests/test_loss.py -k "${RUN_GPU_TESTS_K:-triton or forms}"
 
-stage "2. covmatch_loss microbenchmarks"
-limited "$LIMIT_LOSS" "$PY" -m pytest -q -p no:cacheprovider benchmarks/bench_loss.py --benchmark-enable \
+stage "2. covmatch_loss microbenchmarks, then its host cost per call"
+limited "$LIMIT_LOSS" "$PY" -m pytest -q -p no:cacheprovider benchmarks/bench_loss.py benchmarks/bench_host.py --benchmark-enable \
   --benchmark-disable-gc --benchmark-columns=median,iqr,rounds "${BENCH_K[@]}"
 
 stage "3. distillation step"

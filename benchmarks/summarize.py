@@ -102,6 +102,24 @@ def loss_section(
     return out, checks
 
 
+def host_section(rows: List[Dict[str, str]]) -> List[str]:
+    """Host time per forward+backward call at a tiny shape (bench_host.py): what a launch-bound call costs
+    besides GPU work, per implementation, with the torch ops it dispatches; no target, an explanation."""
+    eager = {r["lam"]: number(r.get("median_us")) for r in rows if r["impl"] == "eager"}
+    out = [
+        "Host time of one covmatch_loss forward+backward call at a tiny shape (median us; `+launch`: with",
+        "Triton's launcher, else the launches stubbed out; ops: torch ops dispatched besides allocations and views)",
+        "",
+        "| implementation | lam | host us | torch ops | / eager |",
+        "|---|---|---|---|---|",
+    ]
+    for r in rows:
+        host = number(r.get("median_us"))
+        ratio = host / eager.get(r["lam"], float("nan")) if r["impl"] != "gemm-floor" else float("nan")
+        out.append(f"| {r['impl']} | {r['lam']} | {_fmt(host)} | {r.get('torch_ops', '')} | {_fmt(ratio)} |")
+    return out
+
+
 def step_section(step: List[Dict[str, str]], scaling: List[Dict[str, str]]) -> Tuple[List[str], List[Check]]:
     """The bf16 headline iteration (time, memory, counted FLOPs and utilisation, loss share) and the
     synthetic-batch memory sweep with ``--syn-chunk``."""
@@ -181,6 +199,10 @@ def summarize(results: Path) -> str:
         section, found = loss_section(rows)
         lines += section + [""]
         checks += found
+    host = newest_run(results / "host.csv")
+    if host:
+        first = first or host[0]
+        lines += host_section(host) + [""]
     step = newest_run(results / "step.csv")
     scaling = newest_run(results / "step_scaling.csv")
     if step or scaling:
@@ -196,7 +218,8 @@ def summarize(results: Path) -> str:
         + (" — SMOKE MODE, no timing claims" if first.get("smoke") == "True" else "")
     )
     lines = [header, ""] + lines
-    lines += ["| target | measured | bound | result |", "|---|---|---|---|"]
+    if checks:
+        lines += ["| target | measured | bound | result |", "|---|---|---|---|"]
     for name, value, bound, at_most in checks:
         relation = "<=" if at_most else ">="
         result = _check(value, bound, at_most, smoke=first.get("smoke") == "True")

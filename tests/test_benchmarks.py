@@ -94,16 +94,18 @@ def test_run_gpu_script_in_smoke_mode(tmp_path):
         "COVMATCH_BENCH_SMOKE": "1",
         "TRITON_INTERPRET": "1",
         "RUN_GPU_TESTS_K": "forms",
-        "RUN_GPU_BENCH_K": "smoke-a and float32 and triton-fwdbwd or headline or synthetic_batch",
+        "RUN_GPU_BENCH_K": "smoke-a and float32 and triton-fwdbwd or headline or synthetic_batch or cost and cov-lam",
     }
     result = subprocess.run(["bash", str(ROOT / "benchmarks" / "run_gpu.sh")], env=env, cwd=ROOT,
                             capture_output=True, text=True, timeout=600)  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     files = sorted(p.name for p in out.iterdir())
-    assert files == ["loss.csv", "loss.png", "run_gpu.log", "step.csv", "step.png", "step_scaling.csv", "summary.md"]
+    assert files == ["host.csv", "loss.csv", "loss.png", "run_gpu.log", "step.csv", "step.png", "step_scaling.csv",
+                     "summary.md"]  # fmt: skip
     log = (out / "run_gpu.log").read_text()
     assert "2 passed" in log and "time limit" not in log and "=== done" in log
-    assert "SMOKE MODE" in (out / "summary.md").read_text()
+    summary = (out / "summary.md").read_text()
+    assert "SMOKE MODE" in summary and "| triton-cov | 0.0 |" in summary
 
 
 def test_count_flops_extrapolates_linearly():
