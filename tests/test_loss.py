@@ -167,6 +167,13 @@ def test_only_requested_gradients(backend, form, device):
     with torch.no_grad():
         value = covmatch_loss(xr, yr, xs, ys, backend=backend, form=form, lam=0.1)
     assert not value.requires_grad
+    # any one input alone (the fused backward keeps only the tensors the requested gradients need)
+    inputs = [xr, yr, xs, ys]
+    every = torch.autograd.grad(covmatch_loss(*inputs, backend=backend, form=form, lam=0.1), inputs)
+    for i in range(4):
+        alone = [t if j == i else t.detach() for j, t in enumerate(inputs)]
+        (grad,) = torch.autograd.grad(covmatch_loss(*alone, backend=backend, form=form, lam=0.1), [alone[i]])
+        torch.testing.assert_close(grad, every[i])
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])

@@ -30,10 +30,16 @@ def triton_unavailable_reason() -> Optional[str]:
     return _TRITON_IMPORT["reason"]
 
 
-def _kernels():
-    from covmatch import kernels
+_KERNELS = []
 
-    return kernels
+
+def _kernels():
+    """``covmatch.kernels``, imported on first use (it imports triton) and then held: this runs per call."""
+    if not _KERNELS:
+        from covmatch import kernels
+
+        _KERNELS.append(kernels)
+    return _KERNELS[0]
 
 
 def _column_means(real: torch.Tensor, syn: torch.Tensor) -> torch.Tensor:
@@ -64,7 +70,8 @@ class CovMatchTritonFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, real_img, real_txt, syn_img, syn_txt, rho: float, lam: float, form: str):
         kernels = _kernels()
-        needs_grad = any(ctx.needs_input_grad[:4])
+        needs = ctx.needs_input_grad[:4]
+        needs_grad = any(needs)
         n_real, n_syn = real_img.shape[0], syn_img.shape[0]
         ctx.rho, ctx.lam, ctx.form = rho, lam, form
         ctx.dtypes = (real_img.dtype, real_txt.dtype, syn_img.dtype, syn_txt.dtype)
@@ -72,7 +79,13 @@ class CovMatchTritonFunction(torch.autograd.Function):
         if form == "cov":
             out = kernels.covariance_forward(real_img, real_txt, syn_img, syn_txt, rho, store_diff=needs_grad)
             cov_loss, mean_loss = out.cov_loss, out.mean_loss
-            ctx.save_for_backward(real_img, real_txt, syn_img, syn_txt, out.diff, out.mean_x, out.mean_y)
+            # the gradient of each input needs the other modality's rows of its set: keep only those (every
+            # saved tensor costs an unpack in backward, and distillation needs the synthetic side alone)
+            ctx.save_for_backward(
+                real_img if needs[1] else None, real_txt if needs[0] else None,
+                syn_img if needs[3] else None, syn_txt if needs[2] else None,
+                out.diff, out.mean_x, out.mean_y,
+            )  # fmt: skip
         else:
             mean_x = _column_means(real_img, syn_img)
             mean_y = _column_means(real_txt, syn_txt)
