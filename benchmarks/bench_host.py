@@ -23,7 +23,7 @@ from covmatch import covmatch_loss
 from tests.host_cost import count_dispatched_ops, no_kernel_launches
 from tests.reference import eager_covmatch_loss
 
-from .common import DEVICE, SMOKE, append_row, percentiles
+from .common import DEVICE, append_row, run_benchmark
 
 N_REAL, N_SYN, D_IMG, D_TXT = 6, 5, 7, 3  # tiny: the host code does not depend on the shape
 RHO = 2.0
@@ -104,11 +104,8 @@ def test_host_cost(benchmark, impl, lam):
     with contextlib.nullcontext() if launches else no_kernel_launches():
         call()  # first call: tile-config choice and cached constants
         ops = count_dispatched_ops(call)
-        rounds, iterations = (1, 1) if SMOKE else (30, 200)
-        benchmark.pedantic(call, rounds=rounds, iterations=iterations, warmup_rounds=0 if SMOKE else 3)
-    samples = list(getattr(benchmark.stats, "stats", benchmark.stats).data) if benchmark.stats else []
-    # percentiles() takes seconds and reports ms; samples scaled by 1e3 come out in microseconds
-    times = {k.replace("_ms", "_us"): v for k, v in percentiles([s * 1e3 for s in samples]).items()} if samples else {}
+        timing = run_benchmark(benchmark, call, rounds=30, warmup=3, iterations=200, synchronized=False)
+    times = {key.replace("_ms", "_us"): 1e3 * value for key, value in timing.items()}
     row = {"impl": impl, "lam": lam, "n_real": N_REAL, "n_syn": N_SYN, "torch_ops": len(ops), **times}
     append_row("host", row)
     benchmark.extra_info.update({"torch_ops": len(ops)})

@@ -102,16 +102,26 @@ def percentiles(samples: List[float]) -> Dict[str, float]:
     return {"median_ms": 1e3 * q(0.5), "p20_ms": 1e3 * q(0.2), "p80_ms": 1e3 * q(0.8)}
 
 
-def run_benchmark(benchmark, fn: Callable[[], object], *, rounds: int = 20, warmup: int = 3) -> Dict[str, float]:
-    """Time ``fn`` (synchronised) with pytest-benchmark and return median/p20/p80 in ms."""
+def run_benchmark(
+    benchmark,
+    fn: Callable[[], object],
+    *,
+    rounds: int = 20,
+    warmup: int = 3,
+    iterations: int = 1,
+    synchronized: bool = True,
+) -> Dict[str, float]:
+    """Time ``fn`` with pytest-benchmark and return median/p20/p80 per call in ms: each call synchronised
+    with the device, or (``synchronized=False``, for host cost) ``iterations`` calls per round, unsynchronised."""
 
     def timed():
         fn()
         synchronize()
 
     if SMOKE:
-        rounds, warmup = 1, 0
-    benchmark.pedantic(timed, rounds=rounds, iterations=1, warmup_rounds=warmup)
+        rounds, warmup, iterations = 1, 0, 1
+    target = timed if synchronized else fn
+    benchmark.pedantic(target, rounds=rounds, iterations=iterations, warmup_rounds=warmup)
     samples = list(getattr(benchmark.stats, "stats", benchmark.stats).data) if benchmark.stats else []
     if not samples:  # --benchmark-disable: pytest-benchmark ran it once without timing
         return {"median_ms": float("nan"), "p20_ms": float("nan"), "p80_ms": float("nan")}

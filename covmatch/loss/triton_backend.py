@@ -112,18 +112,19 @@ class CovMatchTritonFunction(torch.autograd.Function):
             real_img, real_txt, syn_img, syn_txt, diff, mean_x, mean_y = ctx.saved_tensors
             gap_x, gap_y = _mean_gaps(mean_x, mean_y, lam)
             # dL/dX = alpha * (Y - 1 mu_Y^T) D^T + mean-term row, dL/dY = alpha * (X - 1 mu_X^T) D + ...
-            # (DESIGN 1.2): alpha = 2 rho / (n_T - 1) on the real side, -2 / (n_S - 1) on the synthetic side;
-            # each side: (input index, the other modality's rows and mean, D or D^T, gap, alpha, beta)
+            # (DESIGN 1.2): alpha = 2 rho / (n_T - 1) on the real side, -2 / (n_S - 1) on the synthetic side.
+            # Inputs 0-1 are the real set, 2-3 the synthetic one (row idx // 2 of the means); images (even idx)
+            # take D^T. Each side: (input index, the other modality's rows and means, gap, alpha, beta).
             sides = (
-                (0, real_txt, mean_y, 0, True, gap_x, 2.0 * rho / (n_real - 1), 2.0 * lam / n_real),
-                (1, real_img, mean_x, 0, False, gap_y, 2.0 * rho / (n_real - 1), 2.0 * lam / n_real),
-                (2, syn_txt, mean_y, 1, True, gap_x, -2.0 / (n_syn - 1), -2.0 * lam / n_syn),
-                (3, syn_img, mean_x, 1, False, gap_y, -2.0 / (n_syn - 1), -2.0 * lam / n_syn),
+                (0, real_txt, mean_y, gap_x, 2.0 * rho / (n_real - 1), 2.0 * lam / n_real),
+                (1, real_img, mean_x, gap_y, 2.0 * rho / (n_real - 1), 2.0 * lam / n_real),
+                (2, syn_txt, mean_y, gap_x, -2.0 / (n_syn - 1), -2.0 * lam / n_syn),
+                (3, syn_img, mean_x, gap_y, -2.0 / (n_syn - 1), -2.0 * lam / n_syn),
             )
-            for idx, other, other_means, which, transpose, gap, alpha, beta in sides:
+            for idx, other, other_means, gap, alpha, beta in sides:
                 if needs[idx]:  # distillation needs the synthetic side only: no work, not even views, for the rest
                     grads[idx] = kernels.centred_matmul(
-                        other, other_means[which], diff.t() if transpose else diff, _row_bias(lam, beta, gap),
+                        other, other_means[idx // 2], diff.t() if idx % 2 == 0 else diff, _row_bias(lam, beta, gap),
                         grad, alpha, ctx.dtypes[idx],
                     )  # fmt: skip
         else:
