@@ -7,7 +7,7 @@ top-level ``kernels`` module: a widely installed PyPI package of that name is im
 import re
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 HERE = Path(__file__).parent
 VERSION = re.search(r'__version__ = "([^"]+)"', (HERE / "covmatch" / "_version.py").read_text()).group(1)
@@ -34,7 +34,7 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.9",
-    packages=["covmatch", "covmatch.kernels"],
+    packages=["covmatch", *(f"covmatch.{name}" for name in find_packages("covmatch")), "covmatch.kernels"],
     package_dir={"covmatch": "covmatch", "covmatch.kernels": "kernels"},
     install_requires=[
         "torch>=2.4",

@@ -148,6 +148,11 @@ def test_sharded_loss_equals_the_single_process_loss_on_the_union():
     assert output.count("sharded loss == single-process loss") == 2
 
 
+def test_chunked_gradient_on_two_ranks_with_a_sampled_batch():
+    output = launch(str(WORKER), "chunked")
+    assert output.count("chunked run == single-pass run") == 2
+
+
 def test_reset_under_zero_restores_the_pretrained_state():
     output = launch(str(WORKER), "reset", "1:fp32,2:bf16,3:fp32")
     for case in ("ZeRO-1 fp32", "ZeRO-2 bf16", "ZeRO-3 fp32"):

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
-import zipfile
+import sysconfig
 from pathlib import Path
 
 import pytest
@@ -48,34 +49,83 @@ def test_kernels_live_under_covmatch(tmp_path):
         assert not Path(facts["top"]).resolve().is_relative_to(REPO), facts["top"]
 
 
-@pytest.mark.slow
-def test_wheel_installs_kernels_only_under_covmatch(tmp_path):
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "wheel",
-            "--no-deps",
-            "--no-build-isolation",
-            "-q",
-            "-w",
-            str(tmp_path),
-            str(REPO),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+SUBPACKAGES = (
+    "covmatch.data",
+    "covmatch.distill",
+    "covmatch.eval",
+    "covmatch.kernels",
+    "covmatch.loss",
+    "covmatch.models",
+)
+
+
+@pytest.fixture(scope="module")
+def wheel_env(tmp_path_factory) -> dict:
+    """The wheel built from a copy of this tree, installed by pip into a fresh virtualenv whose only other
+    packages are this environment's dependencies (added as a plain path, so the checkout's editable
+    install is not among them)."""
+    build = tmp_path_factory.mktemp("wheel")
+    # a copy of the sources only: setuptools would otherwise reuse (and leave) a build/ in the checkout
+    source = build / "source"
+    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(".*", "build", "dist", "*.egg-info", "__pycache__"))
+    argv = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(build)]
+    out = subprocess.run([*argv, str(source)], cwd=build, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
-    (wheel,) = tmp_path.glob("covmatch-*.whl")
-    names = zipfile.ZipFile(wheel).namelist()
-    tops = {name.split("/")[0] for name in names}
-    assert all(top == "covmatch" or top.endswith(".dist-info") for top in tops), tops
-    assert "covmatch/kernels/covariance.py" in names
-    top_level = [n for n in names if n.endswith("top_level.txt")]
-    for name in top_level:
-        assert zipfile.ZipFile(wheel).read(name).decode().split() == ["covmatch"]
+    (wheel,) = build.glob("covmatch-*.whl")
+    env = build / "env"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(env)], check=True, timeout=120)
+    python = env / "bin" / "python"
+    site = Path(subprocess.check_output([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                                        text=True).strip())  # fmt: skip
+    deps = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
+    (site / "_covmatch_test_dependencies.pth").write_text("".join(f"{p}\n" for p in sorted(deps)))
+    install = [sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "--no-index", "-q"]
+    out = subprocess.run([*install, str(wheel)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    return {"python": python, "bin": env / "bin", "site": site, "cwd": build}
+
+
+def _run_in(wheel_env: dict, *argv) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "PYTHONPATH")}
+    return subprocess.run(argv, cwd=wheel_env["cwd"], env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_wheel_holds_every_subpackage_and_no_top_level_kernels(wheel_env):
+    site = wheel_env["site"]
+    ours = {p.name for p in site.iterdir() if not p.name.startswith(("_", "pip")) and p.suffix != ".pth"}
+    assert all(name == "covmatch" or name.endswith(".dist-info") for name in ours), ours
+    for name in SUBPACKAGES:
+        assert (site / name.replace(".", "/") / "__init__.py").is_file(), name
+    assert (site / "covmatch" / "kernels" / "covariance.py").is_file()
+    for top_level in site.glob("covmatch-*.dist-info/top_level.txt"):
+        assert top_level.read_text().split() == ["covmatch"]
+
+
+@pytest.mark.slow
+def test_every_subpackage_imports_from_the_wheel(wheel_env):
+    code = (
+        "import importlib, json\n"
+        f"names = {list(SUBPACKAGES)!r} + ['covmatch.distill.engine', 'covmatch.eval.cli', 'covmatch.demo']\n"
+        "print(json.dumps({n: importlib.import_module(n).__file__ for n in names}))"
+    )
+    out = _run_in(wheel_env, wheel_env["python"], "-c", code)
+    assert out.returncode == 0, out.stderr
+    for name, path in json.loads(out.stdout).items():
+        assert Path(path).resolve().is_relative_to(wheel_env["site"].resolve()), (name, path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "argv",
+    [["-m", "covmatch.distill"], ["-m", "covmatch.eval"], ["covmatch-distill"], ["covmatch-eval"], ["covmatch"]],
+    ids=" ".join,
+)
+def test_commands_run_from_the_wheel(wheel_env, argv):
+    command = [wheel_env["python"], *argv] if argv[0] == "-m" else [wheel_env["bin"] / argv[0]]
+    out = _run_in(wheel_env, *command, "--help")
+    assert out.returncode == 0, out.stderr
+    assert "usage:" in out.stdout
 
 
 def test_sources_are_ruff_clean():

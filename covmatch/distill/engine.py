@@ -261,22 +261,15 @@ class Distiller:
 
     def synthetic_batch(self, t: int) -> SyntheticBatch:
         idx = self.synthetic_indices(t).to(self.device)
-        take_all = idx.numel() == self.syn_images.shape[0]
-
-        def view(x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-            if x is None:
-                return None
-            return x if take_all else x[idx]
-
-        return SyntheticBatch(
-            view(self.syn_images), view(self.syn_text), view(self.syn_mask), view(self.syn_text_features)
-        )
+        rows = None if idx.numel() == self.syn_images.shape[0] else idx
+        return SyntheticBatch(self.syn_images, self.syn_text, self.syn_mask, self.syn_text_features, rows=rows)
 
     def step(self, real_batch) -> Dict[str, torch.Tensor]:
         """One iteration t of Algorithm 1 on ``real_batch`` (pixels, ids, mask, index); returns detached metrics."""
         cfg, t = self.config, self.iteration
         model = self.model
-        pixels, ids, mask = (x.to(self.device, non_blocking=True) for x in real_batch[:3])
+        pixels = real_batch[0].to(self.device, dtype=self.syn_images.dtype, non_blocking=True)
+        ids, mask = (x.to(self.device, non_blocking=True) for x in real_batch[1:3])
 
         # 1. Periodic reset of the online model (not in the fixed-model ablation, which keeps its t=0 state).
         if t % cfg.preset.reset_every == 0 and (t == 0 or cfg.online != "fixed"):

@@ -10,8 +10,9 @@ input as one big pass, with the activation memory of one chunk.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass
-from typing import Iterator, Optional, Tuple
+from typing import Iterator, Optional, Tuple, Union
 
 import torch
 
@@ -48,26 +49,60 @@ class LossParts:
     mean: torch.Tensor
 
 
-@dataclass
+@dataclass(frozen=True)
 class SyntheticBatch:
-    """Views of the synthetic tensors for one iteration: pixels, and either token embeddings + mask or,
-    with a frozen text encoder, text features that are learned directly."""
+    """The synthetic pairs of one iteration: rows ``rows`` of the synthetic set's tensors (all rows when None).
 
-    images: torch.Tensor
-    text_embeds: Optional[torch.Tensor]
-    attention_mask: Optional[torch.Tensor]
-    text_features: Optional[torch.Tensor] = None
+    Captions are token embeddings + mask or, with a frozen text encoder, learned text features. The rows are
+    taken from the set's tensors on every access, so each chunk of the two-pass gradient selects, and
+    backpropagates through, rows of its own: a batch gathered once and then cut into chunks would be one
+    graph node that every chunk's backward runs through.
+    """
+
+    set_images: torch.Tensor
+    set_text_embeds: Optional[torch.Tensor]
+    set_attention_mask: Optional[torch.Tensor]
+    set_text_features: Optional[torch.Tensor] = None
+    rows: Union[slice, torch.Tensor, None] = None
+
+    def _take(self, x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        if x is None or self.rows is None:
+            return x
+        return x[self.rows]
+
+    @property
+    def images(self) -> torch.Tensor:
+        return self._take(self.set_images)
+
+    @property
+    def text_embeds(self) -> Optional[torch.Tensor]:
+        return self._take(self.set_text_embeds)
+
+    @property
+    def attention_mask(self) -> Optional[torch.Tensor]:
+        return self._take(self.set_attention_mask)
+
+    @property
+    def text_features(self) -> Optional[torch.Tensor]:
+        return self._take(self.set_text_features)
 
     def __len__(self) -> int:
-        return self.images.shape[0]
+        if self.rows is None:
+            return self.set_images.shape[0]
+        if isinstance(self.rows, slice):
+            return len(range(self.set_images.shape[0])[self.rows])
+        return self.rows.numel()
 
     def chunk(self, sl: slice) -> SyntheticBatch:
-        return SyntheticBatch(
-            self.images[sl],
-            None if self.text_embeds is None else self.text_embeds[sl],
-            None if self.attention_mask is None else self.attention_mask[sl],
-            None if self.text_features is None else self.text_features[sl],
-        )
+        """Rows ``sl`` of this batch, selected from the set's tensors directly."""
+        if self.rows is None:
+            rows = sl
+        elif isinstance(self.rows, slice):
+            r = range(self.set_images.shape[0])[self.rows][sl]
+            rows = slice(r.start, r.stop, r.step)
+        else:
+            rows = self.rows[sl]
+        return dataclasses.replace(self, rows=rows)
 
 
 def full_precision(x: torch.Tensor) -> torch.Tensor:
