@@ -117,14 +117,14 @@ def scenario_chunked() -> None:
     from covmatch.presets import get_preset
 
     sets = {}
-    for chunk in (None, 3):
+    for chunk in (None, 3):  # both runs in the process group the first one joins
         preset = get_preset("tiny", num_pairs=12, syn_batch=8, iterations=5, online="real")
         config = DistillConfig(preset=preset, syn_chunk=chunk, progress=False, device="cpu")
         d = Distiller(config, log=lambda _m: None)
         initial = d.synthetic_set()
         sets[chunk] = d.run()
-        rank = d.ranks.rank
-        d.close()
+    rank = d.ranks.rank
+    d.close()
     single, chunked = sets[None], sets[3]
     assert not torch.equal(single.images, initial.images)
     for key in ("images", "text_embeds"):
