@@ -39,9 +39,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         ("distil", distill_main, [*common, "--num-pairs", str(args.num_pairs), "--out", str(out / "distill"),
                                   "--overwrite", *(["--iterations", str(args.iterations)] if args.iterations else [])]),
         ("evaluate CovMatch", eval_main, [*common, "--synthetic", str(out / "distill"), "--out",
-                                          str(out / "eval-covmatch"), *eval_extra]),
+                                          str(out / "eval-covmatch"), "--overwrite", *eval_extra]),
         ("evaluate random pairs", eval_main, [*common, "--coreset", "random", "--num-pairs", str(args.num_pairs),
-                                              "--out", str(out / "eval-random"), *eval_extra]),
+                                              "--out", str(out / "eval-random"), "--overwrite", *eval_extra]),
     ]  # fmt: skip
     timings = []
     for name, fn, step_argv in steps:

@@ -1,10 +1,23 @@
-"""Errors that carry one clear, user-facing line (the command-line tools print it and exit with code 2)."""
+"""Errors that carry one clear, user-facing line; the command-line tools print it and exit with its code."""
 
-__all__ = ["CovMatchError", "DataError", "ConfigError", "CheckpointError"]
+__all__ = [
+    "CovMatchError",
+    "DataError",
+    "ConfigError",
+    "CheckpointError",
+    "DivergedError",
+    "EXIT_BAD_INPUT",
+    "EXIT_DIVERGED",
+    "brief",
+    "one_line",
+]
+
+EXIT_BAD_INPUT = 2  # a CovMatchError: the input was refused before anything was changed
+EXIT_DIVERGED = 3  # a DivergedError: the run stopped; what it had saved before is intact
 
 
 class CovMatchError(ValueError):
-    """Base class: bad input from the user (a file, a flag, a setting), reported in one line."""
+    """Base class: bad input from the user (a file, a flag, a setting), reported in one line (exit 2)."""
 
 
 class DataError(CovMatchError):
@@ -17,3 +30,21 @@ class ConfigError(CovMatchError):
 
 class CheckpointError(CovMatchError):
     """A checkpoint or saved synthetic set that is truncated, corrupt or does not match the run."""
+
+
+class DivergedError(RuntimeError):
+    """A run whose loss or state became NaN or infinite. The message says where (iteration or epoch, which
+    term) and what to try; the tools print it in one line and exit with code 3, keeping the checkpoints and
+    results saved before the failure."""
+
+
+def brief(err: BaseException, limit: int = 160) -> str:
+    """The first line of a library's error message, cut to ``limit`` characters, to quote inside ours."""
+    lines = str(err).strip().splitlines() or [type(err).__name__]
+    text = lines[0].strip()
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def one_line(message: object) -> str:
+    """``message`` with its line breaks and runs of spaces collapsed: what the tools print."""
+    return " ".join(str(message).split())

@@ -8,8 +8,9 @@ Hyperparameters left as None are filled from the number of synthetic pairs (DESI
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
-from typing import Optional, Tuple
+from typing import Mapping, Optional, Tuple
 
 from covmatch.errors import ConfigError
 
@@ -74,6 +75,23 @@ class Preset:
             raise ConfigError(f"unknown preset field(s): {', '.join(unknown)}")
         return dataclasses.replace(self, **{k: v for k, v in overrides.items() if v is not None})
 
+    def check(self, flags: Optional[Mapping[str, str]] = None) -> None:
+        """Every field in its range (numbers finite), as one ConfigError line naming the field by the flag
+        that sets it (``flags``: field -> flag; a field without one is named as a preset field)."""
+        flags = flags or {}
+
+        def where(name: str) -> str:
+            return flags.get(name, f"preset {self.name!r} field {name}")
+
+        for name, (kind, low, high, note) in _FIELD_RANGES.items():
+            value = getattr(self, name)
+            if value is None and name in _OPTIONAL_FIELDS:
+                continue
+            _check_number(where(name), value, kind, low, high, note)
+        for name, choices in _FIELD_CHOICES.items():
+            if getattr(self, name) not in choices:
+                raise ConfigError(f"{where(name)} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
+
     def resolved_rho(self, num_pairs: Optional[int] = None) -> float:
         n = num_pairs or self.num_pairs
         return self.rho if self.rho is not None else (2.0 if n <= 100 else 1.0)
@@ -88,6 +106,64 @@ class Preset:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+# field -> (int or float, lowest allowed, highest allowed or None, why); floats must also be finite.
+_FIELD_RANGES = {
+    "shapes_train_images": (int, 2, None, ""),
+    "shapes_eval_images": (int, 1, None, ""),
+    "image_size": (int, 8, None, " pixels"),
+    "max_words": (int, 1, None, ""),
+    "text_layers": (int, 1, None, ""),
+    "seq_len": (int, 2, None, " (room for the [CLS] and [SEP] tokens)"),
+    "proj_dim": (int, 1, None, ""),
+    "proj_depth": (int, 1, 3, ""),
+    "temperature": (float, 1e-6, None, ""),
+    "num_pairs": (int, 2, None, " (a covariance needs two samples)"),
+    "iterations": (int, 0, None, ""),
+    "real_batch": (int, 2, None, " (a covariance needs two samples)"),
+    "syn_batch": (int, 2, None, ""),
+    "rho": (float, 1e-12, None, ""),
+    "lam": (float, 0.0, None, ""),
+    "lr_img": (float, 0.0, None, ""),
+    "lr_txt": (float, 0.0, None, ""),
+    "syn_momentum": (float, 0.0, 0.999999, ""),
+    "reset_every": (int, 1, None, ""),
+    "online_lr_encoder": (float, 0.0, None, ""),
+    "online_lr_proj": (float, 0.0, None, ""),
+    "online_momentum": (float, 0.0, 0.999999, ""),
+    "eval_epochs": (int, 1, None, ""),
+    "eval_batch": (int, 2, None, " (InfoNCE needs a negative)"),
+    "eval_lr_encoder": (float, 0.0, None, ""),
+    "eval_lr_proj": (float, 0.0, None, ""),
+    "eval_momentum": (float, 0.0, 0.999999, ""),
+    "eval_weight_decay": (float, 0.0, None, ""),
+    "eval_runs": (int, 1, None, ""),
+}
+_OPTIONAL_FIELDS = ("text_layers", "iterations", "rho", "lam")  # None: resolved later (by N or the model)
+_FIELD_CHOICES = {
+    "dataset": ("shapes", "karpathy"),
+    "text_pooling": ("cls", "mean"),
+    "online": ("real", "synthetic", "fixed"),
+}
+
+
+def _check_number(flag: str, value, kind: type, low, high, note: str = "") -> None:
+    """One ConfigError line unless ``value`` is a finite number of ``kind`` in [low, high]."""
+    is_int = isinstance(value, int) and not isinstance(value, bool)
+    if kind is int and not is_int:
+        raise ConfigError(f"{flag} must be an integer, got {value!r}")
+    if kind is float and not (is_int or isinstance(value, float)):
+        raise ConfigError(f"{flag} must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise ConfigError(f"{flag} must be a finite number, got {value}")
+    if value < low or (high is not None and value > high):
+        bound = f">= {low}" if high is None else f"in [{low}, {high}]"
+        if kind is float and high is not None and high < 1 and low == 0:
+            bound = "in [0, 1)"
+        elif kind is float and low > 0 and high is None:
+            bound = "> 0"
+        raise ConfigError(f"{flag} must be {bound}{note}, got {value}")
 
 
 PRESETS = {

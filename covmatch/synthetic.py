@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from covmatch._version import __version__
-from covmatch.errors import CheckpointError, ConfigError
+from covmatch.errors import CheckpointError, ConfigError, brief
 
 __all__ = [
     "SyntheticSet",
@@ -38,11 +38,20 @@ FORMAT_VERSION = 1
 MATCHING_FIELDS = ("image_encoder", "text_encoder", "image_size", "seq_len", "embed_dim", "mean", "std")
 
 
+def _new_file_mode() -> int:
+    """The mode ``open()`` gives a new file under the current umask (mkstemp's own is 0600)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same directory and ``os.replace``."""
+    """Write ``data`` to ``path`` through a temporary file in the same directory and ``os.replace``; the file
+    gets the permissions any new file would (the umask's), so a set can be shared like other files."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, _new_file_mode())
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
@@ -179,13 +188,13 @@ class SyntheticSet:
         try:
             metadata = json.loads(meta_path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise CheckpointError(f"{meta_path}: malformed JSON ({err})") from None
+            raise CheckpointError(f"{meta_path}: malformed JSON ({brief(err)})") from None
         if not isinstance(metadata, dict):
             raise CheckpointError(f"{meta_path}: expected a JSON object")
         try:
             tensors = load_file(str(tensors_path))
         except (SafetensorError, OSError, ValueError) as err:
-            raise CheckpointError(f"{tensors_path}: unreadable or truncated safetensors file ({err})") from None
+            raise CheckpointError(f"{tensors_path}: unreadable or truncated safetensors file ({brief(err)})") from None
         missing = [k for k in ("images", "text_embeds", "attention_mask") if k not in tensors]
         if missing:
             raise CheckpointError(f"{tensors_path}: missing tensor(s) {', '.join(missing)}")

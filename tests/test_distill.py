@@ -253,10 +253,75 @@ def test_resume_skips_truncated_and_mismatched_checkpoints(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "skipping checkpoint" in err and "step_00000004.pt: unreadable or truncated" in err
     assert "resumed from" in err and "(iteration 2)" in err
-    assert main(["--preset", "tiny", "--out", str(out), "--num-pairs", "6", "--resume", "--no-progress"]) == 0
-    err = capsys.readouterr().err
-    assert "made with num_pairs=8, this run has num_pairs=6" in err
-    assert "no valid checkpoint" in err
+    # no checkpoint fits another N: refused in one line, nothing touched
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert main(["--preset", "tiny", "--out", str(out), "--num-pairs", "6", "--resume", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "made with num_pairs=8, this run has num_pairs=6" in err[0]
+    assert "nothing was changed" in err[0]
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_auto_resume_starts_an_empty_out_and_continues_a_run(tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["--preset", "tiny", "--out", str(out), "--save-every", "2", "--no-progress", "--auto-resume"]
+    assert main([*argv, "--iterations", "2"]) == 0  # nothing there: starts
+    assert "resumed" not in capsys.readouterr().err
+    assert main([*argv, "--iterations", "4"]) == 0  # a run there: continues it
+    assert "resumed from" in capsys.readouterr().err
+    assert SyntheticSet.load(out).metadata["iteration"] == 4
+    assert [json.loads(line)["iteration"] for line in (out / "log.jsonl").read_text().splitlines()] == [2, 4]
+
+
+def test_diverging_run_stops_in_one_line_and_keeps_the_last_good_state(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    base = ["--preset", "tiny", "--out", str(out), "--save-every", "2", "--log-every", "3", "--no-progress"]
+    assert main([*base, "--iterations", "4"]) == 0
+    kept = lambda p: p.is_file() and p.suffix != ".png" and p.name != "config.json"  # noqa: E731 (the resumed run's own config)
+    good = {p: p.read_bytes() for p in out.rglob("*") if kept(p)}
+    real_loss = objective_module.covmatch_loss
+    calls = {"n": 0}
+
+    def nan_from_the_second_call(*args, **kwargs):  # iteration 6 of the resumed run (5 is the first)
+        calls["n"] += 1
+        loss = real_loss(*args, **kwargs)
+        return loss * float("nan") if calls["n"] >= 2 else loss
+
+    monkeypatch.setattr(objective_module, "covmatch_loss", nan_from_the_second_call)
+    capsys.readouterr()
+    assert main([*base, "--iterations", "8", "--resume"]) == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "resumed from" in err[0], err  # the resume note, then the one error line
+    assert "distillation diverged at iteration 6: the covariance term ||rho C_T - C_S||^2 became nan" in err[1]
+    assert "step_00000004.pt" in err[1] and "hold the last good state" in err[1] and "try a lower --lr-img" in err[1]
+    # iteration 6 would have been saved: the files of iteration 4 are untouched, and resumable
+    assert {p: p.read_bytes() for p in out.rglob("*") if kept(p)} == good
+    assert SyntheticSet.load(out).metadata["iteration"] == 4
+
+
+def test_files_follow_the_umask(tmp_path):
+    from covmatch.synthetic import atomic_write_bytes
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_bytes(tmp_path / "shared.bin", b"x")
+        os.umask(0o077)
+        atomic_write_bytes(tmp_path / "private.bin", b"x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "shared.bin").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "private.bin").stat().st_mode & 0o777 == 0o600
+
+
+def test_a_run_writes_group_readable_files_under_umask_022(tmp_path):
+    old = os.umask(0o022)
+    try:
+        out = tmp_path / "run"
+        assert main(["--preset", "tiny", "--out", str(out), "--iterations", "2", "--no-progress"]) == 0
+    finally:
+        os.umask(old)
+    for path in (out / "synthetic.safetensors", out / "synthetic.json", out / "checkpoints" / "step_00000002.pt"):
+        assert path.stat().st_mode & 0o777 == 0o644, path
 
 
 @pytest.mark.parametrize(

@@ -182,3 +182,37 @@ def test_covariance_match_diagnostic(tmp_path):
     iteration0, saved = lines[-2], lines[-1]
     assert iteration0.startswith("iteration 0:") and saved.startswith(str(tmp_path / "s"))
     assert iteration0.split(":", 1)[1] == saved.split(":", 1)[1]  # 0 iterations: the saved set is the initial one
+
+
+def test_recall_of_non_finite_embeddings_raises():
+    emb = torch.eye(5)
+    owner = torch.arange(5)
+    broken = emb.clone()
+    broken[2, 1] = float("nan")
+    with pytest.raises(ValueError, match="image_emb holds NaN or infinite values"):
+        retrieval_recall(broken, emb, owner)
+    with pytest.raises(ValueError, match="text_emb holds NaN or infinite values"):
+        retrieval_recall(emb, emb * float("inf"), owner)
+
+
+def test_diverging_evaluation_stops_in_one_line_and_writes_nothing(tmp_path, capsys, monkeypatch):
+    from covmatch.models.dual import DualEncoder
+
+    monkeypatch.setattr(DualEncoder, "contrastive_loss", lambda self, a, b: (a.sum() + b.sum()) * float("nan"))
+    assert _eval(tmp_path, "--coreset", "random", "--num-pairs", "8") == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "evaluation run with seed 0 diverged at epoch 1: its training loss became nan" in err[0]
+    assert not (tmp_path / "eval").exists()
+
+
+def test_one_run_is_reported_without_a_spread():
+    from covmatch.eval.cli import results_table, summarise_runs
+    from covmatch.eval.metrics import metric_keys
+
+    def result(values):
+        runs = [{k: v for k in metric_keys()} for v in values]
+        return {"method": "m", "num_pairs": 4, "runs": runs, "summary": summarise_runs(runs), "seconds": 1.0}
+
+    single, several = results_table([result([12.0])]), results_table([result([10.0, 14.0])])
+    assert "±" not in single and "| 12.0 |" in single
+    assert "12.0 ± 2.8" in several

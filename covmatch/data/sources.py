@@ -15,7 +15,7 @@ from typing import Dict, List, Sequence, Tuple
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from covmatch.errors import DataError
+from covmatch.errors import DataError, brief
 
 from .captions import preprocess_caption
 
@@ -161,7 +161,7 @@ class KarpathySource(ImageTextSource):
         except FileNotFoundError:
             raise DataError(f"{path}: image file not found (named in {self._owner_file(key)})") from None
         except (UnidentifiedImageError, OSError) as err:
-            raise DataError(f"{path}: unreadable or corrupt image ({err})") from None
+            raise DataError(f"{path}: unreadable or corrupt image ({brief(err)})") from None
 
     def _owner_file(self, key: str) -> str:
         for split, entries in self._entries.items():

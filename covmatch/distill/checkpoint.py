@@ -19,12 +19,20 @@ from typing import Callable, List, Optional
 import torch
 
 from covmatch._version import __version__
-from covmatch.errors import CheckpointError
+from covmatch.errors import CheckpointError, brief
 from covmatch.synthetic import atomic_write_bytes
 
-__all__ = ["CHECKPOINT_DIR", "save_checkpoint", "list_checkpoints", "read_checkpoint", "resume_latest", "fingerprint"]
+from .config import CHECKPOINT_DIR, RUN_OUTPUTS
 
-CHECKPOINT_DIR = "checkpoints"
+__all__ = [
+    "CHECKPOINT_DIR",
+    "RUN_OUTPUTS",
+    "save_checkpoint",
+    "list_checkpoints",
+    "read_checkpoint",
+    "resume_latest",
+    "fingerprint",
+]
 
 
 class LayoutMismatchError(CheckpointError):
@@ -103,7 +111,7 @@ def read_checkpoint(path: Path, distiller) -> dict:
     try:
         payload = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as err:
-        raise CheckpointError(f"{path}: unreadable or truncated ({type(err).__name__}: {str(err)[:120]})") from None
+        raise CheckpointError(f"{path}: unreadable or truncated ({type(err).__name__}: {brief(err, 120)})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT or "state" not in payload:
         raise CheckpointError(f"{path}: not a covmatch checkpoint of format {FORMAT}")
     expected = fingerprint(distiller)
@@ -149,22 +157,37 @@ def _check_like(saved, current, where: str, prefix: str) -> None:
             _check_like(saved[key], current[key], where, f"{prefix}.{key}" if prefix else str(key))
 
 
-def resume_latest(distiller, directory: Path, *, log: Callable[[str], None] = print) -> Optional[Path]:
-    """Apply the newest valid checkpoint in ``directory``; report and skip the bad ones. None when none."""
-    for path in list_checkpoints(directory):
+def resume_latest(
+    distiller, directory: Path, *, required: bool = True, log: Callable[[str], None] = print
+) -> Optional[Path]:
+    """Apply the newest valid checkpoint in ``directory`` (older ones are tried when newer ones are bad).
+
+    When none can be applied, raises CheckpointError naming each checkpoint and why, before anything is
+    changed; only with ``required=False`` and no checkpoint at all does it return None (start afresh).
+    """
+    found = list_checkpoints(directory)
+    problems: List[str] = []
+    for path in found:
         try:
             state = read_checkpoint(path, distiller)
         except LayoutMismatchError:
             raise
         except CheckpointError as err:
-            log(f"covmatch: skipping checkpoint: {err}")
+            problems.append(str(err))
             continue
         distiller.load_state_dict(state)
         if distiller.engine is not None:
             distiller.engine.load_checkpoint(
                 str(online_dir(path)), tag="online", load_optimizer_states=True, load_lr_scheduler_states=False
             )
+        for problem in problems:
+            log(f"covmatch: skipping checkpoint: {problem}")
         log(f"covmatch: resumed from {path} (iteration {distiller.iteration})")
         return path
-    log(f"covmatch: no valid checkpoint in {directory}; starting from iteration 0")
+    if problems:
+        raise CheckpointError(
+            f"no checkpoint in {directory} can be resumed ({'; '.join(problems)}); nothing was changed"
+        )
+    if required:
+        raise CheckpointError(f"--resume: {directory} holds no checkpoint; nothing was changed")
     return None

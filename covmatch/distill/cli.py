@@ -14,24 +14,14 @@ from typing import Optional, Sequence
 
 from covmatch._version import __version__
 from covmatch.cli import OneLineArgumentParser
-from covmatch.errors import CovMatchError
+from covmatch.errors import EXIT_BAD_INPUT, EXIT_DIVERGED, CovMatchError, DivergedError, one_line
 from covmatch.presets import PRESETS, get_preset
 
-from .config import DISTILL_MODES, ONLINE_MODES, DistillConfig
+from .config import DISTILL_MODES, ONLINE_MODES, RUN_OUTPUTS, DistillConfig
 
 __all__ = ["build_parser", "config_from_args", "main"]
 
 PROG = "covmatch-distill"
-# What a run writes under --out; --overwrite removes exactly these.
-RUN_OUTPUTS = (
-    "checkpoints",
-    "grids",
-    "tensorboard",
-    "log.jsonl",
-    "config.json",
-    "synthetic.safetensors",
-    "synthetic.json",
-)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,7 +45,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--save-every", type=int, default=100, help="checkpoint, result and image grid every K iterations")
     run.add_argument("--log-every", type=int, default=10, help="log line every K iterations")
     run.add_argument("--keep-checkpoints", type=int, default=3, help="keep the newest K checkpoints")
-    run.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint in --out")
+    run.add_argument(
+        "--resume", action="store_true", help="continue from the newest valid checkpoint in --out (refused if none)"
+    )
+    run.add_argument(
+        "--auto-resume",
+        action="store_true",
+        help="resume when --out holds a run, start when it is empty or missing (for preemptible jobs)",
+    )
     run.add_argument("--overwrite", action="store_true", help="start over in an existing --out (removes its run files)")
     run.add_argument("--workers", type=int, default=0, help="data-loading worker processes")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -193,6 +190,7 @@ def config_from_args(args: argparse.Namespace) -> DistillConfig:
         image_root=args.image_root,
         validate_data=args.validate_data,
         resume=args.resume,
+        auto_resume=args.auto_resume,
         overwrite=args.overwrite,
         progress=not args.no_progress,
     )
@@ -219,7 +217,7 @@ def prepare_out_dir(config: DistillConfig) -> None:
                     shutil.rmtree(target)
                 elif target.exists():
                     target.unlink()
-        elif not config.resume:
+        elif not (config.resume or config.auto_resume):
             raise CovMatchError(
                 f"--out {out} already exists; pass --resume to continue it or --overwrite to start over"
             )
@@ -248,8 +246,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         syn = distiller.run()
     except CovMatchError as err:
         if main_process:
-            print(f"{PROG}: error: {err}", file=sys.stderr)
-        return 2
+            print(f"{PROG}: error: {one_line(err)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except DivergedError as err:
+        if main_process:
+            print(f"{PROG}: error: {one_line(err)}", file=sys.stderr)
+        return EXIT_DIVERGED
     except KeyboardInterrupt:
         if main_process:
             print(f"{PROG}: interrupted; rerun with --resume to continue from the last checkpoint", file=sys.stderr)

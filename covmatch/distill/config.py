@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -9,11 +10,30 @@ from typing import Optional
 from covmatch.errors import ConfigError
 from covmatch.presets import Preset, get_preset
 
-__all__ = ["DistillConfig", "ONLINE_MODES", "DISTILL_MODES", "PRECISIONS"]
+__all__ = ["DistillConfig", "ONLINE_MODES", "DISTILL_MODES", "PRECISIONS", "CHECKPOINT_DIR", "RUN_OUTPUTS"]
 
 ONLINE_MODES = ("real", "synthetic", "fixed")
 DISTILL_MODES = ("both", "images", "texts")
 PRECISIONS = ("fp32", "fp16", "bf16")
+# Preset fields that covmatch-distill sets by a flag of the same name (--lr-img sets lr_img).
+PRESET_FLAG_FIELDS = (
+    "dataset", "num_pairs", "iterations", "image_encoder", "image_weights", "text_encoder", "text_layers",
+    "image_size", "seq_len", "proj_dim", "proj_depth", "text_pooling", "learnable_temperature", "real_batch",
+    "syn_batch", "rho", "lam", "lr_img", "lr_txt", "syn_momentum", "reset_every", "online_lr_encoder",
+    "online_lr_proj", "online_momentum", "normalize_loss",
+)  # fmt: skip
+PRESET_FLAGS = {name: f"--{name.replace('_', '-')}" for name in PRESET_FLAG_FIELDS}
+CHECKPOINT_DIR = "checkpoints"
+# What a run writes under --out (--overwrite removes exactly these).
+RUN_OUTPUTS = (
+    CHECKPOINT_DIR,
+    "grids",
+    "tensorboard",
+    "log.jsonl",
+    "config.json",
+    "synthetic.safetensors",
+    "synthetic.json",
+)
 
 
 @dataclass
@@ -42,7 +62,8 @@ class DistillConfig:
     ann_root: Optional[Path] = None
     image_root: Optional[Path] = None
     validate_data: bool = False
-    resume: bool = False
+    resume: bool = False  # continue from a checkpoint in --out; refuse when none can be resumed
+    auto_resume: bool = False  # resume when --out has run files, start when it has none (preemptible jobs)
     overwrite: bool = False
     progress: bool = True
     grid_every_save: bool = True
@@ -69,51 +90,39 @@ class DistillConfig:
         return self.preset.resolved_iterations()
 
     def check(self) -> None:
-        """Contradictions and out-of-range values, each reported as one ConfigError line."""
-        p = self.preset
-        positive = {
-            "--num-pairs": p.num_pairs,
-            "--real-batch": p.real_batch,
-            "--syn-batch": p.syn_batch,
-            "--reset-every": p.reset_every,
-            "--save-every": self.save_every,
-            "--log-every": self.log_every,
-            "--keep-checkpoints": self.keep_checkpoints,
-        }
-        for flag, value in positive.items():
-            if value < 1:
-                raise ConfigError(f"{flag} must be >= 1, got {value}")
-        if p.num_pairs < 2:
-            raise ConfigError(f"--num-pairs must be >= 2 (a covariance needs two samples), got {p.num_pairs}")
-        if p.real_batch < 2:
-            raise ConfigError(f"--real-batch must be >= 2 (a covariance needs two samples), got {p.real_batch}")
-        if min(p.syn_batch, p.num_pairs) < 2:
-            raise ConfigError(f"--syn-batch must be >= 2, got {p.syn_batch}")
-        if p.iterations is not None and p.iterations < 0:
-            raise ConfigError(f"--iterations must be >= 0, got {p.iterations}")
-        if self.syn_chunk is not None and self.syn_chunk < 1:
-            raise ConfigError(f"--syn-chunk must be >= 1, got {self.syn_chunk}")
+        """Out-of-range values and contradictions, each reported as one ConfigError line naming the flag."""
+        self.preset.check(PRESET_FLAGS)
+        for flag, value, low in (
+            ("--seed", self.seed, 0),
+            ("--save-every", self.save_every, 1),
+            ("--log-every", self.log_every, 1),
+            ("--keep-checkpoints", self.keep_checkpoints, 1),
+            ("--workers", self.workers, 0),
+        ):
+            _check_int(flag, value, low)
+        if self.syn_chunk is not None:
+            _check_int("--syn-chunk", self.syn_chunk, 1)
+        if not isinstance(self.grad_clip, (int, float)) or not math.isfinite(self.grad_clip) or self.grad_clip < 0:
+            raise ConfigError(f"--grad-clip must be >= 0 and finite, got {self.grad_clip}")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.online not in ONLINE_MODES:
             raise ConfigError(f"--online must be one of {ONLINE_MODES}, got {self.online!r}")
         if self.distill_mode not in DISTILL_MODES:
             raise ConfigError(f"--distill must be one of {DISTILL_MODES}, got {self.distill_mode!r}")
-        for name in ("lr_img", "lr_txt", "online_lr_encoder", "online_lr_proj"):
-            if getattr(p, name) < 0:
-                raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(p, name)}")
-        if p.rho is not None and p.rho <= 0:
-            raise ConfigError(f"--rho must be > 0, got {p.rho}")
-        if p.lam is not None and p.lam < 0:
-            raise ConfigError(f"--lam must be >= 0, got {p.lam}")
+        if self.loss_backend not in ("auto", "torch", "triton"):
+            raise ConfigError(f"--loss-backend must be auto, torch or triton, got {self.loss_backend!r}")
         if self.zero not in (0, 1, 2, 3):
             raise ConfigError(f"--zero must be 0, 1, 2 or 3, got {self.zero}")
         if self.deepspeed_config is not None and self.zero == 0:
             raise ConfigError("--deepspeed-config needs --zero 1, 2 or 3 (0 is plain PyTorch)")
-        if self.grad_clip < 0:
-            raise ConfigError(f"--grad-clip must be >= 0, got {self.grad_clip}")
         if self.resume and self.overwrite:
             raise ConfigError("--resume and --overwrite contradict each other; pick one")
+        if self.auto_resume and (self.resume or self.overwrite):
+            other = "--resume" if self.resume else "--overwrite"
+            raise ConfigError(f"--auto-resume and {other} contradict each other; pick one")
+        if (self.resume or self.auto_resume) and self.out is None:
+            raise ConfigError("--resume needs --out, the run to continue")
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -122,3 +131,10 @@ class DistillConfig:
             d[key] = str(d[key]) if d[key] is not None else None
         d["resolved"] = {"rho": self.rho, "lam": self.lam, "iterations": self.iterations}
         return d
+
+
+def _check_int(flag: str, value, low: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ConfigError(f"{flag} must be an integer, got {value!r}")
+    if value < low:
+        raise ConfigError(f"{flag} must be >= {low}, got {value}")

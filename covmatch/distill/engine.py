@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from covmatch.data.build import build_source, build_train_dataset
 from covmatch.data.sources import pairs_by_image
-from covmatch.errors import ConfigError
+from covmatch.errors import ConfigError, DivergedError
 from covmatch.models import build_dual_encoder
 from covmatch.synthetic import SyntheticSet, init_synthetic_set
 from covmatch.visualize import nearest_token_ids
@@ -62,7 +62,8 @@ _STREAMS = {"real": 1, "synthetic": 2, "reset": 3, "online": 4}
 
 
 def stream_generator(seed: int, stream: str, iteration: int) -> torch.Generator:
-    return torch.Generator().manual_seed((seed * 1_000_003 + _STREAMS[stream]) * 10_000_019 + iteration)
+    key = (seed * 1_000_003 + _STREAMS[stream]) * 10_000_019 + iteration
+    return torch.Generator().manual_seed(key % 2**64)  # any seed: manual_seed takes 64 bits
 
 
 class RealBatchSampler(Sampler):
@@ -473,14 +474,21 @@ class Distiller:
         )
 
     def run(self) -> SyntheticSet:
-        """Distil until ``config.iterations``, with checkpoints, logs and grids under ``config.out``."""
+        """Distil until ``config.iterations``, with checkpoints, logs and grids under ``config.out``.
+
+        A resumed run reads its checkpoint before it writes anything, so a refused resume changes nothing.
+        A run whose loss or synthetic set becomes non-finite stops with DivergedError before its next save:
+        the checkpoints and the set already on disk are from before the failure.
+        """
         cfg = self.config
         out = Path(cfg.out) if cfg.out is not None else None
+        if out is not None and (cfg.resume or cfg.auto_resume):
+            has_run_files = any((out / name).exists() for name in ckpt.RUN_OUTPUTS)
+            required = cfg.resume or has_run_files
+            ckpt.resume_latest(self, out / ckpt.CHECKPOINT_DIR, required=required, log=self.log)
         writer = _RunWriter(out, self) if out is not None and self.ranks.is_main else None
-        if out is not None and cfg.resume:
-            ckpt.resume_latest(self, out / ckpt.CHECKPOINT_DIR, log=self.log)
-            if writer is not None:
-                writer.truncate_log(self.iteration)
+        if writer is not None:
+            writer.truncate_log(self.iteration)
         total = cfg.iterations
         progress = _progress(total, self.iteration, enabled=cfg.progress and self.ranks.is_main)
         pending: List[Dict[str, torch.Tensor]] = []
@@ -490,17 +498,19 @@ class Distiller:
             metrics = self.step(real_batch)
             pending.append(metrics)
             t = self.iteration  # iterations done
-            if t % cfg.log_every == 0 or t == total:
+            log_now = t % cfg.log_every == 0 or t == total
+            save_now = out is not None and (t % cfg.save_every == 0 or t == total)
+            if log_now or save_now:
+                self._stop_if_diverged(pending, t - len(pending) + 1, out)
+            if log_now:
                 now = time.perf_counter()
                 record = _summarise(pending, t, (now - tick) / len(pending), self.device)
                 pending, tick = [], now
-                if not math.isfinite(record["loss"]):  # the loss is the same on every rank: all stop together
-                    raise FloatingPointError(f"distillation loss became {record['loss']} at iteration {t}")
                 progress.set_postfix(_postfix(record), refresh=False)
                 if writer is not None:
                     writer.log(record)
             progress.update(1)
-            if out is not None and (t % cfg.save_every == 0 or t == total):
+            if save_now:
                 saved = self._save(out, writer)
         progress.close()
         if out is not None and (saved is None or saved.metadata["iteration"] != self.iteration):
@@ -509,6 +519,32 @@ class Distiller:
             writer.close()
         return saved if saved is not None else self.synthetic_set()
 
+    def _stop_if_diverged(self, pending: List[Dict[str, torch.Tensor]], first: int, out: Optional[Path]) -> None:
+        """Raise DivergedError if a loss term of the iterations ``first ..`` in ``pending`` (steps that
+        fp16 loss scaling skipped aside), or the synthetic set itself, is NaN or infinite.
+
+        Loss terms are identical on every rank and the set's check is all-reduced, so all ranks stop together.
+        """
+        terms = {k: torch.stack([m[k].float() for m in pending]).cpu() for k in _TERM_NAMES}
+        applied = torch.stack([m["skipped"] for m in pending]).cpu() == 0
+        for i in range(len(pending)):
+            for key, name in _TERM_NAMES.items():
+                value = float(terms[key][i])
+                if applied[i] and not math.isfinite(value):
+                    raise DivergedError(
+                        f"distillation diverged at iteration {first + i}: the {name} became {value}; "
+                        f"{_saved_before(out)}; try {_TERM_HINTS[key]}"
+                    )
+        bad = torch.zeros((), device=self.device)
+        for tensor in self._learned_tensors().values():
+            bad = torch.maximum(bad, (~torch.isfinite(tensor.detach())).any().float())
+        self.ranks.all_reduce_max_(bad)
+        if bad.item():
+            raise DivergedError(
+                f"distillation diverged by iteration {first + len(pending) - 1}: the synthetic set holds NaN or "
+                f"infinite values; {_saved_before(out)}; try {_TERM_HINTS['cov']}"
+            )
+
     def _save(self, out: Path, writer: Optional[_RunWriter]) -> SyntheticSet:
         """Checkpoint, synthetic set and grid at the current iteration (collective; rank 0 writes)."""
         ckpt.save_checkpoint(self, out / ckpt.CHECKPOINT_DIR, keep=self.config.keep_checkpoints)
@@ -516,6 +552,31 @@ class Distiller:
         if writer is not None:
             writer.save(syn, self.iteration)
         return syn
+
+
+# What each logged loss term is, and what to try when it diverges.
+_TERM_NAMES = {
+    "cov": "covariance term ||rho C_T - C_S||^2",
+    "mean": "mean-matching term",
+    "online": "online model's InfoNCE loss",
+    "loss": "distillation loss",
+}
+_TERM_HINTS = {
+    "cov": "a lower --lr-img / --lr-txt, or --normalize-loss",
+    "mean": "a lower --lam, --lr-img or --lr-txt",
+    "online": "a lower --online-lr-encoder / --online-lr-proj, or --grad-clip 1.0",
+    "loss": "a lower --lr-img / --lr-txt, or --normalize-loss",
+}
+
+
+def _saved_before(out: Optional[Path]) -> str:
+    """Where the last state saved before a failure is (the run saves nothing after it)."""
+    if out is None:
+        return "nothing was saved (no --out)"
+    found = ckpt.list_checkpoints(out / ckpt.CHECKPOINT_DIR)
+    if not found:
+        return "nothing was saved yet"
+    return f"{found[0]} and {out / 'synthetic.safetensors'} hold the last good state"
 
 
 def _silent(message: str) -> None:

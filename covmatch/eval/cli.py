@@ -21,7 +21,16 @@ import torch
 
 from covmatch._version import __version__
 from covmatch.cli import OneLineArgumentParser
-from covmatch.errors import CheckpointError, ConfigError, CovMatchError
+from covmatch.errors import (
+    EXIT_BAD_INPUT,
+    EXIT_DIVERGED,
+    CheckpointError,
+    ConfigError,
+    CovMatchError,
+    DivergedError,
+    brief,
+    one_line,
+)
 from covmatch.presets import PRESETS, get_preset
 
 from .coresets import CORESETS
@@ -70,7 +79,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-root", type=Path, default=None, help="folder the JSON image paths are relative to")
     p.add_argument("--workers", type=int, default=0, help="data-loading worker processes")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--overwrite", action="store_true", help="replace the results already in --out")
     return p
+
+
+# Preset fields covmatch-eval sets, by the flag that sets them.
+EVAL_FLAGS = {
+    "dataset": "--dataset",
+    "eval_epochs": "--epochs",
+    "eval_batch": "--batch-size",
+    "eval_lr_encoder": "--lr-encoder",
+    "eval_lr_proj": "--lr-proj",
+    "eval_runs": "--runs",
+}
+
+
+def check_args(args, preset) -> None:
+    """Every number and path the run depends on, before anything is built or written."""
+    preset.check(EVAL_FLAGS)
+    bounds = (("--seed", args.seed, 0), ("--workers", args.workers, 0), ("--num-pairs", args.num_pairs, 2))
+    for flag, value, low in bounds:
+        if value is not None and value < low:
+            raise ConfigError(f"{flag} must be >= {low}, got {value}")
+    if args.split == "val" and args.select_on_val:
+        raise ConfigError("--select-on-val with --split val would select and score on the same split")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} exists and is not a directory")
+    if (out / "results.json").exists() and not args.overwrite:
+        raise ConfigError(f"--out {out} already holds results.json; pass --overwrite to replace it")
 
 
 # ---------------------------------------------------------------------------------------------- results
@@ -94,11 +131,16 @@ def results_table(results: Sequence[dict]) -> str:
     rule = "|" + "---|" * (len(keys) + 4)
     rows = [head, rule]
     for r in results:
-        cells = [f"{r['summary'][k]['mean']:.1f} ± {r['summary'][k]['std']:.1f}" for k in keys]
+        single = len(r["runs"]) == 1  # one run has no spread to show
+        cells = [_mean_std(r["summary"][k], single) for k in keys]
         rows.append(
             f"| {r['method']} | {r['num_pairs']} | {len(r['runs'])} | " + " | ".join(cells) + f" | {r['seconds']:.0f} |"
         )
     return "\n".join(rows) + "\n"
+
+
+def _mean_std(stat: Dict[str, float], single: bool) -> str:
+    return f"{stat['mean']:.1f}" if single else f"{stat['mean']:.1f} ± {stat['std']:.1f}"
 
 
 def bar_chart(results: Sequence[dict], path: Path) -> Path:
@@ -132,13 +174,27 @@ def bar_chart(results: Sequence[dict], path: Path) -> Path:
 
 
 def _load_result(directory: Path) -> dict:
+    """A results.json written by covmatch-eval, checked for every field the table and chart read."""
     path = Path(directory) / "results.json"
     if not path.is_file():
         raise ConfigError(f"{path}: no results.json (run covmatch-eval with --out {directory} first)")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"{path}: malformed JSON ({err})") from None
+        result = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: malformed JSON ({brief(err)})") from None
+    if not isinstance(result, dict):
+        raise ConfigError(f"{path}: expected a JSON object")
+    fields = (("method", str), ("num_pairs", int), ("runs", list), ("summary", dict), ("seconds", (int, float)))
+    for key, kind in fields:
+        if not isinstance(result.get(key), kind):
+            raise ConfigError(f"{path}: field {key!r} is missing or not a {getattr(kind, '__name__', 'number')}")
+    if not result["runs"]:
+        raise ConfigError(f"{path}: field 'runs' is empty")
+    for key in metric_keys():
+        stat = result["summary"].get(key)
+        if not (isinstance(stat, dict) and all(isinstance(stat.get(s), (int, float)) for s in ("mean", "std"))):
+            raise ConfigError(f"{path}: field 'summary.{key}' is missing or lacks numeric mean and std")
+    return result
 
 
 def _write_results(out: Path, result: dict) -> None:
@@ -251,14 +307,9 @@ def run_evaluation(args) -> dict:
     from .protocol import EvalSettings, train_and_evaluate
 
     preset = get_preset(args.preset, dataset=args.dataset, eval_epochs=args.epochs, eval_batch=args.batch_size,
-                        eval_lr_encoder=args.lr_encoder, eval_lr_proj=args.lr_proj)  # fmt: skip
-    runs = args.runs if args.runs is not None else preset.eval_runs
-    if runs < 1:
-        raise ConfigError(f"--runs must be >= 1, got {runs}")
-    if preset.eval_epochs < 1:
-        raise ConfigError(f"--epochs must be >= 1, got {preset.eval_epochs}")
-    if args.split == "val" and args.select_on_val:
-        raise ConfigError("--select-on-val with --split val would select and score on the same split")
+                        eval_lr_encoder=args.lr_encoder, eval_lr_proj=args.lr_proj, eval_runs=args.runs)  # fmt: skip
+    check_args(args, preset)
+    runs = preset.eval_runs
     device = resolve_device(args.device)
     if args.synthetic is not None:
         syn = _load_synthetic(args.synthetic, preset)  # fails fast, before any encoder is built
@@ -272,11 +323,8 @@ def run_evaluation(args) -> dict:
         syn, train_set = _synthetic_train_set(args, syn, preset, model)
         method, n = "covmatch", len(syn)
         extra["synthetic"] = str(args.synthetic)
-        _save_synthetic_grid(syn, model, Path(args.out))
     else:
         n = args.num_pairs if args.num_pairs is not None else preset.num_pairs
-        if n < 2:
-            raise ConfigError(f"--num-pairs must be >= 2, got {n}")
         indices, train_set = _coreset_train_set(args, preset, model, source, device, n)
         method, n = args.coreset, len(indices)
     test = build_retrieval_data(source, args.split, model.text.tokenizer, preset)
@@ -296,6 +344,8 @@ def run_evaluation(args) -> dict:
         print(
             f"{PROG}: run {r + 1}/{runs} ({method}, N={n}): mean recall {res['metrics']['mean']:.2f}", file=sys.stderr
         )
+    if args.synthetic is not None:
+        _save_synthetic_grid(syn, model, Path(args.out))
     return {
         "method": method,
         "num_pairs": n,
@@ -345,8 +395,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         _write_results(out, result)
         bar_chart([result], out / "recall.png")
     except CovMatchError as err:
-        print(f"{PROG}: error: {err}", file=sys.stderr)
-        return 2
+        print(f"{PROG}: error: {one_line(err)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except DivergedError as err:
+        print(f"{PROG}: error: {one_line(err)}", file=sys.stderr)
+        return EXIT_DIVERGED
     print(results_table([result]))
     print(f"{PROG}: wrote {out}/results.json, results.md, recall.png")
     return 0

@@ -40,6 +40,9 @@ def retrieval_recall(
             f"image_emb and text_emb must be [n, d] with the same d, got {tuple(image_emb.shape)} and "
             f"{tuple(text_emb.shape)}"
         )
+    for name, emb in (("image_emb", image_emb), ("text_emb", text_emb)):
+        if not torch.isfinite(emb).all():
+            raise ValueError(f"{name} holds NaN or infinite values: recall of such embeddings is meaningless")
     owner = torch.as_tensor(text_to_image, device=text_emb.device).long()
     n_img, n_txt = image_emb.shape[0], text_emb.shape[0]
     if owner.shape != (n_txt,):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 from dataclasses import dataclass
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -18,6 +19,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from covmatch.data.build import RetrievalData
+from covmatch.errors import DivergedError
 from covmatch.synthetic import SyntheticSet
 
 from .metrics import retrieval_recall
@@ -199,6 +201,11 @@ def train_and_evaluate(
             losses.append(loss.detach())
         scheduler.step()
         epoch_loss = float(torch.stack(losses).mean()) if losses else float("nan")
+        if losses and not math.isfinite(epoch_loss):
+            raise DivergedError(
+                f"evaluation run with seed {seed} diverged at epoch {epoch}: its training loss became {epoch_loss}; "
+                "try a lower --lr-encoder / --lr-proj"
+            )
         bar.set_postfix(loss=f"{epoch_loss:.3f}", refresh=False)
         entry = {"epoch": epoch, "train_loss": epoch_loss}
         if settings.select_on_val and val is not None and (epoch % settings.val_every == 0 or epoch == settings.epochs):
@@ -214,5 +221,11 @@ def train_and_evaluate(
         model.load_state_dict(best[2])
         chosen_epoch = best[1]
     image_emb, text_emb = encode_split(model, test, device, progress=settings.progress, autocast=autocast)
+    for name, emb in (("image", image_emb), ("caption", text_emb)):
+        if not torch.isfinite(emb).all():
+            raise DivergedError(
+                f"evaluation run with seed {seed}: its {name} embeddings of the evaluated split hold NaN or "
+                "infinite values; try a lower --lr-encoder / --lr-proj, or full precision"
+            )
     metrics = retrieval_recall(image_emb, text_emb, test.text_to_image)
     return {"metrics": metrics, "epoch": chosen_epoch, "history": history}

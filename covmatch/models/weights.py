@@ -8,7 +8,7 @@ from typing import Dict, Iterable
 import torch
 from torch import nn
 
-from covmatch.errors import ConfigError
+from covmatch.errors import ConfigError, brief
 
 __all__ = ["read_state_dict", "load_weights_into"]
 
@@ -24,11 +24,11 @@ def read_state_dict(path: Path) -> Dict[str, torch.Tensor]:
         try:
             return load_file(str(path))
         except Exception as err:
-            raise ConfigError(f"{path}: not a readable safetensors file ({err})") from None
+            raise ConfigError(f"{path}: not a readable safetensors file ({brief(err)})") from None
     try:
         state = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as err:
-        raise ConfigError(f"{path}: cannot load as a weights-only torch checkpoint ({err})") from None
+        raise ConfigError(f"{path}: cannot load as a weights-only torch checkpoint ({brief(err)})") from None
     for key in ("state_dict", "model", "module"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
