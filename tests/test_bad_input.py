@@ -89,7 +89,17 @@ def _wrong_shape_weights(tmp: Path) -> None:
     save_file({"stem.conv1.weight": torch.zeros(3, 3)}, str(tmp / "weights.safetensors"))
 
 
-KARPATHY = ["--dataset", "karpathy", "--ann-root", "{ann}", "--image-root", "{images}", "--validate-data", "--num-pairs", "4"]
+KARPATHY = [
+    "--dataset",
+    "karpathy",
+    "--ann-root",
+    "{ann}",
+    "--image-root",
+    "{images}",
+    "--validate-data",
+    "--num-pairs",
+    "4",
+]
 TRAIN_JSON = "flickr30k_train.json"
 
 DISTILL_CASES = [
