@@ -109,7 +109,7 @@ def scenario_reset(cases: str) -> None:
         d.engine.step()
         assert differences() == [], f"a zero-gradient step after the reset moved {differences()[:3]}"
         print(f"rank {d.ranks.rank}: ZeRO-{stage} {precision}: the reset restores the pretrained state", flush=True)
-    d.close()
+    d.close(finished=True)
 
 
 def scenario_chunked() -> None:
@@ -124,7 +124,7 @@ def scenario_chunked() -> None:
         initial = d.synthetic_set()
         sets[chunk] = d.run()
     rank = d.ranks.rank
-    d.close()
+    d.close(finished=True)
     single, chunked = sets[None], sets[3]
     assert not torch.equal(single.images, initial.images)
     for key in ("images", "text_embeds"):

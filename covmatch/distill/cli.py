@@ -236,6 +236,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     main_process = _is_main_process()
     distiller = None
+    finished = False
     try:
         config = config_from_args(args)
         check_precision_device(config)
@@ -244,6 +245,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         distiller = Distiller(config, log=lambda msg: print(msg, file=sys.stderr))
         syn = distiller.run()
+        finished = True
     except CovMatchError as err:
         if main_process:
             print(f"{PROG}: error: {one_line(err)}", file=sys.stderr)
@@ -258,7 +260,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 130
     finally:
         if distiller is not None:
-            distiller.close()
+            distiller.close(finished=finished)
     if main_process:
         files = "synthetic.safetensors, synthetic.json, log.jsonl, grids/"
         print(f"{PROG}: {len(syn)} synthetic pairs after {distiller.iteration} iterations -> {config.out}/ ({files})")

@@ -448,13 +448,26 @@ class Distiller:
         self.iteration = int(state["iteration"])
         self._skipped = torch.tensor(float(state["skipped_steps"]), device=self.device)
 
-    def close(self) -> None:
-        """Leave the process group (if this run joined one)."""
-        if self.ranks.distributed or self.config.zero > 0:
-            import torch.distributed as dist
+    def close(self, *, finished: bool = False) -> None:
+        """Release the DeepSpeed engine and leave the process group (if this run joined one).
 
-            if dist.is_initialized():  # no barrier: after a failure on one rank it would wait forever
-                dist.destroy_process_group()
+        Torn down in order while the interpreter is fully alive: after a finished run every rank first
+        waits at a barrier, so none closes its connections while a peer is still inside the last collective
+        (not after a failure, where a peer may never arrive); then the engine and its optimiser, which hold
+        process groups and ZeRO hooks, are destroyed; then the process groups themselves. A group left to
+        interpreter shutdown takes its communication threads down with it in no particular order.
+        """
+        import torch.distributed as dist
+
+        if not (self.ranks.distributed or self.config.zero > 0) or not dist.is_initialized():
+            return
+        if finished:
+            self.ranks.barrier()
+        if self.engine is not None:
+            self.engine.destroy()
+            self.engine = None
+            self.online_optimizer = None
+        dist.destroy_process_group()
 
     # ------------------------------------------------------------------ the loop
 
@@ -491,6 +504,16 @@ class Distiller:
             writer.truncate_log(self.iteration)
         total = cfg.iterations
         progress = _progress(total, self.iteration, enabled=cfg.progress and self.ranks.is_main)
+        try:
+            return self._iterate(total, out, writer, progress)
+        finally:
+            progress.close()
+            if writer is not None:
+                writer.close()
+
+    def _iterate(self, total: int, out: Optional[Path], writer: Optional[_RunWriter], progress) -> SyntheticSet:
+        """Steps from the current iteration to ``total``: logs every --log-every, saves every --save-every."""
+        cfg = self.config
         pending: List[Dict[str, torch.Tensor]] = []
         saved: Optional[SyntheticSet] = None
         tick = time.perf_counter()
@@ -512,11 +535,8 @@ class Distiller:
             progress.update(1)
             if save_now:
                 saved = self._save(out, writer)
-        progress.close()
         if out is not None and (saved is None or saved.metadata["iteration"] != self.iteration):
             saved = self._save(out, writer)  # no step ran (0 iterations, or resumed at the end)
-        if writer is not None:
-            writer.close()
         return saved if saved is not None else self.synthetic_set()
 
     def _stop_if_diverged(self, pending: List[Dict[str, torch.Tensor]], first: int, out: Optional[Path]) -> None:
@@ -677,7 +697,10 @@ class _RunWriter:
 def distill(config: DistillConfig, *, log: Callable[[str], None] = print) -> SyntheticSet:
     """Run CovMatch distillation as configured and return the synthetic set (also saved under ``config.out``)."""
     distiller = Distiller(config, log=log)
+    finished = False
     try:
-        return distiller.run()
+        syn = distiller.run()
+        finished = True
+        return syn
     finally:
-        distiller.close()
+        distiller.close(finished=finished)
