@@ -23,7 +23,7 @@ from tests.reference import relative_error
 
 
 def covariance64(image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-    """The centred, unbiased cross-covariance (DESIGN 1.1) of two feature sets, in float64."""
+    """The centred, unbiased cross-covariance (docs/design.md, *The loss*) of two feature sets, in float64."""
     return cross_covariance(image.double(), text.double())
 
 

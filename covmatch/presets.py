@@ -2,7 +2,7 @@
 ``tiny`` (smallest configuration that exercises every code path, for tests).
 
 Each preset is a frozen dataclass; command-line flags override fields with ``preset.replace(...)``.
-Hyperparameters left as None are filled from the number of synthetic pairs (DESIGN 1.1, 1.5).
+Hyperparameters left as None are filled from the number of synthetic pairs (docs/design.md, *The loss*).
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ class Preset:
     proj_depth: int = 1
     temperature: float = 0.07
     learnable_temperature: bool = False
-    # distillation (DESIGN 1.5)
+    # distillation (docs/design.md, *Algorithm 1 as implemented*)
     num_pairs: int = 100
     iterations: Optional[int] = None  # None: 10,000, or 20,000 at N >= 500
     real_batch: int = 128
@@ -57,7 +57,7 @@ class Preset:
     online_lr_encoder: float = 0.01
     online_lr_proj: float = 0.1
     online_momentum: float = 0.9
-    # evaluation (DESIGN 1.6)
+    # evaluation (docs/design.md, *Evaluation protocol*)
     eval_epochs: int = 100
     eval_batch: int = 128
     eval_lr_encoder: float = 0.01

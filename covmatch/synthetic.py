@@ -281,8 +281,9 @@ def synthetic_metadata(preset, model) -> Dict[str, Any]:
 
 
 def init_synthetic_set(dataset, model, preset, num_pairs: int, seed: int) -> SyntheticSet:
-    """N random real pairs of ``dataset`` (a PairDataset) as the starting synthetic set (DESIGN 1.5):
-    pixels through the evaluation transform, captions through the text encoder's input-embedding table."""
+    """N random real pairs of ``dataset`` (a PairDataset) as the starting synthetic set: pixels through the
+    evaluation transform, captions through the text encoder's input-embedding table (docs/design.md,
+    *Algorithm 1 as implemented*)."""
     from covmatch.data.datasets import CLIP_MEAN, CLIP_STD, image_transform
 
     picks = pick_initial_pairs(dataset.pairs, num_pairs, seed)

@@ -1,7 +1,7 @@
 """Fused Triton kernels of the CovMatch loss (installed as ``covmatch.kernels``; depends on torch and triton).
 
 ``covariance`` holds the covariance-form forward and its backward GEMM, ``gram`` the Gram-form pair
-(DESIGN 1.2). Host functions take validated 2-D tensors; ``covmatch`` wraps them in autograd.
+(docs/design.md, *Gradients*). Host functions take validated 2-D tensors; ``covmatch`` wraps them in autograd.
 """
 
 from ._launch import TileConfig, interpreter_enabled, single_config_mode

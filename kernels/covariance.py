@@ -1,4 +1,4 @@
-"""Covariance-form CovMatch kernels (DESIGN 1.2): cost ~ n * d_x * d_y.
+"""Covariance-form CovMatch kernels (docs/design.md, *Gradients*): cost ~ n * d_x * d_y.
 
 Forward: one pass over the rows of the real and the synthetic pair accumulates, per (d_x, d_y) tile,
 the uncentred products and column sums in fp32, centres them with a rank-one correction, forms

@@ -1,4 +1,4 @@
-"""Gram-form CovMatch kernels (DESIGN 1.2): cost ~ (n_T + n_S)^2 * (d_x + d_y).
+"""Gram-form CovMatch kernels (docs/design.md, *Two algebraic forms*): cost ~ (n_T + n_S)^2 * (d_x + d_y).
 
 Stack the real and synthetic rows, Z_x = [X_T; X_S] and Z_y = [Y_T; Y_S], centre each block by its own
 mean and weight row i by ``w_i = rho/(n_T-1)`` (real) or ``-1/(n_S-1)`` (synthetic). Then

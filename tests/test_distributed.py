@@ -1,4 +1,5 @@
-"""Multi-process distillation and DeepSpeed ZeRO on CPU (DESIGN 1.4): 2 ranks, gloo, the ``tiny`` preset.
+"""Multi-process distillation and DeepSpeed ZeRO on CPU: 2 ranks, gloo, the ``tiny`` preset (docs/design.md,
+*Sharded form*).
 
 The launched tests start ``torchrun --nproc_per_node 2`` (DS_ACCELERATOR=cpu); the first DeepSpeed launch on
 a machine also compiles DeepSpeed's small shared-memory communication op (cached afterwards).

@@ -74,3 +74,18 @@ def test_cli_reference_is_current():
 
     block = README.split(START, 1)[1].split(END, 1)[0]
     assert block.strip() == render().strip(), "out of date: run python -m covmatch.cli_reference --write README.md"
+
+
+def test_design_references_name_sections_that_exist():
+    """Every reference to a section of docs/design.md in the sources names one of its headings."""
+    design = (REPO / "docs" / "design.md").read_text()
+    headings = set(re.findall(r"^## (.+)$", design, flags=re.M))
+    cited = set()
+    for path in [*REPO.glob("covmatch/**/*.py"), *REPO.glob("kernels/*.py"), *REPO.glob("tests/*.py"),
+                 *REPO.glob("benchmarks/*.py"), REPO / "README.md"]:  # fmt: skip
+        text = " ".join(path.read_text().split())  # references may wrap lines
+        for ref in re.findall(r"docs/design\.md,? \*([^*]+)\*((?: and \*[^*]+\*)*)", text):
+            cited |= {ref[0], *re.findall(r"\*([^*]+)\*", ref[1])}
+    assert cited, "no references found"
+    assert cited <= headings, sorted(cited - headings)
+    assert "DESIGN 1." not in " ".join(p.read_text() for p in REPO.glob("covmatch/**/*.py"))

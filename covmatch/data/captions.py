@@ -1,4 +1,5 @@
-"""Caption preprocessing of the BLIP/LoRS Karpathy pipeline (DESIGN 1.7) and tokenisation to fixed length."""
+"""Caption preprocessing of the BLIP/LoRS Karpathy pipeline and tokenisation to fixed length (docs/design.md,
+*Data format*)."""
 
 from __future__ import annotations
 

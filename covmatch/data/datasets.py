@@ -1,4 +1,4 @@
-"""Torch datasets and image transforms over an ``ImageTextSource`` (DESIGN 1.7)."""
+"""Torch datasets and image transforms over an ``ImageTextSource`` (docs/design.md, *Data format*)."""
 
 from __future__ import annotations
 

@@ -2,7 +2,8 @@
 
 A source exposes ``train_pairs`` (one (image key, caption) per caption, as in the Karpathy train JSON),
 ``retrieval_split(split)`` (images with their captions and the caption→image index used by retrieval)
-and ``load_image(key)``. ``KarpathySource`` reads BLIP-format JSON files and an image root (DESIGN 1.7).
+and ``load_image(key)``. ``KarpathySource`` reads BLIP-format JSON files and an image root (docs/design.md,
+*Data format*).
 """
 
 from __future__ import annotations

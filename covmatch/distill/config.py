@@ -38,7 +38,7 @@ RUN_OUTPUTS = (
 
 @dataclass
 class DistillConfig:
-    """Everything a run needs. Hyperparameters left as None on the preset resolve by N (DESIGN 1.1)."""
+    """Everything a run needs. Hyperparameters left as None on the preset resolve by N (docs/design.md, *The loss*)."""
 
     preset: Preset = field(default_factory=lambda: get_preset("demo"))
     out: Optional[Path] = None

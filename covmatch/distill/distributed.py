@@ -1,4 +1,5 @@
-"""Several processes, one distillation (DESIGN 1.4): ranks, shards, all-reduced statistics, DeepSpeed ZeRO.
+"""Several processes, one distillation: ranks, shards, all-reduced statistics, DeepSpeed ZeRO (docs/design.md,
+*Sharded form*).
 
 Launch with ``torchrun --nproc_per_node R -m covmatch.distill ...`` or ``deepspeed --num_gpus R --module
 covmatch.distill ...``; without a launcher everything here reduces to one process (``Ranks()``) and costs
@@ -180,7 +181,7 @@ def build_ds_config(
         return config
     for key in ("optimizer", "scheduler"):
         if key in user_config:
-            raise ConfigError(f"{source}: '{key}' is set by covmatch (SGD per DESIGN 1.5); remove that section")
+            raise ConfigError(f"{source}: '{key}' is set by covmatch (the online model's SGD); remove that section")
     if user_config.get("gradient_accumulation_steps", 1) != 1:
         raise ConfigError(f"{source}: gradient_accumulation_steps must be 1 (one online step per iteration)")
     merged = _deep_merge(config, user_config)

@@ -1,4 +1,4 @@
-"""Algorithm 1 of CovMatch (DESIGN 1.5), read top to bottom in ``Distiller.step``.
+"""Algorithm 1 of CovMatch (docs/design.md, *Algorithm 1 as implemented*), read top to bottom in ``Distiller.step``.
 
 Every random choice that the loop makes (real batch, synthetic batch, projection re-initialisation) is
 drawn from a generator seeded by (seed, iteration), so a resumed run draws exactly what an uninterrupted

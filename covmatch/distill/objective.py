@@ -1,10 +1,10 @@
 """The distillation objective on encoder features, and the synthetic-set gradient in one pass or in chunks.
 
 ``loss = covmatch_loss(real, syn, rho, lam=0) + lam * (mean gap of projected image features + of projected
-text features)`` (DESIGN 1.1). The chunked path (DESIGN 1.3, the GradCache idea) first encodes the whole
-synthetic batch without autograd, differentiates the loss w.r.t. the *features*, then re-encodes one chunk
-at a time with autograd and backpropagates those feature gradients: the same gradient on every synthetic
-input as one big pass, with the activation memory of one chunk.
+text features)`` (docs/design.md, *The loss*). The chunked path (*Exact chunked gradient*, the GradCache idea)
+first encodes the whole synthetic batch without autograd, differentiates the loss w.r.t. the *features*, then
+re-encodes one chunk at a time with autograd and backpropagates those feature gradients: the same gradient on
+every synthetic input as one big pass, with the activation memory of one chunk.
 """
 
 from __future__ import annotations
@@ -187,7 +187,7 @@ class DistillObjective:
 
 
 class ShardedObjective(DistillObjective):
-    """The same loss when the real and synthetic batches are split over ranks (DESIGN 1.4).
+    """The same loss when the real and synthetic batches are split over ranks (docs/design.md, *Sharded form*).
 
     Every term depends on a batch only through sums (Σ x yᵀ, Σ x, Σ y, Σ G x, n), so those are
     all-reduced: each rank gets the loss of the union of all shards, and autograd sends each rank the

@@ -1,4 +1,5 @@
-"""Evaluation: retrieval recall, the training protocol of DESIGN 1.6, coreset baselines, ``covmatch-eval``.
+"""Evaluation: retrieval recall, the training protocol (docs/design.md, *Evaluation protocol*), coreset baselines,
+``covmatch-eval``.
 
 Only ``metrics`` is imported eagerly (``covmatch.retrieval_recall``); the rest loads with the command.
 """

@@ -1,5 +1,5 @@
-"""Cross-modal retrieval recall (DESIGN 1.6), computed in blocks so COCO's 5,000 x 25,010 scores never
-need to be held at once.
+"""Cross-modal retrieval recall (docs/design.md, *Evaluation protocol*), computed in blocks so COCO's
+5,000 x 25,010 scores never need to be held at once.
 
 i2t: an image is a hit at K when any of its captions ranks in its top K; t2i: a caption is a hit when its
 image ranks in its top K. Ties are broken pessimistically: a wrong item with the same score as the best

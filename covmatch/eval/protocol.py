@@ -1,4 +1,5 @@
-"""The evaluation protocol (DESIGN 1.6): train a fresh dual encoder on a small set, test retrieval.
+"""The evaluation protocol: train a fresh dual encoder on a small set, test retrieval (docs/design.md,
+*Evaluation protocol*).
 
 A fresh model (pretrained encoders, random projections, both encoders trainable unless ``frozen_text``)
 is trained with SGD (momentum 0.9, weight decay 5e-4, lr 0.01 encoders / 0.1 projections, x0.1 at half
@@ -86,7 +87,7 @@ def _collate_real(items):
 
 @dataclass
 class EvalSettings:
-    """Training-protocol settings (defaults: DESIGN 1.6)."""
+    """Training-protocol settings (defaults: docs/design.md, *Evaluation protocol*)."""
 
     epochs: int = 100
     batch_size: int = 128

@@ -1,4 +1,5 @@
-"""The CovMatch loss (DESIGN 1.1-1.2): functional entry points, the module, and the backends behind them."""
+"""The CovMatch loss: functional entry points, the module, and the backends behind them (docs/design.md,
+*The loss* and *Gradients*)."""
 
 from .forms import choose_form, form_flops
 from .functional import covmatch_loss, cross_covariance, mean_matching_loss, resolve_backend

@@ -1,4 +1,4 @@
-"""Which algebraic form of the covariance term is cheaper for a shape (DESIGN 1.2)."""
+"""Which algebraic form of the covariance term is cheaper for a shape (docs/design.md, *Two algebraic forms*)."""
 
 from __future__ import annotations
 
@@ -51,7 +51,8 @@ def gram_row_weights(n_real: int, n_syn: int, rho: float, dtype: torch.dtype, de
 
 def choose_form(form: str, n_real: int, n_syn: int, dim_x: int, dim_y: int) -> str:
     """Resolve ``form`` ('auto', 'cov' or 'gram'): 'auto' picks the cheaper form, counting multiply-adds and
-    the Gram form's extra launches (DESIGN 1.2: the Gram form pays off when n << d_x d_y / (d_x + d_y)).
+    the Gram form's extra launches (docs/design.md, *Two algebraic forms*: the Gram form pays off when
+    n << d_x d_y / (d_x + d_y)).
 
     At the paper's shape (n = 384 rows, d 2304 x 768) the two differ by ~1e9 multiply-adds, about what the
     Gram form's extra launches cost, so it stays with the covariance form; at d = 4096 x 4096 and n = 384

@@ -1,8 +1,8 @@
 """Public functional API of the loss: ``cross_covariance``, ``mean_matching_loss``, ``covmatch_loss``.
 
 ``covmatch_loss`` validates its inputs, resolves the backend (``"torch"``, ``"triton"`` or ``"auto"``,
-overridable through ``COVMATCH_BACKEND``) and the algebraic form (covariance or Gram, DESIGN 1.2),
-and returns a 0-dim fp32 tensor whose gradients reach every input that requires grad.
+overridable through ``COVMATCH_BACKEND``) and the algebraic form (covariance or Gram; docs/design.md,
+*Two algebraic forms*), and returns a 0-dim fp32 tensor whose gradients reach every input that requires grad.
 """
 
 from __future__ import annotations

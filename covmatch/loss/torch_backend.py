@@ -38,7 +38,8 @@ def mean_gap_torch(real: torch.Tensor, syn: torch.Tensor) -> torch.Tensor:
 def _gram_cov_term(
     real_img: torch.Tensor, real_txt: torch.Tensor, syn_img: torch.Tensor, syn_txt: torch.Tensor, rho: float
 ) -> torch.Tensor:
-    """||rho C_T - C_S||_F^2 = w^T (K_x o K_y) w over the stacked, block-centred rows (DESIGN 1.2)."""
+    """||rho C_T - C_S||_F^2 = w^T (K_x o K_y) w over the stacked, block-centred rows (docs/design.md,
+    *Two algebraic forms*)."""
     n_real, n_syn = real_img.shape[0], syn_img.shape[0]
     z_x = torch.cat([real_img - real_img.mean(0), syn_img - syn_img.mean(0)])
     z_y = torch.cat([real_txt - real_txt.mean(0), syn_txt - syn_txt.mean(0)])

@@ -112,7 +112,8 @@ class CovMatchTritonFunction(torch.autograd.Function):
             real_img, real_txt, syn_img, syn_txt, diff, mean_x, mean_y = ctx.saved_tensors
             gap_x, gap_y = _mean_gaps(mean_x, mean_y, lam)
             # dL/dX = alpha * (Y - 1 mu_Y^T) D^T + mean-term row, dL/dY = alpha * (X - 1 mu_X^T) D + ...
-            # (DESIGN 1.2): alpha = 2 rho / (n_T - 1) on the real side, -2 / (n_S - 1) on the synthetic side.
+            # (docs/design.md, *Gradients*): alpha = 2 rho / (n_T - 1) on the real side, -2 / (n_S - 1) on the
+            # synthetic side.
             # Inputs 0-1 are the real set, 2-3 the synthetic one (row idx // 2 of the means); images (even idx)
             # take D^T. Each side: (input index, the other modality's rows and means, gap, alpha, beta).
             sides = (
