@@ -114,9 +114,9 @@ def _synthetic_state_gb(d: Distiller) -> float:
     if DEVICE.type != "cuda":
         return float("nan")
     total = 0
-    for group in d.syn_optimizer.param_groups:
+    for group in d.synthetic.optimizer.param_groups:
         for param in group["params"]:
-            tensors = [param, param.grad, *d.syn_optimizer.state.get(param, {}).values()]
+            tensors = [param, param.grad, *d.synthetic.optimizer.state.get(param, {}).values()]
             total += sum(t.nbytes for t in tensors if isinstance(t, torch.Tensor) and t.is_cuda)
     return total / 2**30
 

@@ -60,11 +60,15 @@ def main(argv: Optional[Sequence[str]] = None) -> List[str]:
     from covmatch.data.build import build_source, build_train_dataset
     from covmatch.models import build_dual_encoder
     from covmatch.presets import get_preset
+    from covmatch.pretrain import resolve_image_weights
     from covmatch.synthetic import SyntheticSet, init_synthetic_set
 
     preset = get_preset(args.preset)
     torch.manual_seed(args.seed)
-    model = build_dual_encoder(preset).eval()  # the pretrained encoders every evaluation starts from
+    weights = resolve_image_weights(preset.image_encoder, preset.image_size, preset.image_weights)
+    model = build_dual_encoder(
+        preset, image_weights=weights
+    ).eval()  # the pretrained encoders every evaluation starts from
     source = build_source(preset, ann_root=None, image_root=None, seed=args.seed)
     dataset = build_train_dataset(source, model.text.tokenizer, preset, augment=False)
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(123))[: args.real_pairs]

@@ -2,21 +2,15 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 from typing import Optional, Sequence
 
+from covmatch import demo
 from covmatch._version import __version__
+from covmatch.distill import cli as distill_cli
+from covmatch.eval import cli as eval_cli
 
-__all__ = ["OneLineArgumentParser", "main"]
-
-
-class OneLineArgumentParser(argparse.ArgumentParser):
-    """argparse that reports a bad flag in one line (and exit code 2), without the usage block."""
-
-    def error(self, message: str) -> None:
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
+__all__ = ["main"]
 
 USAGE = """usage: covmatch [--version] {distill,eval,demo} ...
 
@@ -35,16 +29,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"covmatch {__version__}")
         return 0
     command, rest = args[0], args[1:]
-    if command == "distill":
-        from covmatch.distill.cli import main as run
-    elif command == "eval":
-        from covmatch.eval.cli import main as run
-    elif command == "demo":
-        from covmatch.demo import main as run
-    else:
+    commands = {"distill": distill_cli.main, "eval": eval_cli.main, "demo": demo.main}
+    if command not in commands:
         print(f"covmatch: error: unknown command {command!r} (choose distill, eval or demo)", file=sys.stderr)
         return 2
-    return run(rest)
+    return commands[command](rest)
 
 
 if __name__ == "__main__":  # pragma: no cover

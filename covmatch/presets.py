@@ -14,7 +14,7 @@ from typing import Mapping, Optional, Tuple
 
 from covmatch.errors import ConfigError
 
-__all__ = ["Preset", "PRESETS", "get_preset"]
+__all__ = ["Preset", "PRESETS", "FIELD_CHOICES", "get_preset"]
 
 
 @dataclass(frozen=True)
@@ -88,7 +88,7 @@ class Preset:
             if value is None and name in _OPTIONAL_FIELDS:
                 continue
             _check_number(where(name), value, kind, low, high, note)
-        for name, choices in _FIELD_CHOICES.items():
+        for name, choices in FIELD_CHOICES.items():
             if getattr(self, name) not in choices:
                 raise ConfigError(f"{where(name)} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
 
@@ -141,7 +141,7 @@ _FIELD_RANGES = {
     "eval_runs": (int, 1, None, ""),
 }
 _OPTIONAL_FIELDS = ("text_layers", "iterations", "rho", "lam")  # None: resolved later (by N or the model)
-_FIELD_CHOICES = {
+FIELD_CHOICES = {
     "dataset": ("shapes", "karpathy"),
     "text_pooling": ("cls", "mean"),
     "online": ("real", "synthetic", "fixed"),

@@ -18,12 +18,21 @@ from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save
+from tqdm.auto import tqdm
 
 from covmatch.data.datasets import CLIP_MEAN, CLIP_STD, image_transform
 from covmatch.data.shapes import COLOURS, SHAPES, ShapesSource
+from covmatch.models import SHAPES_PRETRAINED, ImageEncoder
 from covmatch.synthetic import atomic_write_bytes
 
-__all__ = ["PRETRAIN_SEED", "default_cache_path", "pretrain_shapes_encoder", "ensure_pretrained"]
+__all__ = [
+    "PRETRAIN_SEED",
+    "default_cache_path",
+    "pretrain_shapes_encoder",
+    "ensure_pretrained",
+    "resolve_image_weights",
+]
 
 PRETRAIN_SEED = 90_210  # the pretraining split's seed: disjoint from every seed the commands use by default
 _LABELS = [(c, s) for c in COLOURS for s in SHAPES]
@@ -53,11 +62,6 @@ def pretrain_shapes_encoder(
     progress: bool = True,
 ) -> Path:
     """Train ``encoder`` (timm name) on attribute recognition over a disjoint shapes split; save safetensors."""
-    from safetensors.torch import save
-    from tqdm.auto import tqdm
-
-    from covmatch.models import ImageEncoder
-
     torch.manual_seed(PRETRAIN_SEED)
     source = ShapesSource(PRETRAIN_SEED, num_train_images=num_images, render_size=max(64, image_size))
     scenes = source.scenes("train")
@@ -98,6 +102,14 @@ def ensure_pretrained(encoder: str, image_size: int, *, progress: bool = True) -
         )
         pretrain_shapes_encoder(encoder, image_size, path, progress=progress)
     return path
+
+
+def resolve_image_weights(encoder: str, image_size: int, weights: Optional[str]) -> Optional[str]:
+    """What the image-encoder factory loads: ``weights`` as given, except "shapes-pretrained", which becomes
+    the file of weights pretrained for ``encoder`` at ``image_size`` (made on first use)."""
+    if weights == SHAPES_PRETRAINED:
+        return str(ensure_pretrained(encoder, image_size))
+    return weights
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -73,7 +73,7 @@ def scenario_reset(cases: str) -> None:
     """``cases``: comma-separated STAGE:PRECISION, e.g. ``1:fp32,2:bf16,3:fp32`` (one engine after another)."""
     from covmatch.distill import DistillConfig, Distiller
     from covmatch.distill.distributed import gathered_parameters
-    from covmatch.distill.engine import stream_generator
+    from covmatch.distill.streams import stream_generator
     from covmatch.presets import get_preset
 
     d = None
@@ -98,12 +98,12 @@ def scenario_reset(cases: str) -> None:
                 return [k for k in names if not torch.equal(params[k].detach(), pretrained[k].to(params[k].dtype))]
 
         assert differences(), "the online steps did not change the encoders"
-        d._reset_online(stream_generator(0, "reset", 3))
+        d.online.reset(stream_generator(0, "reset", 3))
         assert differences() == [], f"after the reset: {differences()[:3]} differ from the pretrained weights"
         # A step on a zero gradient must not move anything: the fp32 master weights were refreshed and the
         # momentum buffers cleared (a stale master copy or momentum would pull the weights away).
         pixels, ids, mask, _ = next(iter(d.real_batches(5, 6)))
-        with d._autocast():
+        with d.autocast():
             loss = d.engine(pixels, input_ids=ids, attention_mask=mask)
         d.engine.backward(loss * 0.0)
         d.engine.step()

@@ -18,8 +18,8 @@ from safetensors.torch import load_file
 import covmatch.distill.objective as objective_module
 from covmatch.distill import DistillConfig, Distiller, DistillObjective, Features, synthetic_backward
 from covmatch.distill.cli import build_parser, config_from_args, main
-from covmatch.distill.engine import stream_generator
 from covmatch.distill.objective import encode_synthetic
+from covmatch.distill.streams import stream_generator
 from covmatch.presets import get_preset
 from covmatch.synthetic import SyntheticSet
 
@@ -44,7 +44,7 @@ def held_out_objective(d: Distiller, batches) -> float:
             obj = DistillObjective(
                 m, Features(m.image(px), m.text.encode_ids(ids, mask)), rho=d.config.rho, lam=d.config.lam
             )
-            total += float(obj(encode_synthetic(m, d.synthetic_batch(0)))[0]) / len(batches)
+            total += float(obj(encode_synthetic(m, d.synthetic.batch(0)))[0]) / len(batches)
     return total
 
 
@@ -86,23 +86,23 @@ def test_default_run_writes_everything(tmp_path, capsys):
 
 
 def _grads(d: Distiller, chunk):
-    d.syn_images.grad = None
-    d.syn_text.grad = None
+    d.synthetic.images.grad = None
+    d.synthetic.text_embeds.grad = None
     m = d.model
     with torch.no_grad():
         px, ids, mask, _ = next(iter(d.real_batches(0, 1)))
         real = Features(m.image(px.double()), m.text.encode_ids(ids, mask))
     obj = DistillObjective(m, real, rho=2.0, lam=0.3, backend="torch")
-    parts = synthetic_backward(obj, d.synthetic_batch(0), chunk=chunk)
-    return parts.total, d.syn_images.grad.clone(), d.syn_text.grad.clone()
+    parts = synthetic_backward(obj, d.synthetic.batch(0), chunk=chunk)
+    return parts.total, d.synthetic.images.grad.clone(), d.synthetic.text_embeds.grad.clone()
 
 
 def test_chunked_gradient_equals_single_pass_float64():
     d = Distiller(tiny_config(num_pairs=10, syn_batch=10, online="fixed"), log=quiet)
     d.model.double().eval()
     with torch.no_grad():
-        d.syn_images.data = d.syn_images.data.double()
-        d.syn_text.data = d.syn_text.data.double()
+        d.synthetic.images.data = d.synthetic.images.data.double()
+        d.synthetic.text_embeds.data = d.synthetic.text_embeds.data.double()
     loss, g_img, g_txt = _grads(d, None)
     for chunk in (1, 3, 4):
         loss_c, g_img_c, g_txt_c = _grads(d, chunk)
@@ -149,7 +149,7 @@ def _peak_activation_bytes(num_pairs: int, chunk):
     obj = DistillObjective(m, real, rho=2.0, lam=0.1)
     meter = _LiveSavedBytes()
     with torch.autograd.graph.saved_tensors_hooks(meter.pack, meter.unpack):
-        synthetic_backward(obj, d.synthetic_batch(0), chunk=chunk)
+        synthetic_backward(obj, d.synthetic.batch(0), chunk=chunk)
     return meter.peak
 
 
@@ -177,8 +177,8 @@ def test_chunked_activation_memory_is_flat_in_n():
 )
 def test_ablation_switches_run(overrides):
     d = Distiller(tiny_config(iterations=3, **overrides), log=quiet)
-    images0, text0 = d.syn_images.detach().clone(), d.syn_text.detach().clone()
-    features0 = None if d.syn_text_features is None else d.syn_text_features.detach().clone()
+    images0, text0 = d.synthetic.images.detach().clone(), d.synthetic.text_embeds.detach().clone()
+    features0 = None if d.synthetic.text_features is None else d.synthetic.text_features.detach().clone()
     text_params0 = {k: v.clone() for k, v in d.model.text.state_dict().items()}
     syn = d.run()
     assert torch.isfinite(syn.images).all() and torch.isfinite(syn.text_embeds).all()
@@ -204,15 +204,15 @@ def test_fp16_overflow_skips_the_step(monkeypatch):
 
     monkeypatch.setattr(objective_module, "covmatch_loss", overflow_once)
     d = Distiller(tiny_config(iterations=2, precision="fp16"), log=quiet)
-    images0 = d.syn_images.detach().clone()
+    images0 = d.synthetic.images.detach().clone()
     batches = iter(d.real_batches(0, 2))
     d.step(next(batches))
-    scale_after_overflow = d.syn_scaler.get_scale()
+    scale_after_overflow = d.synthetic.scaled_step.scaler.get_scale()
     assert d.skipped_steps == 1
-    assert torch.equal(d.syn_images, images0)  # the overflowing step was not applied
+    assert torch.equal(d.synthetic.images, images0)  # the overflowing step was not applied
     assert scale_after_overflow == 65536.0 / 2
     d.step(next(batches))
-    assert d.skipped_steps == 1 and not torch.equal(d.syn_images, images0)
+    assert d.skipped_steps == 1 and not torch.equal(d.synthetic.images, images0)
 
 
 def _run_cli(out, *extra):
@@ -373,8 +373,8 @@ def _to_float64(d: Distiller) -> None:
     """The online model and the synthetic tensors in float64 (real pixels follow the synthetic dtype)."""
     d.model.double()
     with torch.no_grad():
-        d.syn_images.data = d.syn_images.data.double()
-        d.syn_text.data = d.syn_text.data.double()
+        d.synthetic.images.data = d.synthetic.images.data.double()
+        d.synthetic.text_embeds.data = d.synthetic.text_embeds.data.double()
 
 
 @pytest.mark.parametrize("grad_checkpointing", [False, True], ids=["plain", "grad-checkpointing"])

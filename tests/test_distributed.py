@@ -20,7 +20,7 @@ import torch
 from covmatch.distill import DistillConfig, Distiller, DistillObjective, Features
 from covmatch.distill.cli import main
 from covmatch.distill.distributed import Ranks, build_ds_config, sum_over_ranks
-from covmatch.distill.engine import stream_generator
+from covmatch.distill.streams import stream_generator
 from covmatch.errors import ConfigError
 from covmatch.presets import get_preset
 from covmatch.synthetic import SyntheticSet

@@ -77,7 +77,7 @@ def save_checkpoint(distiller, directory: Path, *, keep: int) -> Path:
     state = distiller.state_dict()
     path = directory / f"step_{distiller.iteration:08d}.pt"
     if distiller.engine is not None:
-        distiller.engine.save_checkpoint(str(online_dir(path)), tag="online", save_latest=False)
+        distiller.online.save(str(online_dir(path)))
         ranks.barrier()  # every shard is on disk before the .pt says the checkpoint is complete
     if ranks.is_main:
         directory.mkdir(parents=True, exist_ok=True)
@@ -177,9 +177,7 @@ def resume_latest(
             continue
         distiller.load_state_dict(state)
         if distiller.engine is not None:
-            distiller.engine.load_checkpoint(
-                str(online_dir(path)), tag="online", load_optimizer_states=True, load_lr_scheduler_states=False
-            )
+            distiller.online.load(str(online_dir(path)))
         for problem in problems:
             log(f"covmatch: skipping checkpoint: {problem}")
         log(f"covmatch: resumed from {path} (iteration {distiller.iteration})")

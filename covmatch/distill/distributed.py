@@ -21,12 +21,14 @@ from typing import Iterable, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
+from covmatch.devices import resolve_device
 from covmatch.errors import ConfigError
 
 __all__ = [
     "Ranks",
     "setup_processes",
     "sum_over_ranks",
+    "average_gradients",
     "build_ds_config",
     "load_ds_config",
     "gathered_parameters",
@@ -99,6 +101,16 @@ def sum_over_ranks(local, ranks: Ranks):
     return out if isinstance(local, (list, tuple)) else out[0]
 
 
+def average_gradients(params: List[torch.Tensor], ranks: Ranks) -> None:
+    """Data parallelism without DeepSpeed: one flat all-reduce of the gradients, divided by the world size."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    summed = ranks.all_reduce_sum(grads)
+    for g, total in zip(grads, summed):
+        g.copy_(total / ranks.world_size)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -119,8 +131,6 @@ def setup_processes(device_name: str, zero: int) -> Tuple[Ranks, torch.device]:
 
     Returns this process's ranks and device: ``cuda:LOCAL_RANK`` under a launcher with CUDA, else CPU.
     """
-    from .engine import resolve_device
-
     world = launched_world_size()
     if world == 1 and zero == 0:
         return Ranks(), resolve_device(device_name)

@@ -20,7 +20,15 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from covmatch._version import __version__
-from covmatch.cli import OneLineArgumentParser
+from covmatch.cli_args import (
+    OneLineArgumentParser,
+    add_data_flags,
+    add_preset_flags,
+    add_runtime_flags,
+    precision_from,
+    preset_overrides,
+)
+from covmatch.devices import resolve_device
 from covmatch.errors import (
     EXIT_BAD_INPUT,
     EXIT_DIVERGED,
@@ -32,6 +40,7 @@ from covmatch.errors import (
     one_line,
 )
 from covmatch.presets import PRESETS, get_preset
+from covmatch.pretrain import resolve_image_weights
 
 from .coresets import CORESETS
 from .metrics import metric_keys
@@ -39,6 +48,25 @@ from .metrics import metric_keys
 __all__ = ["build_parser", "main", "summarise_runs", "results_table"]
 
 PROG = "covmatch-eval"
+
+
+# Preset fields covmatch-eval sets, by the flag that sets them.
+EVAL_FLAGS = {
+    "dataset": "--dataset",
+    "image_encoder": "--image-encoder",
+    "image_weights": "--image-weights",
+    "text_encoder": "--text-encoder",
+    "eval_epochs": "--epochs",
+    "eval_batch": "--batch-size",
+    "eval_lr_encoder": "--lr-encoder",
+    "eval_lr_proj": "--lr-proj",
+    "eval_runs": "--runs",
+}
+_EVAL_HELP = {
+    "image_encoder": "cross-architecture: another timm image encoder",
+    "image_weights": "weights of the image encoder (file or 'cache')",
+    "text_encoder": "cross-architecture: another text encoder",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,44 +82,24 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--coreset", choices=CORESETS, help="baseline: N real pairs (or the full train split)")
     what.add_argument("--compare", type=Path, nargs="+", help="result directories to tabulate and plot together")
     p.add_argument("--out", type=Path, required=True, help="output directory (results.json, results.md, PNGs)")
+    p.add_argument("--overwrite", action="store_true", help="replace the results already in --out")
     p.add_argument("--num-pairs", type=int, default=None, help="N for a coreset (default: the preset's)")
     p.add_argument("--preset", choices=sorted(PRESETS), default="demo", help="named configuration")
-    p.add_argument("--runs", type=int, default=None, help="training runs with different seeds (default: preset)")
-    p.add_argument("--epochs", type=int, default=None, help="training epochs (default: preset)")
-    p.add_argument("--batch-size", type=int, default=None, help="training batch size (default: preset)")
-    p.add_argument("--lr-encoder", type=float, default=None, help="encoder learning rate (default: preset)")
-    p.add_argument("--lr-proj", type=float, default=None, help="projection learning rate (default: preset)")
     p.add_argument("--seed", type=int, default=0, help="seed of run 0 (run r uses seed + r)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:K")
     p.add_argument("--select-on-val", action="store_true", help="report the epoch with the best val recall")
     p.add_argument(
         "--split", choices=("test", "val"), default="test", help="split to score (val: for hyperparameter tuning)"
     )
     p.add_argument("--frozen-text", action="store_true", help="do not train the text encoder")
-    p.add_argument("--image-encoder", default=None, help="cross-architecture: another timm image encoder")
-    p.add_argument("--image-weights", default=None, help="weights of --image-encoder (file or 'cache')")
-    p.add_argument("--text-encoder", default=None, help="cross-architecture: another text encoder")
-    precision = p.add_mutually_exclusive_group()
-    precision.add_argument("--fp16", action="store_true", help="fp16 autocast")
-    precision.add_argument("--bf16", action="store_true", help="bf16 autocast")
-    p.add_argument("--dataset", choices=("shapes", "karpathy"), default=None, help="embedded shapes or Karpathy JSON")
-    p.add_argument("--ann-root", type=Path, default=None, help="folder with *train.json, *val.json, *test.json")
-    p.add_argument("--image-root", type=Path, default=None, help="folder the JSON image paths are relative to")
-    p.add_argument("--workers", type=int, default=0, help="data-loading worker processes")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("--overwrite", action="store_true", help="replace the results already in --out")
+    training = ("eval_runs", "eval_epochs", "eval_batch", "eval_lr_encoder", "eval_lr_proj")
+    add_preset_flags(p.add_argument_group("training protocol"), training, names=EVAL_FLAGS)
+    encoders = ("image_encoder", "image_weights", "text_encoder")
+    add_preset_flags(p.add_argument_group("encoders"), encoders, names=EVAL_FLAGS, helps=_EVAL_HELP)
+    data = p.add_argument_group("data")
+    add_preset_flags(data, ("dataset",))
+    add_data_flags(data)
+    add_runtime_flags(p.add_argument_group("runtime"))
     return p
-
-
-# Preset fields covmatch-eval sets, by the flag that sets them.
-EVAL_FLAGS = {
-    "dataset": "--dataset",
-    "eval_epochs": "--epochs",
-    "eval_batch": "--batch-size",
-    "eval_lr_encoder": "--lr-encoder",
-    "eval_lr_proj": "--lr-proj",
-    "eval_runs": "--runs",
-}
 
 
 def check_args(args, preset) -> None:
@@ -301,21 +309,18 @@ def _coreset_train_set(args, preset, model, source, device, n: int):
 
 def run_evaluation(args) -> dict:
     from covmatch.data.build import build_retrieval_data, build_source
-    from covmatch.distill.engine import resolve_device
     from covmatch.models import build_dual_encoder
 
     from .protocol import EvalSettings, train_and_evaluate
 
-    preset = get_preset(args.preset, dataset=args.dataset, eval_epochs=args.epochs, eval_batch=args.batch_size,
-                        eval_lr_encoder=args.lr_encoder, eval_lr_proj=args.lr_proj, eval_runs=args.runs)  # fmt: skip
+    preset = get_preset(args.preset, **preset_overrides(args, tuple(EVAL_FLAGS)))
     check_args(args, preset)
     runs = preset.eval_runs
     device = resolve_device(args.device)
     if args.synthetic is not None:
         syn = _load_synthetic(args.synthetic, preset)  # fails fast, before any encoder is built
-    model = build_dual_encoder(
-        preset, image_encoder=args.image_encoder, text_encoder=args.text_encoder, image_weights=args.image_weights
-    )
+    weights = resolve_image_weights(preset.image_encoder, preset.image_size, preset.image_weights)
+    model = build_dual_encoder(preset, image_weights=weights)
     source = build_source(preset, ann_root=args.ann_root, image_root=args.image_root, seed=0)
     start = time.perf_counter()
     extra = {}
@@ -333,7 +338,7 @@ def run_evaluation(args) -> dict:
         preset,
         frozen_text=args.frozen_text,
         select_on_val=args.select_on_val,
-        precision="fp16" if args.fp16 else "bf16" if args.bf16 else "fp32",
+        precision=precision_from(args),
         progress=not args.no_progress,
     )
     run_results, epochs = [], []

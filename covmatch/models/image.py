@@ -12,7 +12,9 @@ from covmatch.errors import ConfigError
 
 from .weights import load_weights_into
 
-__all__ = ["ImageEncoder"]
+__all__ = ["ImageEncoder", "SHAPES_PRETRAINED"]
+
+SHAPES_PRETRAINED = "shapes-pretrained"  # the embedded data's locally pretrained weights (covmatch.pretrain)
 
 
 def _cached_hub_file(model: nn.Module) -> Path:
@@ -46,8 +48,9 @@ class ImageEncoder(nn.Module):
 
     @classmethod
     def create(cls, name: str, *, image_size: int, weights: Optional[str] = None) -> ImageEncoder:
-        """Build ``name`` from timm. ``weights``: None (random init), a local file, "cache" (the local HF cache),
-        or "shapes-pretrained" (pretrained on a disjoint split of the embedded dataset, made and cached locally)."""
+        """Build ``name`` from timm. ``weights``: None (random init), a local file, or "cache" (the local HF
+        cache). The embedded data's "shapes-pretrained" weights are made by ``covmatch.pretrain`` and reach
+        this factory as a file (``resolve_image_weights``)."""
         import timm
 
         if not timm.is_model(name):
@@ -56,10 +59,11 @@ class ImageEncoder(nn.Module):
             model = timm.create_model(name, pretrained=False, num_classes=0, img_size=image_size)
         except TypeError:  # convolutional models take no img_size
             model = timm.create_model(name, pretrained=False, num_classes=0)
-        if weights == "shapes-pretrained":  # made locally on first use, see covmatch.pretrain
-            from covmatch.pretrain import ensure_pretrained
-
-            weights = str(ensure_pretrained(name, image_size))
+        if weights == SHAPES_PRETRAINED:
+            raise ConfigError(
+                f"image weights {SHAPES_PRETRAINED!r} name weights made by covmatch.pretrain: resolve them to a "
+                "file first (covmatch.pretrain.resolve_image_weights)"
+            )
         if weights:
             path = _cached_hub_file(model) if weights == "cache" else Path(weights)
             classifier = (getattr(model, "pretrained_cfg", {}) or {}).get("classifier") or ""

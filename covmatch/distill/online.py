@@ -1,0 +1,147 @@
+"""The online model of Algorithm 1: a dual encoder trained by InfoNCE and reset to its pretrained state
+every K iterations. Two variants with one interface, chosen once at build: plain PyTorch (data-parallel by
+one gradient all-reduce under a launcher) and a DeepSpeed ZeRO engine.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, ContextManager, Dict, Optional
+
+import torch
+
+from covmatch.models import DualEncoder
+
+from .distributed import Ranks, average_gradients, gathered_parameters
+from .objective import Features
+from .precision import ScaledStep
+
+__all__ = ["OnlineModel", "DeepSpeedOnlineModel", "build_online_model"]
+
+
+class OnlineModel:
+    """The plain online model: ``reset``, ``encode_real``, ``train_step``, and its state for checkpoints."""
+
+    engine = None  # no DeepSpeed engine
+
+    def __init__(self, model: DualEncoder, settings, *, ranks: Ranks, device: torch.device, autocast) -> None:
+        self.model = model
+        self.settings = settings  # the DistillConfig: learning rates, momentum, precision, clipping
+        self.ranks = ranks
+        self.device = device
+        self.autocast: Callable[[], ContextManager] = autocast
+        self._fresh_optimizer()
+
+    def _fresh_optimizer(self) -> None:
+        """SGD with no state: encoders at the encoder learning rate, projections at the head's."""
+        p = self.settings.preset
+        encoders = [q for q in self.model.encoder_parameters() if q.requires_grad]
+        groups = [{"params": encoders, "lr": p.online_lr_encoder}] if encoders else []
+        groups.append({"params": self.model.head_parameters(), "lr": p.online_lr_proj})
+        self.optimizer = torch.optim.SGD(groups, lr=p.online_lr_proj, momentum=p.online_momentum)
+        self.scaled_step = ScaledStep(
+            self.optimizer, self.device, enabled=self.settings.precision == "fp16", ranks=self.ranks
+        )
+
+    def reset(self, generator: torch.Generator) -> None:
+        """Back to the pretrained encoders, fresh projections from ``generator``, no optimiser state."""
+        self.model.reset(generator)
+        self._fresh_optimizer()
+
+    @torch.no_grad()
+    def encode_real(self, pixels: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> Features:
+        """Encoder features of a real batch, in eval mode (deterministic), without autograd."""
+        self.model.eval()
+        with self.autocast():
+            return Features(self.model.image(pixels).float(), self.model.text.encode_ids(ids, mask).float())
+
+    def train_step(self, pixels: torch.Tensor, text: Dict[str, torch.Tensor]) -> torch.Tensor:
+        """One InfoNCE step on a batch (captions as ``input_ids``, ``inputs_embeds`` or ``text_features``
+        keyword arguments of ``DualEncoder.forward``); returns the detached loss."""
+        self.model.train()
+        with self.autocast():
+            loss = self._forward(pixels, text)
+        self._backward_and_step(loss)
+        self.model.eval()
+        return loss.detach()
+
+    def _forward(self, pixels, text) -> torch.Tensor:
+        return self.model(pixels, **text)
+
+    def _backward_and_step(self, loss: torch.Tensor) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        scale = self.scaled_step.loss_scale()
+        (loss if scale is None else loss * scale).backward()
+        if self.ranks.distributed:
+            average_gradients([p for g in self.optimizer.param_groups for p in g["params"]], self.ranks)
+        self.scaled_step(clip_norm=self.settings.grad_clip)
+
+    def state_dict(self) -> dict:
+        return {
+            "model": self.model.state_dict(),
+            "online_optimizer": self.optimizer.state_dict(),
+            "online_scaler": self.scaled_step.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["online_optimizer"])
+        self.scaled_step.load_state_dict(state["online_scaler"])
+
+    def close(self) -> None:
+        """Nothing to release."""
+
+
+class DeepSpeedOnlineModel(OnlineModel):
+    """The online model inside a DeepSpeed engine (``--zero 1-3``): DeepSpeed does loss scaling, gradient
+    reduction, clipping and ZeRO sharding; it saves its own state (``save``/``load`` in checkpoints)."""
+
+    def __init__(self, model, settings, *, ranks, device, autocast, ds_config: dict) -> None:
+        super().__init__(model, settings, ranks=ranks, device=device, autocast=autocast)
+        import deepspeed
+
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=self.model, optimizer=self.optimizer, config=ds_config
+        )
+
+    def reset(self, generator: torch.Generator) -> None:
+        with gathered_parameters(self.model.parameters(), modify=True):  # ZeRO-3: full tensors, then re-shard
+            self.model.reset(generator)
+        optimizer = self.engine.optimizer
+        if hasattr(optimizer, "refresh_fp32_params"):  # ZeRO / mixed precision: fp32 master copy <- weights
+            optimizer.refresh_fp32_params()
+        getattr(optimizer, "optimizer", optimizer).state.clear()  # momentum buffers
+
+    def _forward(self, pixels, text) -> torch.Tensor:
+        return self.engine(pixels, **text)
+
+    def _backward_and_step(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)
+        self.engine.step()
+
+    def state_dict(self) -> dict:
+        return {}  # in DeepSpeed's own checkpoint
+
+    def load_state_dict(self, state: dict) -> None:
+        """Loaded by ``load`` from DeepSpeed's checkpoint."""
+
+    def save(self, directory: str) -> None:
+        self.engine.save_checkpoint(directory, tag="online", save_latest=False)
+
+    def load(self, directory: str) -> None:
+        self.engine.load_checkpoint(directory, tag="online", load_optimizer_states=True, load_lr_scheduler_states=False)
+
+    def close(self) -> None:
+        """Destroy the engine and its optimiser (they hold process groups and ZeRO hooks)."""
+        if self.engine is not None:
+            self.engine.destroy()
+            self.engine = None
+            self.optimizer = None
+
+
+def build_online_model(
+    model: DualEncoder, settings, *, ranks: Ranks, device: torch.device, autocast, ds_config: Optional[dict]
+) -> OnlineModel:
+    """The DeepSpeed variant when ``ds_config`` is given (``--zero 1-3``), else the plain one."""
+    if ds_config is not None:
+        return DeepSpeedOnlineModel(model, settings, ranks=ranks, device=device, autocast=autocast, ds_config=ds_config)
+    return OnlineModel(model, settings, ranks=ranks, device=device, autocast=autocast)

@@ -1,0 +1,146 @@
+"""The synthetic set while it is being learnt: this rank's shard of pixels, token embeddings (or, with a
+frozen text encoder, text features) and masks, their SGD optimiser, the batch of iteration t, the gradient
+step, and the gathered state for results and checkpoints."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, Optional
+
+import torch
+
+from covmatch.synthetic import SyntheticSet
+
+from .distributed import Ranks
+from .objective import DistillObjective, LossParts, SyntheticBatch, synthetic_backward
+from .precision import ScaledStep
+from .streams import synthetic_sample
+
+__all__ = ["SyntheticParameters"]
+
+
+class SyntheticParameters:
+    """This rank's rows ``ranks.shard(N)`` of the synthetic set, learnt by SGD (momentum per the preset)."""
+
+    def __init__(self, initial: SyntheticSet, settings, *, ranks: Ranks, device: torch.device, text_encoder) -> None:
+        self.settings = settings  # the DistillConfig
+        self.ranks = ranks
+        self.device = device
+        self.metadata = dict(initial.metadata)
+        shard = ranks.shard(settings.num_pairs)
+        self.images = initial.images[shard].to(device)
+        self.text_embeds = initial.text_embeds[shard].to(device)
+        self.attention_mask = initial.attention_mask[shard].to(device)
+        self.text_features: Optional[torch.Tensor] = None
+        if settings.frozen_text:
+            # Prior work's regime: captions are learnt directly as features of the frozen text encoder,
+            # starting from those of the real captions.
+            with torch.no_grad():
+                self.text_features = text_encoder(self.text_embeds, self.attention_mask).float()
+        p = settings.preset
+        groups = []
+        for name, tensor in self.learned().items():
+            tensor.requires_grad_(True)
+            groups.append({"params": [tensor], "lr": p.lr_img if name == "images" else p.lr_txt, "name": name})
+        self.optimizer = torch.optim.SGD(groups, lr=p.lr_img, momentum=p.syn_momentum)
+        self.scaled_step = ScaledStep(self.optimizer, device, enabled=settings.precision == "fp16", ranks=ranks)
+        self.skipped = torch.zeros((), device=device)  # steps skipped for an fp16 overflow, kept on the device
+
+    def learned(self) -> Dict[str, torch.Tensor]:
+        """The tensors this run updates (per --distill and --frozen-text)."""
+        mode, out = self.settings.distill_mode, {}
+        if mode in ("both", "images"):
+            out["images"] = self.images
+        if mode in ("both", "texts"):
+            if self.text_features is not None:
+                out["text_features"] = self.text_features
+            else:
+                out["text_embeds"] = self.text_embeds
+        return out
+
+    def batch(self, t: int) -> SyntheticBatch:
+        """Iteration t's synthetic batch: all of the shard, or its rows in the iteration's random sample."""
+        cfg = self.settings
+        rows = synthetic_sample(cfg.num_pairs, min(cfg.preset.syn_batch, cfg.num_pairs), cfg.seed, t, self.ranks)
+        return SyntheticBatch(
+            self.images,
+            self.text_embeds,
+            self.attention_mask,
+            self.text_features,
+            rows=None if rows is None else rows.to(self.device),
+        )
+
+    def backward(self, objective: DistillObjective, t: int, *, autocast) -> LossParts:
+        """Fresh gradients of the loss (times the fp16 loss scale) on iteration t's batch."""
+        self.optimizer.zero_grad(set_to_none=True)
+        return synthetic_backward(
+            objective,
+            self.batch(t),
+            chunk=self.settings.syn_chunk,
+            loss_scale=self.scaled_step.loss_scale(),
+            autocast=autocast,
+        )
+
+    def step(self) -> torch.Tensor:
+        """The SGD step (skipped on every rank when a gradient overflowed in fp16); 1.0 if skipped."""
+        skipped = self.scaled_step()
+        self.skipped = self.skipped + skipped
+        return skipped
+
+    def non_finite(self) -> torch.Tensor:
+        """1.0 when any learnt tensor on any rank holds a NaN or infinity (a device tensor; collective)."""
+        bad = torch.zeros((), device=self.device)
+        for tensor in self.learned().values():
+            bad = torch.maximum(bad, (~torch.isfinite(tensor.detach())).any().float())
+        self.ranks.all_reduce_max_(bad)
+        return bad
+
+    def gathered(
+        self, metadata: Dict[str, Any], nearest_tokens: Callable[[torch.Tensor], torch.Tensor]
+    ) -> SyntheticSet:
+        """The whole set on the CPU (every rank's shard; collective), copies that do not alias the live
+        tensors; ``nearest_tokens`` maps the gathered token embeddings to their nearest vocabulary ids."""
+
+        def gathered_copy(x: torch.Tensor) -> torch.Tensor:
+            return self.ranks.gather_rows(x.detach()).to("cpu", copy=True)
+
+        text = self.ranks.gather_rows(self.text_embeds.detach())
+        nearest = nearest_tokens(text)
+        features = None if self.text_features is None else gathered_copy(self.text_features)
+        return SyntheticSet(
+            gathered_copy(self.images),
+            text.to("cpu", copy=True),
+            gathered_copy(self.attention_mask),
+            metadata,
+            features,
+            nearest,
+        )
+
+    def state_dict(self) -> dict:
+        """The whole set and its optimiser state, gathered over ranks (collective)."""
+        gather = self.ranks.gather_rows
+        synthetic = {"images": gather(self.images.detach()), "text_embeds": gather(self.text_embeds.detach())}
+        if self.text_features is not None:
+            synthetic["text_features"] = gather(self.text_features.detach())
+        optimizer = self.optimizer.state_dict()
+        optimizer["state"] = {
+            k: {name: gather(v) if torch.is_tensor(v) and v.dim() > 0 else v for name, v in entry.items()}
+            for k, entry in optimizer["state"].items()
+        }
+        return {"synthetic": synthetic, "syn_optimizer": optimizer, "syn_scaler": self.scaled_step.state_dict()}
+
+    def load_state_dict(self, state: dict, skipped_steps: int) -> None:
+        """This rank's shard of a validated checkpoint."""
+        shard = self.ranks.shard(self.settings.num_pairs)
+        with torch.no_grad():
+            self.images.copy_(state["synthetic"]["images"][shard])
+            self.text_embeds.copy_(state["synthetic"]["text_embeds"][shard])
+            if self.text_features is not None:
+                self.text_features.copy_(state["synthetic"]["text_features"][shard])
+        optimizer = dict(state["syn_optimizer"])
+        optimizer["state"] = {
+            k: {name: v[shard] if torch.is_tensor(v) and v.dim() > 0 else v for name, v in entry.items()}
+            for k, entry in optimizer["state"].items()
+        }
+        self.optimizer.load_state_dict(optimizer)
+        self.scaled_step.load_state_dict(state["syn_scaler"])
+        self.skipped = torch.tensor(float(skipped_steps), device=self.device)
