@@ -11,15 +11,15 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+from covmatch.distill.cli import build_parser as distill_parser
+from covmatch.eval.cli import build_parser as eval_parser
+
 __all__ = ["render", "replace_block", "main"]
 
 START, END = "<!-- cli-reference:start -->", "<!-- cli-reference:end -->"
 
 
 def _parsers():
-    from covmatch.distill.cli import build_parser as distill_parser
-    from covmatch.eval.cli import build_parser as eval_parser
-
     return {"covmatch-distill": distill_parser(), "covmatch-eval": eval_parser()}
 
 

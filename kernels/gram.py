@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from covmatch.loss.constants import cached_constant
+from covmatch.constants import cached_constant
 
 from ._launch import (
     TileConfig,

@@ -206,8 +206,8 @@ def test_diverging_evaluation_stops_in_one_line_and_writes_nothing(tmp_path, cap
 
 
 def test_one_run_is_reported_without_a_spread():
-    from covmatch.eval.cli import results_table, summarise_runs
     from covmatch.eval.metrics import metric_keys
+    from covmatch.eval.results import results_table, summarise_runs
 
     def result(values):
         runs = [{k: v for k in metric_keys()} for v in values]
@@ -216,3 +216,32 @@ def test_one_run_is_reported_without_a_spread():
     single, several = results_table([result([12.0])]), results_table([result([10.0, 14.0])])
     assert "±" not in single and "| 12.0 |" in single
     assert "12.0 ± 2.8" in several
+
+
+def test_training_sets_carry_captions_and_refuse_what_cannot_be_used(distilled):
+    from covmatch.errors import ConfigError
+    from covmatch.eval.training_sets import carry_captions, coreset_features, load_synthetic_for, synthetic_train_set
+    from covmatch.models import build_dual_encoder
+
+    preset = get_preset("tiny")
+    syn = load_synthetic_for(distilled, preset)
+    model = build_dual_encoder(preset)
+    carried = carry_captions(syn, model.text, preset.seq_len, where="set")
+    assert carried.text_embeds.shape == syn.text_embeds.shape and carried.metadata["mapped_from"] == "all-MiniLM-L6-v2"
+    assert torch.equal(carried.images, syn.images)
+    same, batches, frozen = synthetic_train_set(syn, model, preset.seq_len, frozen_text=False, where="set")
+    assert same is syn and not frozen and len(batches) == len(syn)  # same encoder: nothing carried
+    with pytest.raises(ConfigError, match="set: --frozen-text evaluation needs a set distilled with --frozen-text"):
+        synthetic_train_set(syn, model, preset.seq_len, frozen_text=True, where="set")
+    without_tokens = type(syn)(syn.images, syn.text_embeds, syn.attention_mask, dict(syn.metadata))
+    with pytest.raises(ConfigError, match="saved without nearest_token_ids"):
+        carry_captions(without_tokens, model.text, preset.seq_len, where="set")
+
+    from covmatch.data.build import build_source, build_train_dataset
+
+    source = build_source(preset, ann_root=None, image_root=None, seed=0)
+    dataset = build_train_dataset(source, model.text.tokenizer, preset, augment=False)
+    feats = coreset_features(model, dataset, source, [0, 5, 9], "cpu", image_size=16, seed=0, progress=False)
+    d_img = model.image.feature_dim
+    assert feats.shape == (3, d_img + model.text.feature_dim)
+    torch.testing.assert_close(feats[:, :d_img].norm(dim=1), torch.ones(3))

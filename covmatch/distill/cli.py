@@ -26,6 +26,7 @@ from covmatch.errors import EXIT_BAD_INPUT, EXIT_DIVERGED, CovMatchError, Diverg
 from covmatch.presets import PRESETS, get_preset
 
 from .config import DISTILL_MODES, ONLINE_MODES, PRESET_FLAG_FIELDS, RUN_OUTPUTS, DistillConfig
+from .engine import Distiller
 
 __all__ = ["build_parser", "config_from_args", "main"]
 
@@ -182,8 +183,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         config = config_from_args(args)
         check_precision_device(config)
         prepare_out_dir(config)
-        from .engine import Distiller
-
         distiller = Distiller(config, log=lambda msg: print(msg, file=sys.stderr))
         syn = distiller.run()
         finished = True

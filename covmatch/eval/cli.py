@@ -10,14 +10,10 @@ Bad input prints one line ``covmatch-eval: error: ...`` and exits with code 2.
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
-
-import torch
+from typing import Optional, Sequence
 
 from covmatch._version import __version__
 from covmatch.cli_args import (
@@ -28,24 +24,27 @@ from covmatch.cli_args import (
     precision_from,
     preset_overrides,
 )
+from covmatch.data.build import build_retrieval_data, build_source
 from covmatch.devices import resolve_device
 from covmatch.errors import (
     EXIT_BAD_INPUT,
     EXIT_DIVERGED,
-    CheckpointError,
     ConfigError,
     CovMatchError,
     DivergedError,
-    brief,
     one_line,
 )
+from covmatch.models import build_dual_encoder
 from covmatch.presets import PRESETS, get_preset
 from covmatch.pretrain import resolve_image_weights
+from covmatch.visualize import nearest_tokens, save_image_grid
 
 from .coresets import CORESETS
-from .metrics import metric_keys
+from .protocol import EvalSettings, train_and_evaluate
+from .results import bar_chart, load_result, results_table, summarise_runs, write_result
+from .training_sets import coreset_train_set, load_synthetic_for, synthetic_train_set
 
-__all__ = ["build_parser", "main", "summarise_runs", "results_table"]
+__all__ = ["build_parser", "check_args", "run_evaluation", "main"]
 
 PROG = "covmatch-eval"
 
@@ -118,219 +117,31 @@ def check_args(args, preset) -> None:
         raise ConfigError(f"--out {out} already holds results.json; pass --overwrite to replace it")
 
 
-# ---------------------------------------------------------------------------------------------- results
-
-
-def summarise_runs(runs: List[Dict[str, float]]) -> Dict[str, Dict[str, float]]:
-    """Mean and (sample) std per metric over runs."""
-    out = {}
-    for key in runs[0]:
-        values = [r[key] for r in runs]
-        mean = sum(values) / len(values)
-        std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
-        out[key] = {"mean": mean, "std": std}
-    return out
-
-
-def results_table(results: Sequence[dict]) -> str:
-    """A markdown table like the paper's: one row per method, mean ± std per metric."""
-    keys = metric_keys()
-    head = "| method | N | runs | " + " | ".join(keys) + " | time (s) |"
-    rule = "|" + "---|" * (len(keys) + 4)
-    rows = [head, rule]
-    for r in results:
-        single = len(r["runs"]) == 1  # one run has no spread to show
-        cells = [_mean_std(r["summary"][k], single) for k in keys]
-        rows.append(
-            f"| {r['method']} | {r['num_pairs']} | {len(r['runs'])} | " + " | ".join(cells) + f" | {r['seconds']:.0f} |"
-        )
-    return "\n".join(rows) + "\n"
-
-
-def _mean_std(stat: Dict[str, float], single: bool) -> str:
-    return f"{stat['mean']:.1f}" if single else f"{stat['mean']:.1f} ± {stat['std']:.1f}"
-
-
-def bar_chart(results: Sequence[dict], path: Path) -> Path:
-    """Grouped bars of every recall metric per method, with std error bars."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    keys = metric_keys()
-    width = 0.8 / max(1, len(results))
-    fig, ax = plt.subplots(figsize=(1.2 * len(keys) + 2, 3.6))
-    for j, r in enumerate(results):
-        xs = [i + j * width for i in range(len(keys))]
-        ax.bar(
-            xs,
-            [r["summary"][k]["mean"] for k in keys],
-            width,
-            yerr=[r["summary"][k]["std"] for k in keys],
-            label=f"{r['method']} (N={r['num_pairs']})",
-            capsize=2,
-        )
-    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(keys))], keys, fontsize=8)
-    ax.set_ylabel("recall (%)")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=150)
-    plt.close(fig)
-    return path
-
-
-def _load_result(directory: Path) -> dict:
-    """A results.json written by covmatch-eval, checked for every field the table and chart read."""
-    path = Path(directory) / "results.json"
-    if not path.is_file():
-        raise ConfigError(f"{path}: no results.json (run covmatch-eval with --out {directory} first)")
-    try:
-        result = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ConfigError(f"{path}: malformed JSON ({brief(err)})") from None
-    if not isinstance(result, dict):
-        raise ConfigError(f"{path}: expected a JSON object")
-    fields = (("method", str), ("num_pairs", int), ("runs", list), ("summary", dict), ("seconds", (int, float)))
-    for key, kind in fields:
-        if not isinstance(result.get(key), kind):
-            raise ConfigError(f"{path}: field {key!r} is missing or not a {getattr(kind, '__name__', 'number')}")
-    if not result["runs"]:
-        raise ConfigError(f"{path}: field 'runs' is empty")
-    for key in metric_keys():
-        stat = result["summary"].get(key)
-        if not (isinstance(stat, dict) and all(isinstance(stat.get(s), (int, float)) for s in ("mean", "std"))):
-            raise ConfigError(f"{path}: field 'summary.{key}' is missing or lacks numeric mean and std")
-    return result
-
-
-def _write_results(out: Path, result: dict) -> None:
-    from covmatch.synthetic import atomic_write_bytes
-
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(out / "results.json", (json.dumps(result, indent=2) + "\n").encode())
-    atomic_write_bytes(out / "results.md", results_table([result]).encode())
-
-
-# ---------------------------------------------------------------------------------------------- the run
-
-
-def _load_synthetic(directory: Path, preset):
-    """The synthetic set, checked against what the preset fixes (pixel space, caption length) before any
-    encoder is built; the encoders themselves may differ (cross-architecture evaluation)."""
-    from covmatch.data.datasets import CLIP_MEAN, CLIP_STD
-    from covmatch.synthetic import SyntheticSet
-
-    if not Path(directory).is_dir() or not any(Path(directory).iterdir()):
-        raise CheckpointError(f"--synthetic {directory}: empty or missing directory (expected synthetic.safetensors)")
-    expect = {
-        "image_size": preset.image_size,
-        "mean": list(CLIP_MEAN),
-        "std": list(CLIP_STD),
-        "seq_len": preset.seq_len,
-    }
-    return SyntheticSet.load(directory, expect=expect)
-
-
-def _synthetic_train_set(args, syn, preset, model):
-    """Training batches of the loaded set, its captions mapped to the evaluation text encoder if it differs."""
-    from covmatch.synthetic import SyntheticSet
-    from covmatch.visualize import decode_token_ids
-
-    from .protocol import SyntheticTrainSet
-
-    saved_text = syn.metadata.get("text_encoder")
-    if syn.metadata.get("text_mode") == "features" or args.frozen_text:
-        if syn.text_features is None:
-            raise ConfigError(f"{args.synthetic}: --frozen-text evaluation needs a set distilled with --frozen-text")
-        if saved_text != model.text.name:
-            raise ConfigError(
-                f"{args.synthetic}: its captions are features of {saved_text!r}; they cannot be used with "
-                f"text encoder {model.text.name!r}"
-            )
-        args.frozen_text = True
-        return syn, SyntheticTrainSet(syn, use_text_features=True)
-    if saved_text != model.text.name:
-        # Cross-architecture text: each caption's nearest vocabulary tokens in the distilling encoder's table
-        # (saved with the set) are decoded with its tokenizer, re-tokenised and embedded by the target encoder.
-        if syn.nearest_token_ids is None:
-            raise ConfigError(
-                f"{args.synthetic}: made for text encoder {saved_text!r} and saved without nearest_token_ids, so "
-                f"its captions cannot be mapped to {model.text.name!r}"
-            )
-        from transformers import AutoTokenizer
-
-        from covmatch.data import tokenize_captions
-        from covmatch.models.text import resolve_text_encoder_path
-
-        tokenizer_name = syn.metadata.get("tokenizer") or saved_text
-        try:
-            source_tokenizer = AutoTokenizer.from_pretrained(
-                resolve_text_encoder_path(tokenizer_name), local_files_only=True
-            )
-        except OSError:
-            raise ConfigError(f"{args.synthetic}: its tokenizer {tokenizer_name!r} is not available locally") from None
-        texts = decode_token_ids(syn.nearest_token_ids, syn.attention_mask, source_tokenizer)
-        ids, mask = tokenize_captions(model.text.tokenizer, texts, preset.seq_len)
-        with torch.no_grad():
-            embeds = model.text.embed(ids).float()
-        syn = SyntheticSet(syn.images, embeds, mask, dict(syn.metadata, mapped_from=saved_text))
-    return syn, SyntheticTrainSet(syn)
-
-
-def _coreset_train_set(args, preset, model, source, device, n: int):
-    from covmatch.data.build import build_train_dataset
-    from covmatch.data.datasets import CLIP_MEAN, CLIP_STD, image_transform
-
-    from .coresets import pair_features, select_coreset
-    from .protocol import RealTrainSet
-
-    dataset = build_train_dataset(source, model.text.tokenizer, preset, augment=True)
-    plain = image_transform(preset.image_size, train=False, mean=CLIP_MEAN, std=CLIP_STD)
-
-    @torch.no_grad()
-    def encode(indices: List[int]) -> torch.Tensor:
-        from tqdm.auto import tqdm
-
-        model.reset(torch.Generator().manual_seed(args.seed))
-        model.to(device).eval()
-        feats = []
-        for s in tqdm(range(0, len(indices), 256), desc="coreset features", leave=False, disable=args.no_progress):
-            chunk = indices[s : s + 256]
-            pixels = torch.stack([plain(source.load_image(dataset.pairs[i][0])) for i in chunk]).to(device)
-            ids, mask = dataset.input_ids[chunk].to(device), dataset.attention_mask[chunk].to(device)
-            feats.append(pair_features(model.image(pixels), model.text.encode_ids(ids, mask)).cpu())
-        return torch.cat(feats)
-
-    indices = select_coreset(args.coreset, dataset.pairs, n, args.seed, encode=encode)
-    return indices, RealTrainSet(dataset, indices, workers=args.workers)
-
-
 def run_evaluation(args) -> dict:
-    from covmatch.data.build import build_retrieval_data, build_source
-    from covmatch.models import build_dual_encoder
-
-    from .protocol import EvalSettings, train_and_evaluate
-
+    """Train and score ``--runs`` fresh models on the set or coreset the flags name; the result as a dict."""
     preset = get_preset(args.preset, **preset_overrides(args, tuple(EVAL_FLAGS)))
     check_args(args, preset)
     runs = preset.eval_runs
     device = resolve_device(args.device)
     if args.synthetic is not None:
-        syn = _load_synthetic(args.synthetic, preset)  # fails fast, before any encoder is built
+        syn = load_synthetic_for(args.synthetic, preset)  # fails fast, before any encoder is built
     weights = resolve_image_weights(preset.image_encoder, preset.image_size, preset.image_weights)
     model = build_dual_encoder(preset, image_weights=weights)
     source = build_source(preset, ann_root=args.ann_root, image_root=args.image_root, seed=0)
     start = time.perf_counter()
     extra = {}
     if args.synthetic is not None:
-        syn, train_set = _synthetic_train_set(args, syn, preset, model)
+        syn, train_set, args.frozen_text = synthetic_train_set(
+            syn, model, preset.seq_len, frozen_text=args.frozen_text, where=str(args.synthetic)
+        )
         method, n = "covmatch", len(syn)
         extra["synthetic"] = str(args.synthetic)
     else:
         n = args.num_pairs if args.num_pairs is not None else preset.num_pairs
-        indices, train_set = _coreset_train_set(args, preset, model, source, device, n)
+        indices, train_set = coreset_train_set(
+            args.coreset, n, model, source, preset, device, seed=args.seed, workers=args.workers,
+            progress=not args.no_progress,
+        )  # fmt: skip
         method, n = args.coreset, len(indices)
     test = build_retrieval_data(source, args.split, model.text.tokenizer, preset)
     val = build_retrieval_data(source, "val", model.text.tokenizer, preset) if args.select_on_val else None
@@ -374,8 +185,6 @@ def run_evaluation(args) -> dict:
 
 
 def _save_synthetic_grid(syn, model, out: Path) -> None:
-    from covmatch.visualize import nearest_tokens, save_image_grid
-
     captions = nearest_tokens(syn.text_embeds, syn.attention_mask, model.text.embedding_table, model.text.tokenizer)
     title = f"synthetic set ({len(syn)} pairs), captions decoded to nearest tokens"
     meta = syn.metadata
@@ -389,7 +198,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         out = Path(args.out)
         if args.compare:
-            results = [_load_result(d) for d in args.compare]
+            results = [load_result(d) for d in args.compare]
             out.mkdir(parents=True, exist_ok=True)
             (out / "comparison.md").write_text(results_table(results))
             bar_chart(results, out / "comparison.png")
@@ -397,7 +206,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"{PROG}: wrote {out}/comparison.md and {out}/comparison.png")
             return 0
         result = run_evaluation(args)
-        _write_results(out, result)
+        write_result(out, result)
         bar_chart([result], out / "recall.png")
     except CovMatchError as err:
         print(f"{PROG}: error: {one_line(err)}", file=sys.stderr)

@@ -18,6 +18,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 
 from covmatch.data.build import RetrievalData
 from covmatch.errors import DivergedError
@@ -129,8 +130,6 @@ def _text_embedding(model, text) -> torch.Tensor:
 @torch.no_grad()
 def encode_split(model, data: RetrievalData, device, *, batch_size: int = 256, progress: bool = True, autocast=None):
     """Projected embeddings of a split's images and captions (model in eval mode)."""
-    from tqdm.auto import tqdm
-
     model.eval()
     ctx = autocast or contextlib.nullcontext
     images: List[torch.Tensor] = []
@@ -162,8 +161,6 @@ def train_and_evaluate(
 
     Returns ``{"metrics": {...}, "epoch": chosen epoch, "history": [...]}``.
     """
-    from tqdm.auto import tqdm
-
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     model.reset(gen)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .constants import cached_constant
+from covmatch.constants import cached_constant
 
 __all__ = ["FORMS", "GRAM_EXTRA_LAUNCHES", "LAUNCH_MULTIPLY_ADDS", "choose_form", "form_flops", "gram_row_weights"]
 

@@ -9,7 +9,8 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from .constants import cached_constant
+from covmatch.constants import cached_constant
+
 from .forms import gram_row_weights
 
 __all__ = ["triton_unavailable_reason", "covmatch_loss_triton"]
@@ -64,86 +65,125 @@ def _row_bias(lam: float, beta: float, gap: torch.Tensor) -> torch.Tensor:
     return gap if lam == 0 else beta * gap
 
 
+# ---------------------------------------------------------------------------------------- covariance form
+
+
+def covariance_form_forward(real_img, real_txt, syn_img, syn_txt, rho: float, lam: float, needs):
+    """(loss, tensors to save) of the covariance form. The gradient of each input needs the other
+    modality's rows of its set: only those are kept (distillation differentiates the synthetic side alone)."""
+    out = _kernels().covariance_forward(real_img, real_txt, syn_img, syn_txt, rho, store_diff=any(needs))
+    saved = (
+        real_img if needs[1] else None, real_txt if needs[0] else None,
+        syn_img if needs[3] else None, syn_txt if needs[2] else None,
+        out.diff, out.mean_x, out.mean_y,
+    )  # fmt: skip
+    loss = out.cov_loss + lam * out.mean_loss if lam != 0 else out.cov_loss
+    return loss, saved
+
+
+def covariance_image_grad(text_rows, text_mean, diff, image_gap, alpha, beta, lam, grad, dtype) -> torch.Tensor:
+    """dL/dX = alpha (Y - 1 mu_Y^T) D^T + beta * (mu_T - mu_S) of the images (docs/design.md, *Gradients*)."""
+    bias = _row_bias(lam, beta, image_gap)
+    return _kernels().centred_matmul(text_rows, text_mean, diff.t(), bias, grad, alpha, dtype)
+
+
+def covariance_text_grad(image_rows, image_mean, diff, text_gap, alpha, beta, lam, grad, dtype) -> torch.Tensor:
+    """dL/dY = alpha (X - 1 mu_X^T) D + beta * (mu_T - mu_S) of the captions."""
+    bias = _row_bias(lam, beta, text_gap)
+    return _kernels().centred_matmul(image_rows, image_mean, diff, bias, grad, alpha, dtype)
+
+
+def covariance_form_backward(saved, grad, rho, lam, n_real, n_syn, needs, dtypes) -> list:
+    """Gradients of the four inputs (None where not needed). alpha = 2 rho / (n_T - 1) on the real side,
+    -2 / (n_S - 1) on the synthetic side; beta is the mean term's 2 lam / n with the same signs."""
+    real_img, real_txt, syn_img, syn_txt, diff, mean_x, mean_y = saved
+    gap_x, gap_y = _mean_gaps(mean_x, mean_y, lam)
+    real_alpha, real_beta = 2.0 * rho / (n_real - 1), 2.0 * lam / n_real
+    syn_alpha, syn_beta = -2.0 / (n_syn - 1), -2.0 * lam / n_syn
+    grads = [None, None, None, None]
+    if needs[0]:
+        grads[0] = covariance_image_grad(real_txt, mean_y[0], diff, gap_x, real_alpha, real_beta, lam, grad, dtypes[0])
+    if needs[1]:
+        grads[1] = covariance_text_grad(real_img, mean_x[0], diff, gap_y, real_alpha, real_beta, lam, grad, dtypes[1])
+    if needs[2]:
+        grads[2] = covariance_image_grad(syn_txt, mean_y[1], diff, gap_x, syn_alpha, syn_beta, lam, grad, dtypes[2])
+    if needs[3]:
+        grads[3] = covariance_text_grad(syn_img, mean_x[1], diff, gap_y, syn_alpha, syn_beta, lam, grad, dtypes[3])
+    return grads
+
+
+# ---------------------------------------------------------------------------------------- Gram form
+
+
+def gram_form_forward(real_img, real_txt, syn_img, syn_txt, rho: float, lam: float, needs):
+    """(loss, tensors to save) of the Gram form: the stacked rows, both Gram matrices, row weights, means."""
+    n_real, n_syn = real_img.shape[0], syn_img.shape[0]
+    mean_x = _column_means(real_img, syn_img)
+    mean_y = _column_means(real_txt, syn_txt)
+    z_x = torch.cat([real_img, syn_img])
+    z_y = torch.cat([real_txt, syn_txt])
+    weights = gram_row_weights(n_real, n_syn, rho, torch.float32, real_img.device)
+    out = _kernels().gram_forward(z_x, z_y, mean_x, mean_y, weights, n_real, store_gram=any(needs))
+    loss = out.cov_loss
+    if lam != 0:  # the distillation objective passes lam = 0 (its mean term is separate): skip it
+        gap_x, gap_y = mean_x[0] - mean_x[1], mean_y[0] - mean_y[1]
+        loss = loss + lam * (gap_x @ gap_x + gap_y @ gap_y)
+    return loss, (z_x, z_y, out.gram_x, out.gram_y, weights, mean_x, mean_y)
+
+
+def gram_rows_grad(gram_other, weights, rows, means, n_real, row_start, n_out, gap, beta, lam, grad, dtype):
+    """dL/dZ[i] = 2 w_i sum_j K_other[i, j] w_j Zc[j] + the mean-term row, for rows
+    ``row_start .. row_start + n_out`` of the stacked matrix ``rows`` (docs/design.md, *Two algebraic forms*)."""
+    bias = _row_bias(lam, beta, gap)
+    return _kernels().gram_grad(gram_other, weights, rows, means, n_real, row_start, n_out, bias, grad, dtype)
+
+
+def gram_form_backward(saved, grad, rho, lam, n_real, n_syn, needs, dtypes) -> list:
+    """Gradients of the four inputs (None where not needed): real rows come first in the stacked matrices."""
+    z_x, z_y, gram_x, gram_y, weights, mean_x, mean_y = saved
+    gap_x, gap_y = _mean_gaps(mean_x, mean_y, lam)
+    real_beta, syn_beta = 2.0 * lam / n_real, -2.0 * lam / n_syn
+    grads = [None, None, None, None]
+    if needs[0]:
+        grads[0] = gram_rows_grad(
+            gram_y, weights, z_x, mean_x, n_real, 0, n_real, gap_x, real_beta, lam, grad, dtypes[0]
+        )
+    if needs[1]:
+        grads[1] = gram_rows_grad(
+            gram_x, weights, z_y, mean_y, n_real, 0, n_real, gap_y, real_beta, lam, grad, dtypes[1]
+        )
+    if needs[2]:
+        grads[2] = gram_rows_grad(
+            gram_y, weights, z_x, mean_x, n_real, n_real, n_syn, gap_x, syn_beta, lam, grad, dtypes[2]
+        )
+    if needs[3]:
+        grads[3] = gram_rows_grad(
+            gram_x, weights, z_y, mean_y, n_real, n_real, n_syn, gap_y, syn_beta, lam, grad, dtypes[3]
+        )
+    return grads
+
+
+_FORMS = {"cov": (covariance_form_forward, covariance_form_backward), "gram": (gram_form_forward, gram_form_backward)}
+
+
 class CovMatchTritonFunction(torch.autograd.Function):
-    """Autograd wrapper of the fused kernels; backward returns each gradient in its input's dtype."""
+    """Autograd over the named host functions above; backward returns each gradient in its input's dtype."""
 
     @staticmethod
     def forward(ctx, real_img, real_txt, syn_img, syn_txt, rho: float, lam: float, form: str):
-        kernels = _kernels()
-        needs = ctx.needs_input_grad[:4]
-        needs_grad = any(needs)
-        n_real, n_syn = real_img.shape[0], syn_img.shape[0]
         ctx.rho, ctx.lam, ctx.form = rho, lam, form
         ctx.dtypes = (real_img.dtype, real_txt.dtype, syn_img.dtype, syn_txt.dtype)
-        ctx.n_real, ctx.n_syn = n_real, n_syn
-        if form == "cov":
-            out = kernels.covariance_forward(real_img, real_txt, syn_img, syn_txt, rho, store_diff=needs_grad)
-            cov_loss, mean_loss = out.cov_loss, out.mean_loss
-            # the gradient of each input needs the other modality's rows of its set: keep only those (every
-            # saved tensor costs an unpack in backward, and distillation needs the synthetic side alone)
-            ctx.save_for_backward(
-                real_img if needs[1] else None, real_txt if needs[0] else None,
-                syn_img if needs[3] else None, syn_txt if needs[2] else None,
-                out.diff, out.mean_x, out.mean_y,
-            )  # fmt: skip
-        else:
-            mean_x = _column_means(real_img, syn_img)
-            mean_y = _column_means(real_txt, syn_txt)
-            z_x = torch.cat([real_img, syn_img])
-            z_y = torch.cat([real_txt, syn_txt])
-            weights = gram_row_weights(n_real, n_syn, rho, torch.float32, real_img.device)
-            out = kernels.gram_forward(z_x, z_y, mean_x, mean_y, weights, n_real, store_gram=needs_grad)
-            cov_loss = out.cov_loss
-            if lam != 0:  # the distillation objective passes lam = 0 (its mean term is separate): skip it
-                gap_x, gap_y = mean_x[0] - mean_x[1], mean_y[0] - mean_y[1]
-                mean_loss = gap_x @ gap_x + gap_y @ gap_y
-            ctx.save_for_backward(z_x, z_y, out.gram_x, out.gram_y, weights, mean_x, mean_y)
-        return cov_loss + lam * mean_loss if lam != 0 else cov_loss
+        ctx.n_real, ctx.n_syn = real_img.shape[0], syn_img.shape[0]
+        loss, saved = _FORMS[form][0](real_img, real_txt, syn_img, syn_txt, rho, lam, ctx.needs_input_grad[:4])
+        ctx.save_for_backward(*saved)
+        return loss
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:
-        kernels = _kernels()
-        rho, lam, n_real, n_syn = ctx.rho, ctx.lam, ctx.n_real, ctx.n_syn
-        needs = ctx.needs_input_grad[:4]
-        if grad.dtype != torch.float32:
-            grad = grad.to(torch.float32)
-        grads = [None, None, None, None]
-        if ctx.form == "cov":
-            real_img, real_txt, syn_img, syn_txt, diff, mean_x, mean_y = ctx.saved_tensors
-            gap_x, gap_y = _mean_gaps(mean_x, mean_y, lam)
-            # dL/dX = alpha * (Y - 1 mu_Y^T) D^T + mean-term row, dL/dY = alpha * (X - 1 mu_X^T) D + ...
-            # (docs/design.md, *Gradients*): alpha = 2 rho / (n_T - 1) on the real side, -2 / (n_S - 1) on the
-            # synthetic side.
-            # Inputs 0-1 are the real set, 2-3 the synthetic one (row idx // 2 of the means); images (even idx)
-            # take D^T. Each side: (input index, the other modality's rows and means, gap, alpha, beta).
-            sides = (
-                (0, real_txt, mean_y, gap_x, 2.0 * rho / (n_real - 1), 2.0 * lam / n_real),
-                (1, real_img, mean_x, gap_y, 2.0 * rho / (n_real - 1), 2.0 * lam / n_real),
-                (2, syn_txt, mean_y, gap_x, -2.0 / (n_syn - 1), -2.0 * lam / n_syn),
-                (3, syn_img, mean_x, gap_y, -2.0 / (n_syn - 1), -2.0 * lam / n_syn),
-            )
-            for idx, other, other_means, gap, alpha, beta in sides:
-                if needs[idx]:  # distillation needs the synthetic side only: no work, not even views, for the rest
-                    grads[idx] = kernels.centred_matmul(
-                        other, other_means[idx // 2], diff.t() if idx % 2 == 0 else diff, _row_bias(lam, beta, gap),
-                        grad, alpha, ctx.dtypes[idx],
-                    )  # fmt: skip
-        else:
-            z_x, z_y, gram_x, gram_y, weights, mean_x, mean_y = ctx.saved_tensors
-            gap_x, gap_y = _mean_gaps(mean_x, mean_y, lam)
-            # dL/dZ_x[i] = 2 w_i sum_j K_y[i, j] w_j Zc_x[j] (and symmetrically), plus the mean-term row.
-            sides = (
-                (0, gram_y, z_x, mean_x, 0, n_real, gap_x, 2.0 * lam / n_real),
-                (1, gram_x, z_y, mean_y, 0, n_real, gap_y, 2.0 * lam / n_real),
-                (2, gram_y, z_x, mean_x, n_real, n_syn, gap_x, -2.0 * lam / n_syn),
-                (3, gram_x, z_y, mean_y, n_real, n_syn, gap_y, -2.0 * lam / n_syn),
-            )
-            for idx, gram_other, z, mean, row_start, n_out, gap, beta in sides:
-                if needs[idx]:
-                    grads[idx] = kernels.gram_grad(
-                        gram_other, weights, z, mean, n_real, row_start, n_out, _row_bias(lam, beta, gap), grad,
-                        ctx.dtypes[idx],
-                    )  # fmt: skip
+        grad = grad if grad.dtype == torch.float32 else grad.to(torch.float32)
+        backward = _FORMS[ctx.form][1]
+        grads = backward(ctx.saved_tensors, grad, ctx.rho, ctx.lam, ctx.n_real, ctx.n_syn, ctx.needs_input_grad[:4],
+                         ctx.dtypes)  # fmt: skip
         return (*grads, None, None, None)
 
 
