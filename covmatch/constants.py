@@ -1,6 +1,6 @@
 """Small constant tensors the loss needs on every call (Gram row weights, the Gram kernel's tile pairs, a
-zero bias row), made once per key and device: re-making them costs kernel launches (and, for tensors built on
-the host, a blocking host-to-device copy) on every call of a loss whose kernels run in microseconds."""
+zero bias row), made once per key and device instead of on every call (a tensor built on the host would also
+cost a blocking host-to-device copy each time)."""
 
 from __future__ import annotations
 

@@ -4,9 +4,9 @@ Nothing here touches the GPU at import time. Tile configurations are chosen per 
 (timed on the device, then cached); ``COVMATCH_TRITON_SINGLE_CONFIG=1`` or the Triton interpreter
 collapses every list to its first entry so tests are fast and deterministic.
 
-Host code runs on every call of a loss whose kernels can take microseconds (the paper's shape), so what runs
-per call is kept to dictionary lookups and integer arithmetic: config choices are cached by exact shape,
-the interpreter flag is read once, and grid sizes use plain integer division.
+What runs per call is kept to dictionary lookups and integer arithmetic (host time per call is measured by
+``benchmarks/bench_host.py``): config choices are cached by exact shape, the interpreter flag is read once,
+and grid sizes use plain integer division.
 """
 
 from __future__ import annotations

@@ -94,7 +94,7 @@ def _covmatch_loss_triton_graph_break(*args) -> torch.Tensor:
     """The fused path behind ``torch.compiler.disable``, for callers under ``torch.compile``: dynamo does not
     trace the kernels' host code, so a graph break keeps compiled callers working. Wrapped on first use,
     because applying the decorator at import time would import torch._dynamo (and triton) with every
-    ``import covmatch``; eager callers skip the wrapper (it costs microseconds per call)."""
+    ``import covmatch``; eager callers call the fused path directly."""
     if not _TRITON_ENTRY:
         _TRITON_ENTRY.append(torch.compiler.disable(covmatch_loss_triton))
     return _TRITON_ENTRY[0](*args)
@@ -102,7 +102,7 @@ def _covmatch_loss_triton_graph_break(*args) -> torch.Tensor:
 
 def _name_in_profiles() -> bool:
     """Whether to mark the call with ``record_function``: while a profiler records (so that profiles name
-    it), and under ``torch.compile`` (as before); otherwise the marker's two dispatcher calls are skipped."""
+    it), and under ``torch.compile``."""
     return torch.compiler.is_compiling() or torch.autograd._profiler_enabled()
 
 

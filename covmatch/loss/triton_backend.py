@@ -35,7 +35,7 @@ _KERNELS = []
 
 
 def _kernels():
-    """``covmatch.kernels``, imported on first use (it imports triton) and then held: this runs per call."""
+    """``covmatch.kernels``, imported on first use (it imports triton)."""
     if not _KERNELS:
         from covmatch import kernels
 
@@ -49,8 +49,8 @@ def _column_means(real: torch.Tensor, syn: torch.Tensor) -> torch.Tensor:
 
 
 def _mean_gaps(mean_x: torch.Tensor, mean_y: torch.Tensor, lam: float) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Real minus synthetic column means of each modality; with lam = 0 cached zeros (no launches: the
-    mean term's gradient vanishes, and the kernels still take a bias row)."""
+    """Real minus synthetic column means of each modality; with lam = 0 the mean term's gradient vanishes
+    and the kernels get a cached zeros row as their bias."""
     if lam == 0:
         return _zeros(mean_x.shape[1], mean_x.device), _zeros(mean_y.shape[1], mean_y.device)
     return mean_x[0] - mean_x[1], mean_y[0] - mean_y[1]

@@ -61,8 +61,8 @@ def check_hyperparameters(rho: float, lam: float) -> None:
 
 def _valid_shapes(real_img, real_txt, syn_img, syn_txt) -> Optional[Tuple[int, int, int, int]]:
     """(n_real, n_syn, d_img, d_txt) when the four inputs pass every check below, else None (the detailed
-    checks then say what is wrong). One pass of attribute reads: this runs on every call of a loss whose
-    kernels can take microseconds."""
+    checks then say what is wrong). Kept as one pass because host time per call is measured
+    (``benchmarks/bench_host.py``, ``benchmarks/results/cpu/host.csv``)."""
     tensor = torch.Tensor
     if not (
         isinstance(real_img, tensor)
