@@ -55,6 +55,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[str]:
     parser.add_argument("--preset", default="demo")
     parser.add_argument("--real-pairs", type=int, default=2048, help="real pairs behind the reference C_T")
     parser.add_argument("--seed", type=int, default=0, help="seed of the iteration-0 set (covmatch-distill --seed)")
+    parser.add_argument("--data-seed", type=int, default=0, help="the embedded dataset's draw (--data-seed)")
     args = parser.parse_args(argv)
 
     from covmatch.data.build import build_source, build_train_dataset
@@ -69,7 +70,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[str]:
     model = build_dual_encoder(
         preset, image_weights=weights
     ).eval()  # the pretrained encoders every evaluation starts from
-    source = build_source(preset, ann_root=None, image_root=None, seed=args.seed)
+    source = build_source(preset, ann_root=None, image_root=None, seed=args.data_seed)
     dataset = build_train_dataset(source, model.text.tokenizer, preset, augment=False)
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(123))[: args.real_pairs]
     image, text = encode_real(model, dataset, order)

@@ -245,7 +245,7 @@ def _same(a: Any, b: Any) -> bool:
 
 def pick_initial_pairs(pairs: Sequence[Tuple[str, str]], num_pairs: int, seed: int) -> List[int]:
     """Indices of ``num_pairs`` train pairs with distinct images (one random caption each), from ``seed``."""
-    from covmatch.data.sources import pairs_by_image
+    from covmatch.data.sources import pairs_by_image  # the data stack (PIL, torchvision) is optional
 
     by_image = pairs_by_image(pairs)
     if num_pairs > len(by_image):
@@ -264,7 +264,7 @@ def pick_initial_pairs(pairs: Sequence[Tuple[str, str]], num_pairs: int, seed: i
 
 def synthetic_metadata(preset, model) -> Dict[str, Any]:
     """What a synthetic set made with ``preset`` and ``model`` is for (checked when it is loaded back)."""
-    from covmatch.data.datasets import CLIP_MEAN, CLIP_STD
+    from covmatch.data.datasets import CLIP_MEAN, CLIP_STD  # optional data stack, as above
 
     return {
         "image_encoder": model.image.name,
@@ -284,7 +284,7 @@ def init_synthetic_set(dataset, model, preset, num_pairs: int, seed: int) -> Syn
     """N random real pairs of ``dataset`` (a PairDataset) as the starting synthetic set: pixels through the
     evaluation transform, captions through the text encoder's input-embedding table (docs/design.md,
     *Algorithm 1 as implemented*)."""
-    from covmatch.data.datasets import CLIP_MEAN, CLIP_STD, image_transform
+    from covmatch.data.datasets import CLIP_MEAN, CLIP_STD, image_transform  # optional data stack
 
     picks = pick_initial_pairs(dataset.pairs, num_pairs, seed)
     transform = image_transform(preset.image_size, train=False, mean=CLIP_MEAN, std=CLIP_STD)

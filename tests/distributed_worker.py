@@ -41,9 +41,9 @@ def scenario_loss() -> None:
             for normalize in (False, True):
                 full_img = syn_img.clone().requires_grad_(True)
                 full_txt = syn_txt.clone().requires_grad_(True)
-                single = DistillObjective(
-                    model, Features(real_img, real_txt), rho=2.0, lam=lam, backend="torch", normalize=normalize
-                )
+                single = DistillObjective(model, Features(real_img, real_txt), rho=2.0, lam=lam, backend="torch")
+                if normalize:
+                    single.scale = single.covariance_scale()
                 expected = single(Features(full_img, full_txt))
                 expected[0].backward()
 
@@ -55,8 +55,10 @@ def scenario_loss() -> None:
                     rho=2.0,
                     lam=lam,
                     ranks=ranks,
-                    normalize=normalize,
                 )
+                if normalize:  # the union's scale, the same on every rank
+                    sharded.scale = sharded.covariance_scale()
+                    assert torch.allclose(sharded.scale.double(), single.scale.double(), rtol=tol)
                 got = sharded(Features(mine_img, mine_txt))
                 got[0].backward()
                 for g, e, name in zip(got, expected, ("total", "cov", "mean")):

@@ -401,3 +401,75 @@ def test_chunked_cli_run_with_a_sampled_batch(tmp_path):
             "--no-progress", "--device", "cpu"]  # fmt: skip
     assert main(argv) == 0
     assert SyntheticSet.load(out).metadata["iteration"] == 3
+
+
+def test_data_seed_alone_draws_the_data_and_is_recorded(tmp_path):
+    def pairs(**overrides):
+        return Distiller(tiny_config(**overrides), log=quiet).train_data.pairs
+
+    assert pairs(seed=1) == pairs(seed=0)  # --seed no longer redraws the dataset
+    assert pairs(data_seed=1) != pairs(data_seed=0)
+    out = tmp_path / "run"
+    assert main(["--preset", "tiny", "--out", str(out), "--iterations", "1", "--data-seed", "2", "--no-progress"]) == 0
+    assert SyntheticSet.load(out).metadata["data_seed"] == 2
+
+
+def test_captions_are_decoded_in_the_pretrained_embedding_table():
+    from covmatch.visualize import nearest_token_ids
+
+    d = Distiller(tiny_config(iterations=3, online="real", reset_every=100, online_lr_encoder=1.0), log=quiet)
+    pretrained = d.model.text.embedding_table.detach().clone()
+    syn = d.run()
+    assert not torch.equal(d.model.text.embedding_table.detach(), pretrained)  # the online model's table drifted
+    assert torch.equal(syn.nearest_token_ids, nearest_token_ids(syn.text_embeds, pretrained))
+
+
+@pytest.mark.parametrize("order,expected", [("paper", ["online step", "target features"]),
+                                            ("loss-first", ["target features", "online step"])])  # fmt: skip
+def test_step_order(order, expected):
+    """The paper's order: the online model steps on a real batch of its own, then the statistics are taken
+    with the updated model; --step-order loss-first keeps the earlier order (on the target's batch)."""
+    d = Distiller(tiny_config(iterations=2, step_order=order), log=quiet)
+    calls = []
+    for name, label in (("train_step", "online step"), ("encode_real", "target features")):
+        original = getattr(d.online, name)
+        setattr(d.online, name, lambda *a, _f=original, _l=label: calls.append(_l) or _f(*a))
+    d.step(next(iter(d.real_batches(0, 1))))
+    assert calls == expected
+    target = next(iter(d.real_batches(0, 1)))[3]
+    online = next(iter(d.online_batches(0, 1)))
+    if order == "paper":
+        assert not torch.equal(online[3], target)  # drawn from its own stream
+    else:
+        assert online is None  # the online step takes the target's batch
+
+
+def test_normalised_loss_keeps_lambdas_meaning_and_is_set_at_resets():
+    """Both terms share one scale, 1 / ||rho C_T||^2 of the batch at the last reset: mean/cov is the raw
+    loss's ratio, and the scale does not change between resets (tiny: reset every 3 iterations)."""
+    d = Distiller(tiny_config(iterations=5, normalize_loss=True, lam=0.5, lr_img=1e-3, lr_txt=1e-6), log=quiet)
+    scales = []
+    for batch in d.real_batches(0, 5):
+        metrics = d.step(batch)
+        scales.append(float(d.loss_normaliser))
+        assert float(metrics["loss"]) == pytest.approx(float(metrics["cov"] + 0.5 * metrics["mean"]), rel=1e-6)
+    assert scales[0] == scales[1] == scales[2] != scales[3] == scales[4]
+    real = d.online.encode_real(*d._to_device(next(iter(d.real_batches(7, 8)))))
+    raw = DistillObjective(d.model, real, rho=d.config.rho, lam=0.5)
+    scaled = DistillObjective(d.model, real, rho=d.config.rho, lam=0.5, scale=raw.covariance_scale())
+    with torch.no_grad():
+        feats = encode_synthetic(d.model.eval(), d.synthetic.batch(0))
+        (_, raw_cov, raw_mean), (_, cov, mean) = raw(feats), scaled(feats)
+    assert float(mean / cov) == pytest.approx(float(raw_mean / raw_cov), rel=1e-5)
+
+
+def test_target_batch_uses_the_evaluation_transform_unless_asked():
+    def two_loads(data):
+        return data[0][0], data[0][0]
+
+    for augment in (False, True):
+        d = Distiller(tiny_config(train_augment=True, flip=True, target_augment=augment), log=quiet)
+        a, b = two_loads(d.target_data)
+        assert torch.equal(a, b) != augment  # random crops and flips only when asked
+        a, b = two_loads(d.train_data)
+        assert not torch.equal(a, b)  # the online model's batches keep the train augmentation

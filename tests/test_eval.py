@@ -245,3 +245,17 @@ def test_training_sets_carry_captions_and_refuse_what_cannot_be_used(distilled):
     d_img = model.image.feature_dim
     assert feats.shape == (3, d_img + model.text.feature_dim)
     torch.testing.assert_close(feats[:, :d_img].norm(dim=1), torch.ones(3))
+
+
+def test_eval_uses_the_sets_data_seed_and_refuses_another(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert distill_main(["--preset", "tiny", "--out", str(run), "--iterations", "1", "--data-seed", "3",
+                         "--no-progress"]) == 0  # fmt: skip
+    assert _eval(tmp_path, "--synthetic", str(run)) == 0
+    assert json.loads((tmp_path / "eval" / "results.json").read_text())["config"]["data_seed"] == 3
+    capsys.readouterr()
+    other = ["--synthetic", str(run), "--data-seed", "0", "--overwrite"]
+    assert _eval(tmp_path, *other) == 2
+    assert "was distilled from data seed 3; pass --allow-data-seed-mismatch" in capsys.readouterr().err
+    assert _eval(tmp_path, *other, "--allow-data-seed-mismatch") == 0
+    assert json.loads((tmp_path / "eval" / "results.json").read_text())["config"]["data_seed"] == 0

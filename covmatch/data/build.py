@@ -54,6 +54,14 @@ def build_train_dataset(source: ImageTextSource, tokenizer, preset, *, augment: 
     return PairDataset(source, pairs, ids, mask, transform)
 
 
+def with_train_transform(dataset: PairDataset, preset, *, augment: bool) -> PairDataset:
+    """The same pairs and tokens under the train transform (``augment``) or the evaluation one."""
+    transform = image_transform(
+        preset.image_size, train=augment, augment=preset.train_augment, flip=preset.flip, mean=CLIP_MEAN, std=CLIP_STD
+    )
+    return PairDataset(dataset.source, dataset.pairs, dataset.input_ids, dataset.attention_mask, transform)
+
+
 @dataclass
 class RetrievalData:
     """An evaluation split ready to encode: images, tokenised captions and the caption→image index."""

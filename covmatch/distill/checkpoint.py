@@ -55,6 +55,7 @@ def fingerprint(distiller) -> dict:
         "image_size": cfg.preset.image_size,
         "seq_len": cfg.preset.seq_len,
         "seed": cfg.seed,
+        "data_seed": cfg.data_seed,
         "frozen_text": cfg.frozen_text,
         "distill_mode": cfg.distill_mode,
         "world_size": getattr(distiller, "world_size", 1),
@@ -116,6 +117,8 @@ def read_checkpoint(path: Path, distiller) -> dict:
         raise CheckpointError(f"{path}: not a covmatch checkpoint of format {FORMAT}")
     expected = fingerprint(distiller)
     saved = payload.get("fingerprint", {})
+    if "data_seed" not in saved:  # written before --data-seed existed, when --seed also drew the data
+        saved = {**saved, "data_seed": saved.get("seed")}
     for key, value in expected.items():
         if saved.get(key) != value:
             if key == "world_size":

@@ -25,7 +25,7 @@ from covmatch.devices import resolve_device
 from covmatch.errors import EXIT_BAD_INPUT, EXIT_DIVERGED, CovMatchError, DivergedError, one_line
 from covmatch.presets import PRESETS, get_preset
 
-from .config import DISTILL_MODES, ONLINE_MODES, PRESET_FLAG_FIELDS, RUN_OUTPUTS, DistillConfig
+from .config import DISTILL_MODES, ONLINE_MODES, PRESET_FLAG_FIELDS, RUN_OUTPUTS, STEP_ORDERS, DistillConfig
 from .engine import Distiller
 
 __all__ = ["build_parser", "config_from_args", "main"]
@@ -56,7 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--preset", choices=sorted(PRESETS), default="demo", help="named configuration (paper, demo, tiny)"
     )
     run.add_argument("--out", type=Path, required=True, help="output directory")
-    run.add_argument("--seed", type=int, default=0, help="seed of every random choice (data, init, resets)")
+    run.add_argument("--seed", type=int, default=0, help="seed of the initial pairs, the batches and the resets")
+    run.add_argument(
+        "--data-seed", type=int, default=0, help="seed of the embedded dataset's draw (covmatch-eval uses the set's)"
+    )
     run.add_argument("--save-every", type=int, default=100, help="checkpoint, result and image grid every K iterations")
     run.add_argument("--log-every", type=int, default=10, help="log line every K iterations")
     run.add_argument("--keep-checkpoints", type=int, default=3, help="keep the newest K checkpoints")
@@ -75,6 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_preset_flags(data, DATA_FIELDS)
     add_data_flags(data)
     data.add_argument("--validate-data", action="store_true", help="open every image up front instead of lazily")
+    data.add_argument(
+        "--target-augment",
+        action="store_true",
+        help="train augmentation on the real batch behind the covariance target (default: the evaluation "
+        "transform, as synthetic and test images)",
+    )
 
     add_preset_flags(p.add_argument_group("encoders"), ENCODER_FIELDS)
     add_preset_flags(p.add_argument_group("distillation hyperparameters"), HYPERPARAMETER_FIELDS)
@@ -85,6 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--online", choices=ONLINE_MODES, default=None, help="what the online model trains on (default: preset)"
     )
     ab.add_argument("--distill", choices=DISTILL_MODES, default="both", help="which modality is distilled")
+    ab.add_argument(
+        "--step-order",
+        choices=STEP_ORDERS,
+        default="paper",
+        help="paper: the online model steps on its own real batch, then the statistics use the updated model; "
+        "loss-first: the online step comes after the synthetic update, on the target's batch",
+    )
 
     perf = p.add_argument_group("memory and speed")
     perf.add_argument("--grad-checkpointing", action="store_true", help="activation checkpointing in both encoders")
@@ -114,6 +130,7 @@ def config_from_args(args: argparse.Namespace) -> DistillConfig:
         preset=preset,
         out=args.out,
         seed=args.seed,
+        data_seed=args.data_seed,
         device=args.device,
         save_every=args.save_every,
         log_every=args.log_every,
@@ -125,6 +142,8 @@ def config_from_args(args: argparse.Namespace) -> DistillConfig:
         frozen_text=args.frozen_text,
         online=args.online,
         distill_mode=args.distill,
+        step_order=args.step_order,
+        target_augment=args.target_augment,
         workers=args.workers,
         loss_backend=args.loss_backend,
         zero=args.zero,

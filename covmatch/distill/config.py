@@ -10,11 +10,20 @@ from typing import Optional
 from covmatch.errors import ConfigError
 from covmatch.presets import Preset, get_preset
 
-__all__ = ["DistillConfig", "ONLINE_MODES", "DISTILL_MODES", "PRECISIONS", "CHECKPOINT_DIR", "RUN_OUTPUTS"]
+__all__ = [
+    "DistillConfig",
+    "ONLINE_MODES",
+    "DISTILL_MODES",
+    "PRECISIONS",
+    "STEP_ORDERS",
+    "CHECKPOINT_DIR",
+    "RUN_OUTPUTS",
+]
 
 ONLINE_MODES = ("real", "synthetic", "fixed")
 DISTILL_MODES = ("both", "images", "texts")
 PRECISIONS = ("fp32", "fp16", "bf16")
+STEP_ORDERS = ("paper", "loss-first")  # online update before the statistics (the paper's) or after them
 # Preset fields that covmatch-distill sets by a flag of the same name (--lr-img sets lr_img).
 PRESET_FLAG_FIELDS = (
     "dataset", "num_pairs", "iterations", "image_encoder", "image_weights", "text_encoder", "text_layers",
@@ -42,7 +51,8 @@ class DistillConfig:
 
     preset: Preset = field(default_factory=lambda: get_preset("demo"))
     out: Optional[Path] = None
-    seed: int = 0
+    seed: int = 0  # initial pairs, batches, resets
+    data_seed: int = 0  # the embedded dataset's draw (evaluation uses the set's)
     device: str = "auto"
     save_every: int = 100
     log_every: int = 10
@@ -54,6 +64,8 @@ class DistillConfig:
     frozen_text: bool = False
     online: Optional[str] = None  # None: the preset's (Preset.online)
     distill_mode: str = "both"
+    step_order: str = "paper"  # see STEP_ORDERS
+    target_augment: bool = False  # train augmentation on the real batch behind the covariance target
     workers: int = 0
     loss_backend: str = "auto"
     zero: int = 0  # 0: plain PyTorch; 1-3: DeepSpeed ZeRO stage of the online model
@@ -94,6 +106,7 @@ class DistillConfig:
         self.preset.check(PRESET_FLAGS)
         for flag, value, low in (
             ("--seed", self.seed, 0),
+            ("--data-seed", self.data_seed, 0),
             ("--save-every", self.save_every, 1),
             ("--log-every", self.log_every, 1),
             ("--keep-checkpoints", self.keep_checkpoints, 1),
@@ -108,6 +121,8 @@ class DistillConfig:
             raise ConfigError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.online not in ONLINE_MODES:
             raise ConfigError(f"--online must be one of {ONLINE_MODES}, got {self.online!r}")
+        if self.step_order not in STEP_ORDERS:
+            raise ConfigError(f"--step-order must be one of {', '.join(STEP_ORDERS)}, got {self.step_order!r}")
         if self.distill_mode not in DISTILL_MODES:
             raise ConfigError(f"--distill must be one of {DISTILL_MODES}, got {self.distill_mode!r}")
         if self.loss_backend not in ("auto", "torch", "triton"):

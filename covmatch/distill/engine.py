@@ -11,6 +11,7 @@ batch; only rank 0 prints, logs and writes.
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import math
 import time
 from pathlib import Path
@@ -20,7 +21,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
-from covmatch.data.build import build_source, build_train_dataset
+from covmatch.data.build import build_source, build_train_dataset, with_train_transform
 from covmatch.data.sources import pairs_by_image
 from covmatch.errors import ConfigError, DivergedError
 from covmatch.models import build_dual_encoder
@@ -30,7 +31,7 @@ from covmatch.visualize import nearest_token_ids
 
 from . import checkpoint as ckpt
 from .config import DistillConfig
-from .distributed import build_ds_config, gathered_parameters, launched_world_size, load_ds_config, setup_processes
+from .distributed import build_ds_config, launched_world_size, load_ds_config, setup_processes
 from .objective import make_objective
 from .online import OnlineModel, build_online_model
 from .precision import autocast_for
@@ -62,7 +63,11 @@ class Distiller:
             self.autocast = autocast_for(self.device, config.precision)
             torch.manual_seed(config.seed)
             self.model = self._build_model()
-            self.train_data = self._build_data()
+            # captions are decoded in the pretrained table every evaluation starts from, not the online
+            # model's drifting one
+            self.pretrained_embedding_table = self.model.text.embedding_table.detach().clone()
+            self.train_data = self._build_data()  # under the train transform: the online model's batches
+            self.target_data = with_train_transform(self.train_data, config.preset, augment=config.target_augment)
             self.synthetic = SyntheticParameters(
                 init_synthetic_set(self.train_data, self.model, config.preset, config.num_pairs, config.seed),
                 config,
@@ -77,6 +82,8 @@ class Distiller:
             self.close()  # leave the process group: this object will not be used
             raise
         self.iteration = 0
+        # --normalize-loss: 1 / ||rho C_T||^2 of the target batch at the last reset, dividing both terms
+        self.loss_normaliser: Optional[torch.Tensor] = None
 
     # ------------------------------------------------------------------ build stages
 
@@ -120,7 +127,7 @@ class Distiller:
         config, preset = self.config, self.config.preset
         source = build_source(
             preset, ann_root=config.ann_root, image_root=config.image_root, validate=config.validate_data,
-            seed=config.seed,
+            seed=config.data_seed,
         )  # fmt: skip
         data = build_train_dataset(source, self.model.text.tokenizer, preset, augment=True)
         num_images = len(pairs_by_image(data.pairs))
@@ -145,20 +152,25 @@ class Distiller:
 
     # ------------------------------------------------------------------ one iteration
 
-    def step(self, real_batch) -> Dict[str, torch.Tensor]:
-        """Iteration t of Algorithm 1 on ``real_batch`` (pixels, ids, mask, index); returns detached metrics."""
+    def step(self, real_batch, online_batch=None) -> Dict[str, torch.Tensor]:
+        """Iteration t of Algorithm 1; ``real_batch`` (pixels, ids, mask, index) gives the covariance target,
+        ``online_batch`` the online model's step (drawn from its own stream when None). Detached metrics."""
         cfg, t = self.config, self.iteration
         pixels, ids, mask = self._to_device(real_batch)
-        if self._reset_due(t):
+        reset = self._reset_due(t)
+        if reset:
             self.online.reset(stream_generator(cfg.seed, "reset", t))
+        if cfg.step_order == "paper":
+            online_loss = self._online_update(online_batch, t)
         real = self.online.encode_real(pixels, ids, mask)
         objective = make_objective(
-            self.model, real, rho=cfg.rho, lam=cfg.lam, backend=cfg.loss_backend,
-            normalize=cfg.preset.normalize_loss, ranks=self.ranks,
-        )  # fmt: skip
+            self.model, real, rho=cfg.rho, lam=cfg.lam, backend=cfg.loss_backend, ranks=self.ranks
+        )
+        objective.scale = self._normaliser(objective, reset)
         parts = self.synthetic.backward(objective, t, autocast=self.autocast)
         skipped = self.synthetic.step()
-        online_loss = self._online_update(pixels, ids, mask, t)
+        if cfg.step_order == "loss-first":
+            online_loss = self._online_update(real_batch, t)
         self.iteration += 1
         return {"loss": parts.total, "cov": parts.cov, "mean": parts.mean, "online": online_loss, "skipped": skipped}
 
@@ -171,11 +183,23 @@ class Distiller:
         """Every --reset-every iterations; the fixed-model ablation keeps its t = 0 state."""
         return t % self.config.preset.reset_every == 0 and (t == 0 or self.config.online != "fixed")
 
-    def _online_update(self, pixels, ids, mask, t: int) -> torch.Tensor:
-        """One InfoNCE step on the real batch (--online real) or the detached synthetic batch; none if fixed."""
+    def _normaliser(self, objective, reset: bool) -> Optional[torch.Tensor]:
+        """The common scale of both loss terms under --normalize-loss, set at each reset (None: raw loss)."""
+        if not self.config.preset.normalize_loss:
+            return None
+        if reset or self.loss_normaliser is None:
+            self.loss_normaliser = objective.covariance_scale()
+        return self.loss_normaliser
+
+    def _online_update(self, real_batch, t: int) -> torch.Tensor:
+        """One InfoNCE step: on a real batch (--online real; its own stream's batch t when None), or on the
+        detached synthetic batch (--online synthetic); none with a fixed model."""
         if self.config.online == "fixed":
             return torch.zeros((), device=self.device)
         if self.config.online == "real":
+            if real_batch is None:
+                real_batch = next(iter(self.online_batches(t, t + 1)))
+            pixels, ids, mask = self._to_device(real_batch)
             return self.online.train_step(pixels, {"input_ids": ids, "attention_mask": mask})
         batch = self.synthetic.batch(t)
         if batch.text_features is not None:
@@ -192,17 +216,13 @@ class Distiller:
         metadata.update(
             {
                 "iteration": self.iteration,
+                "data_seed": self.config.data_seed,
                 "hyperparameters": self.config.to_dict(),
                 "text_mode": "features" if self.config.frozen_text else "embeddings",
             }
         )
-        table = self.model.text.embedding_table
-
-        def nearest(text: torch.Tensor) -> torch.Tensor:
-            with gathered_parameters([table]):
-                return nearest_token_ids(text, table)
-
-        return self.synthetic.gathered(metadata, nearest)
+        table = self.pretrained_embedding_table
+        return self.synthetic.gathered(metadata, lambda text: nearest_token_ids(text, table))
 
     def state_dict(self) -> dict:
         """Everything a resume needs, gathered over ranks (collective): the whole synthetic set and its
@@ -211,9 +231,11 @@ class Distiller:
         rng = {"torch": gather(torch.get_rng_state().unsqueeze(0))}
         if self.device.type == "cuda":
             rng["cuda"] = gather(torch.cuda.get_rng_state(self.device).to(self.device).unsqueeze(0)).cpu()
+        normaliser = self.loss_normaliser
         return {
             "iteration": self.iteration,
             "skipped_steps": self.skipped_steps,
+            "loss_normaliser": float("nan") if normaliser is None else float(normaliser),
             **self.synthetic.state_dict(),
             "rng": rng,
             **self.online.state_dict(),
@@ -229,6 +251,8 @@ class Distiller:
         if "cuda" in state["rng"] and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["rng"]["cuda"][rank].clone(), self.device)
         self.iteration = int(state["iteration"])
+        saved = float(state.get("loss_normaliser", float("nan")))
+        self.loss_normaliser = None if math.isnan(saved) else torch.tensor(saved, device=self.device)
 
     def close(self, *, finished: bool = False) -> None:
         """Release the DeepSpeed engine and leave the process group (if this run joined one).
@@ -250,18 +274,27 @@ class Distiller:
     # ------------------------------------------------------------------ the loop
 
     def real_batches(self, start: int, stop: int) -> DataLoader:
-        sampler = RealBatchSampler(
-            len(self.train_data), self.config.preset.real_batch, self.config.seed, start, stop, self.ranks
-        )
+        """The covariance targets' real batches of iterations ``start .. stop-1`` (stream 'real')."""
+        return self._loader(self.target_data, "real", start, stop)
+
+    def online_batches(self, start: int, stop: int):
+        """The online model's own real batches (stream 'online'), or Nones when it takes none of its own."""
+        if self.config.online != "real" or self.config.step_order != "paper":
+            return itertools.repeat(None, max(0, stop - start))
+        return self._loader(self.train_data, "online", start, stop)
+
+    def _loader(self, dataset, stream: str, start: int, stop: int) -> DataLoader:
+        cfg = self.config
+        sampler = RealBatchSampler(len(dataset), cfg.preset.real_batch, cfg.seed, start, stop, self.ranks, stream)
         return DataLoader(
-            self.train_data,
+            dataset,
             batch_sampler=sampler,
-            num_workers=self.config.workers,
+            num_workers=cfg.workers,
             collate_fn=collate_pairs,
             pin_memory=self.device.type == "cuda",
             persistent_workers=False,
             # its own generator: creating the iterator must not draw from the (checkpointed) global RNG
-            generator=torch.Generator().manual_seed(self.config.seed),
+            generator=torch.Generator().manual_seed(cfg.seed),
         )
 
     def run(self) -> SyntheticSet:
@@ -294,8 +327,9 @@ class Distiller:
         pending: List[Dict[str, torch.Tensor]] = []
         saved: Optional[SyntheticSet] = None
         tick = time.perf_counter()
-        for real_batch in self.real_batches(self.iteration, total):
-            pending.append(self.step(real_batch))
+        start = self.iteration
+        for real_batch, online_batch in zip(self.real_batches(start, total), self.online_batches(start, total)):
+            pending.append(self.step(real_batch, online_batch))
             t = self.iteration  # iterations done
             log_now = t % cfg.log_every == 0 or t == total
             save_now = out is not None and (t % cfg.save_every == 0 or t == total)

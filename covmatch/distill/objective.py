@@ -132,58 +132,56 @@ def encode_synthetic(model, batch: SyntheticBatch) -> Features:
     return Features(image, text)
 
 
-def normalisation_scales(
-    rho: float, real_cov: torch.Tensor, real_means: Optional[Tuple[torch.Tensor, torch.Tensor]]
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(1 / ||rho C_T||^2, 1 / ||mean_T||^2) for the scale-free loss (mean scale 1 without a mean term)."""
-    cov_scale = 1.0 / (rho * rho * real_cov.pow(2).sum()).clamp_min(1e-30)
-    if real_means is None:
-        return cov_scale, torch.ones_like(cov_scale)
-    norm = real_means[0].pow(2).sum() + real_means[1].pow(2).sum()
-    return cov_scale, 1.0 / norm.clamp_min(1e-30)
-
-
 class DistillObjective:
-    """The CovMatch distillation loss for fixed real features (``real``) as a function of synthetic features."""
+    """The CovMatch distillation loss for fixed real features (``real``) as a function of synthetic features.
+
+    ``scale`` (a positive scalar tensor, or None for 1) multiplies both terms alike, so lam keeps its
+    meaning: the scale-free loss (``--normalize-loss``) passes ``1 / ||rho C_T||^2`` of the real batch at the
+    last reset of the online model (``covariance_scale``), a constant between resets.
+    """
 
     def __init__(
-        self, model, real: Features, *, rho: float, lam: float, backend: str = "auto", normalize: bool = False
-    ) -> None:
+        self, model, real: Features, *, rho: float, lam: float, backend: str = "auto",
+        scale: Optional[torch.Tensor] = None,
+    ) -> None:  # fmt: skip
         self.model = model
         self.real = Features(full_precision(real.image.detach()), full_precision(real.text.detach()))
         self.rho = rho
         self.lam = lam
         self.backend = backend
+        self.scale = scale
         self._real_proj: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
         if lam:
             with torch.no_grad():
                 self._real_proj = (model.image_proj(self.real.image), model.text_proj(self.real.text))
-        # Optional scale-free form: each term divided by its real-data magnitude (a per-iteration constant),
-        # ||rho C_T - C_S||^2 / ||rho C_T||^2 and ||Δmean||^2 / ||mean_T||^2. The loss is quartic in the
-        # features, so as the online model trains and features grow, a fixed SGD step on the raw loss
-        # explodes; normalised, one learning rate fits every stage. Not in the paper: off by default.
-        self.cov_scale = torch.ones((), device=self.real.image.device)
-        self.mean_scale = torch.ones((), device=self.real.image.device)
-        if normalize:
-            with torch.no_grad():
-                means = None if not lam else tuple(full_precision(p).mean(0) for p in self._real_proj)
-                c_t = cross_covariance(self.real.image, self.real.text)
-                self.cov_scale, self.mean_scale = normalisation_scales(rho, c_t, means)
+
+    @torch.no_grad()
+    def covariance_scale(self) -> torch.Tensor:
+        """``1 / ||rho C_T||_F^2`` of this objective's real batch."""
+        c_t = cross_covariance(self.real.image, self.real.text)
+        return 1.0 / (self.rho * self.rho * c_t.pow(2).sum()).clamp_min(1e-30)
+
+    def _scaled(self, cov: torch.Tensor, mean: Optional[torch.Tensor]):
+        """(total, covariance term, mean term), each multiplied by the common scale."""
+        if self.scale is not None:
+            cov = self.scale * cov
+            mean = None if mean is None else self.scale * mean
+        if mean is None:
+            return cov, cov, cov.new_zeros(())
+        return cov + self.lam * mean, cov, mean
 
     def __call__(self, syn: Features) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(total, covariance term, mean term) as fp32 scalars with autograd to ``syn``."""
-        cov = self.cov_scale * covmatch_loss(
+        cov = covmatch_loss(
             self.real.image, self.real.text, syn.image, syn.text, rho=self.rho, lam=0.0, backend=self.backend
         )
         if not self.lam:
-            zero = cov.new_zeros(())
-            return cov, cov, zero
+            return self._scaled(cov, None)
         real_img, real_txt = self._real_proj
         mean = mean_matching_loss(real_img, self.model.image_proj(syn.image)) + mean_matching_loss(
             real_txt, self.model.text_proj(syn.text)
         )
-        mean = self.mean_scale * mean
-        return cov + self.lam * mean, cov, mean
+        return self._scaled(cov, mean)
 
 
 class ShardedObjective(DistillObjective):
@@ -204,9 +202,9 @@ class ShardedObjective(DistillObjective):
         rho: float,
         lam: float,
         ranks: Ranks,
-        normalize: bool = False,
+        scale: Optional[torch.Tensor] = None,
     ) -> None:
-        self.model, self.rho, self.lam, self.ranks = model, rho, lam, ranks
+        self.model, self.rho, self.lam, self.ranks, self.scale = model, rho, lam, ranks, scale
         image, text = full_precision(real.image.detach()), full_precision(real.text.detach())
         self.dtype = image.dtype
         count = torch.full((), float(image.shape[0]), device=image.device)
@@ -220,13 +218,14 @@ class ShardedObjective(DistillObjective):
         s_xy, s_x, s_y = ranks.all_reduce_sum([xc.t() @ yc, xc.sum(0), yc.sum(0)])
         self.real_cov = ((s_xy - torch.outer(s_x, s_y) / n) / (n - 1)).to(self.dtype)
         self.real = Features(image, text)
-        one = torch.ones((), device=image.device, dtype=self.dtype)
-        self.cov_scale, self.mean_scale = one, one
         self._real_means: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
         if lam:
             self._real_means = tuple((s / n).to(self.dtype) for s in proj_sums)
-        if normalize:
-            self.cov_scale, self.mean_scale = normalisation_scales(rho, self.real_cov, self._real_means)
+
+    @torch.no_grad()
+    def covariance_scale(self) -> torch.Tensor:
+        """``1 / ||rho C_T||_F^2`` of the union of the ranks' real batches."""
+        return 1.0 / (self.rho * self.rho * self.real_cov.pow(2).sum()).clamp_min(1e-30)
 
     def __call__(self, syn: Features) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         ranks = self.ranks
@@ -238,24 +237,30 @@ class ShardedObjective(DistillObjective):
                 self.model.image_proj(syn.image).to(self.dtype).sum(0),
                 self.model.text_proj(syn.text).to(self.dtype).sum(0),
             ]
-        s_xy, s_x, s_y, n, *proj_sums = sum_over_ranks(local, ranks)  # one all-reduce per call
+        s_xy, s_x, s_y, n, *proj_sums = sum_over_ranks(local, ranks)  # one all-reduce
         syn_cov = (s_xy - torch.outer(s_x, s_y) / n) / (n - 1)
-        cov = self.cov_scale * (self.rho * self.real_cov - syn_cov).pow(2).sum()
+        cov = (self.rho * self.real_cov - syn_cov).pow(2).sum()
         if not self.lam:
-            return cov, cov, cov.new_zeros(())
+            return self._scaled(cov, None)
         mean_img, mean_txt = (s / n for s in proj_sums)
         real_img, real_txt = self._real_means
-        mean = self.mean_scale * ((real_img - mean_img).pow(2).sum() + (real_txt - mean_txt).pow(2).sum())
-        return cov + self.lam * mean, cov, mean
+        return self._scaled(cov, (real_img - mean_img).pow(2).sum() + (real_txt - mean_txt).pow(2).sum())
 
 
 def make_objective(
-    model, real: Features, *, rho: float, lam: float, backend: str, normalize: bool, ranks: Optional[Ranks] = None
+    model,
+    real: Features,
+    *,
+    rho: float,
+    lam: float,
+    backend: str,
+    scale: Optional[torch.Tensor] = None,
+    ranks: Optional[Ranks] = None,
 ) -> DistillObjective:
     """The objective for this process: the fused ``covmatch_loss`` alone, or the all-reduced form on R ranks."""
     if ranks is not None and ranks.distributed:
-        return ShardedObjective(model, real, rho=rho, lam=lam, ranks=ranks, normalize=normalize)
-    return DistillObjective(model, real, rho=rho, lam=lam, backend=backend, normalize=normalize)
+        return ShardedObjective(model, real, rho=rho, lam=lam, ranks=ranks, scale=scale)
+    return DistillObjective(model, real, rho=rho, lam=lam, backend=backend, scale=scale)
 
 
 def synthetic_backward(

@@ -26,22 +26,29 @@ def stream_generator(seed: int, stream: str, iteration: int) -> torch.Generator:
 
 
 class RealBatchSampler(Sampler):
-    """Index batches for iterations ``start .. stop-1``: batch t is drawn from ``stream_generator(seed, 'real', t)``
+    """Index batches for iterations ``start .. stop-1``: batch t is drawn from ``stream_generator(seed, stream, t)``
     (without replacement within a batch), so batches do not depend on what ran before. With R ranks, rank r
     takes the r-th slice of one permutation: the ranks' batches are disjoint and their union is what one
     process with an R times larger batch would draw."""
 
     def __init__(
-        self, num_items: int, batch_size: int, seed: int, start: int, stop: int, ranks: Optional[Ranks] = None
+        self,
+        num_items: int,
+        batch_size: int,
+        seed: int,
+        start: int,
+        stop: int,
+        ranks: Optional[Ranks] = None,
+        stream: str = "real",
     ) -> None:
         ranks = ranks or Ranks()
-        self.num_items, self.batch_size, self.seed = num_items, min(batch_size, num_items), seed
+        self.num_items, self.batch_size, self.seed, self.stream = num_items, min(batch_size, num_items), seed, stream
         self.start, self.stop = start, stop
         self.offset = ranks.rank * self.batch_size
 
     def __iter__(self) -> Iterator[List[int]]:
         for t in range(self.start, self.stop):
-            gen = stream_generator(self.seed, "real", t)
+            gen = stream_generator(self.seed, self.stream, t)
             perm = torch.randperm(self.num_items, generator=gen)
             yield perm[self.offset : self.offset + self.batch_size].tolist()
 

@@ -85,6 +85,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-pairs", type=int, default=None, help="N for a coreset (default: the preset's)")
     p.add_argument("--preset", choices=sorted(PRESETS), default="demo", help="named configuration")
     p.add_argument("--seed", type=int, default=0, help="seed of run 0 (run r uses seed + r)")
+    p.add_argument(
+        "--data-seed",
+        type=int,
+        default=None,
+        help="seed of the embedded dataset's draw (default: the synthetic set's, else 0)",
+    )
+    p.add_argument(
+        "--allow-data-seed-mismatch",
+        action="store_true",
+        help="evaluate a set on another draw of the embedded dataset than it was distilled from",
+    )
     p.add_argument("--select-on-val", action="store_true", help="report the epoch with the best val recall")
     p.add_argument(
         "--split", choices=("test", "val"), default="test", help="split to score (val: for hyperparameter tuning)"
@@ -104,7 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
 def check_args(args, preset) -> None:
     """Every number and path the run depends on, before anything is built or written."""
     preset.check(EVAL_FLAGS)
-    bounds = (("--seed", args.seed, 0), ("--workers", args.workers, 0), ("--num-pairs", args.num_pairs, 2))
+    bounds = (("--seed", args.seed, 0), ("--workers", args.workers, 0), ("--num-pairs", args.num_pairs, 2),
+              ("--data-seed", args.data_seed, 0))  # fmt: skip
     for flag, value, low in bounds:
         if value is not None and value < low:
             raise ConfigError(f"{flag} must be >= {low}, got {value}")
@@ -117,6 +129,24 @@ def check_args(args, preset) -> None:
         raise ConfigError(f"--out {out} already holds results.json; pass --overwrite to replace it")
 
 
+def resolve_data_seed(args, syn, preset) -> int:
+    """The embedded dataset's draw to evaluate on: the one the set was distilled from (a set made before
+    ``--data-seed`` existed drew its data with its ``--seed``), unless the flag says otherwise, which is
+    refused without ``--allow-data-seed-mismatch``. Karpathy data has no draw."""
+    if syn is None or preset.dataset != "shapes":
+        return args.data_seed if args.data_seed is not None else 0
+    meta = syn.metadata
+    distilled = meta.get("data_seed", (meta.get("hyperparameters") or {}).get("seed", 0))
+    if args.data_seed is None or args.data_seed == distilled:
+        return int(distilled)
+    if not args.allow_data_seed_mismatch:
+        raise ConfigError(
+            f"--data-seed {args.data_seed}: {args.synthetic} was distilled from data seed {distilled}; pass "
+            "--allow-data-seed-mismatch to evaluate it on another draw of the dataset"
+        )
+    return args.data_seed
+
+
 def run_evaluation(args) -> dict:
     """Train and score ``--runs`` fresh models on the set or coreset the flags name; the result as a dict."""
     preset = get_preset(args.preset, **preset_overrides(args, tuple(EVAL_FLAGS)))
@@ -125,9 +155,10 @@ def run_evaluation(args) -> dict:
     device = resolve_device(args.device)
     if args.synthetic is not None:
         syn = load_synthetic_for(args.synthetic, preset)  # fails fast, before any encoder is built
+    data_seed = resolve_data_seed(args, syn if args.synthetic is not None else None, preset)
     weights = resolve_image_weights(preset.image_encoder, preset.image_size, preset.image_weights)
     model = build_dual_encoder(preset, image_weights=weights)
-    source = build_source(preset, ann_root=args.ann_root, image_root=args.image_root, seed=0)
+    source = build_source(preset, ann_root=args.ann_root, image_root=args.image_root, seed=data_seed)
     start = time.perf_counter()
     extra = {}
     if args.synthetic is not None:
@@ -175,6 +206,7 @@ def run_evaluation(args) -> dict:
             "preset": preset.to_dict(),
             "settings": vars(settings),
             "seeds": [args.seed + r for r in range(runs)],
+            "data_seed": data_seed,
             "image_encoder": model.image.name,
             "text_encoder": model.text.name,
             "device": str(device),
