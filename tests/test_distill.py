@@ -20,6 +20,7 @@ from covmatch.distill import DistillConfig, Distiller, DistillObjective, Feature
 from covmatch.distill.cli import build_parser, config_from_args, main
 from covmatch.distill.objective import encode_synthetic
 from covmatch.distill.streams import stream_generator
+from covmatch.errors import ConfigError
 from covmatch.presets import get_preset
 from covmatch.synthetic import SyntheticSet
 
@@ -164,13 +165,14 @@ def test_chunked_activation_memory_is_flat_in_n():
     "overrides",
     [
         {"frozen_text": True},
+        {"frozen_text": True, "text_features": True},
         {"online": "synthetic"},
         {"online": "fixed"},
         {"distill_mode": "images"},
         {"distill_mode": "texts"},
         {"precision": "bf16"},
         {"grad_checkpointing": True, "syn_chunk": 3},
-        {"frozen_text": True, "online": "synthetic", "syn_chunk": 5},
+        {"frozen_text": True, "text_features": True, "online": "synthetic", "syn_chunk": 5},
         {"proj_depth": 2, "learnable_temperature": True, "text_pooling": "mean"},
     ],
     ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()),
@@ -185,11 +187,15 @@ def test_ablation_switches_run(overrides):
     mode = overrides.get("distill_mode", "both")
     assert torch.equal(syn.images, images0) == (mode == "texts")
     if overrides.get("frozen_text"):
-        assert torch.equal(syn.text_embeds, text0)  # captions live as features in this regime
-        assert syn.text_features is not None and not torch.equal(syn.text_features, features0)
         for k, v in d.model.text.state_dict().items():
             assert torch.equal(v, text_params0[k]), k  # the text encoder was never trained
+    if overrides.get("text_features"):
+        assert torch.equal(syn.text_embeds, text0)  # captions live as features in this regime
+        assert syn.text_features is not None and not torch.equal(syn.text_features, features0)
+        assert syn.metadata["text_mode"] == "features"
     else:
+        # token embeddings, learnt through the text encoder whether or not it is frozen
+        assert syn.text_features is None and syn.metadata["text_mode"] == "embeddings"
         assert torch.equal(syn.text_embeds, text0) == (mode == "images")
 
 
@@ -473,3 +479,8 @@ def test_target_batch_uses_the_evaluation_transform_unless_asked():
         assert torch.equal(a, b) != augment  # random crops and flips only when asked
         a, b = two_loads(d.train_data)
         assert not torch.equal(a, b)  # the online model's batches keep the train augmentation
+
+
+def test_text_features_need_a_frozen_text_encoder():
+    with pytest.raises(ConfigError, match="--text-features learns captions as features of a frozen text encoder"):
+        tiny_config(text_features=True)

@@ -231,8 +231,8 @@ def test_training_sets_carry_captions_and_refuse_what_cannot_be_used(distilled):
     assert torch.equal(carried.images, syn.images)
     same, batches, frozen = synthetic_train_set(syn, model, preset.seq_len, frozen_text=False, where="set")
     assert same is syn and not frozen and len(batches) == len(syn)  # same encoder: nothing carried
-    with pytest.raises(ConfigError, match="set: --frozen-text evaluation needs a set distilled with --frozen-text"):
-        synthetic_train_set(syn, model, preset.seq_len, frozen_text=True, where="set")
+    _, _, frozen = synthetic_train_set(syn, model, preset.seq_len, frozen_text=True, where="set")
+    assert frozen  # a frozen text encoder reads token embeddings too
     without_tokens = type(syn)(syn.images, syn.text_embeds, syn.attention_mask, dict(syn.metadata))
     with pytest.raises(ConfigError, match="saved without nearest_token_ids"):
         carry_captions(without_tokens, model.text, preset.seq_len, where="set")
@@ -259,3 +259,27 @@ def test_eval_uses_the_sets_data_seed_and_refuses_another(tmp_path, capsys):
     assert "was distilled from data seed 3; pass --allow-data-seed-mismatch" in capsys.readouterr().err
     assert _eval(tmp_path, *other, "--allow-data-seed-mismatch") == 0
     assert json.loads((tmp_path / "eval" / "results.json").read_text())["config"]["data_seed"] == 0
+
+
+def test_linear_probe_and_frozen_text_evaluation_train_only_what_they_say(distilled, monkeypatch):
+    from covmatch.eval import protocol
+
+    trained = {}
+    real_train = protocol.train_and_evaluate
+
+    def spy(model, *args, **kwargs):
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        out = real_train(model, *args, **kwargs)
+        after = model.state_dict()
+        trained[kwargs["settings"].train if "settings" in kwargs else args[2].train] = {
+            part: any(not torch.equal(after[k], before[k]) for k in before if k.startswith(part + "."))
+            for part in ("image", "text", "image_proj")
+        }
+        return out
+
+    monkeypatch.setattr("covmatch.eval.cli.train_and_evaluate", spy)
+    for mode in ("projections", "all"):
+        assert eval_main(["--preset", "tiny", "--no-progress", "--synthetic", str(distilled), "--train", mode,
+                          "--out", str(distilled.parent / f"eval-{mode}")]) == 0  # fmt: skip
+    assert trained["projections"] == {"image": False, "text": False, "image_proj": True}
+    assert trained["all"] == {"image": True, "text": True, "image_proj": True}

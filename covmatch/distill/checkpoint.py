@@ -57,6 +57,7 @@ def fingerprint(distiller) -> dict:
         "seed": cfg.seed,
         "data_seed": cfg.data_seed,
         "frozen_text": cfg.frozen_text,
+        "text_features": cfg.text_features,
         "distill_mode": cfg.distill_mode,
         "world_size": getattr(distiller, "world_size", 1),
         "zero": cfg.zero,
@@ -119,6 +120,8 @@ def read_checkpoint(path: Path, distiller) -> dict:
     saved = payload.get("fingerprint", {})
     if "data_seed" not in saved:  # written before --data-seed existed, when --seed also drew the data
         saved = {**saved, "data_seed": saved.get("seed")}
+    if "text_features" not in saved:  # written when --frozen-text also meant learnt text features
+        saved = {**saved, "text_features": saved.get("frozen_text")}
     for key, value in expected.items():
         if saved.get(key) != value:
             if key == "world_size":

@@ -89,7 +89,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_preset_flags(p.add_argument_group("distillation hyperparameters"), HYPERPARAMETER_FIELDS)
 
     ab = p.add_argument_group("ablations")
-    ab.add_argument("--frozen-text", action="store_true", help="freeze the text encoder (prior work's regime)")
+    ab.add_argument(
+        "--frozen-text",
+        action="store_true",
+        help="do not train the online text encoder (captions stay token embeddings, differentiated through it)",
+    )
+    ab.add_argument(
+        "--text-features",
+        action="store_true",
+        help="prior work's regime: learn captions as text features of the frozen text encoder (with --frozen-text)",
+    )
     ab.add_argument(
         "--online", choices=ONLINE_MODES, default=None, help="what the online model trains on (default: preset)"
     )
@@ -140,6 +149,7 @@ def config_from_args(args: argparse.Namespace) -> DistillConfig:
         grad_checkpointing=args.grad_checkpointing,
         channels_last=args.channels_last,
         frozen_text=args.frozen_text,
+        text_features=args.text_features,
         online=args.online,
         distill_mode=args.distill,
         step_order=args.step_order,

@@ -61,7 +61,8 @@ class DistillConfig:
     precision: str = "fp32"
     grad_checkpointing: bool = False
     channels_last: bool = False  # NHWC image encoder (GPU convolution speed; same result up to rounding)
-    frozen_text: bool = False
+    frozen_text: bool = False  # the online text encoder is not trained
+    text_features: bool = False  # prior work's regime: captions learnt as text features (needs frozen_text)
     online: Optional[str] = None  # None: the preset's (Preset.online)
     distill_mode: str = "both"
     step_order: str = "paper"  # see STEP_ORDERS
@@ -121,6 +122,10 @@ class DistillConfig:
             raise ConfigError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.online not in ONLINE_MODES:
             raise ConfigError(f"--online must be one of {ONLINE_MODES}, got {self.online!r}")
+        if self.text_features and not self.frozen_text:
+            raise ConfigError(
+                "--text-features learns captions as features of a frozen text encoder: add --frozen-text"
+            )
         if self.step_order not in STEP_ORDERS:
             raise ConfigError(f"--step-order must be one of {', '.join(STEP_ORDERS)}, got {self.step_order!r}")
         if self.distill_mode not in DISTILL_MODES:

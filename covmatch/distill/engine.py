@@ -218,7 +218,7 @@ class Distiller:
                 "iteration": self.iteration,
                 "data_seed": self.config.data_seed,
                 "hyperparameters": self.config.to_dict(),
-                "text_mode": "features" if self.config.frozen_text else "embeddings",
+                "text_mode": "features" if self.config.text_features else "embeddings",
             }
         )
         table = self.pretrained_embedding_table

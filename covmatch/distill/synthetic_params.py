@@ -31,7 +31,7 @@ class SyntheticParameters:
         self.text_embeds = initial.text_embeds[shard].to(device)
         self.attention_mask = initial.attention_mask[shard].to(device)
         self.text_features: Optional[torch.Tensor] = None
-        if settings.frozen_text:
+        if settings.text_features:
             # Prior work's regime: captions are learnt directly as features of the frozen text encoder,
             # starting from those of the real captions.
             with torch.no_grad():

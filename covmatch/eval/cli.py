@@ -100,7 +100,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--split", choices=("test", "val"), default="test", help="split to score (val: for hyperparameter tuning)"
     )
-    p.add_argument("--frozen-text", action="store_true", help="do not train the text encoder")
+    p.add_argument(
+        "--frozen-text", action="store_true", help="do not train the text encoder (it still reads token embeddings)"
+    )
+    p.add_argument(
+        "--train",
+        choices=("all", "projections"),
+        default="all",
+        help="what the fresh model trains: both encoders and the projections, or the projections alone (a "
+        "linear probe on the frozen pretrained encoders)",
+    )
     training = ("eval_runs", "eval_epochs", "eval_batch", "eval_lr_encoder", "eval_lr_proj")
     add_preset_flags(p.add_argument_group("training protocol"), training, names=EVAL_FLAGS)
     encoders = ("image_encoder", "image_weights", "text_encoder")
@@ -179,6 +188,7 @@ def run_evaluation(args) -> dict:
     settings = EvalSettings.from_preset(
         preset,
         frozen_text=args.frozen_text,
+        train=args.train,
         select_on_val=args.select_on_val,
         precision=precision_from(args),
         progress=not args.no_progress,

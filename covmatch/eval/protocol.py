@@ -97,6 +97,7 @@ class EvalSettings:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     frozen_text: bool = False
+    train: str = "all"  # "all", or "projections": a linear probe on the frozen pretrained encoders
     select_on_val: bool = False
     val_every: int = 10
     precision: str = "fp32"
@@ -165,8 +166,10 @@ def train_and_evaluate(
     torch.manual_seed(seed)
     model.reset(gen)
     model.to(device)
-    if settings.frozen_text:
+    if settings.frozen_text or settings.train == "projections":
         model.text.requires_grad_(False)
+    if settings.train == "projections":
+        model.image.requires_grad_(False)
     encoders = [p for p in model.encoder_parameters() if p.requires_grad]
     groups = ([{"params": encoders, "lr": settings.lr_encoder}] if encoders else []) + [
         {"params": model.head_parameters(), "lr": settings.lr_proj}

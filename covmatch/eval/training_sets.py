@@ -66,12 +66,14 @@ def carry_captions(syn: SyntheticSet, text_encoder, seq_len: int, *, where: str)
 def synthetic_train_set(
     syn: SyntheticSet, model, seq_len: int, *, frozen_text: bool, where: str
 ) -> Tuple[SyntheticSet, SyntheticTrainSet, bool]:
-    """(the set as trained on, its batches, whether the text encoder is frozen). A set whose captions are
-    text features trains the projections on them, which needs the text encoder it was distilled with."""
+    """(the set as trained on, its batches, whether the text encoder is frozen). Captions as token
+    embeddings train with the text encoder trainable or, with ``frozen_text``, frozen (it still reads them);
+    captions learnt as text features (``--text-features``) skip the text encoder, so it is frozen and must
+    be the one they were distilled with."""
     saved_text = syn.metadata.get("text_encoder")
-    if syn.metadata.get("text_mode") == "features" or frozen_text:
+    if syn.metadata.get("text_mode") == "features":
         if syn.text_features is None:
-            raise ConfigError(f"{where}: --frozen-text evaluation needs a set distilled with --frozen-text")
+            raise ConfigError(f"{where}: its metadata says text features, but it holds none")
         if saved_text != model.text.name:
             raise ConfigError(
                 f"{where}: its captions are features of {saved_text!r}; they cannot be used with "
