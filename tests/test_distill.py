@@ -84,6 +84,10 @@ def test_default_run_writes_everything(tmp_path, capsys):
     syn = SyntheticSet.load(out)
     assert len(syn) == 8 and syn.metadata["iteration"] == 4
     assert syn.metadata["hyperparameters"]["resolved"] == {"rho": 2.0, "lam": 0.1, "iterations": 4}
+    initial = SyntheticSet.load(out / "initial")  # the run's paired baseline
+    assert initial.metadata["iteration"] == 0 and initial.metadata["changed_token_share"] == 0.0
+    assert not torch.equal(initial.images, syn.images)
+    assert 0.0 <= syn.metadata["changed_token_share"] <= 1.0
 
 
 def _grads(d: Distiller, chunk):

@@ -108,7 +108,7 @@ def test_eval_synthetic_set(distilled, tmp_path):
         assert (tmp_path / "eval" / name).is_file(), name
 
 
-@pytest.mark.parametrize("method", ["random", "herding", "kcenter", "full"])
+@pytest.mark.parametrize("method", ["random", "balanced", "herding", "kcenter", "full"])
 def test_eval_coresets(tmp_path, method):
     assert _eval(tmp_path, "--coreset", method, "--num-pairs", "8", "--select-on-val") == 0
     result = json.loads((tmp_path / "eval" / "results.json").read_text())
@@ -283,3 +283,22 @@ def test_linear_probe_and_frozen_text_evaluation_train_only_what_they_say(distil
                           "--out", str(distilled.parent / f"eval-{mode}")]) == 0  # fmt: skip
     assert trained["projections"] == {"image": False, "text": False, "image_proj": True}
     assert trained["all"] == {"image": True, "text": True, "image_proj": True}
+
+
+def test_class_balanced_coreset_and_fresh_random_subsets_per_run(tmp_path):
+    from covmatch.eval.coresets import class_balanced
+
+    labels = ["a"] * 10 + ["b"] * 3 + ["c"] * 7
+    picks = class_balanced(list(range(20)), labels, 8, seed=0)
+    counts = {k: sum(labels[i] == k for i in picks) for k in "abc"}
+    assert len(set(picks)) == 8 and counts == {"a": 3, "b": 3, "c": 2}
+    assert _eval(tmp_path, "--coreset", "random", "--num-pairs", "8", "--runs", "2") == 0
+    result = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert result["config"]["subset_seeds"] == [0, 1]  # the spread covers which pairs were drawn
+
+
+def test_eval_with_another_depth_of_the_text_encoder(distilled, tmp_path):
+    assert _eval(tmp_path, "--synthetic", str(distilled), "--text-layers", "1") == 0
+    result = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert result["config"]["preset"]["text_layers"] == 1
+    assert 0.0 <= result["config"]["changed_token_share"] <= 1.0

@@ -186,6 +186,15 @@ class ShapesSource(ImageTextSource):
         self._scenes[split] = scenes
         self._captions[split] = captions
 
+    def label(self, key: str) -> str:
+        """The scene's class for class-balanced sampling: colour and shape of its first object."""
+        for split in SPLITS:
+            self._generate(split)
+            if key in self._by_key:
+                first = self._by_key[key].objects[0]
+                return f"{first.colour} {first.shape}"
+        raise KeyError(key)
+
     def scenes(self, split: str) -> List[Scene]:
         self._generate(split)
         return self._scenes[split]

@@ -36,6 +36,7 @@ CHECKPOINT_DIR = "checkpoints"
 # What a run writes under --out (--overwrite removes exactly these).
 RUN_OUTPUTS = (
     CHECKPOINT_DIR,
+    "initial",  # the iteration-0 set: each run's paired baseline
     "grids",
     "tensorboard",
     "log.jsonl",
@@ -123,9 +124,7 @@ class DistillConfig:
         if self.online not in ONLINE_MODES:
             raise ConfigError(f"--online must be one of {ONLINE_MODES}, got {self.online!r}")
         if self.text_features and not self.frozen_text:
-            raise ConfigError(
-                "--text-features learns captions as features of a frozen text encoder: add --frozen-text"
-            )
+            raise ConfigError("--text-features learns captions as features of a frozen text encoder: add --frozen-text")
         if self.step_order not in STEP_ORDERS:
             raise ConfigError(f"--step-order must be one of {', '.join(STEP_ORDERS)}, got {self.step_order!r}")
         if self.distill_mode not in DISTILL_MODES:

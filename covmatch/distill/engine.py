@@ -68,8 +68,10 @@ class Distiller:
             self.pretrained_embedding_table = self.model.text.embedding_table.detach().clone()
             self.train_data = self._build_data()  # under the train transform: the online model's batches
             self.target_data = with_train_transform(self.train_data, config.preset, augment=config.target_augment)
+            initial = init_synthetic_set(self.train_data, self.model, config.preset, config.num_pairs, config.seed)
+            self.initial_token_ids = nearest_token_ids(initial.text_embeds, self.pretrained_embedding_table).cpu()
             self.synthetic = SyntheticParameters(
-                init_synthetic_set(self.train_data, self.model, config.preset, config.num_pairs, config.seed),
+                initial,
                 config,
                 ranks=self.ranks,
                 device=self.device,
@@ -222,7 +224,11 @@ class Distiller:
             }
         )
         table = self.pretrained_embedding_table
-        return self.synthetic.gathered(metadata, lambda text: nearest_token_ids(text, table))
+        syn = self.synthetic.gathered(metadata, lambda text: nearest_token_ids(text, table))
+        attended = syn.attention_mask.bool()
+        changed = (syn.nearest_token_ids.cpu() != self.initial_token_ids) & attended
+        syn.metadata["changed_token_share"] = float(changed.sum()) / max(1, int(attended.sum()))
+        return syn
 
     def state_dict(self) -> dict:
         """Everything a resume needs, gathered over ranks (collective): the whole synthetic set and its
@@ -313,6 +319,10 @@ class Distiller:
         writer = RunWriter(out, cfg, self.model.text.tokenizer) if out is not None and self.ranks.is_main else None
         if writer is not None:
             writer.truncate_log(self.iteration)
+        if out is not None and self.iteration == 0:  # every run keeps its iteration-0 set, a paired baseline
+            initial = self.synthetic_set()
+            if writer is not None:
+                initial.save(out / "initial")
         progress = progress_bar(cfg.iterations, self.iteration, enabled=cfg.progress and self.ranks.is_main)
         try:
             return self._iterate(cfg.iterations, out, writer, progress)

@@ -55,6 +55,7 @@ EVAL_FLAGS = {
     "image_encoder": "--image-encoder",
     "image_weights": "--image-weights",
     "text_encoder": "--text-encoder",
+    "text_layers": "--text-layers",
     "eval_epochs": "--epochs",
     "eval_batch": "--batch-size",
     "eval_lr_encoder": "--lr-encoder",
@@ -65,6 +66,7 @@ _EVAL_HELP = {
     "image_encoder": "cross-architecture: another timm image encoder",
     "image_weights": "weights of the image encoder (file or 'cache')",
     "text_encoder": "cross-architecture: another text encoder",
+    "text_layers": "cross-architecture: keep the first K layers of the text encoder (another depth of it)",
 }
 
 
@@ -112,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     training = ("eval_runs", "eval_epochs", "eval_batch", "eval_lr_encoder", "eval_lr_proj")
     add_preset_flags(p.add_argument_group("training protocol"), training, names=EVAL_FLAGS)
-    encoders = ("image_encoder", "image_weights", "text_encoder")
+    encoders = ("image_encoder", "image_weights", "text_encoder", "text_layers")
     add_preset_flags(p.add_argument_group("encoders"), encoders, names=EVAL_FLAGS, helps=_EVAL_HELP)
     data = p.add_argument_group("data")
     add_preset_flags(data, ("dataset",))
@@ -156,6 +158,9 @@ def resolve_data_seed(args, syn, preset) -> int:
     return args.data_seed
 
 
+RESAMPLED = ("random", "balanced")  # coresets drawn anew for each evaluation run
+
+
 def run_evaluation(args) -> dict:
     """Train and score ``--runs`` fresh models on the set or coreset the flags name; the result as a dict."""
     preset = get_preset(args.preset, **preset_overrides(args, tuple(EVAL_FLAGS)))
@@ -176,13 +181,24 @@ def run_evaluation(args) -> dict:
         )
         method, n = "covmatch", len(syn)
         extra["synthetic"] = str(args.synthetic)
+        if "changed_token_share" in syn.metadata:  # of caption tokens, since initialisation
+            extra["changed_token_share"] = syn.metadata["changed_token_share"]
+        if "mapped_from" in syn.metadata:
+            extra["captions_carried_from"] = syn.metadata["mapped_from"]
+        train_sets = [train_set] * runs
     else:
         n = args.num_pairs if args.num_pairs is not None else preset.num_pairs
-        indices, train_set = coreset_train_set(
-            args.coreset, n, model, source, preset, device, seed=args.seed, workers=args.workers,
-            progress=not args.no_progress,
-        )  # fmt: skip
-        method, n = args.coreset, len(indices)
+        # random subsets are drawn anew for every run, so the spread covers which pairs were drawn
+        subset_seeds = [args.seed + r for r in range(runs)] if args.coreset in RESAMPLED else [args.seed] * runs
+        chosen = {}
+        for seed in dict.fromkeys(subset_seeds):
+            chosen[seed] = coreset_train_set(
+                args.coreset, n, model, source, preset, device, seed=seed, workers=args.workers,
+                progress=not args.no_progress,
+            )  # fmt: skip
+        train_sets = [chosen[seed][1] for seed in subset_seeds]
+        method, n = args.coreset, len(chosen[subset_seeds[0]][0])
+        extra["subset_seeds"] = subset_seeds
     test = build_retrieval_data(source, args.split, model.text.tokenizer, preset)
     val = build_retrieval_data(source, "val", model.text.tokenizer, preset) if args.select_on_val else None
     settings = EvalSettings.from_preset(
@@ -195,7 +211,7 @@ def run_evaluation(args) -> dict:
     )
     run_results, epochs = [], []
     for r in range(runs):
-        res = train_and_evaluate(model, train_set, test, settings, seed=args.seed + r, device=device, val=val)
+        res = train_and_evaluate(model, train_sets[r], test, settings, seed=args.seed + r, device=device, val=val)
         run_results.append(res["metrics"])
         epochs.append(res["epoch"])
         print(

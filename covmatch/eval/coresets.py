@@ -1,4 +1,5 @@
-"""Coreset baselines: N real pairs chosen at random, by herding, or by k-center, or the full split.
+"""Coreset baselines: N real pairs chosen at random, at random balanced over classes (data with labels, such
+as the embedded dataset), by herding, or by k-center, or the full split.
 
 Herding and k-center work in the pretrained encoders' feature space, each pair represented by its
 L2-normalised image feature concatenated with its L2-normalised text feature. Candidates are one caption
@@ -7,7 +8,7 @@ per train image (drawn with the seed), so a coreset never holds two captions of 
 
 from __future__ import annotations
 
-from typing import List, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -15,9 +16,9 @@ import torch.nn.functional as F
 from covmatch.data.sources import pairs_by_image
 from covmatch.errors import ConfigError
 
-__all__ = ["CORESETS", "candidate_pairs", "herding", "k_center", "select_coreset"]
+__all__ = ["CORESETS", "candidate_pairs", "class_balanced", "herding", "k_center", "select_coreset"]
 
-CORESETS = ("random", "herding", "kcenter", "full")
+CORESETS = ("random", "balanced", "herding", "kcenter", "full")
 
 
 def candidate_pairs(pairs: Sequence[Tuple[str, str]], seed: int) -> List[int]:
@@ -60,9 +61,33 @@ def pair_features(image_features: torch.Tensor, text_features: torch.Tensor) -> 
     return torch.cat([F.normalize(image_features.float(), dim=-1), F.normalize(text_features.float(), dim=-1)], 1)
 
 
-def select_coreset(method: str, pairs: Sequence[Tuple[str, str]], n: int, seed: int, encode=None) -> List[int]:
+def class_balanced(candidates: Sequence[int], labels: Sequence[str], n: int, seed: int) -> List[int]:
+    """``n`` of ``candidates`` drawn at random, one class after another in turn (classes in sorted order), so
+    class counts differ by at most one while a class has candidates left."""
+    gen = torch.Generator().manual_seed(seed)
+    groups: Dict[str, List[int]] = {}
+    for i in torch.randperm(len(candidates), generator=gen).tolist():
+        groups.setdefault(labels[i], []).append(candidates[i])
+    queues = [groups[k] for k in sorted(groups)]
+    picks: List[int] = []
+    while len(picks) < n:
+        for queue in queues:
+            if queue and len(picks) < n:
+                picks.append(queue.pop())
+    return picks
+
+
+def select_coreset(
+    method: str,
+    pairs: Sequence[Tuple[str, str]],
+    n: int,
+    seed: int,
+    encode=None,
+    label: Optional[Callable[[str], str]] = None,
+) -> List[int]:
     """Indices into ``pairs`` for a coreset of ``n`` pairs. ``encode(indices) -> [len, d]`` pair features
-    (needed by herding and k-center) comes from the pretrained encoders."""
+    (needed by herding and k-center) comes from the pretrained encoders; ``label(image key)`` gives the
+    class that ``balanced`` balances over."""
     if method not in CORESETS:
         raise ConfigError(f"unknown coreset {method!r}; choose one of {', '.join(CORESETS)}")
     if method == "full":
@@ -73,6 +98,12 @@ def select_coreset(method: str, pairs: Sequence[Tuple[str, str]], n: int, seed: 
     if method == "random":
         gen = torch.Generator().manual_seed(seed)
         return [candidates[i] for i in torch.randperm(len(candidates), generator=gen)[:n].tolist()]
+    if method == "balanced":
+        if label is None:
+            raise ConfigError(
+                "--coreset balanced needs class labels: the embedded dataset has them, this data has none"
+            )
+        return class_balanced(candidates, [label(pairs[i][0]) for i in candidates], n, seed)
     feats = encode(candidates)
     picks = herding(feats, n) if method == "herding" else k_center(feats, n, seed)
     return [candidates[i] for i in picks]

@@ -114,5 +114,5 @@ def coreset_train_set(
             model, dataset, source, indices, device, image_size=preset.image_size, seed=seed, progress=progress
         )
 
-    indices = select_coreset(method, dataset.pairs, n, seed, encode=encode)
+    indices = select_coreset(method, dataset.pairs, n, seed, encode=encode, label=getattr(source, "label", None))
     return indices, RealTrainSet(dataset, indices, workers=workers)
