@@ -24,7 +24,7 @@ import json, sys
 from pathlib import Path
 out = Path(sys.argv[1])
 rows = ["| lam | set | cov error | image mean gap | text mean gap |", "|---|---|---|---|---|"]
-for run in sorted(out.glob("lam*"), key=lambda p: float(p.name[3:])):
+for run in sorted((p for p in out.glob("lam*") if p.is_dir()), key=lambda p: float(p.name[3:])):
     if not (run / "analysis" / "analysis.json").is_file():
         continue
     match = json.loads((run / "analysis" / "analysis.json").read_text())["match"]
