@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import typing
 from pathlib import Path
-from typing import Dict, Mapping, Optional, Sequence
+from typing import Callable, Dict, Mapping, Optional, Sequence
 
+from covmatch.errors import ConfigError, one_line
 from covmatch.presets import FIELD_CHOICES, Preset
 
 __all__ = [
@@ -20,6 +22,8 @@ __all__ = [
     "add_data_flags",
     "add_runtime_flags",
     "precision_from",
+    "read_config_file",
+    "parse_with_config",
 ]
 
 
@@ -123,3 +127,53 @@ def add_runtime_flags(parser) -> None:
 
 def precision_from(args: argparse.Namespace) -> str:
     return "fp16" if args.fp16 else "bf16" if args.bf16 else "fp32"
+
+
+def read_config_file(path: Path) -> Dict[str, object]:
+    """A --config file: a JSON object, or YAML (``.yaml`` / ``.yml``) mapping; one clear line otherwise."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise ConfigError(f"--config {path}: cannot read it ({err.strerror or err})") from None
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"--config {path}: not valid YAML ({one_line(err)})") from None
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"--config {path}: not valid JSON (line {err.lineno}: {err.msg})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {path}: expected a mapping of settings at the top level")
+    return data
+
+
+def parse_with_config(
+    parser: argparse.ArgumentParser,
+    argv: Optional[Sequence[str]],
+    to_defaults: Callable[[Dict[str, object], Path], Dict[str, object]],
+) -> argparse.Namespace:
+    """Parse ``argv``; when it names ``--config FILE``, the file's settings (mapped to argument names by
+    ``to_defaults``, which rejects unknown keys) become the defaults, so flags on the command line win."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", type=Path, default=None)
+    known, _ = pre.parse_known_args(argv)
+    if known.config is not None:
+        parser.set_defaults(**to_defaults(read_config_file(known.config), known.config))
+    return parser.parse_args(argv)
+
+
+def flag_dests(parser: argparse.ArgumentParser) -> Dict[str, str]:
+    """Every flag's destination, by the flag's name without dashes (``lr-img`` and ``lr_img`` -> ``lr_img``)."""
+    out = {}
+    for action in parser._actions:
+        for option in action.option_strings:
+            if option.startswith("--"):
+                out[option[2:]] = action.dest
+                out[option[2:].replace("-", "_")] = action.dest
+    return out

@@ -180,9 +180,20 @@ DISTILL_CASES = [
     Case("auto-resume-files-no-checkpoint", "distill", ["--auto-resume"], "holds no checkpoint; nothing was changed",
          prepare=_remove("run/checkpoints"), needs=["run"]),
     Case("out-exists", "distill", [], "already exists; pass --resume to continue it or --overwrite", needs=["run"]),
+    # --config files
+    Case("config-unknown-key", "distill", ["--config", "{tmp}/c.json"], "c.json: unknown key 'lr_image'",
+         prepare=_write("c.json", b'{"lr_image": 3}')),
+    Case("config-malformed", "distill", ["--config", "{tmp}/c.json"], "--config", prepare=_write("c.json", b'{"seed": 1,')),
+    Case("config-bad-yaml", "distill", ["--config", "{tmp}/c.yaml"], "not valid YAML", prepare=_write("c.yaml", b"seed: [1, 2")),
+    Case("config-unflagged-preset-field", "distill", ["--config", "{tmp}/c.json"], "preset field 'max_words' has no flag",
+         prepare=_write("c.json", b'{"preset": {"name": "tiny", "max_words": 3}}')),
+    Case("config-missing-file", "distill", ["--config", "{tmp}/none.json"], "none.json: cannot read it"),
 ]  # fmt: skip
 
 EVAL_CASES = [
+    Case("eval-config-unknown-key", "eval", ["--config", "{tmp}/e.json"], "e.json: unknown key 'epoch'",
+         prepare=_write("e.json", b'{"epoch": 3}')),
+    Case("eval-nothing-to-evaluate", "eval", [], "give exactly one of --synthetic, --coreset, --compare"),
     Case("eval-runs-zero", "eval", ["--coreset", "random", "--runs", "0"], "--runs must be >= 1, got 0"),
     Case("eval-epochs-zero", "eval", ["--coreset", "random", "--epochs", "0"], "--epochs must be >= 1, got 0"),
     Case("eval-batch-one", "eval", ["--coreset", "random", "--batch-size", "1"], "--batch-size must be >= 2"),

@@ -488,3 +488,18 @@ def test_target_batch_uses_the_evaluation_transform_unless_asked():
 def test_text_features_need_a_frozen_text_encoder():
     with pytest.raises(ConfigError, match="--text-features learns captions as features of a frozen text encoder"):
         tiny_config(text_features=True)
+
+
+def test_a_runs_config_json_reruns_it_and_flags_override_it(tmp_path, capsys):
+    first = tmp_path / "first"
+    assert main(["--preset", "tiny", "--out", str(first), "--iterations", "2", "--seed", "3", "--no-progress"]) == 0
+    again = tmp_path / "again"
+    assert main(["--config", str(first / "config.json"), "--out", str(again)]) == 0
+    assert (again / "synthetic.safetensors").read_bytes() == (first / "synthetic.safetensors").read_bytes()
+    yaml_file = tmp_path / "run.yaml"
+    yaml_file.write_text(
+        f"preset: {{name: tiny}}\nseed: 3\niterations: 2\nout: {tmp_path / 'yaml'}\nno-progress: true\n"
+    )
+    assert main(["--config", str(yaml_file), "--iterations", "1"]) == 0  # the flag wins over the file
+    assert SyntheticSet.load(tmp_path / "yaml").metadata["iteration"] == 1
+    assert SyntheticSet.load(tmp_path / "yaml").metadata["hyperparameters"]["seed"] == 3

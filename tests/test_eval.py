@@ -302,3 +302,12 @@ def test_eval_with_another_depth_of_the_text_encoder(distilled, tmp_path):
     result = json.loads((tmp_path / "eval" / "results.json").read_text())
     assert result["config"]["preset"]["text_layers"] == 1
     assert 0.0 <= result["config"]["changed_token_share"] <= 1.0
+
+
+def test_eval_config_file_by_flag_names(tmp_path):
+    cfg = tmp_path / "eval.json"
+    cfg.write_text(json.dumps({"preset": "tiny", "coreset": "random", "num-pairs": 8, "out": str(tmp_path / "e"),
+                               "no_progress": True}))  # fmt: skip
+    assert eval_main(["--config", str(cfg), "--epochs", "1"]) == 0
+    result = json.loads((tmp_path / "e" / "results.json").read_text())
+    assert result["method"] == "random" and result["config"]["preset"]["eval_epochs"] == 1

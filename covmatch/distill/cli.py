@@ -6,6 +6,7 @@ Bad flags, files or settings print one line ``covmatch-distill: error: ...`` and
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
@@ -18,11 +19,13 @@ from covmatch.cli_args import (
     add_data_flags,
     add_preset_flags,
     add_runtime_flags,
+    flag_dests,
+    parse_with_config,
     precision_from,
     preset_overrides,
 )
 from covmatch.devices import resolve_device
-from covmatch.errors import EXIT_BAD_INPUT, EXIT_DIVERGED, CovMatchError, DivergedError, one_line
+from covmatch.errors import EXIT_BAD_INPUT, EXIT_DIVERGED, ConfigError, CovMatchError, DivergedError, one_line
 from covmatch.presets import PRESETS, get_preset
 
 from .config import DISTILL_MODES, ONLINE_MODES, PRESET_FLAG_FIELDS, RUN_OUTPUTS, STEP_ORDERS, DistillConfig
@@ -55,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--preset", choices=sorted(PRESETS), default="demo", help="named configuration (paper, demo, tiny)"
     )
-    run.add_argument("--out", type=Path, required=True, help="output directory")
+    run.add_argument("--config", type=Path, default=None, help="JSON/YAML settings (a run's config.json reruns it)")
+    run.add_argument("--out", type=Path, default=None, help="output directory (required, here or in --config)")
     run.add_argument("--seed", type=int, default=0, help="seed of the initial pairs, the batches and the resets")
     run.add_argument(
         "--data-seed", type=int, default=0, help="seed of the embedded dataset's draw (covmatch-eval uses the set's)"
@@ -202,13 +206,67 @@ def check_precision_device(config: DistillConfig) -> None:
         raise CovMatchError("--fp16 needs a CUDA GPU and none is in use here; on CPU use --bf16 or full precision")
 
 
+# DistillConfig fields that are actions of one invocation: taken from the command line, never from a file.
+RUN_ACTIONS = ("resume", "auto_resume", "overwrite")
+
+
+def config_file_defaults(data: dict, path: Path) -> dict:
+    """Argument defaults from a --config file: the ``config.json`` a run writes (DistillConfig fields, with the
+    preset's fields under ``preset``), or flags by name; any other key is a one-line error."""
+    dests = flag_dests(build_parser())
+    out: dict = {}
+    for key, value in data.items():
+        if key in ("resolved", *RUN_ACTIONS, "local_rank"):
+            continue  # recomputed from N; actions of one invocation
+        if key == "preset" and isinstance(value, dict):
+            out.update(_preset_defaults(value, path))
+        elif key == "precision":
+            out.update(fp16=value == "fp16", bf16=value == "bf16")
+        elif key == "progress":
+            out["no_progress"] = not value
+        elif key == "distill_mode":
+            out["distill"] = value
+        elif key == "grid_every_save":
+            if value is not True:
+                raise ConfigError(f"--config {path}: 'grid_every_save' has no flag; only true is accepted")
+        elif key in dests:
+            out[dests[key]] = value
+        else:
+            raise ConfigError(f"--config {path}: unknown key {key!r}")
+    return out
+
+
+def _preset_defaults(fields: dict, path: Path) -> dict:
+    """The flags a saved preset sets; a field without a flag must equal the named preset's own value."""
+    name = fields.get("name", "demo")
+    if name not in PRESETS:
+        raise ConfigError(f"--config {path}: preset.name {name!r} is not one of {', '.join(sorted(PRESETS))}")
+    base = PRESETS[name].to_dict()
+    out = {"preset": name}
+    for field, value in fields.items():
+        if field == "name":
+            continue
+        if field not in base:
+            raise ConfigError(f"--config {path}: unknown preset field {field!r}")
+        if field in PRESET_FLAG_FIELDS:
+            out[field] = value
+        elif field != "notes" and json.loads(json.dumps(base[field])) != value:
+            raise ConfigError(
+                f"--config {path}: preset field {field!r} has no flag and must be preset {name!r}'s "
+                f"{base[field]!r}, got {value!r}"
+            )
+    return out
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
     main_process = _is_main_process()
     distiller = None
     finished = False
     try:
+        args = parse_with_config(parser, argv, config_file_defaults)
+        if args.out is None:
+            raise ConfigError("--out is required (on the command line or in --config)")
         config = config_from_args(args)
         check_precision_device(config)
         prepare_out_dir(config)

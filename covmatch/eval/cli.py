@@ -21,6 +21,8 @@ from covmatch.cli_args import (
     add_data_flags,
     add_preset_flags,
     add_runtime_flags,
+    flag_dests,
+    parse_with_config,
     precision_from,
     preset_overrides,
 )
@@ -78,11 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    what = p.add_mutually_exclusive_group(required=True)
+    p.add_argument("--config", type=Path, default=None, help="JSON/YAML settings by flag name (flags here win)")
+    what = p.add_mutually_exclusive_group()
     what.add_argument("--synthetic", type=Path, help="directory with synthetic.safetensors + synthetic.json")
     what.add_argument("--coreset", choices=CORESETS, help="baseline: N real pairs (or the full train split)")
     what.add_argument("--compare", type=Path, nargs="+", help="result directories to tabulate and plot together")
-    p.add_argument("--out", type=Path, required=True, help="output directory (results.json, results.md, PNGs)")
+    p.add_argument("--out", type=Path, default=None, help="output directory (results.json, results.md, PNGs)")
     p.add_argument("--overwrite", action="store_true", help="replace the results already in --out")
     p.add_argument("--num-pairs", type=int, default=None, help="N for a coreset (default: the preset's)")
     p.add_argument("--preset", choices=sorted(PRESETS), default="demo", help="named configuration")
@@ -251,9 +254,24 @@ def _save_synthetic_grid(syn, model, out: Path) -> None:
     )
 
 
+def config_file_defaults(data: dict, path: Path) -> dict:
+    """Argument defaults from a --config file of flags by name (``lr-encoder`` or ``lr_encoder``)."""
+    dests = flag_dests(build_parser())
+    unknown = [key for key in data if key not in dests]
+    if unknown:
+        raise ConfigError(f"--config {path}: unknown key {unknown[0]!r}")
+    return {dests[key]: value for key, value in data.items()}
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
     try:
+        args = parse_with_config(build_parser(), argv, config_file_defaults)
+        chosen = [flag for flag, value in (("--synthetic", args.synthetic), ("--coreset", args.coreset),
+                                           ("--compare", args.compare)) if value]  # fmt: skip
+        if len(chosen) != 1:
+            raise ConfigError("give exactly one of --synthetic, --coreset, --compare (here or in --config)")
+        if args.out is None:
+            raise ConfigError("--out is required (on the command line or in --config)")
         out = Path(args.out)
         if args.compare:
             results = [load_result(d) for d in args.compare]
