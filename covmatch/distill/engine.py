@@ -37,7 +37,7 @@ from .online import OnlineModel, build_online_model
 from .precision import autocast_for
 from .streams import RealBatchSampler, collate_pairs, stream_generator
 from .synthetic_params import SyntheticParameters
-from .writer import RunWriter, postfix, progress_bar, summarise
+from .writer import RunWriter, postfix, progress_bar, summarise, to_host
 
 __all__ = ["Distiller", "distill"]
 
@@ -65,7 +65,7 @@ class Distiller:
             self.model = self._build_model()
             # captions are decoded in the pretrained table every evaluation starts from, not the online
             # model's drifting one
-            self.pretrained_embedding_table = self.model.text.embedding_table.detach().clone()
+            self.pretrained_embedding_table = self.model.pretrained_embedding_table()
             self.train_data = self._build_data()  # under the train transform: the online model's batches
             self.target_data = with_train_transform(self.train_data, config.preset, augment=config.target_augment)
             initial = init_synthetic_set(self.train_data, self.model, config.preset, config.num_pairs, config.seed)
@@ -224,7 +224,7 @@ class Distiller:
             }
         )
         table = self.pretrained_embedding_table
-        syn = self.synthetic.gathered(metadata, lambda text: nearest_token_ids(text, table))
+        syn = self.synthetic.gathered(metadata, lambda text: nearest_token_ids(text, table.to(text.device)))
         attended = syn.attention_mask.bool()
         changed = (syn.nearest_token_ids.cpu() != self.initial_token_ids) & attended
         syn.metadata["changed_token_share"] = float(changed.sum()) / max(1, int(attended.sum()))
@@ -344,10 +344,11 @@ class Distiller:
             log_now = t % cfg.log_every == 0 or t == total
             save_now = out is not None and (t % cfg.save_every == 0 or t == total)
             if log_now or save_now:
-                self._stop_if_diverged(pending, t - len(pending) + 1, out)
+                metrics = to_host(pending)  # the loop's one host sync per log or save
+                self._stop_if_diverged(metrics, t - len(pending) + 1, out, check_set=save_now)
             if log_now:
                 now = time.perf_counter()
-                record = summarise(pending, t, (now - tick) / len(pending), self.device)
+                record = summarise(metrics, t, (now - tick) / len(pending), self.device)
                 pending, tick = [], now
                 progress.set_postfix(postfix(record), refresh=False)
                 if writer is not None:
@@ -359,25 +360,27 @@ class Distiller:
             saved = self._save(out, writer)  # no step ran (0 iterations, or resumed at the end)
         return saved if saved is not None else self.synthetic_set()
 
-    def _stop_if_diverged(self, pending: List[Dict[str, torch.Tensor]], first: int, out: Optional[Path]) -> None:
-        """Raise DivergedError if a loss term of the iterations ``first ..`` in ``pending`` (steps that
-        fp16 loss scaling skipped aside), or the synthetic set itself, is NaN or infinite.
+    def _stop_if_diverged(
+        self, metrics: Dict[str, torch.Tensor], first: int, out: Optional[Path], *, check_set: bool
+    ) -> None:
+        """Raise DivergedError if a loss term of the iterations ``first ..`` in ``metrics`` (host tensors;
+        steps that fp16 loss scaling skipped aside) or, before a save (``check_set``), the synthetic set
+        itself is NaN or infinite.
 
         Loss terms are identical on every rank and the set's check is all-reduced, so all ranks stop together.
         """
-        terms = {k: torch.stack([m[k].float() for m in pending]).cpu() for k in _TERM_NAMES}
-        applied = torch.stack([m["skipped"] for m in pending]).cpu() == 0
-        for i in range(len(pending)):
+        applied = metrics["skipped"] == 0
+        for i in range(len(applied)):
             for key, name in _TERM_NAMES.items():
-                value = float(terms[key][i])
+                value = float(metrics[key][i])
                 if applied[i] and not math.isfinite(value):
                     raise DivergedError(
                         f"distillation diverged at iteration {first + i}: the {name} became {value}; "
                         f"{_saved_before(out)}; try {_TERM_HINTS[key]}"
                     )
-        if self.synthetic.non_finite().item():
+        if check_set and self.synthetic.non_finite().item():
             raise DivergedError(
-                f"distillation diverged by iteration {first + len(pending) - 1}: the synthetic set holds NaN or "
+                f"distillation diverged by iteration {first + len(applied) - 1}: the synthetic set holds NaN or "
                 f"infinite values; {_saved_before(out)}; try {_TERM_HINTS['cov']}"
             )
 

@@ -13,15 +13,20 @@ from tqdm.auto import tqdm
 from covmatch.synthetic import SyntheticSet
 from covmatch.visualize import decode_token_ids, save_image_grid
 
-__all__ = ["RunWriter", "progress_bar", "summarise", "postfix"]
+__all__ = ["RunWriter", "progress_bar", "to_host", "summarise", "postfix"]
 
 
 def progress_bar(total: int, initial: int, enabled: bool) -> tqdm:
     return tqdm(total=total, initial=initial, desc="distill", unit="it", disable=not enabled, dynamic_ncols=True)
 
 
-def summarise(pending: List[Dict[str, torch.Tensor]], t: int, seconds_per_it: float, device) -> dict:
-    stacked = {k: torch.stack([m[k].float().cpu() for m in pending]) for k in pending[0]}  # one sync per log
+def to_host(pending: List[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
+    """The device metrics of several iterations, stacked per name and copied to the host in one transfer each."""
+    return {k: torch.stack([m[k].float() for m in pending]).cpu() for k in pending[0]}
+
+
+def summarise(stacked: Dict[str, torch.Tensor], t: int, seconds_per_it: float, device) -> dict:
+    """The log record of the iterations in ``stacked`` (``to_host``): mean of each metric, skipped steps."""
     record = {"iteration": t, **{k: float(v.mean()) for k, v in stacked.items() if k != "skipped"}}
     record["skipped_steps"] = int(stacked["skipped"].sum())
     record["s_per_it"] = seconds_per_it

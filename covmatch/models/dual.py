@@ -93,6 +93,12 @@ class DualEncoder(nn.Module):
     def pretrained_state(self) -> Dict[str, torch.Tensor]:
         return self._pretrained
 
+    def pretrained_embedding_table(self) -> torch.Tensor:
+        """The text encoder's input-embedding table as ``reset`` restores it (the CPU snapshot)."""
+        table = self.text.embedding_table
+        name = next(k for k, p in self.named_parameters() if p is table)
+        return self._pretrained[name]
+
     def reset(self, generator: Optional[torch.Generator] = None) -> None:
         """Encoders back to pretrained weights, projections re-initialised, temperature back to its start."""
         self.load_state_dict(self._pretrained, strict=False)
