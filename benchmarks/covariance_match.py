@@ -18,6 +18,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
+from covmatch.analyze import encode_pairs
 from covmatch.loss import cross_covariance
 from tests.reference import relative_error
 
@@ -30,18 +31,6 @@ def covariance64(image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
 def relative_squared_error(target: torch.Tensor, estimate: torch.Tensor) -> float:
     """||target - estimate||^2 / ||target||^2 (the normalised loss's form)."""
     return relative_error(estimate, target) ** 2
-
-
-@torch.no_grad()
-def encode_real(model, dataset, indices: torch.Tensor, batch: int = 256):
-    images, texts = [], []
-    for start in range(0, len(indices), batch):
-        items = [dataset[int(i)] for i in indices[start : start + batch]]
-        pixels = torch.stack([it[0] for it in items])
-        ids, mask = torch.stack([it[1] for it in items]), torch.stack([it[2] for it in items])
-        images.append(model.image(pixels))
-        texts.append(model.text.encode_ids(ids, mask))
-    return torch.cat(images), torch.cat(texts)
 
 
 @torch.no_grad()
@@ -73,7 +62,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[str]:
     source = build_source(preset, ann_root=None, image_root=None, seed=args.data_seed)
     dataset = build_train_dataset(source, model.text.tokenizer, preset, augment=False)
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(123))[: args.real_pairs]
-    image, text = encode_real(model, dataset, order)
+    image, text = encode_pairs(model, dataset, order.tolist(), torch.device("cpu"))
     c_t = covariance64(image, text)
     rho = preset.resolved_rho()
 

@@ -41,7 +41,7 @@ from covmatch.presets import Preset
 from covmatch.pretrain import resolve_image_weights
 from covmatch.synthetic import SyntheticSet, atomic_write_bytes
 
-__all__ = ["run_config", "feature_stability", "match_errors", "movement", "analyze", "main"]
+__all__ = ["run_config", "encode_pairs", "feature_stability", "match_errors", "movement", "analyze", "main"]
 
 PROG = "covmatch analyze"
 
@@ -64,7 +64,8 @@ def run_config(syn: SyntheticSet, where: str) -> DistillConfig:
 
 
 @torch.no_grad()
-def _encode(model, dataset, indices: Sequence[int], device, batch: int = 256):
+def encode_pairs(model, dataset, indices: Sequence[int], device, batch: int = 256):
+    """Encoder features (float64, on the CPU) of pairs ``indices`` of a PairDataset."""
     images, texts = [], []
     for start in range(0, len(indices), batch):
         items = [dataset[int(i)] for i in indices[start : start + batch]]
@@ -86,11 +87,11 @@ def feature_stability(config: DistillConfig, probe_pairs: int = 256) -> Dict[str
         probe = torch.randperm(len(d.target_data), generator=torch.Generator().manual_seed(7))[:probe_pairs]
         d.online.reset(stream_generator(config.seed, "reset", 0))
         d.model.eval()
-        base = _encode(d.model, d.target_data, probe.tolist(), d.device)
+        base = encode_pairs(d.model, d.target_data, probe.tolist(), d.device)
         out: Dict[str, List[float]] = {"image": [1.0], "text": [1.0]}
         for t in range(steps):
             d._online_update(None, t)
-            now = _encode(d.model, d.target_data, probe.tolist(), d.device)
+            now = encode_pairs(d.model, d.target_data, probe.tolist(), d.device)
             for key, a, b in (("image", base[0], now[0]), ("text", base[1], now[1])):
                 out[key].append(float(F.cosine_similarity(a, b, dim=1).mean()))
         return out
@@ -164,7 +165,7 @@ def analyze(run: Path, out: Path, *, real_pairs: int, other_encoders: Sequence[t
         ).to(device).eval()  # fmt: skip
         data = build_train_dataset(source, model.text.tokenizer, preset, augment=False)
         order = torch.randperm(len(data), generator=torch.Generator().manual_seed(123))[:real_pairs].tolist()
-        real_image, real_text = _encode(model, data, order, device)
+        real_image, real_text = encode_pairs(model, data, order, device)
         match[name] = match_errors(model, real_image, real_text, sets, config.rho, device)
     result = {
         "run": str(run),
