@@ -83,11 +83,11 @@ class Preset:
         def where(name: str) -> str:
             return flags.get(name, f"preset {self.name!r} field {name}")
 
-        for name, (kind, low, high, note) in _FIELD_RANGES.items():
+        for name, (kind, allowed, note) in _FIELD_RANGES.items():
             value = getattr(self, name)
             if value is None and name in _OPTIONAL_FIELDS:
                 continue
-            _check_number(where(name), value, kind, low, high, note)
+            _check_number(where(name), value, kind, allowed, note)
         for name, choices in FIELD_CHOICES.items():
             if getattr(self, name) not in choices:
                 raise ConfigError(f"{where(name)} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
@@ -108,37 +108,48 @@ class Preset:
         return dataclasses.asdict(self)
 
 
-# field -> (int or float, lowest allowed, highest allowed or None, why); floats must also be finite.
+def _at_least(low):
+    return (lambda v: v >= low), f">= {low}"
+
+
+def _between(low, high):
+    return (lambda v: low <= v <= high), f"in [{low}, {high}]"
+
+
+_POSITIVE = ((lambda v: v > 0), "> 0")
+_MOMENTUM = ((lambda v: 0 <= v < 1), "in [0, 1)")
+
+# field -> (int or float, (test, the range in words), why); floats must also be finite.
 _FIELD_RANGES = {
-    "shapes_train_images": (int, 2, None, ""),
-    "shapes_eval_images": (int, 1, None, ""),
-    "image_size": (int, 8, None, " pixels"),
-    "max_words": (int, 1, None, ""),
-    "text_layers": (int, 1, None, ""),
-    "seq_len": (int, 2, None, " (room for the [CLS] and [SEP] tokens)"),
-    "proj_dim": (int, 1, None, ""),
-    "proj_depth": (int, 1, 3, ""),
-    "temperature": (float, 1e-6, None, ""),
-    "num_pairs": (int, 2, None, " (a covariance needs two samples)"),
-    "iterations": (int, 0, None, ""),
-    "real_batch": (int, 2, None, " (a covariance needs two samples)"),
-    "syn_batch": (int, 2, None, ""),
-    "rho": (float, 1e-12, None, ""),
-    "lam": (float, 0.0, None, ""),
-    "lr_img": (float, 0.0, None, ""),
-    "lr_txt": (float, 0.0, None, ""),
-    "syn_momentum": (float, 0.0, 0.999999, ""),
-    "reset_every": (int, 1, None, ""),
-    "online_lr_encoder": (float, 0.0, None, ""),
-    "online_lr_proj": (float, 0.0, None, ""),
-    "online_momentum": (float, 0.0, 0.999999, ""),
-    "eval_epochs": (int, 1, None, ""),
-    "eval_batch": (int, 2, None, " (InfoNCE needs a negative)"),
-    "eval_lr_encoder": (float, 0.0, None, ""),
-    "eval_lr_proj": (float, 0.0, None, ""),
-    "eval_momentum": (float, 0.0, 0.999999, ""),
-    "eval_weight_decay": (float, 0.0, None, ""),
-    "eval_runs": (int, 1, None, ""),
+    "shapes_train_images": (int, _at_least(2), ""),
+    "shapes_eval_images": (int, _at_least(1), ""),
+    "image_size": (int, _at_least(8), " pixels"),
+    "max_words": (int, _at_least(1), ""),
+    "text_layers": (int, _at_least(1), ""),
+    "seq_len": (int, _at_least(2), " (room for the [CLS] and [SEP] tokens)"),
+    "proj_dim": (int, _at_least(1), ""),
+    "proj_depth": (int, _between(1, 3), ""),
+    "temperature": (float, _POSITIVE, ""),
+    "num_pairs": (int, _at_least(2), " (a covariance needs two samples)"),
+    "iterations": (int, _at_least(0), ""),
+    "real_batch": (int, _at_least(2), " (a covariance needs two samples)"),
+    "syn_batch": (int, _at_least(2), ""),
+    "rho": (float, _POSITIVE, ""),
+    "lam": (float, _at_least(0.0), ""),
+    "lr_img": (float, _at_least(0.0), ""),
+    "lr_txt": (float, _at_least(0.0), ""),
+    "syn_momentum": (float, _MOMENTUM, ""),
+    "reset_every": (int, _at_least(1), ""),
+    "online_lr_encoder": (float, _at_least(0.0), ""),
+    "online_lr_proj": (float, _at_least(0.0), ""),
+    "online_momentum": (float, _MOMENTUM, ""),
+    "eval_epochs": (int, _at_least(1), ""),
+    "eval_batch": (int, _at_least(2), " (InfoNCE needs a negative)"),
+    "eval_lr_encoder": (float, _at_least(0.0), ""),
+    "eval_lr_proj": (float, _at_least(0.0), ""),
+    "eval_momentum": (float, _MOMENTUM, ""),
+    "eval_weight_decay": (float, _at_least(0.0), ""),
+    "eval_runs": (int, _at_least(1), ""),
 }
 _OPTIONAL_FIELDS = ("text_layers", "iterations", "rho", "lam")  # None: resolved later (by N or the model)
 FIELD_CHOICES = {
@@ -148,8 +159,8 @@ FIELD_CHOICES = {
 }
 
 
-def _check_number(flag: str, value, kind: type, low, high, note: str = "") -> None:
-    """One ConfigError line unless ``value`` is a finite number of ``kind`` in [low, high]."""
+def _check_number(flag: str, value, kind: type, allowed, note: str = "") -> None:
+    """One ConfigError line unless ``value`` is a finite number of ``kind`` in the ``allowed`` range."""
     is_int = isinstance(value, int) and not isinstance(value, bool)
     if kind is int and not is_int:
         raise ConfigError(f"{flag} must be an integer, got {value!r}")
@@ -157,12 +168,8 @@ def _check_number(flag: str, value, kind: type, low, high, note: str = "") -> No
         raise ConfigError(f"{flag} must be a number, got {value!r}")
     if not math.isfinite(value):
         raise ConfigError(f"{flag} must be a finite number, got {value}")
-    if value < low or (high is not None and value > high):
-        bound = f">= {low}" if high is None else f"in [{low}, {high}]"
-        if kind is float and high is not None and high < 1 and low == 0:
-            bound = "in [0, 1)"
-        elif kind is float and low > 0 and high is None:
-            bound = "> 0"
+    test, bound = allowed
+    if not test(value):
         raise ConfigError(f"{flag} must be {bound}{note}, got {value}")
 
 
