@@ -1,0 +1,525 @@
+"""The embedded study: does CovMatch distil data that generalises? Every distillation and evaluation behind
+``benchmarks/results/study/study.md``, resumable, run in lanes of one pinned thread per core.
+
+    python -m benchmarks.study plan                 # every job, its estimated cost, what is done
+    python -m benchmarks.study run [--lanes 2] [--stage tune|final|all] [--tables 1,2] [--hours H]
+    python -m benchmarks.study report               # study.md, study.json and PNGs from what has finished
+
+Two stages. ``tune`` distils candidate paper-regime configurations and scores them on the **val** split only;
+``final`` distils the chosen one (the best val mean; ``choose_config``) and every ablation, and scores each
+set on the **test** split once. A finished job is never rerun: a distillation is done when its set's
+metadata says it reached its iterations (a killed one resumes from its checkpoint, ``--auto-resume``), an
+evaluation when its ``results.json`` exists. Each evaluation job is one training run (one seed), so a
+killed session loses at most one run per lane.
+
+Outputs under ``benchmarks/results/study/``: ``sets/NAME/`` (each distilled set and its log; checkpoints
+and grids are not committed), ``evals/NAME/results.json``, ``logs/``, ``jobs.jsonl`` (wall time of every
+finished job) and the report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+ROOT = Path(__file__).resolve().parent / "results" / "study"
+REPO = Path(__file__).resolve().parent.parent
+
+# ---------------------------------------------------------------------------------------------- the design
+
+# The paper regime on the demo preset's encoders and data: Algorithm 1's online model trained on real data
+# and reset every 50 iterations, the paper's step order, rho 2 and lam 0.1 at N = 100 (the preset's defaults
+# by N), the demo's scale-free loss (--normalize-loss).
+PAPER_REGIME = ("--online", "real", "--step-order", "paper")
+TUNE_ITERATIONS = 300  # 6 reset cycles: what the tuning budget allows per candidate
+ITERATIONS = 1000  # 20 reset cycles: the issue's minimum for the paper regime on the embedded data
+TUNE_EVAL_SEEDS = (0, 1)
+EVAL_SEEDS = (0, 1, 2)
+DISTILL_SEEDS = (0, 1, 2)  # table 1
+ABLATION_SEEDS = (0, 1)  # tables 2-4 and 6
+RANDOM_SUBSETS = (0, 1, 2, 3, 4)  # random and balanced pairs: one subset per evaluation run
+
+# Candidates of the tune stage (flags on top of PAPER_REGIME). A first look (100 iterations, one val run
+# each): lr_img 30, the demo's, scored 18.6 and lr_img 3 22.7, both below the iteration-0 set (~24): at the
+# online model's learning rates the features move far within a cycle (its InfoNCE loss falls from 5.1 to 2.2
+# in 50 steps) and the covariance error at the end of a cycle is 5-10x its value at the reset. So: the set's
+# learning rate, and an online model 10x or 100x slower, which keeps the features it matches nearer the
+# linear regime the method's derivation assumes.
+SLOW_ONLINE = ("--online-lr-encoder", "0.001", "--online-lr-proj", "0.01")
+SLOWER_ONLINE = ("--online-lr-encoder", "0.0001", "--online-lr-proj", "0.001")
+TUNE_CANDIDATES = {
+    "lr3": ("--lr-img", "3"),
+    "lr10": ("--lr-img", "10"),
+    "slow-lr10": SLOW_ONLINE + ("--lr-img", "10"),
+    "slow-lr30": SLOW_ONLINE,
+    "slower-lr30": SLOWER_ONLINE,
+}
+
+# Unseen encoders of table 5: three other image-encoder families (each pretrained on the disjoint shapes
+# split, as the distilling one) and the whole six-layer text encoder the distilling one is the first layer of.
+UNSEEN_ENCODERS = {
+    "resnet": ("--image-encoder", "test_resnet"),
+    "vit": ("--image-encoder", "test_vit"),
+    "convnext": ("--image-encoder", "test_convnext"),
+    "text6": ("--text-layers", "6"),
+}
+# evaluation learning rates tried on val with random pairs for each unseen encoder (the best is used)
+UNSEEN_LR_CANDIDATES = {"lr.01": ("--lr-encoder", "0.01"), "lr.001": ("--lr-encoder", "0.001")}
+SCALING_N = (200, 500, 1000)
+
+# rough single-thread costs on the development CPU, for the plan (measured; refined by jobs.jsonl)
+SECONDS_PER_ITERATION = {"real": 1.3, "synthetic": 1.1, "fixed": 0.45}
+SECONDS_PER_EVAL_RUN_AT_100 = 70.0
+
+
+@dataclass(frozen=True)
+class Distill:
+    """One ``covmatch-distill --preset demo`` run."""
+
+    name: str
+    flags: Tuple[str, ...]
+    seed: int
+    iterations: int
+    num_pairs: int = 100
+
+    @property
+    def out(self) -> Path:
+        return ROOT / "sets" / self.name
+
+    def command(self) -> List[str]:
+        return [
+            sys.executable, "-m", "covmatch.distill", "--preset", "demo", "--out", str(self.out), "--auto-resume",
+            "--no-progress", "--seed", str(self.seed), "--iterations", str(self.iterations),
+            "--num-pairs", str(self.num_pairs), "--save-every", "100", "--log-every", "10", "--keep-checkpoints", "1",
+            *self.flags,
+        ]  # fmt: skip
+
+    def done(self) -> bool:
+        meta = self.out / "synthetic.json"
+        if not meta.is_file():
+            return False
+        try:
+            return json.loads(meta.read_text()).get("iteration") == self.iterations
+        except (OSError, ValueError):
+            return False
+
+    def cost(self) -> float:
+        online = "real"
+        if "--online" in self.flags:
+            online = self.flags[self.flags.index("--online") + 1]
+        return self.iterations * SECONDS_PER_ITERATION[online]
+
+    def requires(self) -> Tuple[str, ...]:
+        return ()
+
+
+@dataclass(frozen=True)
+class Evaluate:
+    """One ``covmatch-eval`` training run (one seed) of a distilled set, its iteration-0 set, or a coreset."""
+
+    name: str
+    source: str  # a Distill's name, "NAME/initial", or a coreset: random, balanced, herding, kcenter, full
+    split: str
+    seed: int
+    flags: Tuple[str, ...] = ()
+    num_pairs: int = 100
+
+    @property
+    def out(self) -> Path:
+        return ROOT / "evals" / self.name
+
+    def is_coreset(self) -> bool:
+        return self.source in ("random", "balanced", "herding", "kcenter", "full")
+
+    def command(self) -> List[str]:
+        if self.is_coreset():
+            what = ["--coreset", self.source, "--num-pairs", str(self.num_pairs)]
+        else:
+            what = ["--synthetic", str(ROOT / "sets" / self.source)]
+        return [
+            sys.executable, "-m", "covmatch.eval", "--preset", "demo", *what, "--split", self.split,
+            "--seed", str(self.seed), "--runs", "1", "--out", str(self.out), "--overwrite", "--no-progress",
+            *self.flags,
+        ]  # fmt: skip
+
+    def done(self) -> bool:
+        return (self.out / "results.json").is_file()
+
+    def cost(self) -> float:
+        epochs = 100
+        if "--epochs" in self.flags:
+            epochs = int(self.flags[self.flags.index("--epochs") + 1])
+        pairs = 10_000 if self.source == "full" else self.num_pairs
+        return SECONDS_PER_EVAL_RUN_AT_100 * (0.35 + 0.65 * pairs / 100 * epochs / 100)
+
+    def requires(self) -> Tuple[str, ...]:
+        return () if self.is_coreset() else (self.source.split("/")[0],)
+
+    def mean(self) -> float:
+        return float(json.loads((self.out / "results.json").read_text())["runs"][0]["mean"])
+
+
+Job = "Distill | Evaluate"
+
+
+def distill(flags: Sequence[str], seed: int, iterations: int, name: str, num_pairs: int = 100) -> Distill:
+    return Distill(f"{name}-n{num_pairs}-t{iterations}-s{seed}", tuple(flags), seed, iterations, num_pairs)
+
+
+def evaluations(
+    source: str, split: str, seeds: Iterable[int], label: str, flags: Sequence[str] = (), num_pairs: int = 100
+) -> List[Evaluate]:
+    """One evaluation job per seed; ``label`` names what differs from the default evaluation."""
+    base = source.replace("/", "-")
+    return [Evaluate(f"{base}.{label}.{split}.r{s}", source, split, s, tuple(flags), num_pairs) for s in seeds]
+
+
+@dataclass
+class Table:
+    """One comparison of the report: rows of (label, evaluation jobs), and the sets those rows pair with."""
+
+    key: str
+    title: str
+    question: str
+    rows: List[Tuple[str, List[Evaluate]]]
+    paired: List[Tuple[str, List[Evaluate], List[Evaluate]]] = dataclasses.field(default_factory=list)
+
+    def jobs(self) -> List[Evaluate]:
+        jobs = [e for _, evals in self.rows for e in evals]
+        jobs += [e for _, a, b in self.paired for e in a + b]
+        return jobs
+
+
+def tune_tables() -> List[Table]:
+    """The tune stage: each candidate at TUNE_ITERATIONS (distillation seed 0) on val; references on val."""
+    rows = []
+    for label, flags in TUNE_CANDIDATES.items():
+        run = distill(PAPER_REGIME + flags, 0, TUNE_ITERATIONS, f"tune-{label}")
+        rows.append((label, evaluations(run.name, "val", TUNE_EVAL_SEEDS, "default")))
+    first = distill(PAPER_REGIME + TUNE_CANDIDATES["lr3"], 0, TUNE_ITERATIONS, "tune-lr3")
+    rows.append(("iteration-0 set", evaluations(f"{first.name}/initial", "val", TUNE_EVAL_SEEDS, "default")))
+    rows.append(("random pairs", evaluations("random", "val", TUNE_EVAL_SEEDS, "default")))
+    tables = [Table("tune", "Tune stage (val split)", "Which paper-regime configuration distils best?", rows)]
+    lr_rows = []
+    for enc, enc_flags in UNSEEN_ENCODERS.items():
+        for lr, lr_flags in UNSEEN_LR_CANDIDATES.items():
+            lr_rows.append((f"{enc} {lr}", evaluations("random", "val", TUNE_EVAL_SEEDS, f"{enc}-{lr}",
+                                                        enc_flags + lr_flags)))  # fmt: skip
+    tables.append(Table("tune-unseen", "Evaluation learning rate of each unseen encoder (val, random pairs)",
+                        "Which encoder learning rate lets random pairs learn on each unseen encoder?", lr_rows))
+    return tables
+
+
+def choose_config() -> Optional[str]:
+    """The tune candidate with the best val mean recall (None until every candidate is scored)."""
+    table = tune_tables()[0]
+    scores = {}
+    for label, evals in table.rows:
+        if label not in TUNE_CANDIDATES:
+            continue
+        if not all(e.done() for e in evals):
+            return None
+        scores[label] = sum(e.mean() for e in evals) / len(evals)
+    return max(scores, key=scores.get)
+
+
+def choose_unseen_lr(encoder: str) -> Optional[Tuple[str, ...]]:
+    """The evaluation learning-rate flags with the best val mean for random pairs on ``encoder``."""
+    table = tune_tables()[1]
+    scores = {}
+    for label, evals in table.rows:
+        enc, lr = label.split(" ")
+        if enc != encoder:
+            continue
+        if not all(e.done() for e in evals):
+            return None
+        scores[lr] = sum(e.mean() for e in evals) / len(evals)
+    return UNSEEN_LR_CANDIDATES[max(scores, key=scores.get)]
+
+
+def final_tables(chosen: str) -> List[Table]:
+    """Tables 1-7 on the test split, with the paper regime at ``chosen``'s flags and ITERATIONS."""
+    regime = PAPER_REGIME + TUNE_CANDIDATES[chosen]
+
+    def paper(seed: int, extra: Sequence[str] = (), label: str = "paper", n: int = 100) -> Distill:
+        return distill(regime + tuple(extra), seed, ITERATIONS, label, n)
+
+    def test_evals(run: Distill, label: str = "default", flags: Sequence[str] = ()) -> List[Evaluate]:
+        return evaluations(run.name, "test", EVAL_SEEDS, label, flags, run.num_pairs)
+
+    def set_rows(label: str, runs: List[Distill], eval_label: str = "default", flags=()) -> Tuple[str, list]:
+        return label, [e for run in runs for e in test_evals(run, eval_label, flags)]
+
+    main = [paper(s) for s in DISTILL_SEEDS]
+    fixed_demo = [distill((), s, 150, "demo-fixed") for s in DISTILL_SEEDS]  # the demo preset as shipped
+    random = evaluations("random", "test", RANDOM_SUBSETS, "default")
+    t1 = Table(
+        "1", "Table 1: CovMatch-100, paper regime, against the baselines (distilling encoders)",
+        "Does the paper regime beat its iteration-0 sets, random and balanced pairs, the coresets and the demo regime?",
+        [
+            set_rows(f"CovMatch, paper regime ({ITERATIONS} it.)", main),
+            ("its iteration-0 sets", [e for r in main for e in evaluations(f"{r.name}/initial", "test", EVAL_SEEDS,
+                                                                        "default")]),
+            ("random pairs", random),
+            ("class-balanced random", evaluations("balanced", "test", RANDOM_SUBSETS, "default")),
+            ("herding", evaluations("herding", "test", EVAL_SEEDS, "default")),
+            ("k-center", evaluations("kcenter", "test", EVAL_SEEDS, "default")),
+            set_rows("CovMatch, demo regime (fixed model, 150 it.)", fixed_demo),
+            ("full data (10,000 pairs, 10 epochs)", evaluations("full", "test", (0,), "epochs10", ("--epochs", "10"))),
+        ],
+        paired=[(f"paper regime - iteration-0 (seed {r.seed})", test_evals(r),
+                 evaluations(f"{r.name}/initial", "test", EVAL_SEEDS, "default")) for r in main],
+    )  # fmt: skip
+    ablation = [r for r in main if r.seed in ABLATION_SEEDS]
+    t2 = Table(
+        "2", "Table 2: what the online model trains on", "Paper: real > synthetic > fixed.",
+        [
+            set_rows("online on real", ablation),
+            set_rows("online on synthetic", [paper(s, ("--online", "synthetic"), "paper-onsyn")
+                                             for s in ABLATION_SEEDS]),
+            set_rows("fixed model", [paper(s, ("--online", "fixed"), "paper-fixed") for s in ABLATION_SEEDS]),
+        ],
+    )  # fmt: skip
+    frozen = [paper(s, ("--frozen-text",), "paper-frozentext") for s in ABLATION_SEEDS]
+    t3 = Table(
+        "3", "Table 3: text encoder trainable or frozen (distillation x evaluation)",
+        "Paper: a trainable text encoder beats a frozen one.",
+        [
+            set_rows("distil trainable, evaluate trainable", ablation),
+            set_rows("distil trainable, evaluate frozen", ablation, "frozentext", ("--frozen-text",)),
+            set_rows("distil frozen, evaluate trainable", frozen),
+            set_rows("distil frozen, evaluate frozen", frozen, "frozentext", ("--frozen-text",)),
+        ],
+    )  # fmt: skip
+    t4 = Table(
+        "4", "Table 4: lam and rho at N = 100", "Paper: lam 0.1 and rho 2 are best at N = 100.",
+        [
+            set_rows("lam 0", [paper(s, ("--lam", "0"), "paper-lam0") for s in ABLATION_SEEDS]),
+            set_rows("lam 0.1 (paper), rho 2 (paper)", ablation),
+            set_rows("lam 1", [paper(s, ("--lam", "1"), "paper-lam1") for s in ABLATION_SEEDS]),
+            set_rows("rho 0.5", [paper(s, ("--rho", "0.5"), "paper-rho0.5") for s in ABLATION_SEEDS]),
+            set_rows("rho 1", [paper(s, ("--rho", "1"), "paper-rho1") for s in ABLATION_SEEDS]),
+        ],
+    )  # fmt: skip
+    rows5 = []
+    for enc in UNSEEN_ENCODERS:
+        lr = choose_unseen_lr(enc)
+        if lr is None:
+            continue
+        flags = UNSEEN_ENCODERS[enc] + lr
+        rows5.append(set_rows(f"{enc}: CovMatch", main, enc, flags))
+        rows5.append((f"{enc}: random pairs", evaluations("random", "test", RANDOM_SUBSETS, enc, flags)))
+    t5 = Table("5", "Table 5: cross-architecture (encoders the set was not distilled with)",
+               "Does the set beat random pairs on encoders it never saw?", rows5)  # fmt: skip
+    rows6 = [set_rows("N 100: CovMatch", ablation), ("N 100: random pairs", random)]
+    for n in SCALING_N:
+        rows6.append(set_rows(f"N {n}: CovMatch", [paper(s, n=n) for s in ABLATION_SEEDS]))
+        rows6.append((f"N {n}: random pairs", evaluations("random", "test", RANDOM_SUBSETS, "default", num_pairs=n)))
+    t6 = Table("6", "Table 6: scaling with N", "Does the gap to random pairs hold from N = 100 to 1,000?", rows6)
+    t7 = Table(
+        "7", "Table 7: linear probe (projections only, frozen pretrained encoders)",
+        "Does the set still beat random pairs when only the projections learn?",
+        [set_rows("CovMatch", main, "probe", ("--train", "projections")),
+         ("random pairs", evaluations("random", "test", RANDOM_SUBSETS, "probe", ("--train", "projections")))],
+    )  # fmt: skip
+    return [t1, t2, t3, t4, t5, t6, t7]
+
+
+def all_tables(stage: str) -> List[Table]:
+    tables = tune_tables() if stage in ("tune", "all") else []
+    if stage in ("final", "all"):
+        chosen = choose_config()
+        if chosen is not None:
+            tables += final_tables(chosen)
+    return tables
+
+
+def all_distills() -> Dict[str, Distill]:
+    """Every distillation any table's evaluation reads, by name (tune candidates and final sets)."""
+    runs: Dict[str, Distill] = {}
+    for label, flags in TUNE_CANDIDATES.items():
+        run = distill(PAPER_REGIME + flags, 0, TUNE_ITERATIONS, f"tune-{label}")
+        runs[run.name] = run
+    chosen = choose_config()
+    if chosen is not None:
+        regime = PAPER_REGIME + TUNE_CANDIDATES[chosen]
+        for seed in DISTILL_SEEDS:
+            runs.update({r.name: r for r in [distill(regime, seed, ITERATIONS, "paper"),
+                                             distill((), seed, 150, "demo-fixed")]})  # fmt: skip
+        variants = {
+            "paper-onsyn": ("--online", "synthetic"), "paper-fixed": ("--online", "fixed"),
+            "paper-frozentext": ("--frozen-text",), "paper-lam0": ("--lam", "0"), "paper-lam1": ("--lam", "1"),
+            "paper-rho0.5": ("--rho", "0.5"), "paper-rho1": ("--rho", "1"),
+        }  # fmt: skip
+        for seed in ABLATION_SEEDS:
+            for label, extra in variants.items():
+                run = distill(regime + extra, seed, ITERATIONS, label)
+                runs[run.name] = run
+            for n in SCALING_N:
+                run = distill(regime, seed, ITERATIONS, "paper", n)
+                runs[run.name] = run
+    return runs
+
+
+def job_list(stage: str, only: Optional[Sequence[str]] = None) -> List:
+    """Distillations first where an evaluation needs them, in table order; no job twice."""
+    distills = all_distills()
+    seen, jobs = set(), []
+    for table in all_tables(stage):
+        if only and table.key not in only and not (table.key.startswith("tune") and "tune" in only):
+            continue
+        for ev in table.jobs():
+            for dep in ev.requires():
+                if dep not in seen:
+                    seen.add(dep)
+                    jobs.append(distills[dep])
+            if ev.name not in seen:
+                seen.add(ev.name)
+                jobs.append(ev)
+    return jobs
+
+
+# ---------------------------------------------------------------------------------------------- running
+
+
+def _record(job, seconds: float, lane: int, rc: int) -> None:
+    ROOT.mkdir(parents=True, exist_ok=True)
+    entry = {"job": job.name, "kind": type(job).__name__.lower(), "seconds": round(seconds, 1), "lane": lane,
+             "rc": rc, "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}  # fmt: skip
+    with open(ROOT / "jobs.jsonl", "a") as f:
+        f.write(json.dumps(entry) + "\n")
+
+
+def _job_seconds() -> Dict[str, float]:
+    """Wall seconds of every finished job (a resumed distillation: the sum of its sessions)."""
+    seconds: Dict[str, float] = {}
+    path = ROOT / "jobs.jsonl"
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            entry = json.loads(line)
+            seconds[entry["job"]] = seconds.get(entry["job"], 0.0) + entry["seconds"]
+    return seconds
+
+
+def _lane_env() -> Dict[str, str]:
+    env = dict(os.environ)
+    env.update({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+                "PYTHONPATH": str(REPO) + os.pathsep + env.get("PYTHONPATH", "")})  # fmt: skip
+    return env
+
+
+def run_jobs(jobs: List, lanes: int, hours: Optional[float] = None, dry_run: bool = False) -> int:
+    """Run the jobs not yet done, ``lanes`` at a time, each pinned to its own core; return how many failed.
+
+    A job starts once the distillation it reads is done (and is dropped if that failed); none starts after
+    ``hours``. Stopping the study (SIGTERM, Ctrl-C) stops its jobs: distillations resume from checkpoints.
+    """
+    by_name = {j.name: j for j in jobs}
+    pending = [j for j in jobs if not j.done()]
+    if dry_run:
+        for job in pending:
+            print(" ".join(job.command()))
+        return 0
+    (ROOT / "logs").mkdir(parents=True, exist_ok=True)
+    deadline = time.time() + hours * 3600 if hours else None
+    pin = shutil.which("taskset") is not None and lanes <= (os.cpu_count() or 1)
+    running: Dict[int, Tuple[object, subprocess.Popen, float]] = {}
+    failed: List[str] = []
+
+    def stop(signum, frame):
+        for _, proc, _ in running.values():
+            proc.terminate()
+        sys.exit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    while True:
+        for lane, (job, proc, start) in list(running.items()):
+            if proc.poll() is None:
+                continue
+            del running[lane]
+            seconds = time.time() - start
+            _record(job, seconds, lane, proc.returncode)
+            if proc.returncode != 0 or not job.done():
+                failed.append(job.name)
+                print(f"study: {job.name} FAILED (exit {proc.returncode}); log: {ROOT / 'logs' / job.name}.log")
+            else:
+                print(f"study: {job.name} done in {seconds:.0f} s", flush=True)
+        pending = [j for j in pending if not set(j.requires()) & set(failed)]
+        open_to_start = deadline is None or time.time() < deadline
+        for lane in range(lanes):
+            if lane in running or not open_to_start:
+                continue
+            ready = [j for j in pending if all(by_name[d].done() for d in j.requires() if d in by_name)]
+            if not ready:
+                break
+            job = ready[0]
+            pending.remove(job)
+            command = (["taskset", "-c", str(lane)] if pin else []) + job.command()
+            with open(ROOT / "logs" / f"{job.name}.log", "a") as log:
+                proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=_lane_env(), cwd=REPO)
+            running[lane] = (job, proc, time.time())
+            print(f"study: lane {lane}: {job.name}", flush=True)
+        if not running:
+            break  # everything done, failed, blocked by a failure, or past the deadline
+        time.sleep(5)
+    return len(failed)
+
+
+# ---------------------------------------------------------------------------------------------- command line
+
+
+def plan(stage: str, only: Optional[Sequence[str]]) -> None:
+    """Every job, done or not, with its estimated single-core cost, and the totals."""
+    jobs = job_list(stage, only)
+    seconds = _job_seconds()
+    todo = 0.0
+    for job in jobs:
+        state = "done" if job.done() else "todo"
+        cost = seconds.get(job.name, job.cost()) if job.done() else job.cost()
+        todo += 0 if job.done() else cost
+        print(f"{state}  {cost / 60:6.1f} min  {job.name}")
+    print(f"{len(jobs)} jobs, {sum(not j.done() for j in jobs)} to do: about {todo / 3600:.1f} CPU-hours left")
+    if stage != "tune" and choose_config() is None:
+        print("final stage: not planned until every tune candidate is scored on val")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.study", description=__doc__.splitlines()[0])
+    parser.add_argument("action", choices=("plan", "run", "report"))
+    parser.add_argument("--stage", choices=("tune", "final", "all"), default="all")
+    parser.add_argument("--tables", default=None, help="comma-separated table keys (tune, 1-7); default all")
+    parser.add_argument("--lanes", type=int, default=2, help="jobs at a time, one pinned core each")
+    parser.add_argument("--hours", type=float, default=None, help="start no job after this many hours")
+    parser.add_argument("--dry-run", action="store_true", help="print the commands of the jobs to do")
+    args = parser.parse_args(argv)
+    only = args.tables.split(",") if args.tables else None
+    if args.action == "plan":
+        plan(args.stage, only)
+        return 0
+    if args.action == "report":
+        from benchmarks.study_report import write_report
+
+        print(write_report(all_tables("all"), _job_seconds(), choose_config()))
+        return 0
+    failed = 0
+    stages = ("tune", "final") if args.stage == "all" else (args.stage,)
+    start = time.time()
+    for stage in stages:  # the final stage is planned from the tune stage's val results
+        hours = None if args.hours is None else max(0.0, args.hours - (time.time() - start) / 3600)
+        failed += run_jobs(job_list(stage, only), args.lanes, hours, args.dry_run)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
