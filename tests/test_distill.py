@@ -90,6 +90,45 @@ def test_default_run_writes_everything(tmp_path, capsys):
     assert 0.0 <= syn.metadata["changed_token_share"] <= 1.0
 
 
+def test_report_to_tensorboard_and_wandb_offline(tmp_path, monkeypatch):
+    """--report-to writes TensorBoard scalars and an offline wandb run beside log.jsonl; a resume continues
+    both (the same wandb run id, no TensorBoard events past the resume point)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)  # offline is the default: no network needed
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    out = tmp_path / "run"
+    argv = [
+        "--preset",
+        "tiny",
+        "--out",
+        str(out),
+        "--log-every",
+        "1",
+        "--no-progress",
+        "--report-to",
+        "tensorboard,wandb",
+    ]
+    assert main([*argv, "--iterations", "2"]) == 0
+    run_id = (out / "wandb" / "covmatch-run-id").read_text().strip()
+    assert main([*argv, "--iterations", "3", "--resume"]) == 0
+    assert (out / "wandb" / "covmatch-run-id").read_text().strip() == run_id
+    offline = sorted((out / "wandb").glob(f"offline-run-*-{run_id}"))
+    assert offline and all(any(d.glob("*.wandb")) for d in offline)
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("distill/cov")] == [1, 2, 3]
+    assert [json.loads(line)["iteration"] for line in (out / "log.jsonl").read_text().splitlines()] == [1, 2, 3]
+    config = json.loads((out / "config.json").read_text())
+    assert config["report_to"] == ["tensorboard", "wandb"]
+
+
+def test_no_reporter_unless_asked(tmp_path):
+    out = tmp_path / "run"
+    assert main(["--preset", "tiny", "--out", str(out), "--iterations", "1", "--no-progress"]) == 0
+    assert not (out / "tensorboard").exists() and not (out / "wandb").exists()
+
+
 def _grads(d: Distiller, chunk):
     d.synthetic.images.grad = None
     d.synthetic.text_embeds.grad = None

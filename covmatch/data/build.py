@@ -12,6 +12,7 @@ from covmatch.errors import ConfigError
 
 from .captions import tokenize_captions
 from .datasets import CLIP_MEAN, CLIP_STD, ImageDataset, PairDataset, image_transform
+from .hf import HFSource
 from .shapes import ShapesSource
 from .sources import ImageTextSource, KarpathySource
 
@@ -24,10 +25,12 @@ def build_source(
     dataset: Optional[str] = None,
     ann_root: Optional[Path] = None,
     image_root: Optional[Path] = None,
+    data_dir: Optional[Path] = None,
     validate: bool = False,
     seed: int = 0,
 ) -> ImageTextSource:
-    """The preset's dataset, or ``dataset`` ("shapes" or "karpathy" with ``ann_root`` and ``image_root``)."""
+    """The preset's dataset, or ``dataset``: "shapes" (embedded, drawn with ``seed``), "karpathy" (``ann_root``
+    and ``image_root``) or "hf" (a local Hugging Face dataset in ``data_dir``)."""
     kind = dataset or preset.dataset
     if kind == "shapes":
         return ShapesSource(
@@ -41,7 +44,11 @@ def build_source(
         if ann_root is None or image_root is None:
             raise ConfigError("--dataset karpathy needs --ann-root DIR and --image-root DIR")
         return KarpathySource(ann_root, image_root, max_words=preset.max_words, validate=validate)
-    raise ConfigError(f"unknown dataset {kind!r}; choose 'shapes' or 'karpathy'")
+    if kind == "hf":
+        if data_dir is None:
+            raise ConfigError("--dataset hf needs --data-dir DIR (a save_to_disk folder or an imagefolder)")
+        return HFSource(data_dir, max_words=preset.max_words, validate=validate)
+    raise ConfigError(f"unknown dataset {kind!r}; choose 'shapes', 'karpathy' or 'hf'")
 
 
 def build_train_dataset(source: ImageTextSource, tokenizer, preset, *, augment: bool) -> PairDataset:

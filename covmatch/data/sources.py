@@ -2,8 +2,9 @@
 
 A source exposes ``train_pairs`` (one (image key, caption) per caption, as in the Karpathy train JSON),
 ``retrieval_split(split)`` (images with their captions and the caption→image index used by retrieval)
-and ``load_image(key)``. ``KarpathySource`` reads BLIP-format JSON files and an image root (docs/design.md,
-*Data format*).
+and ``load_image(key)``. ``KarpathySource`` reads Flickr30K / COCO annotations in either of the two forms
+researchers have (docs/design.md, *Data format*): BLIP's per-split JSON files, or Karpathy's original
+single file (``dataset_flickr30k.json``, ``dataset_coco.json``), plus an image root.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from PIL import Image, UnidentifiedImageError
@@ -27,9 +28,12 @@ __all__ = [
     "KarpathySource",
     "find_annotation_file",
     "read_annotation_file",
+    "read_karpathy_dataset_file",
 ]
 
 SPLITS = ("train", "val", "test")
+# the splits of Karpathy's single file that make up each of ours ("restval": COCO's extra train images)
+KARPATHY_SPLITS = {"train": ("train", "restval"), "val": ("val",), "test": ("test",)}
 
 
 @dataclass(frozen=True)
@@ -118,8 +122,68 @@ def read_annotation_file(path: Path, split: str) -> List[dict]:
     return entries
 
 
+def _single_file(ann_root: Path) -> Optional[Path]:
+    """Karpathy's original file when ``ann_root`` is one, or a folder holding one and no per-split files."""
+    if ann_root.is_file():
+        return ann_root
+    if ann_root.is_dir() and not any(any(ann_root.glob(f"*{split}.json")) for split in SPLITS):
+        found = sorted(p for p in ann_root.glob("dataset_*.json") if p.is_file())
+        if len(found) > 1:
+            names = ", ".join(p.name for p in found)
+            raise DataError(f"{ann_root}: several Karpathy dataset files ({names}); pass one as --ann-root FILE")
+        return found[0] if found else None
+    return None
+
+
+def read_karpathy_dataset_file(path: Path) -> Dict[str, List[dict]]:
+    """Karpathy's ``dataset_*.json`` (``{"images": [{"filename", "filepath"?, "split", "sentences": [{"raw"}]}]}``)
+    as BLIP-format entries per split: one per caption in train (which includes COCO's ``restval``), one per
+    image with its captions in val and test. Image paths are ``filepath/filename`` (COCO) or ``filename``."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as err:
+        raise DataError(f"{path}: cannot read annotation file ({err.strerror or err})") from None
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}: malformed JSON at line {err.lineno} column {err.colno}: {err.msg}") from None
+    images = data.get("images") if isinstance(data, dict) else None
+    if not isinstance(images, list):
+        raise DataError(f"{path}: expected Karpathy's format, an object with an 'images' list")
+    ours = {raw: split for split, raws in KARPATHY_SPLITS.items() for raw in raws}
+    entries: Dict[str, List[dict]] = {split: [] for split in SPLITS}
+    for i, image in enumerate(images):
+        where = f"{path}: images[{i}]"
+        if not isinstance(image, dict):
+            raise DataError(f"{where} is a {type(image).__name__}, expected an object")
+        name = image.get("filename")
+        if not isinstance(name, str) or not name:
+            raise DataError(f"{where} field 'filename' must be a non-empty string")
+        if image.get("split") not in ours:
+            raise DataError(f"{where} field 'split' must be one of {', '.join(ours)}, got {image.get('split')!r}")
+        sentences = image.get("sentences")
+        if not isinstance(sentences, list) or not sentences:
+            raise DataError(f"{where} field 'sentences' must be a non-empty list")
+        captions = []
+        for j, sentence in enumerate(sentences):
+            raw = sentence.get("raw") if isinstance(sentence, dict) else None
+            if not isinstance(raw, str):
+                raise DataError(f"{where}.sentences[{j}] has no string 'raw' caption")
+            captions.append(raw)
+        folder = image.get("filepath")
+        key = f"{folder}/{name}" if isinstance(folder, str) and folder else name
+        split = ours[image["split"]]
+        if split == "train":
+            entries[split].extend({"image": key, "caption": c} for c in captions)
+        else:
+            entries[split].append({"image": key, "caption": captions})
+    for split, found in entries.items():
+        if not found:
+            raise DataError(f"{path}: split {split!r} is empty (no image has split {KARPATHY_SPLITS[split]})")
+    return entries
+
+
 class KarpathySource(ImageTextSource):
-    """Flickr30K / COCO in the BLIP Karpathy format: ``ann_root/*{train,val,test}.json`` + ``image_root``."""
+    """Flickr30K / COCO: ``ann_root`` is a folder of BLIP per-split files (``*{train,val,test}.json``), or
+    Karpathy's single ``dataset_*.json`` (the file, or a folder holding it); image paths are under ``image_root``."""
 
     name = "karpathy"
 
@@ -131,6 +195,10 @@ class KarpathySource(ImageTextSource):
         self.max_words = max_words
         self._entries: Dict[str, List[dict]] = {}
         self._files: Dict[str, Path] = {}
+        self._single = _single_file(self.ann_root)
+        if self._single is not None:
+            self._entries = read_karpathy_dataset_file(self._single)
+            self._files = dict.fromkeys(SPLITS, self._single)
         if validate:
             self.validate()
 
@@ -173,7 +241,8 @@ class KarpathySource(ImageTextSource):
     def validate(self, splits: Sequence[str] = SPLITS) -> None:
         """Open and verify every image of ``splits`` now, instead of failing lazily mid-run."""
         for split in splits:
-            path = find_annotation_file(self.ann_root, split)
+            self._split_entries(split)
+            path = self._files[split]
             for key in sorted({e["image"] for e in self._split_entries(split)}):
                 image_path = self.image_root / key
                 try:

@@ -11,7 +11,7 @@ import os
 import shutil
 import sys
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 from covmatch._version import __version__
 from covmatch.cli_args import (
@@ -28,7 +28,15 @@ from covmatch.devices import resolve_device
 from covmatch.errors import EXIT_BAD_INPUT, EXIT_DIVERGED, ConfigError, CovMatchError, DivergedError, one_line
 from covmatch.presets import PRESETS, get_preset
 
-from .config import DISTILL_MODES, ONLINE_MODES, PRESET_FLAG_FIELDS, RUN_OUTPUTS, STEP_ORDERS, DistillConfig
+from .config import (
+    DISTILL_MODES,
+    ONLINE_MODES,
+    PRESET_FLAG_FIELDS,
+    REPORTERS,
+    RUN_OUTPUTS,
+    STEP_ORDERS,
+    DistillConfig,
+)  # fmt: skip
 from .engine import Distiller
 
 __all__ = ["build_parser", "config_from_args", "main"]
@@ -76,6 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="resume when --out holds a run, start when it is empty or missing (for preemptible jobs)",
     )
     run.add_argument("--overwrite", action="store_true", help="start over in an existing --out (removes its run files)")
+    run.add_argument(
+        "--report-to", type=_report_to, default=(),
+        help="also log to tensorboard and/or wandb (comma-separated; wandb runs offline unless WANDB_MODE is "
+        "set); log.jsonl is always written",
+    )  # fmt: skip
     add_runtime_flags(run)
 
     data = p.add_argument_group("data")
@@ -136,6 +149,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _report_to(value: str) -> Tuple[str, ...]:
+    """``--report-to tensorboard,wandb`` as a tuple of names ("none": none)."""
+    names = tuple(n.strip() for n in value.split(",") if n.strip() and n.strip() != "none")
+    for name in names:
+        if name not in REPORTERS:
+            raise argparse.ArgumentTypeError(f"unknown destination {name!r}; choose from {', '.join(REPORTERS)}")
+    return names
+
+
 def config_from_args(args: argparse.Namespace) -> DistillConfig:
     """The run configuration the parsed flags describe (preset fields overridden by the flags that were set)."""
     preset = get_preset(args.preset, **preset_overrides(args, PRESET_FLAG_FIELDS))
@@ -165,11 +187,13 @@ def config_from_args(args: argparse.Namespace) -> DistillConfig:
         grad_clip=args.grad_clip,
         ann_root=args.ann_root,
         image_root=args.image_root,
+        data_dir=args.data_dir,
         validate_data=args.validate_data,
         resume=args.resume,
         auto_resume=args.auto_resume,
         overwrite=args.overwrite,
         progress=not args.no_progress,
+        report_to=tuple(args.report_to),
     )
 
 

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Tuple
 
 from covmatch.errors import ConfigError
 from covmatch.presets import Preset, get_preset
@@ -16,6 +17,7 @@ __all__ = [
     "DISTILL_MODES",
     "PRECISIONS",
     "STEP_ORDERS",
+    "REPORTERS",
     "CHECKPOINT_DIR",
     "RUN_OUTPUTS",
 ]
@@ -24,6 +26,7 @@ ONLINE_MODES = ("real", "synthetic", "fixed")
 DISTILL_MODES = ("both", "images", "texts")
 PRECISIONS = ("fp32", "fp16", "bf16")
 STEP_ORDERS = ("paper", "loss-first")  # online update before the statistics (the paper's) or after them
+REPORTERS = ("tensorboard", "wandb")  # --report-to: where log records go besides log.jsonl (always written)
 # Preset fields that covmatch-distill sets by a flag of the same name (--lr-img sets lr_img).
 PRESET_FLAG_FIELDS = (
     "dataset", "num_pairs", "iterations", "image_encoder", "image_weights", "text_encoder", "text_layers",
@@ -39,6 +42,7 @@ RUN_OUTPUTS = (
     "initial",  # the iteration-0 set: each run's paired baseline
     "grids",
     "tensorboard",
+    "wandb",
     "log.jsonl",
     "config.json",
     "synthetic.safetensors",
@@ -75,14 +79,17 @@ class DistillConfig:
     grad_clip: float = 0.0  # online model: clip the gradient norm (0: off)
     ann_root: Optional[Path] = None
     image_root: Optional[Path] = None
+    data_dir: Optional[Path] = None  # --dataset hf
     validate_data: bool = False
     resume: bool = False  # continue from a checkpoint in --out; refuse when none can be resumed
     auto_resume: bool = False  # resume when --out has run files, start when it has none (preemptible jobs)
     overwrite: bool = False
     progress: bool = True
     grid_every_save: bool = True
+    report_to: Tuple[str, ...] = ()  # any of REPORTERS
 
     def __post_init__(self) -> None:
+        self.report_to = tuple(self.report_to)
         if self.online is None:
             self.online = self.preset.online
         self.check()
@@ -142,11 +149,16 @@ class DistillConfig:
             raise ConfigError(f"--auto-resume and {other} contradict each other; pick one")
         if (self.resume or self.auto_resume) and self.out is None:
             raise ConfigError("--resume needs --out, the run to continue")
+        for name in self.report_to:
+            if name not in REPORTERS:
+                raise ConfigError(f"--report-to: unknown destination {name!r}; choose from {', '.join(REPORTERS)}")
+            if importlib.util.find_spec(name) is None:
+                raise ConfigError(f"--report-to {name} needs the {name} package: pip install 'covmatch[logging]'")
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["preset"] = self.preset.to_dict()
-        for key in ("out", "ann_root", "image_root", "deepspeed_config"):
+        for key in ("out", "ann_root", "image_root", "data_dir", "deepspeed_config"):
             d[key] = str(d[key]) if d[key] is not None else None
         d["resolved"] = {"rho": self.rho, "lam": self.lam, "iterations": self.iterations}
         return d

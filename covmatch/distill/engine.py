@@ -113,7 +113,9 @@ class Distiller:
     def _build_model(self):
         """Pretrained encoders and random projections, with the memory and ablation switches applied."""
         config, preset = self.config, self.config.preset
-        weights = resolve_image_weights(preset.image_encoder, preset.image_size, preset.image_weights)
+        weights = resolve_image_weights(
+            preset.image_encoder, preset.image_size, preset.image_weights, progress=self.config.progress
+        )
         model = build_dual_encoder(preset, image_weights=weights).to(self.device)
         if config.grad_checkpointing:
             model.image.set_grad_checkpointing(True)
@@ -128,8 +130,8 @@ class Distiller:
         """The train split with captions tokenised for the text encoder, checked against N and the ranks."""
         config, preset = self.config, self.config.preset
         source = build_source(
-            preset, ann_root=config.ann_root, image_root=config.image_root, validate=config.validate_data,
-            seed=config.data_seed,
+            preset, ann_root=config.ann_root, image_root=config.image_root, data_dir=config.data_dir,
+            validate=config.validate_data, seed=config.data_seed,
         )  # fmt: skip
         data = build_train_dataset(source, self.model.text.tokenizer, preset, augment=True)
         num_images = len(pairs_by_image(data.pairs))
@@ -316,7 +318,11 @@ class Distiller:
             has_run_files = any((out / name).exists() for name in ckpt.RUN_OUTPUTS)
             required = cfg.resume or has_run_files
             ckpt.resume_latest(self, out / ckpt.CHECKPOINT_DIR, required=required, log=self.log)
-        writer = RunWriter(out, cfg, self.model.text.tokenizer) if out is not None and self.ranks.is_main else None
+        writer = (
+            RunWriter(out, cfg, self.model.text.tokenizer, start=self.iteration)
+            if out is not None and self.ranks.is_main
+            else None
+        )
         if writer is not None:
             writer.truncate_log(self.iteration)
         if out is not None and self.iteration == 0:  # every run keeps its iteration-0 set, a paired baseline

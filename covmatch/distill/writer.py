@@ -1,9 +1,12 @@
-"""What a run writes under ``--out`` (config.json, log.jsonl, TensorBoard events, the set and its image grids)
-and what it shows while it runs (the progress bar and its log records)."""
+"""What a run writes under ``--out`` (config.json, log.jsonl, the set and its image grids, and with
+``--report-to`` TensorBoard events and a Weights & Biases run) and what it shows while it runs (the progress
+bar and its log records)."""
 
 from __future__ import annotations
 
 import json
+import os
+import uuid
 from pathlib import Path
 from typing import Dict, List
 
@@ -13,7 +16,7 @@ from tqdm.auto import tqdm
 from covmatch.synthetic import SyntheticSet
 from covmatch.visualize import decode_token_ids, save_image_grid
 
-__all__ = ["RunWriter", "progress_bar", "to_host", "summarise", "postfix"]
+__all__ = ["RunWriter", "TensorBoardReporter", "WandbReporter", "progress_bar", "to_host", "summarise", "postfix"]
 
 
 def progress_bar(total: int, initial: int, enabled: bool) -> tqdm:
@@ -42,23 +45,62 @@ def postfix(record: dict) -> dict:
     return out
 
 
-class RunWriter:
-    """Everything a run writes under ``--out``: log.jsonl, TensorBoard events, checkpoints, grids, result."""
+class TensorBoardReporter:
+    """Log records as TensorBoard scalars under ``RUN/tensorboard`` (a resumed run drops later events)."""
 
-    def __init__(self, out: Path, config, tokenizer) -> None:
+    def __init__(self, out: Path, config, start: int) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        # events logged after the resumed iteration belonged to the interrupted run
+        self.writer = SummaryWriter(str(out / "tensorboard"), purge_step=start + 1 if start else None)
+
+    def log(self, record: dict) -> None:
+        for key, value in record.items():
+            if key != "iteration":
+                self.writer.add_scalar(f"distill/{key}", value, record["iteration"])
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class WandbReporter:
+    """Log records to a Weights & Biases run under ``RUN/wandb``: offline unless ``WANDB_MODE`` says otherwise
+    (sync later with ``wandb sync RUN/wandb/offline-run-*``); a resumed run continues the same wandb run."""
+
+    def __init__(self, out: Path, config, start: int) -> None:
+        import wandb
+
+        id_file = out / "wandb" / "covmatch-run-id"
+        run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:8]
+        (out / "wandb").mkdir(parents=True, exist_ok=True)
+        self.run = wandb.init(
+            project=os.environ.get("WANDB_PROJECT", "covmatch"), name=out.name, id=run_id, resume="allow",
+            dir=str(out), config=config.to_dict(), mode=os.environ.get("WANDB_MODE", "offline"),
+        )  # fmt: skip
+        id_file.write_text(run_id + "\n")
+
+    def log(self, record: dict) -> None:
+        self.run.log({f"distill/{k}": v for k, v in record.items() if k != "iteration"}, step=record["iteration"])
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+REPORTER_CLASSES = {"tensorboard": TensorBoardReporter, "wandb": WandbReporter}
+
+
+class RunWriter:
+    """Everything a run writes under ``--out``: config.json, log.jsonl (always), the reporters ``--report-to``
+    names, the result and its grids. ``start``: the iteration the run starts or resumes at."""
+
+    def __init__(self, out: Path, config, tokenizer, start: int = 0) -> None:
         self.out = out
         self.config = config
         self.tokenizer = tokenizer  # decodes the grid's captions
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
         self.log_path = out / "log.jsonl"
-        self.tb = None
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(out / "tensorboard"))
-        except ImportError:  # tensorboard is optional
-            pass
+        self.reporters = [REPORTER_CLASSES[name](out, config, start) for name in config.report_to]
 
     def truncate_log(self, iteration: int) -> None:
         """Drop log lines past the resumed iteration (they belonged to the interrupted run)."""
@@ -74,10 +116,8 @@ class RunWriter:
     def log(self, record: dict) -> None:
         with self.log_path.open("a") as fh:
             fh.write(json.dumps(record) + "\n")
-        if self.tb is not None:
-            for key, value in record.items():
-                if key != "iteration":
-                    self.tb.add_scalar(f"distill/{key}", value, record["iteration"])
+        for reporter in self.reporters:
+            reporter.log(record)
 
     def save(self, syn: SyntheticSet, t: int) -> None:
         """The synthetic set (atomically) and, if asked, its image grid with decoded captions."""
@@ -94,5 +134,5 @@ class RunWriter:
             )
 
     def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
+        for reporter in self.reporters:
+            reporter.close()

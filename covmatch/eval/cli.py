@@ -173,9 +173,13 @@ def run_evaluation(args) -> dict:
     if args.synthetic is not None:
         syn = load_synthetic_for(args.synthetic, preset)  # fails fast, before any encoder is built
     data_seed = resolve_data_seed(args, syn if args.synthetic is not None else None, preset)
-    weights = resolve_image_weights(preset.image_encoder, preset.image_size, preset.image_weights)
+    weights = resolve_image_weights(
+        preset.image_encoder, preset.image_size, preset.image_weights, progress=not args.no_progress
+    )
     model = build_dual_encoder(preset, image_weights=weights)
-    source = build_source(preset, ann_root=args.ann_root, image_root=args.image_root, seed=data_seed)
+    source = build_source(
+        preset, ann_root=args.ann_root, image_root=args.image_root, data_dir=args.data_dir, seed=data_seed
+    )
     start = time.perf_counter()
     extra = {}
     if args.synthetic is not None:
