@@ -1,22 +1,23 @@
-"""``covmatch``: one entry point for the tools (``covmatch distill|eval|analyze|demo ...``) and ``--version``."""
+"""``covmatch``: one entry point for the tools (``covmatch distill|eval|analyze|export|demo ...``) and ``--version``."""
 
 from __future__ import annotations
 
 import sys
 from typing import Optional, Sequence
 
-from covmatch import analyze, demo
+from covmatch import analyze, demo, export
 from covmatch._version import __version__
 from covmatch.distill import cli as distill_cli
 from covmatch.eval import cli as eval_cli
 
 __all__ = ["main"]
 
-USAGE = """usage: covmatch [--version] {distill,eval,analyze,demo} ...
+USAGE = """usage: covmatch [--version] {distill,eval,analyze,export,demo} ...
 
   distill   distil a dataset into N synthetic pairs (same as covmatch-distill)
   eval      train fresh models on a synthetic set or a coreset and test retrieval (same as covmatch-eval)
   analyze   a run's diagnostics: feature stability, match error, how far the set moved
+  export    a distilled set as a Hugging Face imagefolder or LoRS/MTT-VL tensors, with a dataset card
   demo      the main job on the embedded dataset (same as make demo)
 """
 
@@ -30,9 +31,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"covmatch {__version__}")
         return 0
     command, rest = args[0], args[1:]
-    commands = {"distill": distill_cli.main, "eval": eval_cli.main, "analyze": analyze.main, "demo": demo.main}
+    commands = {
+        "distill": distill_cli.main,
+        "eval": eval_cli.main,
+        "analyze": analyze.main,
+        "export": export.main,
+        "demo": demo.main,
+    }
     if command not in commands:
-        print(f"covmatch: error: unknown command {command!r} (choose distill, eval, analyze or demo)", file=sys.stderr)
+        print(
+            f"covmatch: error: unknown command {command!r} (choose distill, eval, analyze, export or demo)",
+            file=sys.stderr,
+        )
         return 2
     return commands[command](rest)
 

@@ -13,6 +13,7 @@ from typing import Optional, Sequence
 
 from covmatch.distill.cli import build_parser as distill_parser
 from covmatch.eval.cli import build_parser as eval_parser
+from covmatch.export import build_parser as export_parser
 
 __all__ = ["render", "replace_block", "main"]
 
@@ -20,10 +21,12 @@ START, END = "<!-- cli-reference:start -->", "<!-- cli-reference:end -->"
 
 
 def _parsers():
-    return {"covmatch-distill": distill_parser(), "covmatch-eval": eval_parser()}
+    return {"covmatch-distill": distill_parser(), "covmatch-eval": eval_parser(), "covmatch export": export_parser()}
 
 
 def _flag_cell(action: argparse.Action) -> str:
+    if not action.option_strings:  # a positional argument
+        return f"`{action.metavar or action.dest.upper()}`"
     flags = ", ".join(f"`{s}`" for s in action.option_strings)
     if action.choices is not None:
         return f"{flags} {{{','.join(str(c) for c in action.choices)}}}"
@@ -49,11 +52,7 @@ def render() -> str:
         out.append("| flag | default | what |")
         out.append("|---|---|---|")
         for action in parser._actions:
-            if (
-                not action.option_strings
-                or action.help == argparse.SUPPRESS
-                or isinstance(action, argparse._HelpAction)
-            ):
+            if action.help == argparse.SUPPRESS or isinstance(action, argparse._HelpAction):
                 continue
             what = (action.help or "").replace("%(prog)s", name)
             what = what.replace("|", "\\|").replace("*", "\\*")

@@ -9,10 +9,11 @@ import pytest
 
 from covmatch.distill.cli import build_parser as distill_parser
 from covmatch.eval.cli import build_parser as eval_parser
+from covmatch.export import build_parser as export_parser
 
 REPO = Path(__file__).resolve().parents[1]
 README = (REPO / "README.md").read_text()
-PARSERS = {"covmatch-distill": distill_parser, "covmatch-eval": eval_parser}
+PARSERS = {"covmatch-distill": distill_parser, "covmatch-eval": eval_parser, "covmatch export": export_parser}
 
 
 def _known_flags(parser) -> set:
