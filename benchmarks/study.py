@@ -32,7 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
-ROOT = Path(__file__).resolve().parent / "results" / "study"
+# where everything goes; COVMATCH_STUDY_ROOT moves it (tests, a second checkout)
+ROOT = Path(os.environ.get("COVMATCH_STUDY_ROOT") or Path(__file__).resolve().parent / "results" / "study")
 REPO = Path(__file__).resolve().parent.parent
 
 # ---------------------------------------------------------------------------------------------- the design
@@ -169,11 +170,49 @@ class Evaluate:
         return float(json.loads((self.out / "results.json").read_text())["runs"][0]["mean"])
 
 
-Job = "Distill | Evaluate"
+@dataclass(frozen=True)
+class Analyze:
+    """``covmatch analyze`` of a distilled set: feature stability of its online model, its covariance and mean
+    match at the distilling encoders and at an unseen image encoder, how far it moved (the diagnosis)."""
+
+    source: str  # a Distill's name
+    real_pairs: int = 1024
+    other_encoder: str = "test_resnet"
+
+    @property
+    def name(self) -> str:
+        return f"analysis-{self.source}"
+
+    @property
+    def out(self) -> Path:
+        return ROOT / "analysis" / self.source
+
+    def command(self) -> List[str]:
+        return [
+            sys.executable, "-m", "covmatch.analyze", str(ROOT / "sets" / self.source), "--out", str(self.out),
+            "--real-pairs", str(self.real_pairs), "--image-encoder", self.other_encoder,
+        ]  # fmt: skip
+
+    def done(self) -> bool:
+        return (self.out / "analysis.json").is_file()
+
+    def cost(self) -> float:
+        return 150.0
+
+    def requires(self) -> Tuple[str, ...]:
+        return (self.source,)
+
+    def result(self) -> dict:
+        return json.loads((self.out / "analysis.json").read_text())
 
 
 def distill(flags: Sequence[str], seed: int, iterations: int, name: str, num_pairs: int = 100) -> Distill:
     return Distill(f"{name}-n{num_pairs}-t{iterations}-s{seed}", tuple(flags), seed, iterations, num_pairs)
+
+
+def demo_fixed(seed: int) -> Distill:
+    """The demo preset as shipped: a fixed model, 150 iterations."""
+    return distill((), seed, 150, "demo-fixed")
 
 
 def evaluations(
@@ -193,30 +232,44 @@ class Table:
     question: str
     rows: List[Tuple[str, List[Evaluate]]]
     paired: List[Tuple[str, List[Evaluate], List[Evaluate]]] = dataclasses.field(default_factory=list)
+    analyses: List[Tuple[str, Analyze]] = dataclasses.field(default_factory=list)  # (label, diagnosis)
 
-    def jobs(self) -> List[Evaluate]:
+    def jobs(self) -> List:
         jobs = [e for _, evals in self.rows for e in evals]
         jobs += [e for _, a, b in self.paired for e in a + b]
-        return jobs
+        return jobs + [a for _, a in self.analyses]
 
 
 def tune_tables() -> List[Table]:
     """The tune stage: each candidate at TUNE_ITERATIONS (distillation seed 0) on val; references on val."""
-    rows = []
+    rows, analyses = [], []
     for label, flags in TUNE_CANDIDATES.items():
         run = distill(PAPER_REGIME + flags, 0, TUNE_ITERATIONS, f"tune-{label}")
         rows.append((label, evaluations(run.name, "val", TUNE_EVAL_SEEDS, "default")))
+        analyses.append((label, Analyze(run.name)))
     first = distill(PAPER_REGIME + TUNE_CANDIDATES["lr3"], 0, TUNE_ITERATIONS, "tune-lr3")
     rows.append(("iteration-0 set", evaluations(f"{first.name}/initial", "val", TUNE_EVAL_SEEDS, "default")))
     rows.append(("random pairs", evaluations("random", "val", TUNE_EVAL_SEEDS, "default")))
-    tables = [Table("tune", "Tune stage (val split)", "Which paper-regime configuration distils best?", rows)]
+    demo = demo_fixed(0)
+    rows.append(("demo regime (fixed model, 150 it.)", evaluations(demo.name, "val", TUNE_EVAL_SEEDS, "default")))
+    analyses.append(("demo regime (fixed model, 150 it.)", Analyze(demo.name)))
+    tables = [
+        Table("tune", "Tune stage (val split)", "Which paper-regime configuration distils best?", rows,
+              analyses=analyses)
+    ]  # fmt: skip
     lr_rows = []
     for enc, enc_flags in UNSEEN_ENCODERS.items():
         for lr, lr_flags in UNSEEN_LR_CANDIDATES.items():
             lr_rows.append((f"{enc} {lr}", evaluations("random", "val", TUNE_EVAL_SEEDS, f"{enc}-{lr}",
                                                         enc_flags + lr_flags)))  # fmt: skip
-    tables.append(Table("tune-unseen", "Evaluation learning rate of each unseen encoder (val, random pairs)",
-                        "Which encoder learning rate lets random pairs learn on each unseen encoder?", lr_rows))
+    tables.append(
+        Table(
+            "tune-unseen",
+            "Evaluation learning rate of each unseen encoder (val, random pairs)",
+            "Which encoder learning rate lets random pairs learn on each unseen encoder?",
+            lr_rows,
+        )
+    )
     return tables
 
 
@@ -261,7 +314,7 @@ def final_tables(chosen: str) -> List[Table]:
         return label, [e for run in runs for e in test_evals(run, eval_label, flags)]
 
     main = [paper(s) for s in DISTILL_SEEDS]
-    fixed_demo = [distill((), s, 150, "demo-fixed") for s in DISTILL_SEEDS]  # the demo preset as shipped
+    fixed_demo = [demo_fixed(s) for s in DISTILL_SEEDS]
     random = evaluations("random", "test", RANDOM_SUBSETS, "default")
     t1 = Table(
         "1", "Table 1: CovMatch-100, paper regime, against the baselines (distilling encoders)",
@@ -279,6 +332,8 @@ def final_tables(chosen: str) -> List[Table]:
         ],
         paired=[(f"paper regime - iteration-0 (seed {r.seed})", test_evals(r),
                  evaluations(f"{r.name}/initial", "test", EVAL_SEEDS, "default")) for r in main],
+        analyses=[(f"paper regime, seed {r.seed}", Analyze(r.name)) for r in main]
+        + [("demo regime, seed 0", Analyze(fixed_demo[0].name))],
     )  # fmt: skip
     ablation = [r for r in main if r.seed in ABLATION_SEEDS]
     t2 = Table(
@@ -346,7 +401,7 @@ def all_tables(stage: str) -> List[Table]:
 
 def all_distills() -> Dict[str, Distill]:
     """Every distillation any table's evaluation reads, by name (tune candidates and final sets)."""
-    runs: Dict[str, Distill] = {}
+    runs: Dict[str, Distill] = {demo_fixed(0).name: demo_fixed(0)}
     for label, flags in TUNE_CANDIDATES.items():
         run = distill(PAPER_REGIME + flags, 0, TUNE_ITERATIONS, f"tune-{label}")
         runs[run.name] = run
@@ -354,8 +409,7 @@ def all_distills() -> Dict[str, Distill]:
     if chosen is not None:
         regime = PAPER_REGIME + TUNE_CANDIDATES[chosen]
         for seed in DISTILL_SEEDS:
-            runs.update({r.name: r for r in [distill(regime, seed, ITERATIONS, "paper"),
-                                             distill((), seed, 150, "demo-fixed")]})  # fmt: skip
+            runs.update({r.name: r for r in [distill(regime, seed, ITERATIONS, "paper"), demo_fixed(seed)]})
         variants = {
             "paper-onsyn": ("--online", "synthetic"), "paper-fixed": ("--online", "fixed"),
             "paper-frozentext": ("--frozen-text",), "paper-lam0": ("--lam", "0"), "paper-lam1": ("--lam", "1"),

@@ -1,0 +1,121 @@
+"""The embedded study's runner and report (benchmarks/study.py, study_report.py), on stand-in jobs that
+finish in milliseconds: order, resumption, failure handling, and the numbers of the report."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from benchmarks import study
+from benchmarks.study_report import mean_std, write_report
+from covmatch.distill.cli import build_parser as distill_parser
+from covmatch.distill.cli import config_from_args
+from covmatch.eval.cli import build_parser as eval_parser
+
+
+@pytest.fixture()
+def root(tmp_path, monkeypatch):
+    monkeypatch.setattr(study, "ROOT", tmp_path)
+    return tmp_path
+
+
+class FakeDistill(study.Distill):
+    fail = False
+
+    def command(self):
+        meta = json.dumps({"iteration": self.iterations})
+        code = f"import pathlib, sys; p = pathlib.Path({str(self.out)!r}); p.mkdir(parents=True, exist_ok=True); "
+        code += f"(p / 'synthetic.json').write_text({meta!r}); sys.exit({int(self.fail)})"
+        return [sys.executable, "-c", code]
+
+
+class FailingDistill(FakeDistill):
+    fail = True
+
+
+class FakeEvaluate(study.Evaluate):
+    def command(self):
+        value = 20.0 + self.seed + (5.0 if "paper" in self.source and "initial" not in self.source else 0.0)
+        run = {m: value for m in ("i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10", "mean")}
+        text = json.dumps({"runs": [run]})
+        code = f"import pathlib; p = pathlib.Path({str(self.out)!r}); p.mkdir(parents=True, exist_ok=True); "
+        code += f"(p / 'results.json').write_text({text!r})"
+        return [sys.executable, "-c", code]
+
+
+def _fake_jobs(distill_cls=FakeDistill):
+    run = distill_cls("paper-s0", (), 0, 10)
+    evals = [FakeEvaluate(f"e{s}", run.name, "test", s) for s in (0, 1, 2)]
+    initial = [FakeEvaluate(f"i{s}", f"{run.name}/initial", "test", s) for s in (0, 1, 2)]
+    baseline = [FakeEvaluate(f"r{s}", "random", "test", s) for s in (0, 1)]
+    return run, evals, initial, baseline
+
+
+def test_runner_orders_by_dependency_and_reuses_finished_jobs(root):
+    run, evals, initial, baseline = _fake_jobs()
+    jobs = evals + initial + baseline + [run]  # the distillation last: evaluations must wait for it
+    assert study.run_jobs(jobs, lanes=2) == 0
+    assert all(j.done() for j in jobs)
+    order = [json.loads(line)["job"] for line in (root / "jobs.jsonl").read_text().splitlines()]
+    assert sorted(order) == sorted(j.name for j in jobs)
+    assert order.index(run.name) < min(order.index(e.name) for e in evals + initial)
+    assert study.run_jobs(jobs, lanes=2) == 0  # all done: nothing runs again
+    assert len((root / "jobs.jsonl").read_text().splitlines()) == len(jobs)
+
+
+def test_runner_skips_what_a_failed_distillation_would_feed(root):
+    run, evals, _, baseline = _fake_jobs(FailingDistill)
+    assert study.run_jobs([run, *evals, *baseline], lanes=2) == 1
+    assert not any(e.done() for e in evals)
+    assert all(b.done() for b in baseline)
+
+
+def test_runner_starts_nothing_past_its_deadline(root):
+    _, _, _, baseline = _fake_jobs()
+    assert study.run_jobs(baseline, lanes=1, hours=1e-9) == 0
+    assert not any(b.done() for b in baseline)
+
+
+def test_report_means_spreads_and_paired_differences(root):
+    run, evals, initial, baseline = _fake_jobs()
+    study.run_jobs([run, *evals, *initial[:2], *baseline], lanes=2)  # one iteration-0 run left undone
+    table = study.Table(
+        "1", "Table 1: test", "question?",
+        [("CovMatch, paper regime", evals), ("its iteration-0 sets", initial), ("random pairs", baseline)],
+        paired=[("paper - initial", evals, initial)],
+    )  # fmt: skip
+    md = write_report([table], {run.name: 60.0}, "lr3").read_text()
+    assert "| CovMatch, paper regime | 26.0 ± 1.0 |" in md  # 25, 26, 27
+    assert "its iteration-0 sets (2 of 3 runs)" in md
+    assert "| paper - initial | +5.0 ± 0.0 | +5.0, +5.0 |" in md  # paired by evaluation seed
+    assert "chosen: **lr3**" in md
+    assert "pending" in md  # the targets that need rows this table lacks
+    data = json.loads((root / "study.json").read_text())
+    assert data["tables"]["1"]["rows"][0]["done"] == 3
+    assert (root / "table-1.png").is_file()
+
+
+def test_mean_std():
+    assert mean_std([1.0, 3.0]) == (2.0, pytest.approx(2**0.5))
+    assert mean_std([4.0]) == (4.0, 0.0)
+
+
+def test_every_planned_command_is_accepted_by_the_commands_it_runs(root, monkeypatch):
+    """The tune and final stages' commands parse (the final stage planned as if lr3 had won)."""
+    monkeypatch.setattr(study, "choose_config", lambda: "lr3")
+    monkeypatch.setattr(study, "choose_unseen_lr", lambda enc: study.UNSEEN_LR_CANDIDATES["lr.01"])
+    jobs = study.job_list("all")
+    names = [j.name for j in jobs]
+    assert len(names) == len(set(names))
+    seen = set()
+    for job in jobs:
+        assert set(job.requires()) <= seen, job.name  # a distillation precedes what reads it
+        seen.add(job.name)
+        argv = job.command()[3:]  # past "python -m covmatch.x"
+        if isinstance(job, study.Distill):
+            config_from_args(distill_parser().parse_args(argv)).preset.check()
+        else:
+            eval_parser().parse_args(argv)
+    assert {t.key for t in study.all_tables("all")} == {"tune", "tune-unseen", "1", "2", "3", "4", "5", "6", "7"}
