@@ -64,6 +64,8 @@ TUNE_CANDIDATES = {
     "slow-lr10": SLOW_ONLINE + ("--lr-img", "10"),
     "slow-lr30": SLOW_ONLINE,
     "slower-lr30": SLOWER_ONLINE,
+    # added after the first five were scored (slow online at lr_img 10 > 30): the next step down
+    "slow-lr3": SLOW_ONLINE + ("--lr-img", "3"),
 }
 
 # Unseen encoders of table 5: three other image-encoder families (each pretrained on the disjoint shapes
