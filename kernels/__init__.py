@@ -1,21 +1,25 @@
 """Fused Triton kernels of the CovMatch loss (installed as ``covmatch.kernels``; depends on torch and triton).
 
-``covariance`` holds the covariance-form forward and its backward GEMM, ``gram`` the Gram-form pair
-(docs/design.md, *Gradients*). Host functions take validated 2-D tensors; ``covmatch`` wraps them in autograd.
+``covariance`` holds the covariance-form forward (column means, D and its partial sums, the final reduction)
+and its backward (both gradients of a side in one GEMM launch), ``gram`` the Gram-form pair (docs/design.md,
+*Gradients*). Host functions take validated 2-D tensors; ``covmatch`` wraps them in autograd.
+``python -m covmatch.kernels.inspect`` compiles one call's launches ahead of time for sm_80 / sm_90.
 """
 
-from ._launch import TileConfig, interpreter_enabled, single_config_mode
-from .covariance import CovarianceForward, centred_matmul, covariance_forward
+from ._launch import LaunchRecord, TileConfig, interpreter_enabled, recorded_launches, target_arch
+from .covariance import CovarianceForward, covariance_forward, covariance_grads
 from .gram import GramForward, gram_forward, gram_grad
 
 __all__ = [
     "CovarianceForward",
     "GramForward",
     "TileConfig",
-    "centred_matmul",
+    "LaunchRecord",
     "covariance_forward",
+    "covariance_grads",
     "gram_forward",
     "gram_grad",
     "interpreter_enabled",
-    "single_config_mode",
+    "recorded_launches",
+    "target_arch",
 ]

@@ -1,8 +1,13 @@
-"""Launch plumbing shared by the kernels: interpreter detection, dot precision, tile configs, autotuning.
+"""Launch plumbing shared by the kernels: interpreter detection, dot precision, tile configs, launches.
 
-Nothing here touches the GPU at import time. Tile configurations are chosen per shape class on first use
-(timed on the device, then cached); ``COVMATCH_TRITON_SINGLE_CONFIG=1`` or the Triton interpreter
-collapses every list to its first entry so tests are fast and deterministic.
+Nothing here touches the GPU at import time. Each kernel's tile configurations are an ordered list whose
+first entry is what runs (deterministic, no search at run time, so a warm call can be captured in a CUDA
+graph); ``COVMATCH_TRITON_AUTOTUNE=1`` times the list once per shape class, precision and device instead,
+never during a CUDA-graph capture, and reports every configuration that fails with its error.
+
+Every launch goes through ``launch_kernel``, so ``recorded_launches()`` can list exactly what one call
+launches (kernel, grid, arguments, configuration, FLOPs, bytes) without running it:
+``python -m covmatch.kernels.inspect`` compiles those launches ahead of time for a GPU it does not have.
 
 What runs per call is kept to dictionary lookups and integer arithmetic (host time per call is measured by
 ``benchmarks/bench_host.py``): config choices are cached by exact shape, the interpreter flag is read once,
@@ -11,9 +16,11 @@ and grid sizes use plain integer division.
 
 from __future__ import annotations
 
+import contextlib
 import os
-from dataclasses import dataclass
-from typing import Callable, Dict, Hashable, Sequence, Tuple
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Hashable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import triton
@@ -23,12 +30,17 @@ __all__ = [
     "TileConfig",
     "cdiv",
     "interpreter_enabled",
-    "single_config_mode",
+    "autotune_enabled",
     "dot_operand_dtype",
     "fp32_dot_precision",
-    "pick_config",
-    "candidate_configs",
+    "choose_config",
+    "bench",
     "shape_bucket",
+    "LaunchRecord",
+    "NO_LAUNCH_OPS",
+    "launch_kernel",
+    "recorded_launches",
+    "target_arch",
 ]
 
 
@@ -63,11 +75,6 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def single_config_mode() -> bool:
-    """True when every config list collapses to its first entry (interpreter, or tests on a GPU)."""
-    return _INTERPRETER or _env_flag("COVMATCH_TRITON_SINGLE_CONFIG")
-
-
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
 
@@ -86,55 +93,138 @@ def fp32_dot_precision() -> str:
     return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
 
 
-_CHOSEN: Dict[Tuple[str, Hashable], TileConfig] = {}  # by shape class (sizes rounded up to powers of two)
-_CHOSEN_EXACT: Dict[Tuple[str, Hashable], TileConfig] = {}  # by exact key: the per-call lookup
-_MAX_EXACT_KEYS = 4096
+# ---------------------------------------------------------------------------------------- launches
+
+# torch ops that launch nothing on any device (allocations, views, profiler markers): what launch counts skip
+NO_LAUNCH_OPS = frozenset(
+    {"empty", "empty_like", "new_empty", "empty_strided", "t", "view", "select", "slice", "unbind", "expand",
+     "unsqueeze", "detach", "alias", "as_strided", "_record_function_enter_new", "_record_function_exit"}
+)  # fmt: skip
 
 
-def pick_config(
+@dataclass
+class LaunchRecord:
+    """One kernel launch as a host function would issue it (what ``recorded_launches`` collects)."""
+
+    kernel: object  # the @triton.jit function
+    grid: Tuple[int, ...]
+    args: tuple  # positional arguments, tensors included
+    constexprs: dict
+    config: TileConfig
+    flops: float = 0.0
+    bytes_moved: float = 0.0
+
+    @property
+    def name(self) -> str:
+        return getattr(self.kernel, "__name__", None) or self.kernel.fn.__name__
+
+
+_RECORDERS: List[List[LaunchRecord]] = []
+
+
+def launch_kernel(
+    kernel, grid: Tuple[int, ...], args: tuple, constexprs: dict, config: TileConfig, *,
+    flops: float = 0.0, bytes_moved: float = 0.0,
+) -> None:  # fmt: skip
+    """``kernel[grid](*args, **constexprs)`` with the config's warps and stages, or, inside
+    ``recorded_launches()``, its record instead (nothing runs; outputs stay uninitialised)."""
+    if _RECORDERS:
+        _RECORDERS[-1].append(LaunchRecord(kernel, tuple(grid), args, constexprs, config, flops, bytes_moved))
+        return
+    kernel[grid](*args, **constexprs, num_warps=config.num_warps, num_stages=config.num_stages)
+
+
+@contextlib.contextmanager
+def recorded_launches() -> Iterator[List[LaunchRecord]]:
+    """Within: the fused loss runs all its host code but launches nothing; the list fills with the launches."""
+    records: List[LaunchRecord] = []
+    _RECORDERS.append(records)
+    try:
+        yield records
+    finally:
+        _RECORDERS.remove(records)
+
+
+# ---------------------------------------------------------------------------------------- tile configs
+
+_TARGET: List[Tuple[int, int]] = []  # an architecture set by ``target_arch`` (ahead-of-time inspection)
+
+
+@contextlib.contextmanager
+def target_arch(capability: Tuple[int, int]) -> Iterator[None]:
+    """Within: choose configurations as for a GPU of this compute capability (e.g. (9, 0)), whatever runs."""
+    _TARGET.append(tuple(capability))
+    try:
+        yield
+    finally:
+        _TARGET.pop()
+
+
+def _capability() -> Optional[Tuple[int, int]]:
+    if _TARGET:
+        return _TARGET[-1]
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_capability()
+    return None
+
+
+@dataclass
+class _Tuned:
+    chosen: Dict[Hashable, TileConfig] = field(default_factory=dict)
+    failures: Dict[Hashable, List[str]] = field(default_factory=dict)
+
+
+_TUNED = _Tuned()
+
+
+def autotune_enabled() -> bool:
+    return _env_flag("COVMATCH_TRITON_AUTOTUNE") and not _INTERPRETER
+
+
+def choose_config(
     name: str,
     key: Tuple[Hashable, ...],
     configs: Sequence[TileConfig],
-    launch: Callable[[TileConfig], object],
+    time_config: Optional[Callable[[TileConfig], float]] = None,
 ) -> TileConfig:
-    """Return the fastest of ``configs`` for ``(name, key)``, timing each once with ``launch``.
+    """The configuration kernel ``name`` runs with for ``key`` (its sizes, dtypes and dot precision).
 
-    ``key`` holds the call's exact sizes (ints) and whatever else decides the choice (dtypes, flags). The
-    choice is made once per shape class (ints rounded up by ``shape_bucket``) and then found by exact key,
-    one dictionary lookup per call. ``launch(config)`` must run the kernel with that config and write only
-    buffers it allocates itself, so timing runs leave nothing behind (which is why we do not use
-    ``triton.autotune``: per-tile partial buffers are sized by the tile shape).
+    By default the first of ``configs`` (ordered best first for the kernel's operand kind): deterministic
+    and free of any search, so a call can be captured in a CUDA graph. With ``COVMATCH_TRITON_AUTOTUNE=1``
+    and a ``time_config`` (milliseconds of one run of a config), each shape class (sizes rounded up to
+    powers of two), precision and device capability is timed once, outside any CUDA-graph capture; a
+    config that fails is reported with its error (``RuntimeWarning``) and skipped.
     """
-    exact_key = (name, key)
-    chosen = _CHOSEN_EXACT.get(exact_key)
+    if isinstance(configs, TileConfig):
+        configs = (configs,)
+    if len(configs) == 1 or time_config is None or not autotune_enabled():
+        return configs[0]
+    cache_key = (name, _capability(), tuple(shape_bucket(k) if type(k) is int else k for k in key))
+    chosen = _TUNED.chosen.get(cache_key)
     if chosen is not None:
         return chosen
-    if len(_CHOSEN_EXACT) >= _MAX_EXACT_KEYS:  # many distinct shapes (ragged last chunks...): start over
-        _CHOSEN_EXACT.clear()
-    cache_key = (name, tuple(shape_bucket(k) if type(k) is int else k for k in key))
-    if cache_key in _CHOSEN:
-        _CHOSEN_EXACT[exact_key] = _CHOSEN[cache_key]
-        return _CHOSEN[cache_key]
-    if single_config_mode() or len(configs) == 1:
-        best = configs[0]
-    else:
-        timings = []
-        for config in configs:
-            try:
-                ms = triton.testing.do_bench(lambda c=config: launch(c), warmup=5, rep=20)
-            except Exception:  # a config that does not fit the device (shared memory, registers)
-                continue
-            timings.append((ms, config))
-        if not timings:
-            raise RuntimeError(f"covmatch: no tile configuration of kernel {name!r} runs for shape {key}")
-        best = min(timings, key=lambda t: t[0])[1]
-    _CHOSEN[cache_key] = _CHOSEN_EXACT[exact_key] = best
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        return configs[0]  # no timing inside a capture: the untuned default
+    timings, failures = [], []
+    for config in configs:
+        try:
+            timings.append((time_config(config), config))
+        except Exception as err:  # a config that does not fit the device (shared memory, registers)
+            failures.append(f"{config}: {type(err).__name__}: {err}")
+    for failure in failures:
+        warnings.warn(
+            f"covmatch: tile configuration of {name} for {key} failed: {failure}", RuntimeWarning, stacklevel=3
+        )
+    _TUNED.failures[cache_key] = failures
+    if not timings:
+        raise RuntimeError(f"covmatch: no tile configuration of kernel {name!r} runs for {key}: {failures}")
+    _TUNED.chosen[cache_key] = best = min(timings, key=lambda t: t[0])[1]
     return best
 
 
-def candidate_configs(interpreter_config: TileConfig, configs: Sequence[TileConfig]) -> Sequence[TileConfig]:
-    """The configs to try: the GPU list, or one large-tile config under the interpreter (few programs)."""
-    return (interpreter_config,) if interpreter_enabled() else configs
+def bench(fn: Callable[[], object]) -> float:
+    """Median milliseconds of ``fn`` on the GPU (for ``choose_config``'s ``time_config``)."""
+    return triton.testing.do_bench(fn, warmup=5, rep=20)
 
 
 def shape_bucket(n: int) -> int:

@@ -1,18 +1,25 @@
 """Covariance-form CovMatch kernels (docs/design.md, *Gradients*): cost ~ n * d_x * d_y.
 
-Forward: one pass over the rows of the real and the synthetic pair accumulates, per (d_x, d_y) tile,
-the uncentred products and column sums in fp32, centres them with a rank-one correction, forms
-``D = rho * C_T - C_S`` and reduces ``sum(D**2)`` for the tile. ``C_S`` never reaches global memory;
-``D`` is written only when a gradient is needed (it is the one d_x x d_y matrix kept for backward).
-The first moments (column means) and the mean-matching term come out of the same pass.
+One forward + backward of the loss is four launches, the algebra as plain GEMMs:
 
-Backward: ``dL/dX = alpha * (Y - 1 mu_Y^T) D^T + 1 beta^T`` (and the same for Y with ``D``), one tiled
-GEMM with the centring applied on load and the mean-term gradient ``beta`` added in the epilogue.
+1. ``_column_means_kernel``: the column means of the four feature matrices (fp32) and, per column block,
+   the mean term's partial sums, once.
+2. ``_cov_diff_kernel``: per (d_x, d_y) tile, ``D = rho * C_T - C_S`` in one fp32 accumulator: the real
+   product ``X_T^T Y_T`` and then the synthetic one ``X_S^T Y_S`` go into the same accumulator (rescaled in
+   between), and the centring is a rank-one correction in the epilogue, so half-precision operands go from
+   memory straight to the tensor cores. ``D`` is stored (for backward) in the inputs' half dtype, or fp32;
+   the tile's ``sum(D**2)`` goes to a partials buffer.
+3. ``_finish_kernel``: one program reduces the partials in a fixed order (deterministic, no atomics) into
+   the loss, the covariance term and the mean term.
+4. ``_cov_grad_kernel``: both gradients of one side in one launch, ``dL/dX = alpha (Y - 1 mu_Y^T) D^T +
+   1 beta^T`` over the first tiles of its grid and ``dL/dY = alpha (X - 1 mu_X^T) D + 1 beta^T`` over the
+   rest: a GEMM on the tensor cores with the centring (``mu^T D``) and the mean-term row ``beta`` in the
+   epilogue.
 
-Numerical note: fp32 rows are shifted by the first row of each matrix before accumulation (the classic
-shifted one-pass algorithm), so the rank-one correction acts on ``mean - x_0`` instead of ``mean`` and
-does not cancel catastrophically when features have a large mean. Half-precision rows multiply
-exactly into the fp32 accumulator unshifted (see ``_shifted_cross_product``).
+fp32 operands are centred on load instead (``CENTRE_ON_LOAD``): the two-pass covariance, exact to fp32
+rounding whatever the features' mean, with ``tl.dot`` in TF32 exactly when PyTorch's matmul setting allows
+it. Half-precision operands multiply exactly into the fp32 accumulator, so their rank-one correction loses
+only fp32 rounding (about 2^-24 |mu|^2 / sigma^2 relative). Row offsets are 64-bit: n * d may exceed 2^31.
 """
 
 from __future__ import annotations
@@ -26,14 +33,16 @@ import triton.language as tl
 
 from ._launch import (
     TileConfig,
-    candidate_configs,
+    bench,
     cdiv,
+    choose_config,
     dot_operand_dtype,
     fp32_dot_precision,
-    pick_config,
+    interpreter_enabled,
+    launch_kernel,
 )
 
-__all__ = ["CovarianceForward", "covariance_forward", "centred_matmul"]
+__all__ = ["CovarianceForward", "covariance_forward", "covariance_grads"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -42,180 +51,175 @@ __all__ = ["CovarianceForward", "covariance_forward", "centred_matmul"]
 
 
 @triton.jit
-def _shifted_cross_product(
-    x_ptr,
-    y_ptr,
-    n_rows,
-    stride_xn,
-    stride_xd,
-    stride_yn,
-    stride_yd,
-    offs_m,
-    offs_n,
-    mask_m,
-    mask_n,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    DOT_DTYPE: tl.constexpr,
-    PRECISION: tl.constexpr,
-):
-    """For one output tile: sum_i (x_i - x_0)(y_i - y_0)^T and the shifted column sums, in fp32.
+def _column_sums(ptr, n_rows, cols, mask_c, stride_n, stride_d, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """fp32 column sums of rows 0..n_rows of one matrix, over the columns ``cols``."""
+    acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    offs_r = tl.arange(0, BLOCK_R)
+    for start in range(0, n_rows, BLOCK_R):
+        rows = (start + offs_r).to(tl.int64)
+        mask_r = rows < n_rows
+        tile = tl.load(
+            ptr + rows[:, None] * stride_n + cols[None, :] * stride_d,
+            mask=mask_r[:, None] & mask_c[None, :],
+            other=0.0,
+        )
+        acc += tl.sum(tile.to(tl.float32), axis=0)
+    return acc
 
-    fp32 operands are shifted by the first row before the product. Half-precision operands are not:
-    rounding the shifted values back to 16 bits would cost more accuracy (2^-11 per element) than the
-    fp32 accumulation of their exact products loses to the rank-one correction, so x_0 = y_0 = 0 there.
-    """
-    SHIFT: tl.constexpr = DOT_DTYPE == tl.float32
-    if SHIFT:
-        x0 = tl.load(x_ptr + offs_m * stride_xd, mask=mask_m, other=0.0).to(tl.float32)
-        y0 = tl.load(y_ptr + offs_n * stride_yd, mask=mask_n, other=0.0).to(tl.float32)
+
+@triton.jit
+def _column_means_kernel(
+    xr_ptr, yr_ptr, xs_ptr, ys_ptr,
+    mean_x_ptr, mean_y_ptr, partial_ptr,
+    n_real, n_syn, dim_x, dim_y,
+    stride_xr_n, stride_xr_d, stride_yr_n, stride_yr_d,
+    stride_xs_n, stride_xs_d, stride_ys_n, stride_ys_d,
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """Program (b, 0): columns block b of the images, (b, 1): of the captions. Writes the real (row 0) and
+    synthetic (row 1) means and this block's share of ||mu_T - mu_S||^2 into ``partial[modality, b]``."""
+    block = tl.program_id(0)
+    modality = tl.program_id(1)
+    cols = block * BLOCK_D + tl.arange(0, BLOCK_D)
+    if modality == 0:
+        mask_c = cols < dim_x
+        mean_r = _column_sums(xr_ptr, n_real, cols, mask_c, stride_xr_n, stride_xr_d, BLOCK_R, BLOCK_D) / n_real
+        mean_s = _column_sums(xs_ptr, n_syn, cols, mask_c, stride_xs_n, stride_xs_d, BLOCK_R, BLOCK_D) / n_syn
+        tl.store(mean_x_ptr + cols, mean_r, mask=mask_c)
+        tl.store(mean_x_ptr + dim_x + cols, mean_s, mask=mask_c)
     else:
-        x0 = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        y0 = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    sum_x = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    sum_y = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        mask_c = cols < dim_y
+        mean_r = _column_sums(yr_ptr, n_real, cols, mask_c, stride_yr_n, stride_yr_d, BLOCK_R, BLOCK_D) / n_real
+        mean_s = _column_sums(ys_ptr, n_syn, cols, mask_c, stride_ys_n, stride_ys_d, BLOCK_R, BLOCK_D) / n_syn
+        tl.store(mean_y_ptr + cols, mean_r, mask=mask_c)
+        tl.store(mean_y_ptr + dim_y + cols, mean_s, mask=mask_c)
+    gap = tl.where(mask_c, mean_r - mean_s, 0.0)
+    tl.store(partial_ptr + modality * tl.num_programs(0) + block, tl.sum(gap * gap, axis=0))
+
+
+@triton.jit
+def _accumulate_product(
+    acc, x_ptr, y_ptr, mean_x_ptr, mean_y_ptr, n_rows, stride_xn, stride_xd, stride_yn, stride_yd,
+    offs_m, offs_n, mask_m, mask_n,
+    CENTRE_ON_LOAD: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """acc += X^T Y over rows 0..n_rows for one output tile (centred on load when CENTRE_ON_LOAD)."""
+    if CENTRE_ON_LOAD:
+        mu_x = tl.load(mean_x_ptr + offs_m, mask=mask_m, other=0.0)
+        mu_y = tl.load(mean_y_ptr + offs_n, mask=mask_n, other=0.0)
     offs_k = tl.arange(0, BLOCK_K)
     for start in range(0, n_rows, BLOCK_K):
-        rows = start + offs_k
+        rows = (start + offs_k).to(tl.int64)
         mask_k = rows < n_rows
-        # X^T tile [BLOCK_M, BLOCK_K] and Y tile [BLOCK_K, BLOCK_N]
-        xt = tl.load(
+        xt = tl.load(  # X^T tile [BLOCK_M, BLOCK_K]
             x_ptr + offs_m[:, None] * stride_xd + rows[None, :] * stride_xn,
             mask=mask_m[:, None] & mask_k[None, :],
             other=0.0,
         )
-        y = tl.load(
+        y = tl.load(  # Y tile [BLOCK_K, BLOCK_N]
             y_ptr + rows[:, None] * stride_yn + offs_n[None, :] * stride_yd,
             mask=mask_k[:, None] & mask_n[None, :],
             other=0.0,
         )
-        if SHIFT:
-            xt = tl.where(mask_k[None, :], xt.to(tl.float32) - x0[:, None], 0.0)
-            y = tl.where(mask_k[:, None], y.to(tl.float32) - y0[None, :], 0.0)
-        sum_x += tl.sum(xt.to(tl.float32), axis=1)
-        sum_y += tl.sum(y.to(tl.float32), axis=0)
+        if CENTRE_ON_LOAD:
+            xt = tl.where(mask_k[None, :], xt.to(tl.float32) - mu_x[:, None], 0.0)
+            y = tl.where(mask_k[:, None], y.to(tl.float32) - mu_y[None, :], 0.0)
         acc = tl.dot(xt.to(DOT_DTYPE), y.to(DOT_DTYPE), acc, input_precision=PRECISION)
-    return acc, sum_x, sum_y, x0, y0
+    return acc
 
 
 @triton.jit
-def _covmatch_cov_fwd_kernel(
-    xr_ptr,
-    yr_ptr,
-    xs_ptr,
-    ys_ptr,
-    diff_ptr,
-    mean_x_ptr,
-    mean_y_ptr,
-    partial_ptr,
-    n_real,
-    n_syn,
-    dim_x,
-    dim_y,
-    stride_xr_n,
-    stride_xr_d,
-    stride_yr_n,
-    stride_yr_d,
-    stride_xs_n,
-    stride_xs_d,
-    stride_ys_n,
-    stride_ys_d,
-    stride_diff_m,
-    stride_diff_n,
+def _cov_diff_kernel(
+    xr_ptr, yr_ptr, xs_ptr, ys_ptr, mean_x_ptr, mean_y_ptr, diff_ptr, partial_ptr,
+    n_real, n_syn, dim_x, dim_y,
+    stride_xr_n, stride_xr_d, stride_yr_n, stride_yr_d,
+    stride_xs_n, stride_xs_d, stride_ys_n, stride_ys_d,
+    stride_diff_m, stride_diff_n,
     rho,
-    STORE_DIFF: tl.constexpr,
-    REAL_DOT: tl.constexpr,
-    SYN_DOT: tl.constexpr,
-    PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-):
+    STORE_DIFF: tl.constexpr, REAL_CENTRE: tl.constexpr, SYN_CENTRE: tl.constexpr,
+    REAL_DOT: tl.constexpr, SYN_DOT: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < dim_x
     mask_n = offs_n < dim_y
-
-    acc_r, sxr, syr, xr0, yr0 = _shifted_cross_product(
-        xr_ptr, yr_ptr, n_real, stride_xr_n, stride_xr_d, stride_yr_n, stride_yr_d,
-        offs_m, offs_n, mask_m, mask_n, BLOCK_M, BLOCK_N, BLOCK_K, REAL_DOT, PRECISION,
-    )  # fmt: skip
-    acc_s, sxs, sys_, xs0, ys0 = _shifted_cross_product(
-        xs_ptr, ys_ptr, n_syn, stride_xs_n, stride_xs_d, stride_ys_n, stride_ys_d,
-        offs_m, offs_n, mask_m, mask_n, BLOCK_M, BLOCK_N, BLOCK_K, SYN_DOT, PRECISION,
-    )  # fmt: skip
-
-    # Unbiased centred covariances via the rank-one correction: (acc - s_x s_y^T / n) / (n - 1).
     n_real_f = n_real.to(tl.float32)
     n_syn_f = n_syn.to(tl.float32)
-    cov_r = (acc_r - sxr[:, None] * syr[None, :] / n_real_f) / (n_real_f - 1.0)
-    cov_s = (acc_s - sxs[:, None] * sys_[None, :] / n_syn_f) / (n_syn_f - 1.0)
+    c_real = rho / (n_real_f - 1.0)
+    c_syn = 1.0 / (n_syn_f - 1.0)
+
+    # One accumulator: X_T^T Y_T, rescaled by -c_real / c_syn, plus X_S^T Y_S, times -c_syn, is
+    # c_real X_T^T Y_T - c_syn X_S^T Y_S.
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = _accumulate_product(
+        acc, xr_ptr, yr_ptr, mean_x_ptr, mean_y_ptr, n_real, stride_xr_n, stride_xr_d, stride_yr_n, stride_yr_d,
+        offs_m, offs_n, mask_m, mask_n, REAL_CENTRE, REAL_DOT, PRECISION, BLOCK_K,
+    )  # fmt: skip
+    acc = acc * (-c_real / c_syn)
+    acc = _accumulate_product(
+        acc, xs_ptr, ys_ptr, mean_x_ptr + dim_x, mean_y_ptr + dim_y, n_syn,
+        stride_xs_n, stride_xs_d, stride_ys_n, stride_ys_d,
+        offs_m, offs_n, mask_m, mask_n, SYN_CENTRE, SYN_DOT, PRECISION, BLOCK_K,
+    )  # fmt: skip
+    diff = acc * (-c_syn)
+
+    # Centring of uncentred (half-precision) products: sum (x - mu)(y - mu)^T = sum x y^T - n mu_x mu_y^T.
+    if not REAL_CENTRE:
+        mu_xr = tl.load(mean_x_ptr + offs_m, mask=mask_m, other=0.0)
+        mu_yr = tl.load(mean_y_ptr + offs_n, mask=mask_n, other=0.0)
+        diff -= (c_real * n_real_f) * mu_xr[:, None] * mu_yr[None, :]
+    if not SYN_CENTRE:
+        mu_xs = tl.load(mean_x_ptr + dim_x + offs_m, mask=mask_m, other=0.0)
+        mu_ys = tl.load(mean_y_ptr + dim_y + offs_n, mask=mask_n, other=0.0)
+        diff += (c_syn * n_syn_f) * mu_xs[:, None] * mu_ys[None, :]
+
     tile_mask = mask_m[:, None] & mask_n[None, :]
-    diff = tl.where(tile_mask, rho * cov_r - cov_s, 0.0)
-
-    # per-tile partial sums: the covariance term in row 0 of the [2, tiles] buffer, the mean term in row 1
-    tile = pid_m * tl.num_programs(1) + pid_n
-    n_tiles = tl.num_programs(0) * tl.num_programs(1)
-    tl.store(partial_ptr + tile, tl.sum(tl.sum(diff * diff, axis=1), axis=0))
+    diff = tl.where(tile_mask, diff, 0.0)
+    tl.store(partial_ptr + pid_m * tl.num_programs(1) + pid_n, tl.sum(tl.sum(diff * diff, axis=1), axis=0))
     if STORE_DIFF:
-        tl.store(diff_ptr + offs_m[:, None] * stride_diff_m + offs_n[None, :] * stride_diff_n, diff, mask=tile_mask)
-
-    # First moments. Column m of X is covered by every tile of row-block pid_m; the tiles of column-block 0
-    # own it (and likewise row-block 0 owns the columns of Y), so each mean is written and counted once.
-    mean_xr = xr0 + sxr / n_real_f
-    mean_xs = xs0 + sxs / n_syn_f
-    mean_yr = yr0 + syr / n_real_f
-    mean_ys = ys0 + sys_ / n_syn_f
-    own_x = pid_n == 0
-    own_y = pid_m == 0
-    tl.store(mean_x_ptr + offs_m, mean_xr, mask=mask_m & own_x)
-    tl.store(mean_x_ptr + dim_x + offs_m, mean_xs, mask=mask_m & own_x)
-    tl.store(mean_y_ptr + offs_n, mean_yr, mask=mask_n & own_y)
-    tl.store(mean_y_ptr + dim_y + offs_n, mean_ys, mask=mask_n & own_y)
-    gap_x = tl.where(mask_m, mean_xr - mean_xs, 0.0)
-    gap_y = tl.where(mask_n, mean_yr - mean_ys, 0.0)
-    mean_part = tl.where(own_x, tl.sum(gap_x * gap_x, axis=0), 0.0) + tl.where(
-        own_y, tl.sum(gap_y * gap_y, axis=0), 0.0
-    )
-    tl.store(partial_ptr + n_tiles + tile, mean_part)
+        offs = offs_m.to(tl.int64)[:, None] * stride_diff_m + offs_n[None, :] * stride_diff_n
+        tl.store(diff_ptr + offs, diff.to(diff_ptr.dtype.element_ty), mask=tile_mask)
 
 
 @triton.jit
-def _centred_matmul_kernel(
-    a_ptr,
-    mean_ptr,
-    b_ptr,
-    bias_ptr,
-    grad_ptr,
-    out_ptr,
-    n_rows,
-    n_inner,
-    n_cols,
-    stride_an,
-    stride_ak,
-    stride_bk,
-    stride_bc,
-    stride_on,
-    stride_oc,
-    alpha,
-    PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-):
-    """out = g * (alpha * (A - 1 mean^T) @ B + 1 bias^T), g the incoming scalar gradient (read on device)."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+def _finish_kernel(partial_ptr, n_mean_partials, n_cov_partials, lam, out_ptr, BLOCK: tl.constexpr):
+    """out = [loss, covariance term, mean term] from the partials (mean ones first), summed in a fixed order."""
+    offs = tl.arange(0, BLOCK)
+    mean_acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for start in range(0, n_mean_partials, BLOCK):
+        mean_acc += tl.load(partial_ptr + start + offs, mask=start + offs < n_mean_partials, other=0.0)
+    cov_acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for start in range(0, n_cov_partials, BLOCK):
+        idx = n_mean_partials + start + offs
+        cov_acc += tl.load(partial_ptr + idx, mask=start + offs < n_cov_partials, other=0.0)
+    mean_term = tl.sum(mean_acc, axis=0)
+    cov_term = tl.sum(cov_acc, axis=0)
+    tl.store(out_ptr, cov_term + lam * mean_term)
+    tl.store(out_ptr + 1, cov_term)
+    tl.store(out_ptr + 2, mean_term)
+
+
+@triton.jit
+def _grad_tile(
+    a_ptr, mean_a_ptr, b_ptr, gap_ptr, grad_ptr, out_ptr,
+    pid_m, pid_n, n_rows, n_inner, n_cols, gap_stride,
+    stride_an, stride_ak, stride_bk, stride_bc, stride_on, stride_oc,
+    alpha, beta,
+    CENTRE_ON_LOAD: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """out tile = g * (alpha * (A - 1 mu^T) B + beta * (gap[0] - gap[gap_stride])): the centring as
+    ``(mu^T B)`` subtracted in the epilogue unless CENTRE_ON_LOAD, the mean-term row from the means."""
+    rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_r = rows < n_rows
     mask_c = cols < n_cols
     offs_k = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    correction = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for start in range(0, n_inner, BLOCK_K):
         ks = start + offs_k
         mask_k = ks < n_inner
@@ -223,18 +227,21 @@ def _centred_matmul_kernel(
             a_ptr + rows[:, None] * stride_an + ks[None, :] * stride_ak,
             mask=mask_r[:, None] & mask_k[None, :],
             other=0.0,
-        ).to(tl.float32)
-        mu = tl.load(mean_ptr + ks, mask=mask_k, other=0.0)
-        a = tl.where(mask_r[:, None] & mask_k[None, :], a - mu[None, :], 0.0)
+        )
         b = tl.load(
-            b_ptr + ks[:, None] * stride_bk + cols[None, :] * stride_bc,
+            b_ptr + ks.to(tl.int64)[:, None] * stride_bk + cols[None, :] * stride_bc,
             mask=mask_k[:, None] & mask_c[None, :],
             other=0.0,
-        ).to(tl.float32)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
-    bias = tl.load(bias_ptr + cols, mask=mask_c, other=0.0)
+        )
+        mu = tl.load(mean_a_ptr + ks, mask=mask_k, other=0.0)
+        if CENTRE_ON_LOAD:
+            a = tl.where(mask_r[:, None] & mask_k[None, :], a.to(tl.float32) - mu[None, :], 0.0)
+        else:
+            correction += tl.sum(mu[:, None] * b.to(tl.float32), axis=0)
+        acc = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=PRECISION)
+    gap = tl.load(gap_ptr + cols, mask=mask_c, other=0.0) - tl.load(gap_ptr + gap_stride + cols, mask=mask_c, other=0.0)
     g = tl.load(grad_ptr).to(tl.float32)
-    out = g * (alpha * acc + bias[None, :])
+    out = g * (alpha * (acc - correction[None, :]) + beta * gap[None, :])
     tl.store(
         out_ptr + rows[:, None] * stride_on + cols[None, :] * stride_oc,
         out.to(out_ptr.dtype.element_ty),
@@ -242,24 +249,60 @@ def _centred_matmul_kernel(
     )
 
 
+@triton.jit
+def _cov_grad_kernel(
+    x_ptr, y_ptr, mean_x_ptr, mean_y_ptr, diff_ptr, grad_ptr, grad_x_ptr, grad_y_ptr,
+    n_rows, dim_x, dim_y, side,
+    stride_xn, stride_xd, stride_yn, stride_yd, stride_diff_m, stride_diff_n,
+    stride_gx_n, stride_gx_d, stride_gy_n, stride_gy_d,
+    alpha, beta, tiles_x_n, tiles_x, tiles_y_n,
+    CENTRE_ON_LOAD: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """Both gradients of one side (``side`` 0 real, 1 synthetic) in one 1-D grid: the first ``tiles_x``
+    programs write dL/dX = alpha (Y - 1 mu_Y^T) D^T + beta (mu_XT - mu_XS), the rest dL/dY (the same with
+    X and D). A launch that needs one of them gets a grid of its tiles only (``tiles_x`` 0 for Y alone)."""
+    pid = tl.program_id(0)
+    if pid < tiles_x:
+        _grad_tile(
+            y_ptr, mean_y_ptr + side * dim_y, diff_ptr, mean_x_ptr, grad_ptr, grad_x_ptr,
+            pid // tiles_x_n, pid % tiles_x_n, n_rows, dim_y, dim_x, dim_x,
+            stride_yn, stride_yd, stride_diff_n, stride_diff_m, stride_gx_n, stride_gx_d,
+            alpha, beta, CENTRE_ON_LOAD, DOT_DTYPE, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
+        )  # fmt: skip
+    else:
+        t = pid - tiles_x
+        _grad_tile(
+            x_ptr, mean_x_ptr + side * dim_x, diff_ptr, mean_y_ptr, grad_ptr, grad_y_ptr,
+            t // tiles_y_n, t % tiles_y_n, n_rows, dim_x, dim_y, dim_y,
+            stride_xn, stride_xd, stride_diff_m, stride_diff_n, stride_gy_n, stride_gy_d,
+            alpha, beta, CENTRE_ON_LOAD, DOT_DTYPE, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
+        )  # fmt: skip
+
+
 # --------------------------------------------------------------------------------------------------
-# Tile configurations
+# Tile configurations (ordered: the first is what runs unless COVMATCH_TRITON_AUTOTUNE=1 times them)
 # --------------------------------------------------------------------------------------------------
 
-_FWD_CONFIGS = (
-    TileConfig(64, 64, 32, num_warps=4, num_stages=3),
-    TileConfig(128, 64, 32, num_warps=4, num_stages=3),
-    TileConfig(128, 128, 32, num_warps=8, num_stages=3),
-    TileConfig(64, 128, 64, num_warps=4, num_stages=3),
-)
-_GEMM_CONFIGS = (
-    TileConfig(64, 64, 32, num_warps=4, num_stages=3),
-    TileConfig(128, 64, 32, num_warps=4, num_stages=3),
-    TileConfig(64, 128, 32, num_warps=4, num_stages=3),
-    TileConfig(128, 128, 32, num_warps=8, num_stages=3),
-)
+# Half-precision operands: big tiles for the tensor cores; fp32: smaller (TF32/fp32 operands are twice the size).
+_DIFF_CONFIGS = {
+    "half": (TileConfig(128, 128, 64, num_warps=8, num_stages=3), TileConfig(64, 64, 64, num_warps=4, num_stages=3)),
+    "fp32": (TileConfig(64, 64, 32, num_warps=4, num_stages=3), TileConfig(128, 64, 32, num_warps=4, num_stages=3)),
+}
+_GRAD_CONFIGS = {
+    "half": (TileConfig(64, 64, 64, num_warps=4, num_stages=3), TileConfig(64, 128, 64, num_warps=4, num_stages=3)),
+    "fp32": (TileConfig(64, 64, 32, num_warps=4, num_stages=3), TileConfig(32, 64, 32, num_warps=4, num_stages=3)),
+}
+_MEANS_BLOCK_R, _MEANS_BLOCK_D = 32, 128  # rows per step, columns per program
+_MEANS_CONFIG = TileConfig(_MEANS_BLOCK_R, _MEANS_BLOCK_D, 0, num_warps=4, num_stages=1)
+_FINISH_BLOCK = 1024
+_FINISH_CONFIG = TileConfig(1, 1, _FINISH_BLOCK, num_warps=4, num_stages=1)
 # The interpreter runs one program after another in numpy: big tiles mean few programs.
 _INTERPRETER_CONFIG = TileConfig(64, 64, 32, num_warps=4, num_stages=1)
+
+
+def _kind(dot_dtype) -> str:
+    return "fp32" if dot_dtype == tl.float32 else "half"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -271,16 +314,44 @@ _INTERPRETER_CONFIG = TileConfig(64, 64, 32, num_warps=4, num_stages=1)
 class CovarianceForward:
     """What the covariance-form forward produces.
 
-    ``cov_loss`` = ||D||_F^2 and ``mean_loss`` = ||mu_xr - mu_xs||^2 + ||mu_yr - mu_ys||^2 (0-dim fp32);
-    ``diff`` = D (fp32 [d_x, d_y], or None when not requested); ``mean_x`` [2, d_x] and ``mean_y``
+    ``loss`` = ``cov_loss`` + lam * ``mean_loss`` with ``cov_loss`` = ||D||_F^2 and ``mean_loss`` =
+    ||mu_xr - mu_xs||^2 + ||mu_yr - mu_ys||^2 (0-dim fp32 views of one buffer); ``diff`` = D ([d_x, d_y] in
+    the inputs' shared half dtype, else fp32; None when not requested); ``mean_x`` [2, d_x] and ``mean_y``
     [2, d_y] hold the real (row 0) and synthetic (row 1) column means in fp32.
     """
 
+    loss: torch.Tensor
     cov_loss: torch.Tensor
     mean_loss: torch.Tensor
     diff: Optional[torch.Tensor]
     mean_x: torch.Tensor
     mean_y: torch.Tensor
+
+
+def diff_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    """The dtype D is kept in: the four inputs' shared half dtype, else fp32."""
+    dot = dot_operand_dtype(*dtypes)
+    return dtypes[0] if dot != tl.float32 else torch.float32
+
+
+def column_means(real_x, real_y, syn_x, syn_y, partials: torch.Tensor):
+    """Launch 1: [2, d_x] and [2, d_y] fp32 column means; the mean term's partials go to the first
+    2 * cdiv(max(d_x, d_y), _MEANS_BLOCK_D) entries of ``partials``."""
+    n_real, dim_x = real_x.shape
+    n_syn, dim_y = syn_y.shape
+    device = real_x.device
+    n_blocks = cdiv(max(dim_x, dim_y), _MEANS_BLOCK_D)
+    mean_x = torch.empty((2, dim_x), dtype=torch.float32, device=device)
+    mean_y = torch.empty((2, dim_y), dtype=torch.float32, device=device)
+    elements = (n_real + n_syn) * (dim_x + dim_y)
+    launch_kernel(
+        _column_means_kernel, (n_blocks, 2),
+        (real_x, real_y, syn_x, syn_y, mean_x, mean_y, partials, n_real, n_syn, dim_x, dim_y,
+         *real_x.stride(), *real_y.stride(), *syn_x.stride(), *syn_y.stride()),
+        dict(BLOCK_R=_MEANS_BLOCK_R, BLOCK_D=_MEANS_BLOCK_D), _MEANS_CONFIG,
+        flops=float(elements), bytes_moved=float(elements * real_x.element_size()),
+    )  # fmt: skip
+    return mean_x, mean_y
 
 
 def covariance_forward(
@@ -289,76 +360,117 @@ def covariance_forward(
     syn_x: torch.Tensor,
     syn_y: torch.Tensor,
     rho: float,
+    lam: float,
     store_diff: bool,
 ) -> CovarianceForward:
-    """Fused forward of ||rho*C(real) - C(syn)||_F^2 and the mean gap; inputs are validated 2-D tensors."""
+    """Fused forward of ||rho*C(real) - C(syn)||_F^2 + lam * (mean gaps): three launches (means, D and its
+    partial sums, the deterministic final reduction). Inputs are validated 2-D tensors."""
     n_real, dim_x = real_x.shape
     n_syn, dim_y = syn_y.shape
     device = real_x.device
     real_dot = dot_operand_dtype(real_x.dtype, real_y.dtype)
     syn_dot = dot_operand_dtype(syn_x.dtype, syn_y.dtype)
     precision = fp32_dot_precision()
+    d_dtype = diff_dtype(real_x.dtype, real_y.dtype, syn_x.dtype, syn_y.dtype)
 
-    def launch(config: TileConfig) -> CovarianceForward:
+    def run(config: TileConfig) -> CovarianceForward:
         grid = (cdiv(dim_x, config.block_m), cdiv(dim_y, config.block_n))
-        tiles = grid[0] * grid[1]
-        diff = torch.empty((dim_x, dim_y), dtype=torch.float32, device=device) if store_diff else None
-        mean_x = torch.empty((2, dim_x), dtype=torch.float32, device=device)
-        mean_y = torch.empty((2, dim_y), dtype=torch.float32, device=device)
-        partials = torch.empty((2, tiles), dtype=torch.float32, device=device)
-        diff_arg = diff if diff is not None else partials  # never written when STORE_DIFF is False
-        _covmatch_cov_fwd_kernel[grid](
-            real_x, real_y, syn_x, syn_y,
-            diff_arg, mean_x, mean_y, partials,
-            n_real, n_syn, dim_x, dim_y,
-            *real_x.stride(), *real_y.stride(), *syn_x.stride(), *syn_y.stride(),
-            *(diff.stride() if diff is not None else (0, 0)),
-            float(rho),
-            STORE_DIFF=store_diff, REAL_DOT=real_dot, SYN_DOT=syn_dot, PRECISION=precision,
-            BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-            num_warps=config.num_warps, num_stages=config.num_stages,
+        n_mean_partials = 2 * cdiv(max(dim_x, dim_y), _MEANS_BLOCK_D)
+        partials = torch.empty(n_mean_partials + grid[0] * grid[1], dtype=torch.float32, device=device)
+        mean_x, mean_y = column_means(real_x, real_y, syn_x, syn_y, partials)
+        diff = torch.empty((dim_x, dim_y), dtype=d_dtype, device=device) if store_diff else None
+        launch_kernel(
+            _cov_diff_kernel, grid,
+            (real_x, real_y, syn_x, syn_y, mean_x, mean_y, diff if diff is not None else partials,
+             partials[n_mean_partials:], n_real, n_syn, dim_x, dim_y,
+             *real_x.stride(), *real_y.stride(), *syn_x.stride(), *syn_y.stride(),
+             *(diff.stride() if diff is not None else (0, 0)), float(rho)),
+            dict(STORE_DIFF=store_diff, REAL_CENTRE=real_dot == tl.float32, SYN_CENTRE=syn_dot == tl.float32,
+                 REAL_DOT=real_dot, SYN_DOT=syn_dot, PRECISION=precision,
+                 BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k),
+            config,
+            flops=2.0 * (n_real + n_syn) * dim_x * dim_y,
+            bytes_moved=float((n_real + n_syn) * (dim_x + dim_y) * real_x.element_size()
+                              + (dim_x * dim_y * _itemsize(d_dtype) if store_diff else 0)),
         )  # fmt: skip
-        # Deterministic reduction of the per-tile partials (no float atomics).
-        cov_loss, mean_loss = partials.sum(dim=1).unbind()
-        return CovarianceForward(cov_loss, mean_loss, diff, mean_x, mean_y)
+        out = torch.empty(3, dtype=torch.float32, device=device)
+        launch_kernel(
+            _finish_kernel, (1,), (partials, n_mean_partials, grid[0] * grid[1], float(lam), out),
+            dict(BLOCK=_FINISH_BLOCK), _FINISH_CONFIG,
+            flops=float(partials.numel()), bytes_moved=float(4 * partials.numel()),
+        )  # fmt: skip
+        loss, cov_loss, mean_loss = out.unbind()
+        return CovarianceForward(loss, cov_loss, mean_loss, diff, mean_x, mean_y)
 
-    key = (n_real, n_syn, dim_x, dim_y, real_x.dtype, real_y.dtype, syn_x.dtype, syn_y.dtype, store_diff)
-    config = pick_config("covmatch_cov_fwd", key, candidate_configs(_INTERPRETER_CONFIG, _FWD_CONFIGS), launch)
-    return launch(config)
+    kind = "fp32" if tl.float32 in (real_dot, syn_dot) else "half"
+    configs = (_INTERPRETER_CONFIG,) if interpreter_enabled() else _DIFF_CONFIGS[kind]
+    key = (dim_x, dim_y, n_real, n_syn, str(real_dot), str(syn_dot), precision, store_diff)
+    return run(choose_config("covmatch_cov_diff", key, configs, lambda c: bench(lambda: run(c))))
 
 
-def centred_matmul(
-    a: torch.Tensor,
-    a_mean: torch.Tensor,
-    b: torch.Tensor,
-    bias: torch.Tensor,
+def covariance_grads(
+    side: int,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    mean_x: torch.Tensor,
+    mean_y: torch.Tensor,
+    diff: torch.Tensor,
     grad_scale: torch.Tensor,
     alpha: float,
-    out_dtype: torch.dtype,
-) -> torch.Tensor:
-    """``grad_scale * (alpha * (a - 1 a_mean^T) @ b + 1 bias^T)`` as a new [n, m] tensor of ``out_dtype``.
+    beta: float,
+    need_x: bool,
+    need_y: bool,
+    dtype_x: torch.dtype,
+    dtype_y: torch.dtype,
+):
+    """dL/dX and dL/dY of one side (0 real, 1 synthetic; None where not needed) in one launch:
+    ``grad_scale * (alpha * (Y - 1 mu_Y^T) D^T + beta * (mu_XT - mu_XS))`` and the same with X and D.
 
-    ``a`` [n, k] any float dtype, ``a_mean`` [k] fp32, ``b`` [k, m] fp32 (any strides, e.g. a transposed
-    view of D), ``bias`` [m] fp32, ``grad_scale`` a 0-dim tensor read on the device (no host sync).
+    ``x``, ``y`` [n, d] are that side's rows (either may be None when its partner's gradient is not
+    needed); ``mean_x`` / ``mean_y`` the forward's [2, d] means; ``grad_scale`` a 0-dim tensor read on the
+    device (no host sync).
     """
-    n_rows, n_inner = a.shape
-    n_cols = b.shape[1]
-    out = torch.empty((n_rows, n_cols), dtype=out_dtype, device=a.device)
+    rows = x if x is not None else y
+    n_rows = rows.shape[0]
+    dim_x, dim_y = diff.shape
+    device = diff.device
+    operands = [t.dtype for t in (x if need_y else None, y if need_x else None) if t is not None]
+    dot = dot_operand_dtype(*operands, diff.dtype)
     precision = fp32_dot_precision()
 
-    def launch(config: TileConfig) -> torch.Tensor:
-        grid = (cdiv(n_rows, config.block_m), cdiv(n_cols, config.block_n))
-        _centred_matmul_kernel[grid](
-            a, a_mean, b, bias, grad_scale, out,
-            n_rows, n_inner, n_cols,
-            *a.stride(), *b.stride(), *out.stride(),
-            float(alpha),
-            PRECISION=precision,
-            BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-            num_warps=config.num_warps, num_stages=config.num_stages,
-        )  # fmt: skip
-        return out
+    def run(config: TileConfig):
+        grad_x = torch.empty((n_rows, dim_x), dtype=dtype_x, device=device) if need_x else None
+        grad_y = torch.empty((n_rows, dim_y), dtype=dtype_y, device=device) if need_y else None
+        tiles_m = cdiv(n_rows, config.block_m)
+        tiles_x_n, tiles_y_n = cdiv(dim_x, config.block_n), cdiv(dim_y, config.block_n)
+        tiles_x = tiles_m * tiles_x_n if need_x else 0
+        tiles_y = tiles_m * tiles_y_n if need_y else 0
 
-    key = (n_rows, n_inner, n_cols, a.dtype, out_dtype, b.stride(0) == 1)
-    config = pick_config("covmatch_centred_matmul", key, candidate_configs(_INTERPRETER_CONFIG, _GEMM_CONFIGS), launch)
-    return launch(config)
+        def arg(t):  # an unused operand's slot gets any tensor (its branch never runs)
+            return t if t is not None else diff
+
+        def strides(t):
+            return t.stride() if t is not None else (0, 0)
+
+        launch_kernel(
+            _cov_grad_kernel, (tiles_x + tiles_y,),
+            (arg(x), arg(y), mean_x, mean_y, diff, grad_scale, arg(grad_x), arg(grad_y),
+             n_rows, dim_x, dim_y, side,
+             *strides(x), *strides(y), *diff.stride(), *strides(grad_x), *strides(grad_y),
+             float(alpha), float(beta), tiles_x_n, tiles_x, tiles_y_n),
+            dict(CENTRE_ON_LOAD=dot == tl.float32, DOT_DTYPE=dot, PRECISION=precision,
+                 BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k),
+            config,
+            flops=2.0 * n_rows * dim_x * dim_y * (int(need_x) + int(need_y)),
+            bytes_moved=float(rows.element_size() * n_rows * (dim_x + dim_y) * 2
+                              + diff.element_size() * dim_x * dim_y * (int(need_x) + int(need_y))),
+        )  # fmt: skip
+        return grad_x, grad_y
+
+    configs = (_INTERPRETER_CONFIG,) if interpreter_enabled() else _GRAD_CONFIGS[_kind(dot)]
+    key = (n_rows, dim_x, dim_y, str(dot), precision, need_x, need_y)
+    return run(choose_config("covmatch_cov_grad", key, configs, lambda c: bench(lambda: run(c))))
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()

@@ -29,11 +29,13 @@ from covmatch.constants import cached_constant
 
 from ._launch import (
     TileConfig,
-    candidate_configs,
+    bench,
     cdiv,
+    choose_config,
     dot_operand_dtype,
     fp32_dot_precision,
-    pick_config,
+    interpreter_enabled,
+    launch_kernel,
 )
 
 __all__ = ["GramForward", "gram_forward", "gram_grad"]
@@ -164,12 +166,12 @@ _INTERPRETER_CONFIG = TileConfig(64, 64, 64, num_warps=4, num_stages=1)
 
 
 def _upper_triangle_pairs(n_blocks: int, device: torch.device) -> torch.Tensor:
-    """(i, j) block pairs with j >= i, flattened to int32 [2 * count]: the forward's 1-D grid (made on the
-    host and copied once per block count and device, not on every call)."""
+    """(i, j) block pairs with j >= i, flattened to int32 [2 * count]: the forward's 1-D grid, made on the
+    device itself (no host-to-device copy, which a CUDA-graph capture would not allow) and cached."""
 
     def make() -> torch.Tensor:
-        idx = torch.triu_indices(n_blocks, n_blocks)
-        return idx.t().contiguous().to(device=device, dtype=torch.int32).reshape(-1)
+        idx = torch.triu_indices(n_blocks, n_blocks, device=device)
+        return idx.t().contiguous().to(dtype=torch.int32).reshape(-1)
 
     return cached_constant(("gram_upper_triangle_pairs", n_blocks), device, make)
 
@@ -205,31 +207,33 @@ def gram_forward(
     y_dot = dot_operand_dtype(z_y.dtype)
     precision = fp32_dot_precision()
 
-    def launch(config: TileConfig) -> GramForward:
+    def run(config: TileConfig) -> GramForward:
         n_blocks = cdiv(n_total, config.block_m)
         pairs = _upper_triangle_pairs(n_blocks, device)
-        n_programs = pairs.numel() // 2
+        n_programs = n_blocks * (n_blocks + 1) // 2
         partials = torch.empty(n_programs, dtype=torch.float32, device=device)
         if store_gram:
             gram_x = torch.empty((n_total, n_total), dtype=torch.float32, device=device)
             gram_y = torch.empty_like(gram_x)
         else:
             gram_x = gram_y = None
-        _covmatch_gram_fwd_kernel[(n_programs,)](
-            z_x, z_y, mean_x, mean_y, weights, pairs,
-            gram_x if store_gram else partials, gram_y if store_gram else partials, partials,
-            n_total, n_real, dim_x, dim_y,
-            *z_x.stride(), *z_y.stride(),
-            n_total if store_gram else 0, 1 if store_gram else 0,
-            STORE_GRAM=store_gram, X_DOT=x_dot, Y_DOT=y_dot, PRECISION=precision,
-            BLOCK=config.block_m, BLOCK_K=config.block_k,
-            num_warps=config.num_warps, num_stages=config.num_stages,
+        launch_kernel(
+            _covmatch_gram_fwd_kernel, (n_programs,),
+            (z_x, z_y, mean_x, mean_y, weights, pairs,
+             gram_x if store_gram else partials, gram_y if store_gram else partials, partials,
+             n_total, n_real, dim_x, dim_y, *z_x.stride(), *z_y.stride(),
+             n_total if store_gram else 0, 1 if store_gram else 0),
+            dict(STORE_GRAM=store_gram, X_DOT=x_dot, Y_DOT=y_dot, PRECISION=precision,
+                 BLOCK=config.block_m, BLOCK_K=config.block_k),
+            config,
+            flops=float(n_total * n_total * (dim_x + dim_y)),
+            bytes_moved=float(n_total * (dim_x + dim_y) * z_x.element_size() * n_blocks),
         )  # fmt: skip
         return GramForward(partials.sum(), gram_x, gram_y)
 
-    key = (n_total, dim_x, dim_y, z_x.dtype, z_y.dtype, store_gram)
-    config = pick_config("covmatch_gram_fwd", key, candidate_configs(_INTERPRETER_CONFIG, _FWD_CONFIGS), launch)
-    return launch(config)
+    configs = (_INTERPRETER_CONFIG,) if interpreter_enabled() else _FWD_CONFIGS
+    key = (n_total, dim_x, dim_y, str(x_dot), str(y_dot), precision, store_gram)
+    return run(choose_config("covmatch_gram_fwd", key, configs, lambda c: bench(lambda: run(c))))
 
 
 def gram_grad(
@@ -250,21 +254,22 @@ def gram_grad(
     (the mean-term gradient); the result is scaled by the 0-dim ``grad_scale`` on device.
     """
     n_total, dim = z.shape
-    out = torch.empty((n_out, dim), dtype=out_dtype, device=z.device)
     precision = fp32_dot_precision()
 
-    def launch(config: TileConfig) -> torch.Tensor:
+    def run(config: TileConfig) -> torch.Tensor:
+        out = torch.empty((n_out, dim), dtype=out_dtype, device=z.device)
         grid = (cdiv(n_out, config.block_m), cdiv(dim, config.block_n))
-        _gram_grad_kernel[grid](
-            gram_other, weights, z, mean, bias, grad_scale, out,
-            row_start, n_out, n_total, n_real, dim,
-            *gram_other.stride(), *z.stride(), *out.stride(),
-            PRECISION=precision,
-            BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-            num_warps=config.num_warps, num_stages=config.num_stages,
+        launch_kernel(
+            _gram_grad_kernel, grid,
+            (gram_other, weights, z, mean, bias, grad_scale, out, row_start, n_out, n_total, n_real, dim,
+             *gram_other.stride(), *z.stride(), *out.stride()),
+            dict(PRECISION=precision, BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k),
+            config,
+            flops=2.0 * n_out * n_total * dim,
+            bytes_moved=float(4 * n_out * n_total + z.element_size() * n_total * dim * grid[0]),
         )  # fmt: skip
         return out
 
-    key = (n_out, n_total, dim, z.dtype, out_dtype)
-    config = pick_config("covmatch_gram_grad", key, candidate_configs(_INTERPRETER_CONFIG, _GRAD_CONFIGS), launch)
-    return launch(config)
+    configs = (_INTERPRETER_CONFIG,) if interpreter_enabled() else _GRAD_CONFIGS
+    key = (n_out, n_total, dim, str(z.dtype), str(out_dtype), precision)
+    return run(choose_config("covmatch_gram_grad", key, configs, lambda c: bench(lambda: run(c))))

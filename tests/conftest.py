@@ -6,7 +6,7 @@ import pytest
 import torch
 
 # Tests check correctness, not speed: one tile configuration per kernel (no autotuning on a GPU).
-os.environ.setdefault("COVMATCH_TRITON_SINGLE_CONFIG", "1")
+os.environ.pop("COVMATCH_TRITON_AUTOTUNE", None)  # the default, untuned configuration in tests
 
 
 @pytest.fixture(autouse=True)

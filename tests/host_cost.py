@@ -2,8 +2,8 @@
 
 At the paper's shape the loss's kernels run for microseconds, so a call costs what its host code costs: the
 Python around the kernels and every extra torch op (each one a launch on a GPU). ``no_kernel_launches`` keeps
-that host code and drops only the four Triton launches (so it runs anywhere, interpreter or not, and the
-outputs are left uninitialised); ``count_dispatched_ops`` lists the torch ops a call issues.
+that host code and drops only the Triton launches (``covmatch.kernels.recorded_launches``: it runs anywhere,
+interpreter or not, and the outputs are left uninitialised); ``count_dispatched_ops`` lists the torch ops a call issues.
 """
 
 from __future__ import annotations
@@ -13,46 +13,22 @@ from typing import Callable, Iterator, List
 
 from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["KERNELS", "count_dispatched_ops", "no_kernel_launches"]
+from covmatch.kernels._launch import NO_LAUNCH_OPS
 
-# (module of covmatch.kernels, name of a @triton.jit kernel in it): every launch site of the fused loss
-KERNELS = (
-    ("covariance", "_covmatch_cov_fwd_kernel"),
-    ("covariance", "_centred_matmul_kernel"),
-    ("gram", "_covmatch_gram_fwd_kernel"),
-    ("gram", "_gram_grad_kernel"),
-)
+__all__ = ["FREE_OPS", "count_dispatched_ops", "no_kernel_launches"]
 
 # allocations and views: no launch on any device
-FREE_OPS = frozenset(
-    {"empty", "empty_like", "new_empty", "empty_strided", "t", "view", "select", "slice", "unbind", "expand",
-     "unsqueeze", "detach", "alias", "as_strided", "_record_function_enter_new", "_record_function_exit"}
-)  # fmt: skip
-
-
-class _NoLaunch:
-    """Stands in for a JIT kernel: ``kernel[grid](*args, **meta)`` does nothing."""
-
-    def __getitem__(self, grid) -> Callable[..., None]:
-        return lambda *args, **kwargs: None
+FREE_OPS = NO_LAUNCH_OPS
 
 
 @contextlib.contextmanager
-def no_kernel_launches() -> Iterator[None]:
-    """Within: the fused loss runs all of its host code (allocations, config lookup, autograd) but launches
-    none of its Triton kernels."""
-    import importlib
+def no_kernel_launches() -> Iterator[List]:
+    """Within: the fused loss runs all of its host code (allocations, config choice, autograd) but launches
+    none of its Triton kernels; yields the list of the launches it would have made."""
+    from covmatch.kernels import recorded_launches
 
-    saved = []
-    for module_name, kernel_name in KERNELS:
-        module = importlib.import_module(f"covmatch.kernels.{module_name}")
-        saved.append((module, kernel_name, getattr(module, kernel_name)))
-        setattr(module, kernel_name, _NoLaunch())
-    try:
-        yield
-    finally:
-        for module, kernel_name, kernel in saved:
-            setattr(module, kernel_name, kernel)
+    with recorded_launches() as launches:
+        yield launches
 
 
 class _CountOps(TorchDispatchMode):

@@ -71,44 +71,41 @@ def _row_bias(lam: float, beta: float, gap: torch.Tensor) -> torch.Tensor:
 def covariance_form_forward(real_img, real_txt, syn_img, syn_txt, rho: float, lam: float, needs):
     """(loss, tensors to save) of the covariance form. The gradient of each input needs the other
     modality's rows of its set: only those are kept (distillation differentiates the synthetic side alone)."""
-    out = _kernels().covariance_forward(real_img, real_txt, syn_img, syn_txt, rho, store_diff=any(needs))
+    out = _kernels().covariance_forward(real_img, real_txt, syn_img, syn_txt, rho, lam, store_diff=any(needs))
     saved = (
         real_img if needs[1] else None, real_txt if needs[0] else None,
         syn_img if needs[3] else None, syn_txt if needs[2] else None,
         out.diff, out.mean_x, out.mean_y,
     )  # fmt: skip
-    loss = out.cov_loss + lam * out.mean_loss if lam != 0 else out.cov_loss
-    return loss, saved
-
-
-def covariance_image_grad(text_rows, text_mean, diff, image_gap, alpha, beta, lam, grad, dtype) -> torch.Tensor:
-    """dL/dX = alpha (Y - 1 mu_Y^T) D^T + beta * (mu_T - mu_S) of the images (docs/design.md, *Gradients*)."""
-    bias = _row_bias(lam, beta, image_gap)
-    return _kernels().centred_matmul(text_rows, text_mean, diff.t(), bias, grad, alpha, dtype)
-
-
-def covariance_text_grad(image_rows, image_mean, diff, text_gap, alpha, beta, lam, grad, dtype) -> torch.Tensor:
-    """dL/dY = alpha (X - 1 mu_X^T) D + beta * (mu_T - mu_S) of the captions."""
-    bias = _row_bias(lam, beta, text_gap)
-    return _kernels().centred_matmul(image_rows, image_mean, diff, bias, grad, alpha, dtype)
+    return out.loss, saved
 
 
 def covariance_form_backward(saved, grad, rho, lam, n_real, n_syn, needs, dtypes) -> list:
-    """Gradients of the four inputs (None where not needed). alpha = 2 rho / (n_T - 1) on the real side,
-    -2 / (n_S - 1) on the synthetic side; beta is the mean term's 2 lam / n with the same signs."""
+    """Gradients of the four inputs (None where not needed), one launch per side that needs any:
+    alpha = 2 rho / (n_T - 1) on the real side, -2 / (n_S - 1) on the synthetic side; beta is the mean
+    term's 2 lam / n with the same signs (docs/design.md, *Gradients*)."""
     real_img, real_txt, syn_img, syn_txt, diff, mean_x, mean_y = saved
-    gap_x, gap_y = _mean_gaps(mean_x, mean_y, lam)
-    real_alpha, real_beta = 2.0 * rho / (n_real - 1), 2.0 * lam / n_real
-    syn_alpha, syn_beta = -2.0 / (n_syn - 1), -2.0 * lam / n_syn
     grads = [None, None, None, None]
-    if needs[0]:
-        grads[0] = covariance_image_grad(real_txt, mean_y[0], diff, gap_x, real_alpha, real_beta, lam, grad, dtypes[0])
-    if needs[1]:
-        grads[1] = covariance_text_grad(real_img, mean_x[0], diff, gap_y, real_alpha, real_beta, lam, grad, dtypes[1])
-    if needs[2]:
-        grads[2] = covariance_image_grad(syn_txt, mean_y[1], diff, gap_x, syn_alpha, syn_beta, lam, grad, dtypes[2])
-    if needs[3]:
-        grads[3] = covariance_text_grad(syn_img, mean_x[1], diff, gap_y, syn_alpha, syn_beta, lam, grad, dtypes[3])
+    sides = ((0, real_img, real_txt, 2.0 * rho / (n_real - 1), 2.0 * lam / n_real),
+             (1, syn_img, syn_txt, -2.0 / (n_syn - 1), -2.0 * lam / n_syn))  # fmt: skip
+    for side, x, y, alpha, beta in sides:
+        need_x, need_y = needs[2 * side], needs[2 * side + 1]
+        if need_x or need_y:
+            grads[2 * side], grads[2 * side + 1] = _kernels().covariance_grads(
+                side,
+                x,
+                y,
+                mean_x,
+                mean_y,
+                diff,
+                grad,
+                alpha,
+                beta,
+                need_x,
+                need_y,
+                dtypes[2 * side],
+                dtypes[2 * side + 1],
+            )
     return grads
 
 

@@ -1,0 +1,91 @@
+"""The fused loss compiled ahead of time for GPUs this machine does not have (``covmatch.kernels.inspect``):
+every kernel that multiplies matrices does so on the tensor cores for half-precision inputs, nothing spills,
+and one forward + backward of the synthetic side is at most four device launches, torch ops included.
+
+Compilation needs the compiled (not interpreted) kernels, so it runs in a subprocess without
+TRITON_INTERPRET; all cases share one process (about a minute on 2 cores).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton")
+
+REPO = Path(__file__).resolve().parents[1]
+PAPER = (128, 256, 2304, 768)
+LARGE = (128, 10_000, 4096, 4096)
+MATRIX_PRODUCT_KERNELS = {"_cov_diff_kernel", "_cov_grad_kernel", "_covmatch_gram_fwd_kernel", "_gram_grad_kernel"}
+
+DRIVER = """
+import json, sys
+from pathlib import Path
+import torch
+from covmatch.kernels.inspect import ARCHS, DTYPES, inspect_call
+out = []
+for arch, dtype, shape, tf32 in json.loads(sys.argv[1]):
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    dump = Path(sys.argv[2]) / f"{arch}-{dtype}-{'x'.join(map(str, shape))}-{tf32}"
+    reports, ops = inspect_call(tuple(shape), DTYPES[dtype], ARCHS[arch], dump)
+    out.append({"case": [arch, dtype, shape, tf32], "ops": ops, "ptx": sorted(p.name for p in dump.iterdir()),
+                "kernels": [{"name": r.name, "tc": r.tensor_core_instructions, "spills": r.spill_bytes,
+                             "regs": r.registers, "smem": r.shared_bytes} for r in reports]})
+print(json.dumps(out))
+"""
+
+HALF_CASES = [[arch, dtype, list(shape), False] for arch in ("sm_90", "sm_80") for dtype in ("bf16", "fp16")
+              for shape in (PAPER, LARGE)]  # fmt: skip
+FP32_CASES = [["sm_80", "fp32", list(PAPER), False], ["sm_80", "fp32", list(PAPER), True]]
+
+
+@pytest.fixture(scope="module")
+def inspected(tmp_path_factory):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    cases = HALF_CASES + FP32_CASES
+    dump = tmp_path_factory.mktemp("inspect")
+    run = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(cases), str(dump)], capture_output=True,
+                         text=True, env=env, cwd=REPO, timeout=900)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    return {json.dumps(r["case"]): r for r in json.loads(run.stdout.strip().splitlines()[-1])}
+
+
+@pytest.mark.parametrize("case", HALF_CASES, ids=lambda c: f"{c[0]}-{c[1]}-{'x'.join(map(str, c[2]))}")
+def test_half_precision_runs_on_tensor_cores_without_spills_in_four_launches(inspected, case):
+    result = inspected[json.dumps(case)]
+    kernels = result["kernels"]
+    assert {k["name"] for k in kernels} >= {"_cov_diff_kernel", "_cov_grad_kernel"}
+    for k in kernels:
+        assert k["spills"] == 0, k
+        if k["name"] in MATRIX_PRODUCT_KERNELS:
+            assert k["tc"] > 0, f"{k['name']} multiplies matrices off the tensor cores: {k}"
+    assert len(kernels) + len(result["ops"]) <= 4, (kernels, result["ops"])
+    assert len(result["ptx"]) == len(kernels) and all(p.endswith(".ptx") for p in result["ptx"])
+
+
+def test_fp32_uses_tf32_tensor_cores_exactly_when_torch_allows_it(inspected):
+    ieee, tf32 = (inspected[json.dumps(case)]["kernels"] for case in FP32_CASES)
+    products = [k for k in ieee if k["name"] in MATRIX_PRODUCT_KERNELS]
+    assert products and all(k["tc"] == 0 for k in products)  # allow_tf32 off (torch's default): exact fp32
+    assert all(k["tc"] > 0 for k in tf32 if k["name"] in MATRIX_PRODUCT_KERNELS)
+
+
+def test_command_line(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    argv = ["--arch", "sm_90", "--dtype", "bf16", "--shape", "128,256,2304,768", "--dump", str(tmp_path)]
+    run = subprocess.run([sys.executable, "-m", "covmatch.kernels.inspect", *argv], capture_output=True, text=True,
+                         env=env, cwd=REPO, timeout=600)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    lines = run.stdout.strip().splitlines()
+    assert lines[-1] == "launches: 4"
+    assert all("tensor-core=" in line and "spills=0B" in line for line in lines[:-1])
+    bad_argv = ["-m", "covmatch.kernels.inspect", "--shape", "1,2,3", "--dump", str(tmp_path)]
+    bad = subprocess.run([sys.executable, *bad_argv], capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+    assert bad.returncode == 2 and "expected NR,NS,DX,DY" in bad.stderr
