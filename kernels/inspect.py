@@ -84,21 +84,27 @@ def record_call(
 ) -> Tuple[List[LaunchRecord], List[str]]:  # fmt: skip
     """The Triton launches and the launching torch ops of one forward + synthetic-side backward."""
     from covmatch.loss.forms import choose_form
-    from covmatch.loss.triton_backend import covmatch_loss_triton
+    from covmatch.loss.triton_backend import HOST_FUNCTIONS
 
     n_real, n_syn, dim_x, dim_y = shape
 
-    def features(n: int, d: int, grad: bool) -> torch.Tensor:
-        return torch.empty(n, d, dtype=dtype, device="meta", requires_grad=grad)
+    def features(n: int, d: int) -> torch.Tensor:
+        return torch.empty(n, d, dtype=dtype, device="meta")
 
-    real_x, real_y = features(n_real, dim_x, False), features(n_real, dim_y, False)
-    syn_x, syn_y = features(n_syn, dim_x, True), features(n_syn, dim_y, True)
-    resolved = choose_form(form, n_real, n_syn, dim_x, dim_y)
+    real_x, real_y, syn_x, syn_y = (
+        features(n_real, dim_x),
+        features(n_real, dim_y),
+        features(n_syn, dim_x),
+        features(n_syn, dim_y),
+    )
+    forward, backward = HOST_FUNCTIONS[choose_form(form, n_real, n_syn, dim_x, dim_y)]
+    inputs, needs = (real_x, real_y, syn_x, syn_y), [False, False, True, True]
+    # the op's forward and backward host functions (on meta tensors its registered fake would run instead)
+    seed = torch.ones((), device="meta")  # the caller's backward() makes this
     with target_arch(capability), recorded_launches() as launches, _TorchOps() as ops:
-        loss = covmatch_loss_triton(real_x, real_y, syn_x, syn_y, rho, lam, resolved)
-        torch.autograd.grad(loss, (syn_x, syn_y), torch.ones_like(loss))
-    torch_ops = [op for op in ops.ops if op != "ones_like"]  # the seed gradient above is the caller's
-    return list(launches), torch_ops
+        loss, aux = forward(*inputs, rho, lam, needs)
+        backward(inputs, aux, seed, rho, lam, needs)
+    return list(launches), list(ops.ops)
 
 
 def _signature(record: LaunchRecord):

@@ -221,3 +221,42 @@ def test_named_in_profiles_and_unmarked_otherwise(backend):
         call()
     assert "covmatch_loss" in {event.key for event in prof.key_averages()}
     assert not [op for op in count_dispatched_ops(call, all_ops=True) if "record_function" in op]
+
+
+# ---------------------------------------------------------------------------------------- a first-class op
+
+
+def _small(requires_grad: bool = False):
+    gen = torch.Generator().manual_seed(3)
+    shapes = ((12, 9), (12, 5), (8, 9), (8, 5))
+    return [(torch.randn(n, d, generator=gen) + 1.0).requires_grad_(requires_grad) for n, d in shapes]
+
+
+def test_fused_op_passes_torch_library_checks():
+    from covmatch.loss.triton_backend import fused_loss
+
+    for form in ("cov", "gram"):
+        args = (*_small(), 2.0, 0.1, form, [False, False, True, True])
+        result = torch.library.opcheck(fused_loss, args, test_utils=("test_schema", "test_faketensor",
+                                                                     "test_aot_dispatch_dynamic"))  # fmt: skip
+        assert set(result.values()) == {"SUCCESS"}, result
+
+
+def test_fused_path_under_func_grad_double_backward_and_vmap():
+    xr, yr, xs, ys = _small()
+
+    def loss(backend, syn_img, syn_txt=ys):
+        return covmatch_loss(xr, yr, syn_img, syn_txt, rho=2.0, lam=0.1, backend=backend)
+
+    expected = torch.func.grad(lambda s: loss("torch", s))(xs)
+    torch.testing.assert_close(torch.func.grad(lambda s: loss("triton", s))(xs), expected)
+
+    second = {}
+    for backend in ("torch", "triton"):  # d/dY_S of ||dL/dX_S||^2: a gradient of a gradient
+        a, b = xs.clone().requires_grad_(), ys.clone().requires_grad_()
+        (g,) = torch.autograd.grad(loss(backend, a, b), a, create_graph=True)
+        second[backend] = torch.autograd.grad((g * g).sum(), b)[0]
+    torch.testing.assert_close(second["triton"], second["torch"])
+
+    with pytest.raises(RuntimeError, match="fused .triton. path has no vmap rule; pass backend='torch'"):
+        torch.func.vmap(lambda s: loss("triton", s))(torch.stack([xs, xs]))

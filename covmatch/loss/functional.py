@@ -8,7 +8,6 @@ overridable through ``COVMATCH_BACKEND``) and the algebraic form (covariance or 
 from __future__ import annotations
 
 import os
-from typing import Callable, List
 
 import torch
 
@@ -87,23 +86,10 @@ def mean_matching_loss(real: torch.Tensor, syn: torch.Tensor) -> torch.Tensor:
         return mean_gap_torch(real, syn)
 
 
-_TRITON_ENTRY: List[Callable[..., torch.Tensor]] = []
-
-
-def _covmatch_loss_triton_graph_break(*args) -> torch.Tensor:
-    """The fused path behind ``torch.compiler.disable``, for callers under ``torch.compile``: dynamo does not
-    trace the kernels' host code, so a graph break keeps compiled callers working. Wrapped on first use,
-    because applying the decorator at import time would import torch._dynamo (and triton) with every
-    ``import covmatch``; eager callers call the fused path directly."""
-    if not _TRITON_ENTRY:
-        _TRITON_ENTRY.append(torch.compiler.disable(covmatch_loss_triton))
-    return _TRITON_ENTRY[0](*args)
-
-
 def _name_in_profiles() -> bool:
     """Whether to mark the call with ``record_function``: while a profiler records (so that profiles name
-    it), and under ``torch.compile``."""
-    return torch.compiler.is_compiling() or torch.autograd._profiler_enabled()
+    it), in eager mode (under torch.compile the marker would be dropped, with a warning)."""
+    return not torch.compiler.is_compiling() and torch.autograd._profiler_enabled()
 
 
 def covmatch_loss(
@@ -129,10 +115,7 @@ def covmatch_loss(
     dtypes = (real_img.dtype, real_txt.dtype, syn_img.dtype, syn_txt.dtype)
     resolved = resolve_backend(backend, real_img.device, dtypes)
     resolved_form = choose_form(form, n_real, n_syn, d_img, d_txt)
-    if resolved == "triton":
-        impl = _covmatch_loss_triton_graph_break if torch.compiler.is_compiling() else covmatch_loss_triton
-    else:
-        impl = covmatch_loss_torch
+    impl = covmatch_loss_triton if resolved == "triton" else covmatch_loss_torch
     if _name_in_profiles():
         with torch.profiler.record_function("covmatch_loss"):
             return impl(real_img, real_txt, syn_img, syn_txt, rho, lam, resolved_form)

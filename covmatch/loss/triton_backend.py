@@ -1,19 +1,23 @@
-"""The fused backend: ``covmatch.kernels`` wrapped in a ``torch.autograd.Function``.
+"""The fused backend: ``covmatch.kernels`` behind named host functions, registered as a torch.library op.
 
 Triton is imported only when this backend is first used, so ``import covmatch`` stays light.
 """
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
 from covmatch.constants import cached_constant
 
 from .forms import gram_row_weights
+from .torch_backend import covmatch_loss_torch
 
-__all__ = ["triton_unavailable_reason", "covmatch_loss_triton"]
+__all__ = [
+    "HOST_FUNCTIONS", "FusedLossFunction", "covmatch_loss_triton", "fused_loss", "fused_loss_backward",
+    "triton_unavailable_reason",
+]  # fmt: skip
 
 
 _TRITON_IMPORT: Dict[str, Optional[str]] = {}
@@ -69,22 +73,21 @@ def _row_bias(lam: float, beta: float, gap: torch.Tensor) -> torch.Tensor:
 
 
 def covariance_form_forward(real_img, real_txt, syn_img, syn_txt, rho: float, lam: float, needs):
-    """(loss, tensors to save) of the covariance form. The gradient of each input needs the other
-    modality's rows of its set: only those are kept (distillation differentiates the synthetic side alone)."""
+    """(loss, [D, column means]) of the covariance form; D (empty when no gradient is needed) is what
+    the backward multiplies by."""
     out = _kernels().covariance_forward(real_img, real_txt, syn_img, syn_txt, rho, lam, store_diff=any(needs))
-    saved = (
-        real_img if needs[1] else None, real_txt if needs[0] else None,
-        syn_img if needs[3] else None, syn_txt if needs[2] else None,
-        out.diff, out.mean_x, out.mean_y,
-    )  # fmt: skip
-    return out.loss, saved
+    diff = out.diff if out.diff is not None else _empty(real_img)
+    return out.loss, [diff, out.mean_x, out.mean_y]
 
 
-def covariance_form_backward(saved, grad, rho, lam, n_real, n_syn, needs, dtypes) -> list:
+def covariance_form_backward(inputs, aux, grad, rho, lam, needs) -> list:
     """Gradients of the four inputs (None where not needed), one launch per side that needs any:
     alpha = 2 rho / (n_T - 1) on the real side, -2 / (n_S - 1) on the synthetic side; beta is the mean
     term's 2 lam / n with the same signs (docs/design.md, *Gradients*)."""
-    real_img, real_txt, syn_img, syn_txt, diff, mean_x, mean_y = saved
+    real_img, real_txt, syn_img, syn_txt = inputs
+    diff, mean_x, mean_y = aux
+    n_real, n_syn = real_img.shape[0], syn_img.shape[0]
+    dtypes = [t.dtype for t in inputs]
     grads = [None, None, None, None]
     sides = ((0, real_img, real_txt, 2.0 * rho / (n_real - 1), 2.0 * lam / n_real),
              (1, syn_img, syn_txt, -2.0 / (n_syn - 1), -2.0 * lam / n_syn))  # fmt: skip
@@ -113,7 +116,8 @@ def covariance_form_backward(saved, grad, rho, lam, n_real, n_syn, needs, dtypes
 
 
 def gram_form_forward(real_img, real_txt, syn_img, syn_txt, rho: float, lam: float, needs):
-    """(loss, tensors to save) of the Gram form: the stacked rows, both Gram matrices, row weights, means."""
+    """(loss, [stacked rows, Gram matrices, column means]) of the Gram form (the Gram matrices empty when
+    no gradient is needed)."""
     n_real, n_syn = real_img.shape[0], syn_img.shape[0]
     mean_x = _column_means(real_img, syn_img)
     mean_y = _column_means(real_txt, syn_txt)
@@ -125,7 +129,9 @@ def gram_form_forward(real_img, real_txt, syn_img, syn_txt, rho: float, lam: flo
     if lam != 0:  # the distillation objective passes lam = 0 (its mean term is separate): skip it
         gap_x, gap_y = mean_x[0] - mean_x[1], mean_y[0] - mean_y[1]
         loss = loss + lam * (gap_x @ gap_x + gap_y @ gap_y)
-    return loss, (z_x, z_y, out.gram_x, out.gram_y, weights, mean_x, mean_y)
+    gram_x = out.gram_x if out.gram_x is not None else _empty(real_img)
+    gram_y = out.gram_y if out.gram_y is not None else _empty(real_img)
+    return loss, [z_x, z_y, gram_x, gram_y, mean_x, mean_y]
 
 
 def gram_rows_grad(gram_other, weights, rows, means, n_real, row_start, n_out, gap, beta, lam, grad, dtype):
@@ -135,9 +141,12 @@ def gram_rows_grad(gram_other, weights, rows, means, n_real, row_start, n_out, g
     return _kernels().gram_grad(gram_other, weights, rows, means, n_real, row_start, n_out, bias, grad, dtype)
 
 
-def gram_form_backward(saved, grad, rho, lam, n_real, n_syn, needs, dtypes) -> list:
+def gram_form_backward(inputs, aux, grad, rho, lam, needs) -> list:
     """Gradients of the four inputs (None where not needed): real rows come first in the stacked matrices."""
-    z_x, z_y, gram_x, gram_y, weights, mean_x, mean_y = saved
+    z_x, z_y, gram_x, gram_y, mean_x, mean_y = aux
+    n_real, n_syn = inputs[0].shape[0], inputs[2].shape[0]
+    dtypes = [t.dtype for t in inputs]
+    weights = gram_row_weights(n_real, n_syn, rho, torch.float32, z_x.device)
     gap_x, gap_y = _mean_gaps(mean_x, mean_y, lam)
     real_beta, syn_beta = 2.0 * lam / n_real, -2.0 * lam / n_syn
     grads = [None, None, None, None]
@@ -160,28 +169,111 @@ def gram_form_backward(saved, grad, rho, lam, n_real, n_syn, needs, dtypes) -> l
     return grads
 
 
-_FORMS = {"cov": (covariance_form_forward, covariance_form_backward), "gram": (gram_form_forward, gram_form_backward)}
+# form -> (forward, backward) host functions: what the op runs, and what covmatch.kernels.inspect records
+HOST_FUNCTIONS = {
+    "cov": (covariance_form_forward, covariance_form_backward),
+    "gram": (gram_form_forward, gram_form_backward),
+}
 
 
-class CovMatchTritonFunction(torch.autograd.Function):
-    """Autograd over the named host functions above; backward returns each gradient in its input's dtype."""
+def _empty(like: torch.Tensor) -> torch.Tensor:
+    """A placeholder output (a torch.library op returns tensors, never None)."""
+    return like.new_empty((0,), dtype=torch.float32)
+
+
+# ---------------------------------------------------------------------------------------- the op
+#
+# ``covmatch::fused_loss`` and its backward are torch.library custom ops (their fake implementations give
+# shapes), so torch.compile(fullgraph=True) traces a caller through them without a graph break;
+# ``FusedLossFunction`` differentiates them (torch.func.grad included), a double backward
+# (create_graph=True) takes the differentiable torch formula instead of the kernels, and vmap raises one
+# clear error.
+
+
+@torch.library.custom_op("covmatch::fused_loss", mutates_args=())
+def fused_loss(
+    real_img: torch.Tensor, real_txt: torch.Tensor, syn_img: torch.Tensor, syn_txt: torch.Tensor,
+    rho: float, lam: float, form: str, needs: List[bool],
+) -> List[torch.Tensor]:  # fmt: skip
+    """[loss, *what the backward reads] through the kernels (``needs``: which inputs get a gradient)."""
+    loss, aux = HOST_FUNCTIONS[form][0](real_img, real_txt, syn_img, syn_txt, rho, lam, needs)
+    return [loss, *aux]
+
+
+@fused_loss.register_fake
+def _fused_loss_fake(real_img, real_txt, syn_img, syn_txt, rho, lam, form, needs):
+    (n_real, dim_x), (n_syn, dim_y) = real_img.shape, syn_txt.shape
+    f32 = dict(dtype=torch.float32)
+    loss = real_img.new_empty((), **f32)
+    means = [real_img.new_empty((2, dim_x), **f32), real_img.new_empty((2, dim_y), **f32)]
+    if form == "cov":
+        d_dtype = _kernels().covariance.diff_dtype(*(t.dtype for t in (real_img, real_txt, syn_img, syn_txt)))
+        diff = real_img.new_empty((dim_x, dim_y), dtype=d_dtype) if any(needs) else _empty(real_img)
+        return [loss, diff, *means]
+    n = n_real + n_syn
+    z_x = real_img.new_empty((n, dim_x), dtype=torch.promote_types(real_img.dtype, syn_img.dtype))
+    z_y = real_img.new_empty((n, dim_y), dtype=torch.promote_types(real_txt.dtype, syn_txt.dtype))
+    grams = [real_img.new_empty((n, n), **f32) if any(needs) else _empty(real_img) for _ in range(2)]
+    return [loss, z_x, z_y, *grams, *means]
+
+
+@torch.library.custom_op("covmatch::fused_loss_backward", mutates_args=())
+def fused_loss_backward(
+    grad: torch.Tensor, real_img: torch.Tensor, real_txt: torch.Tensor, syn_img: torch.Tensor,
+    syn_txt: torch.Tensor, aux: List[torch.Tensor], rho: float, lam: float, form: str, needs: List[bool],
+) -> List[torch.Tensor]:  # fmt: skip
+    """The four input gradients through the kernels (an empty tensor where ``needs`` says none)."""
+    grad = grad if grad.dtype == torch.float32 else grad.to(torch.float32)
+    inputs = (real_img, real_txt, syn_img, syn_txt)
+    grads = HOST_FUNCTIONS[form][1](inputs, aux, grad, rho, lam, needs)
+    return [g if g is not None else _empty(real_img) for g in grads]
+
+
+@fused_loss_backward.register_fake
+def _fused_loss_backward_fake(grad, real_img, real_txt, syn_img, syn_txt, aux, rho, lam, form, needs):
+    inputs = (real_img, real_txt, syn_img, syn_txt)
+    return [t.new_empty(t.shape) if need else _empty(real_img) for t, need in zip(inputs, needs)]
+
+
+class FusedLossFunction(torch.autograd.Function):
+    """Autograd over the two ops: the kernels' gradient, or under create_graph=True the torch formula's
+    (differentiable); ``setup_context`` makes torch.func.grad work, ``vmap`` raises one clear error."""
 
     @staticmethod
-    def forward(ctx, real_img, real_txt, syn_img, syn_txt, rho: float, lam: float, form: str):
-        ctx.rho, ctx.lam, ctx.form = rho, lam, form
-        ctx.dtypes = (real_img.dtype, real_txt.dtype, syn_img.dtype, syn_txt.dtype)
-        ctx.n_real, ctx.n_syn = real_img.shape[0], syn_img.shape[0]
-        loss, saved = _FORMS[form][0](real_img, real_txt, syn_img, syn_txt, rho, lam, ctx.needs_input_grad[:4])
-        ctx.save_for_backward(*saved)
-        return loss
+    def forward(real_img, real_txt, syn_img, syn_txt, rho: float, lam: float, form: str, needs: List[bool]):
+        return tuple(fused_loss(real_img, real_txt, syn_img, syn_txt, rho, lam, form, needs))
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:
-        grad = grad if grad.dtype == torch.float32 else grad.to(torch.float32)
-        backward = _FORMS[ctx.form][1]
-        grads = backward(ctx.saved_tensors, grad, ctx.rho, ctx.lam, ctx.n_real, ctx.n_syn, ctx.needs_input_grad[:4],
-                         ctx.dtypes)  # fmt: skip
-        return (*grads, None, None, None)
+    def setup_context(ctx, inputs, output) -> None:
+        real_img, real_txt, syn_img, syn_txt, rho, lam, form, needs = inputs
+        ctx.save_for_backward(real_img, real_txt, syn_img, syn_txt, *output[1:])
+        ctx.mark_non_differentiable(*output[1:])
+        ctx.set_materialize_grads(False)  # no zero-filled gradients for those outputs
+        ctx.rho, ctx.lam, ctx.form, ctx.needs = rho, lam, form, list(needs)
+
+    @staticmethod
+    def backward(ctx, grad, *unused):
+        saved = ctx.saved_tensors
+        inputs, aux = saved[:4], list(saved[4:])
+        if torch.is_grad_enabled():  # create_graph=True: a gradient that is itself differentiable
+            out = _differentiable_grads(inputs, grad, ctx.rho, ctx.lam, ctx.form, ctx.needs)
+        else:
+            out = fused_loss_backward(grad, *inputs, aux, ctx.rho, ctx.lam, ctx.form, ctx.needs)
+        return (*[g if need else None for g, need in zip(out, ctx.needs)], None, None, None, None)
+
+    @staticmethod
+    def vmap(info, in_dims, *args):
+        raise RuntimeError(
+            "covmatch_loss: the fused (triton) path has no vmap rule; pass backend='torch' to vmap the loss"
+        )
+
+
+def _differentiable_grads(inputs, grad, rho, lam, form, needs) -> list:
+    """The input gradients from the torch formula, with their own graph (double backward)."""
+    wrt = [t for t, need in zip(inputs, needs) if need]
+    loss = covmatch_loss_torch(*inputs, rho, lam, form)
+    found = iter(torch.autograd.grad(loss, wrt, grad, create_graph=True))
+    return [next(found) if need else None for need in needs]
 
 
 def covmatch_loss_triton(
@@ -194,4 +286,6 @@ def covmatch_loss_triton(
     form: str,
 ) -> torch.Tensor:
     """The CovMatch loss through the fused kernels (inputs already validated; form 'cov' or 'gram')."""
-    return CovMatchTritonFunction.apply(real_img, real_txt, syn_img, syn_txt, float(rho), float(lam), form)
+    grad_on = torch.is_grad_enabled()
+    needs = [grad_on and t.requires_grad for t in (real_img, real_txt, syn_img, syn_txt)]
+    return FusedLossFunction.apply(real_img, real_txt, syn_img, syn_txt, float(rho), float(lam), form, needs)[0]
