@@ -181,30 +181,53 @@ def autotune_enabled() -> bool:
     return _env_flag("COVMATCH_TRITON_AUTOTUNE") and not _INTERPRETER
 
 
+# streaming multiprocessors of the targets ``target_arch`` compiles for (H100/H200 SXM, A100)
+_TARGET_SMS = {(9, 0): 132, (8, 0): 108}
+_DEVICE_SMS: Dict[int, int] = {}
+_DEFAULT_CHOICE: Dict[Hashable, TileConfig] = {}
+_MAX_DEFAULT_KEYS = 4096
+
+
+def _sm_count() -> int:
+    """SMs of the device the call runs on (or of the ``target_arch``); 1 without a GPU (the interpreter)."""
+    if _TARGET:
+        return _TARGET_SMS.get(_TARGET[-1], 132)
+    if not torch.cuda.is_available():
+        return 1
+    index = torch.cuda.current_device()
+    if index not in _DEVICE_SMS:
+        _DEVICE_SMS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _DEVICE_SMS[index]
+
+
 def choose_config(
     name: str,
     key: Tuple[Hashable, ...],
     configs: Sequence[TileConfig],
     time_config: Optional[Callable[[TileConfig], float]] = None,
+    programs: Optional[Callable[[TileConfig], int]] = None,
 ) -> TileConfig:
     """The configuration kernel ``name`` runs with for ``key`` (its sizes, dtypes and dot precision).
 
-    By default the first of ``configs`` (ordered best first for the kernel's operand kind): deterministic
-    and free of any search, so a call can be captured in a CUDA graph. With ``COVMATCH_TRITON_AUTOTUNE=1``
-    and a ``time_config`` (milliseconds of one run of a config), each shape class (sizes rounded up to
-    powers of two), precision and device capability is timed once, outside any CUDA-graph capture; a
-    config that fails is reported with its error (``RuntimeWarning``) and skipped.
+    By default the first of ``configs`` (ordered largest tile first for the kernel's operand kind) whose
+    grid (``programs(config)``) covers every SM of the device, else the one with the most programs:
+    deterministic and free of any search, so a call can be captured in a CUDA graph. With
+    ``COVMATCH_TRITON_AUTOTUNE=1`` and a ``time_config`` (milliseconds of one run of a config), each shape
+    class (sizes rounded up to powers of two), precision and device capability is timed once, outside any
+    CUDA-graph capture; a config that fails is reported with its error (``RuntimeWarning``) and skipped.
     """
     if isinstance(configs, TileConfig):
         configs = (configs,)
-    if len(configs) == 1 or time_config is None or not autotune_enabled():
+    if len(configs) == 1:
         return configs[0]
+    if time_config is None or not autotune_enabled():
+        return _default_choice(name, key, configs, programs)
     cache_key = (name, _capability(), tuple(shape_bucket(k) if type(k) is int else k for k in key))
     chosen = _TUNED.chosen.get(cache_key)
     if chosen is not None:
         return chosen
     if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
-        return configs[0]  # no timing inside a capture: the untuned default
+        return _default_choice(name, key, configs, programs)  # no timing inside a capture
     timings, failures = [], []
     for config in configs:
         try:
@@ -220,6 +243,24 @@ def choose_config(
         raise RuntimeError(f"covmatch: no tile configuration of kernel {name!r} runs for {key}: {failures}")
     _TUNED.chosen[cache_key] = best = min(timings, key=lambda t: t[0])[1]
     return best
+
+
+def _default_choice(name, key, configs, programs) -> TileConfig:
+    """The first config whose grid fills the device's SMs (cached by exact key: one lookup per call)."""
+    sms = _sm_count()
+    cache_key = (name, key, sms)
+    chosen = _DEFAULT_CHOICE.get(cache_key)
+    if chosen is None:
+        if programs is None:
+            chosen = configs[0]
+        else:
+            counts = [programs(c) for c in configs]
+            filling = [c for c, n in zip(configs, counts) if n >= sms]
+            chosen = filling[0] if filling else configs[max(range(len(configs)), key=counts.__getitem__)]
+        if len(_DEFAULT_CHOICE) >= _MAX_DEFAULT_KEYS:
+            _DEFAULT_CHOICE.clear()
+        _DEFAULT_CHOICE[cache_key] = chosen
+    return chosen
 
 
 def bench(fn: Callable[[], object]) -> float:

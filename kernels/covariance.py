@@ -286,11 +286,15 @@ def _cov_grad_kernel(
 
 # Half-precision operands: big tiles for the tensor cores; fp32: smaller (TF32/fp32 operands are twice the size).
 _DIFF_CONFIGS = {
-    "half": (TileConfig(128, 128, 64, num_warps=8, num_stages=3), TileConfig(64, 64, 64, num_warps=4, num_stages=3)),
-    "fp32": (TileConfig(64, 64, 32, num_warps=4, num_stages=3), TileConfig(128, 64, 32, num_warps=4, num_stages=3)),
+    "half": (
+        TileConfig(128, 128, 64, num_warps=8, num_stages=3),
+        TileConfig(128, 64, 64, num_warps=4, num_stages=3),
+        TileConfig(64, 64, 64, num_warps=4, num_stages=3),
+    ),
+    "fp32": (TileConfig(64, 64, 32, num_warps=4, num_stages=3), TileConfig(32, 64, 32, num_warps=4, num_stages=3)),
 }
 _GRAD_CONFIGS = {
-    "half": (TileConfig(64, 64, 64, num_warps=4, num_stages=3), TileConfig(64, 128, 64, num_warps=4, num_stages=3)),
+    "half": (TileConfig(64, 128, 64, num_warps=4, num_stages=3), TileConfig(64, 64, 64, num_warps=4, num_stages=3)),
     "fp32": (TileConfig(64, 64, 32, num_warps=4, num_stages=3), TileConfig(32, 64, 32, num_warps=4, num_stages=3)),
 }
 _MEANS_BLOCK_R, _MEANS_BLOCK_D = 32, 128  # rows per step, columns per program
@@ -405,7 +409,11 @@ def covariance_forward(
     kind = "fp32" if tl.float32 in (real_dot, syn_dot) else "half"
     configs = (_INTERPRETER_CONFIG,) if interpreter_enabled() else _DIFF_CONFIGS[kind]
     key = (dim_x, dim_y, n_real, n_syn, str(real_dot), str(syn_dot), precision, store_diff)
-    return run(choose_config("covmatch_cov_diff", key, configs, lambda c: bench(lambda: run(c))))
+
+    def programs(c: TileConfig) -> int:
+        return cdiv(dim_x, c.block_m) * cdiv(dim_y, c.block_n)
+
+    return run(choose_config("covmatch_cov_diff", key, configs, lambda c: bench(lambda: run(c)), programs))
 
 
 def covariance_grads(
@@ -469,7 +477,12 @@ def covariance_grads(
 
     configs = (_INTERPRETER_CONFIG,) if interpreter_enabled() else _GRAD_CONFIGS[_kind(dot)]
     key = (n_rows, dim_x, dim_y, str(dot), precision, need_x, need_y)
-    return run(choose_config("covmatch_cov_grad", key, configs, lambda c: bench(lambda: run(c))))
+
+    def programs(c: TileConfig) -> int:
+        tiles_m = cdiv(n_rows, c.block_m)
+        return tiles_m * (cdiv(dim_x, c.block_n) * need_x + cdiv(dim_y, c.block_n) * need_y)
+
+    return run(choose_config("covmatch_cov_grad", key, configs, lambda c: bench(lambda: run(c)), programs))
 
 
 def _itemsize(dtype: torch.dtype) -> int:

@@ -9,6 +9,7 @@ TRITON_INTERPRET; all cases share one process (about a minute on 2 cores).
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -35,7 +36,7 @@ for arch, dtype, shape, tf32 in json.loads(sys.argv[1]):
     reports, ops = inspect_call(tuple(shape), DTYPES[dtype], ARCHS[arch], dump)
     out.append({"case": [arch, dtype, shape, tf32], "ops": ops, "ptx": sorted(p.name for p in dump.iterdir()),
                 "kernels": [{"name": r.name, "tc": r.tensor_core_instructions, "spills": r.spill_bytes,
-                             "regs": r.registers, "smem": r.shared_bytes} for r in reports]})
+                             "regs": r.registers, "smem": r.shared_bytes, "grid": list(r.grid)} for r in reports]})
 print(json.dumps(out))
 """
 
@@ -66,6 +67,10 @@ def test_half_precision_runs_on_tensor_cores_without_spills_in_four_launches(ins
         if k["name"] in MATRIX_PRODUCT_KERNELS:
             assert k["tc"] > 0, f"{k['name']} multiplies matrices off the tensor cores: {k}"
     assert len(kernels) + len(result["ops"]) <= 4, (kernels, result["ops"])
+    sms = {"sm_90": 132, "sm_80": 108}[case[0]]
+    for k in kernels:  # at both shapes the GEMM tiles can fill the GPU: every SM gets a program
+        if k["name"] in MATRIX_PRODUCT_KERNELS:
+            assert math.prod(k["grid"]) >= sms, k
     assert len(result["ptx"]) == len(kernels) and all(p.endswith(".ptx") for p in result["ptx"])
 
 
