@@ -13,7 +13,7 @@ per tile; the two n x n Gram matrices are kept for backward, where
     dL/dZ_x[i] = 2 w_i sum_j K_y[i, j] w_j Zc_x[j]     (and symmetrically for Z_y)
 
 is one GEMM per modality with the centring applied on load. Cancellation caveat: the loss is a sum of
-terms of size ||C||^2, so its absolute error scales with ||C||^2, not with the loss.
+terms of size ||C||^2, so its absolute error scales with ||C||^2, not with the loss. Row offsets are 64-bit.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ __all__ = ["GramForward", "gram_forward", "gram_grad"]
 def _centred_tile(z_ptr, mean_ptr, rows, cols, mask_rows, mask_cols, n_real, dim, stride_n, stride_d):
     """Load Z[rows, cols] in fp32, each row centred by its block's mean (real rows first), zero outside."""
     z = tl.load(
-        z_ptr + rows[:, None] * stride_n + cols[None, :] * stride_d,
+        z_ptr + rows.to(tl.int64)[:, None] * stride_n + cols[None, :] * stride_d,
         mask=mask_rows[:, None] & mask_cols[None, :],
         other=0.0,
     ).to(tl.float32)
@@ -103,8 +103,8 @@ def _covmatch_gram_fwd_kernel(
 
     if STORE_GRAM:
         tile_mask = mask_i[:, None] & mask_j[None, :]
-        offs = rows_i[:, None] * stride_g_n + rows_j[None, :] * stride_g_m
-        offs_t = rows_j[None, :] * stride_g_n + rows_i[:, None] * stride_g_m
+        offs = rows_i.to(tl.int64)[:, None] * stride_g_n + rows_j[None, :] * stride_g_m
+        offs_t = rows_j.to(tl.int64)[None, :] * stride_g_n + rows_i[:, None] * stride_g_m
         tl.store(gram_x_ptr + offs, kx, mask=tile_mask)
         tl.store(gram_y_ptr + offs, ky, mask=tile_mask)
         tl.store(gram_x_ptr + offs_t, kx, mask=tile_mask & (block_i != block_j))
@@ -132,7 +132,7 @@ def _gram_grad_kernel(
         js = start + offs_k
         mask_k = js < n_total
         k = tl.load(
-            gram_ptr + rows[:, None] * stride_g_n + js[None, :] * stride_g_m,
+            gram_ptr + rows.to(tl.int64)[:, None] * stride_g_n + js[None, :] * stride_g_m,
             mask=mask_r[:, None] & mask_k[None, :],
             other=0.0,
         )
@@ -144,7 +144,7 @@ def _gram_grad_kernel(
     g = tl.load(grad_ptr).to(tl.float32)
     out = g * (2.0 * w_i[:, None] * acc + bias[None, :])
     tl.store(
-        out_ptr + local[:, None] * stride_on + cols[None, :] * stride_od,
+        out_ptr + local.to(tl.int64)[:, None] * stride_on + cols[None, :] * stride_od,
         out.to(out_ptr.dtype.element_ty),
         mask=mask_r[:, None] & mask_c[None, :],
     )
