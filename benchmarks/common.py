@@ -206,3 +206,10 @@ def number(text: str) -> float:
         return float(text)
     except (TypeError, ValueError):
         return float("nan")
+
+
+def add_batch_arguments(parser, small: tuple, small_help: str) -> None:
+    """The counting scripts' batch flags: the batch sizes to extrapolate to and the smallest counted ones."""
+    parser.add_argument("--real-batch", type=int, default=128)
+    parser.add_argument("--syn-batch", type=int, default=256)
+    parser.add_argument("--small", type=int, nargs=2, default=small, metavar=("REAL", "SYN"), help=small_help)

@@ -19,6 +19,8 @@ import torch
 
 os.environ.setdefault("COVMATCH_BENCH_SMOKE", "1")  # counting runs on the CPU, whatever the machine has
 
+from .common import add_batch_arguments  # noqa: E402 (reads the variable above at import)
+
 
 def count_iteration(preset_name: str, real_batch: int, syn_batch: int) -> float:
     """FLOPs of one plain fp32 ``Distiller.step`` at these batch sizes (paper: the GPU suite's configuration)."""
@@ -42,10 +44,7 @@ def fit(counts: Dict[Tuple[int, int], float]) -> Tuple[float, float, float]:
 def main(argv: Optional[List[str]] = None) -> List[str]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="paper", help="paper (the GPU suite's configuration) or a preset name")
-    parser.add_argument("--real-batch", type=int, default=128)
-    parser.add_argument("--syn-batch", type=int, default=256)
-    parser.add_argument("--small", type=int, nargs=2, default=(4, 8), metavar=("REAL", "SYN"),
-                        help="the smallest counted batches (the others double one of them)")  # fmt: skip
+    add_batch_arguments(parser, (4, 8), "the smallest counted batches (the others double one of them)")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     r, s = args.small

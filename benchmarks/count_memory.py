@@ -24,6 +24,8 @@ import torch
 
 os.environ.setdefault("COVMATCH_BENCH_SMOKE", "1")  # counting runs on the CPU, whatever the machine has
 
+from .common import add_batch_arguments  # noqa: E402 (reads the variable above at import)
+
 CASES = (
     ("fp32", "fp32", False, None),
     ("bf16", "bf16", False, None),
@@ -107,10 +109,7 @@ def count_step(precision: str, grad_ckpt: bool, chunk: Optional[int], real_batch
 
 def main(argv: Optional[List[str]] = None) -> List[str]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--real-batch", type=int, default=128)
-    parser.add_argument("--syn-batch", type=int, default=256)
-    parser.add_argument("--small", type=int, nargs=2, default=(2, 4), metavar=("REAL", "SYN"),
-                        help="the smallest counted batches (the fit doubles them; the check triples them)")  # fmt: skip
+    add_batch_arguments(parser, (2, 4), "the smallest counted batches (the fit doubles them; the check triples them)")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     r, s = args.small
