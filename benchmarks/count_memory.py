@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import os
 import sys
 from typing import Dict, List, Optional, Tuple
@@ -110,6 +111,7 @@ def count_step(precision: str, grad_ckpt: bool, chunk: Optional[int], real_batch
 def main(argv: Optional[List[str]] = None) -> List[str]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_batch_arguments(parser, (2, 4), "the smallest counted batches (the fit doubles them; the check triples them)")
+    parser.add_argument("--cases", default=None, help="comma-separated indices into CASES (default: all)")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     r, s = args.small
@@ -117,8 +119,12 @@ def main(argv: Optional[List[str]] = None) -> List[str]:
     lines = [f"# python -m benchmarks.count_memory --small {r} {s}   ({stamp}, torch {torch.__version__})",
              "# paper architecture (NFNet-L0 at 224 px + BERT-base shape, random weights), saved-for-backward "
              "bytes per graph; GB = 2^30 bytes"]  # fmt: skip
-    for label, precision, ckpt, chunk in CASES:
-        counts = {pair: count_step(precision, ckpt, chunk, *pair) for pair in ((r, s), (2 * r, 2 * s), (3 * r, 3 * s))}
+    chosen = CASES if args.cases is None else [CASES[int(i)] for i in args.cases.split(",")]
+    for label, precision, ckpt, chunk in chosen:
+        counts = {}
+        for pair in ((r, s), (2 * r, 2 * s), (3 * r, 3 * s)):
+            counts[pair] = count_step(precision, ckpt, chunk, *pair)
+            gc.collect()  # each step builds a paper-sized model and data: free them before the next
         online = {pair: phases[0] for pair, phases in counts.items()}
         synthetic = {pair: phases[1] for pair, phases in counts.items()}
         per_real = (online[(2 * r, 2 * s)] - online[(r, s)]) / r
