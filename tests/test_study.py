@@ -10,6 +10,7 @@ import pytest
 
 from benchmarks import study
 from benchmarks.study_report import mean_std, write_report
+from covmatch.analyze import build_parser as analyze_parser
 from covmatch.distill.cli import build_parser as distill_parser
 from covmatch.distill.cli import config_from_args
 from covmatch.eval.cli import build_parser as eval_parser
@@ -116,6 +117,8 @@ def test_every_planned_command_is_accepted_by_the_commands_it_runs(root, monkeyp
         argv = job.command()[3:]  # past "python -m covmatch.x"
         if isinstance(job, study.Distill):
             config_from_args(distill_parser().parse_args(argv)).preset.check()
+        elif isinstance(job, study.Analyze):
+            analyze_parser().parse_args(argv)
         else:
             eval_parser().parse_args(argv)
     assert {t.key for t in study.all_tables("all")} == {"tune", "tune-unseen", "1", "2", "3", "4", "5", "6", "7"}
