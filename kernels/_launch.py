@@ -41,6 +41,7 @@ __all__ = [
     "launch_kernel",
     "recorded_launches",
     "target_arch",
+    "sm_count",
 ]
 
 
@@ -188,7 +189,7 @@ _DEFAULT_CHOICE: Dict[Hashable, TileConfig] = {}
 _MAX_DEFAULT_KEYS = 4096
 
 
-def _sm_count() -> int:
+def sm_count() -> int:
     """SMs of the device the call runs on (or of the ``target_arch``); 1 without a GPU (the interpreter)."""
     if _TARGET:
         return _TARGET_SMS.get(_TARGET[-1], 132)
@@ -247,7 +248,7 @@ def choose_config(
 
 def _default_choice(name, key, configs, programs) -> TileConfig:
     """The first config whose grid fills the device's SMs (cached by exact key: one lookup per call)."""
-    sms = _sm_count()
+    sms = sm_count()
     cache_key = (name, key, sms)
     chosen = _DEFAULT_CHOICE.get(cache_key)
     if chosen is None:

@@ -40,6 +40,7 @@ from ._launch import (
     fp32_dot_precision,
     interpreter_enabled,
     launch_kernel,
+    sm_count,
 )
 
 __all__ = ["CovarianceForward", "covariance_forward", "covariance_grads"]
@@ -204,15 +205,17 @@ def _finish_kernel(partial_ptr, n_mean_partials, n_cov_partials, lam, out_ptr, B
 
 @triton.jit
 def _grad_tile(
-    a_ptr, mean_a_ptr, b_ptr, gap_ptr, grad_ptr, out_ptr,
-    pid_m, pid_n, n_rows, n_inner, n_cols, gap_stride,
+    a_ptr, mean_a_ptr, b_ptr, gap_ptr, grad_ptr, out_ptr, ws_ptr,
+    pid_m, pid_n, n_rows, n_inner, n_cols, gap_stride, k_lo, k_hi,
     stride_an, stride_ak, stride_bk, stride_bc, stride_on, stride_oc,
     alpha, beta,
-    CENTRE_ON_LOAD: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    SPLIT: tl.constexpr, CENTRE_ON_LOAD: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """out tile = g * (alpha * (A - 1 mu^T) B + beta * (gap[0] - gap[gap_stride])): the centring as
-    ``(mu^T B)`` subtracted in the epilogue unless CENTRE_ON_LOAD, the mean-term row from the means."""
+    ``(mu^T B)`` subtracted in the epilogue unless CENTRE_ON_LOAD, the mean-term row from the means. With
+    SPLIT > 1 the tile covers inner indices ``k_lo .. k_hi`` only and stores ``alpha * (A - 1 mu^T) B`` of
+    that range (fp32, [n_rows, n_cols] row-major at ``ws_ptr``) for ``_grad_reduce_kernel``."""
     rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_r = rows < n_rows
@@ -220,9 +223,9 @@ def _grad_tile(
     offs_k = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     correction = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for start in range(0, n_inner, BLOCK_K):
+    for start in range(k_lo, k_hi, BLOCK_K):
         ks = start + offs_k
-        mask_k = ks < n_inner
+        mask_k = ks < k_hi
         a = tl.load(
             a_ptr + rows[:, None] * stride_an + ks[None, :] * stride_ak,
             mask=mask_r[:, None] & mask_k[None, :],
@@ -239,45 +242,92 @@ def _grad_tile(
         else:
             correction += tl.sum(mu[:, None] * b.to(tl.float32), axis=0)
         acc = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=PRECISION)
-    gap = tl.load(gap_ptr + cols, mask=mask_c, other=0.0) - tl.load(gap_ptr + gap_stride + cols, mask=mask_c, other=0.0)
-    g = tl.load(grad_ptr).to(tl.float32)
-    out = g * (alpha * (acc - correction[None, :]) + beta * gap[None, :])
-    tl.store(
-        out_ptr + rows[:, None] * stride_on + cols[None, :] * stride_oc,
-        out.to(out_ptr.dtype.element_ty),
-        mask=mask_r[:, None] & mask_c[None, :],
-    )
+    mask = mask_r[:, None] & mask_c[None, :]
+    if SPLIT > 1:
+        tl.store(ws_ptr + rows[:, None] * n_cols + cols[None, :], alpha * (acc - correction[None, :]), mask=mask)
+    else:
+        gap = tl.load(gap_ptr + cols, mask=mask_c, other=0.0) - tl.load(
+            gap_ptr + gap_stride + cols, mask=mask_c, other=0.0
+        )
+        g = tl.load(grad_ptr).to(tl.float32)
+        out = g * (alpha * (acc - correction[None, :]) + beta * gap[None, :])
+        tl.store(out_ptr + rows[:, None] * stride_on + cols[None, :] * stride_oc, out.to(out_ptr.dtype.element_ty),
+                 mask=mask)  # fmt: skip
 
 
 @triton.jit
 def _cov_grad_kernel(
-    x_ptr, y_ptr, mean_x_ptr, mean_y_ptr, diff_ptr, grad_ptr, grad_x_ptr, grad_y_ptr,
+    x_ptr, y_ptr, mean_x_ptr, mean_y_ptr, diff_ptr, grad_ptr, grad_x_ptr, grad_y_ptr, ws_x_ptr, ws_y_ptr,
     n_rows, dim_x, dim_y, side,
     stride_xn, stride_xd, stride_yn, stride_yd, stride_diff_m, stride_diff_n,
     stride_gx_n, stride_gx_d, stride_gy_n, stride_gy_d,
-    alpha, beta, tiles_x_n, tiles_x, tiles_y_n,
-    CENTRE_ON_LOAD: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    alpha, beta, tiles_x_n, tiles_x, tiles_y_n, tiles, chunk_x, chunk_y,
+    SPLIT: tl.constexpr, CENTRE_ON_LOAD: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    """Both gradients of one side (``side`` 0 real, 1 synthetic) in one 1-D grid: the first ``tiles_x``
-    programs write dL/dX = alpha (Y - 1 mu_Y^T) D^T + beta (mu_XT - mu_XS), the rest dL/dY (the same with
-    X and D). A launch that needs one of them gets a grid of its tiles only (``tiles_x`` 0 for Y alone)."""
+    """Both gradients of one side (``side`` 0 real, 1 synthetic) in one 1-D grid: of each ``tiles``
+    programs the first ``tiles_x`` write dL/dX = alpha (Y - 1 mu_Y^T) D^T + beta (mu_XT - mu_XS), the rest
+    dL/dY (the same with X and D); a launch that needs one of them gets a grid of its tiles only. With
+    SPLIT > 1 the grid repeats SPLIT times, split s covering inner indices s*chunk .. (s+1)*chunk (split-K,
+    for shapes whose output tiles are fewer than the GPU's SMs), and ``_grad_reduce_kernel`` finishes."""
     pid = tl.program_id(0)
-    if pid < tiles_x:
+    split = pid // tiles
+    t = pid % tiles
+    if t < tiles_x:
+        k_lo = split * chunk_x
         _grad_tile(
             y_ptr, mean_y_ptr + side * dim_y, diff_ptr, mean_x_ptr, grad_ptr, grad_x_ptr,
-            pid // tiles_x_n, pid % tiles_x_n, n_rows, dim_y, dim_x, dim_x,
+            ws_x_ptr + split.to(tl.int64) * n_rows * dim_x,
+            t // tiles_x_n, t % tiles_x_n, n_rows, dim_y, dim_x, dim_x, k_lo, tl.minimum(k_lo + chunk_x, dim_y),
             stride_yn, stride_yd, stride_diff_n, stride_diff_m, stride_gx_n, stride_gx_d,
-            alpha, beta, CENTRE_ON_LOAD, DOT_DTYPE, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
+            alpha, beta, SPLIT, CENTRE_ON_LOAD, DOT_DTYPE, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
         )  # fmt: skip
     else:
-        t = pid - tiles_x
+        t = t - tiles_x
+        k_lo = split * chunk_y
         _grad_tile(
             x_ptr, mean_x_ptr + side * dim_x, diff_ptr, mean_y_ptr, grad_ptr, grad_y_ptr,
-            t // tiles_y_n, t % tiles_y_n, n_rows, dim_x, dim_y, dim_y,
+            ws_y_ptr + split.to(tl.int64) * n_rows * dim_y,
+            t // tiles_y_n, t % tiles_y_n, n_rows, dim_x, dim_y, dim_y, k_lo, tl.minimum(k_lo + chunk_y, dim_x),
             stride_xn, stride_xd, stride_diff_m, stride_diff_n, stride_gy_n, stride_gy_d,
-            alpha, beta, CENTRE_ON_LOAD, DOT_DTYPE, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
+            alpha, beta, SPLIT, CENTRE_ON_LOAD, DOT_DTYPE, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
         )  # fmt: skip
+
+
+@triton.jit
+def _reduce_tile(ws_ptr, gap_ptr, grad_ptr, out_ptr, pid_m, pid_n, n_rows, n_cols, stride_on, stride_oc, beta,
+                 SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+    """out tile = g * (sum over the splits, in order, of the partials + beta * gap)."""
+    rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_c = cols < n_cols
+    mask = (rows < n_rows)[:, None] & mask_c[None, :]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for s in range(SPLIT):
+        slice_ptr = ws_ptr + s * n_rows.to(tl.int64) * n_cols
+        acc += tl.load(slice_ptr + rows[:, None] * n_cols + cols[None, :], mask=mask, other=0.0)
+    gap = tl.load(gap_ptr + cols, mask=mask_c, other=0.0) - tl.load(gap_ptr + n_cols + cols, mask=mask_c, other=0.0)
+    g = tl.load(grad_ptr).to(tl.float32)
+    out = g * (acc + beta * gap[None, :])
+    tl.store(out_ptr + rows[:, None] * stride_on + cols[None, :] * stride_oc, out.to(out_ptr.dtype.element_ty),
+             mask=mask)  # fmt: skip
+
+
+@triton.jit
+def _grad_reduce_kernel(
+    ws_x_ptr, ws_y_ptr, mean_x_ptr, mean_y_ptr, grad_ptr, grad_x_ptr, grad_y_ptr,
+    n_rows, dim_x, dim_y, stride_gx_n, stride_gx_d, stride_gy_n, stride_gy_d, beta, tiles_x_n, tiles_x, tiles_y_n,
+    SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """The split-K fix-up: a fixed summation order, so results do not depend on scheduling (no atomics)."""
+    pid = tl.program_id(0)
+    if pid < tiles_x:
+        _reduce_tile(ws_x_ptr, mean_x_ptr, grad_ptr, grad_x_ptr, pid // tiles_x_n, pid % tiles_x_n, n_rows, dim_x,
+                     stride_gx_n, stride_gx_d, beta, SPLIT, BLOCK_M, BLOCK_N)  # fmt: skip
+    else:
+        t = pid - tiles_x
+        _reduce_tile(ws_y_ptr, mean_y_ptr, grad_ptr, grad_y_ptr, t // tiles_y_n, t % tiles_y_n, n_rows, dim_y,
+                     stride_gy_n, stride_gy_d, beta, SPLIT, BLOCK_M, BLOCK_N)  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------------
@@ -453,6 +503,12 @@ def covariance_grads(
         tiles_x_n, tiles_y_n = cdiv(dim_x, config.block_n), cdiv(dim_y, config.block_n)
         tiles_x = tiles_m * tiles_x_n if need_x else 0
         tiles_y = tiles_m * tiles_y_n if need_y else 0
+        inner = min(dim_y if need_x else dim_x, dim_x if need_y else dim_y)
+        split = split_k(tiles_x + tiles_y, inner, config.block_k, sm_count())
+        chunk_x = cdiv(cdiv(dim_y, split), config.block_k) * config.block_k
+        chunk_y = cdiv(cdiv(dim_x, split), config.block_k) * config.block_k
+        ws_x = torch.empty((split, n_rows, dim_x), dtype=torch.float32, device=device) if split > 1 and need_x else None
+        ws_y = torch.empty((split, n_rows, dim_y), dtype=torch.float32, device=device) if split > 1 and need_y else None
 
         def arg(t):  # an unused operand's slot gets any tensor (its branch never runs)
             return t if t is not None else diff
@@ -461,18 +517,28 @@ def covariance_grads(
             return t.stride() if t is not None else (0, 0)
 
         launch_kernel(
-            _cov_grad_kernel, (tiles_x + tiles_y,),
-            (arg(x), arg(y), mean_x, mean_y, diff, grad_scale, arg(grad_x), arg(grad_y),
+            _cov_grad_kernel, (split * (tiles_x + tiles_y),),
+            (arg(x), arg(y), mean_x, mean_y, diff, grad_scale, arg(grad_x), arg(grad_y), arg(ws_x), arg(ws_y),
              n_rows, dim_x, dim_y, side,
              *strides(x), *strides(y), *diff.stride(), *strides(grad_x), *strides(grad_y),
-             float(alpha), float(beta), tiles_x_n, tiles_x, tiles_y_n),
-            dict(CENTRE_ON_LOAD=dot == tl.float32, DOT_DTYPE=dot, PRECISION=precision,
+             float(alpha), float(beta), tiles_x_n, tiles_x, tiles_y_n, tiles_x + tiles_y, chunk_x, chunk_y),
+            dict(SPLIT=split, CENTRE_ON_LOAD=dot == tl.float32, DOT_DTYPE=dot, PRECISION=precision,
                  BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k),
             config,
             flops=2.0 * n_rows * dim_x * dim_y * (int(need_x) + int(need_y)),
             bytes_moved=float(rows.element_size() * n_rows * (dim_x + dim_y) * 2
                               + diff.element_size() * dim_x * dim_y * (int(need_x) + int(need_y))),
         )  # fmt: skip
+        if split > 1:
+            launch_kernel(
+                _grad_reduce_kernel, (tiles_x + tiles_y,),
+                (arg(ws_x), arg(ws_y), mean_x, mean_y, grad_scale, arg(grad_x), arg(grad_y),
+                 n_rows, dim_x, dim_y, *strides(grad_x), *strides(grad_y), float(beta), tiles_x_n, tiles_x, tiles_y_n),
+                dict(SPLIT=split, BLOCK_M=config.block_m, BLOCK_N=config.block_n),
+                TileConfig(config.block_m, config.block_n, 0, num_warps=4, num_stages=1),
+                flops=float(split * n_rows * (dim_x * need_x + dim_y * need_y)),
+                bytes_moved=float(4 * (split + 1) * n_rows * (dim_x * need_x + dim_y * need_y)),
+            )  # fmt: skip
         return grad_x, grad_y
 
     configs = (_INTERPRETER_CONFIG,) if interpreter_enabled() else _GRAD_CONFIGS[_kind(dot)]
@@ -483,6 +549,14 @@ def covariance_grads(
         return tiles_m * (cdiv(dim_x, c.block_n) * need_x + cdiv(dim_y, c.block_n) * need_y)
 
     return run(choose_config("covmatch_cov_grad", key, configs, lambda c: bench(lambda: run(c)), programs))
+
+
+def split_k(programs: int, inner: int, block_k: int, sms: int) -> int:
+    """Splits of the gradient GEMMs' inner dimension: 1 when the output tiles fill the GPU's ``sms``, else
+    enough to fill it, keeping at least two ``block_k`` steps per split."""
+    if programs >= sms:
+        return 1
+    return max(1, min(cdiv(sms, programs), inner // (2 * block_k)))
 
 
 def _itemsize(dtype: torch.dtype) -> int:
