@@ -260,3 +260,25 @@ def test_fused_path_under_func_grad_double_backward_and_vmap():
 
     with pytest.raises(RuntimeError, match="fused .triton. path has no vmap rule; pass backend='torch'"):
         torch.func.vmap(lambda s: loss("triton", s))(torch.stack([xs, xs]))
+
+
+def test_without_library_ops_the_fused_path_still_runs(monkeypatch):
+    """A torch that cannot register the op (custom ops arrived in 2.4 and grew since) gets the plain
+    functions: the same loss and gradients, in eager mode."""
+    from covmatch.loss import triton_backend
+
+    def refuse(*args, **kwargs):
+        raise TypeError("no custom ops here")
+
+    with monkeypatch.context() as patch:  # only while registering: torch registers ops of its own lazily
+        patch.setattr(torch.library, "custom_op", refuse)
+        plain = triton_backend._as_library_op("fused_loss_test", triton_backend.fused_loss._init_fn, None)
+    assert not isinstance(plain, torch._library.custom_ops.CustomOpDef)
+    monkeypatch.setattr(triton_backend, "fused_loss", plain)
+    xr, yr, xs, ys = _small()
+    xs.requires_grad_()
+    loss = covmatch_loss(xr, yr, xs, ys, rho=2.0, lam=0.1, backend="triton")
+    expected = covmatch_loss(xr, yr, xs, ys, rho=2.0, lam=0.1, backend="torch")
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.autograd.grad(loss, xs)[0], torch.autograd.grad(expected, xs)[0])
+    assert "fused_loss_test" in triton_backend._OP_UNAVAILABLE

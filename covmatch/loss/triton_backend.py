@@ -190,7 +190,6 @@ def _empty(like: torch.Tensor) -> torch.Tensor:
 # clear error.
 
 
-@torch.library.custom_op("covmatch::fused_loss", mutates_args=())
 def fused_loss(
     real_img: torch.Tensor, real_txt: torch.Tensor, syn_img: torch.Tensor, syn_txt: torch.Tensor,
     rho: float, lam: float, form: str, needs: List[bool],
@@ -200,7 +199,6 @@ def fused_loss(
     return [loss, *aux]
 
 
-@fused_loss.register_fake
 def _fused_loss_fake(real_img, real_txt, syn_img, syn_txt, rho, lam, form, needs):
     (n_real, dim_x), (n_syn, dim_y) = real_img.shape, syn_txt.shape
     f32 = dict(dtype=torch.float32)
@@ -217,7 +215,6 @@ def _fused_loss_fake(real_img, real_txt, syn_img, syn_txt, rho, lam, form, needs
     return [loss, z_x, z_y, *grams, *means]
 
 
-@torch.library.custom_op("covmatch::fused_loss_backward", mutates_args=())
 def fused_loss_backward(
     grad: torch.Tensor, real_img: torch.Tensor, real_txt: torch.Tensor, syn_img: torch.Tensor,
     syn_txt: torch.Tensor, aux: List[torch.Tensor], rho: float, lam: float, form: str, needs: List[bool],
@@ -229,10 +226,27 @@ def fused_loss_backward(
     return [g if g is not None else _empty(real_img) for g in grads]
 
 
-@fused_loss_backward.register_fake
 def _fused_loss_backward_fake(grad, real_img, real_txt, syn_img, syn_txt, aux, rho, lam, form, needs):
     inputs = (real_img, real_txt, syn_img, syn_txt)
     return [t.new_empty(t.shape) if need else _empty(real_img) for t, need in zip(inputs, needs)]
+
+
+def _as_library_op(name: str, fn, fake):
+    """``fn`` registered as the torch.library op ``covmatch::name`` with its fake implementation; where the
+    torch version cannot register it (custom ops arrived in 2.4 and grew since), ``fn`` itself: eager calls
+    and autograd work the same, torch.compile then breaks the graph around the loss."""
+    try:
+        op = torch.library.custom_op(f"covmatch::{name}", mutates_args=())(fn)
+        op.register_fake(fake)
+        return op
+    except Exception as err:  # an older torch's schema inference or registration
+        _OP_UNAVAILABLE[name] = f"{type(err).__name__}: {err}"
+        return fn
+
+
+_OP_UNAVAILABLE: Dict[str, str] = {}
+fused_loss = _as_library_op("fused_loss", fused_loss, _fused_loss_fake)
+fused_loss_backward = _as_library_op("fused_loss_backward", fused_loss_backward, _fused_loss_backward_fake)
 
 
 class FusedLossFunction(torch.autograd.Function):
