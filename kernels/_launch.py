@@ -25,6 +25,7 @@ from typing import Callable, Dict, Hashable, Iterator, List, Optional, Sequence,
 import torch
 import triton
 import triton.language as tl
+from torch.utils._python_dispatch import TorchDispatchMode
 
 __all__ = [
     "TileConfig",
@@ -38,6 +39,7 @@ __all__ = [
     "shape_bucket",
     "LaunchRecord",
     "NO_LAUNCH_OPS",
+    "DispatchedOps",
     "launch_kernel",
     "recorded_launches",
     "target_arch",
@@ -101,6 +103,27 @@ NO_LAUNCH_OPS = frozenset(
     {"empty", "empty_like", "new_empty", "empty_strided", "t", "view", "select", "slice", "unbind", "expand",
      "unsqueeze", "detach", "alias", "as_strided", "_record_function_enter_new", "_record_function_exit"}
 )  # fmt: skip
+
+
+class DispatchedOps(TorchDispatchMode):
+    """Within: the names of the torch ops dispatched, except those in ``skip`` (by default the ones that launch
+    nothing). A ``covmatch::`` op is looked into: what its implementation dispatches is recorded, not the op."""
+
+    def __init__(self, skip: frozenset = NO_LAUNCH_OPS) -> None:
+        super().__init__()
+        self.skip = skip
+        self.ops: List[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "covmatch":
+            from torch._library.custom_ops import _maybe_get_opdef
+
+            with self:
+                return _maybe_get_opdef(func)._init_fn(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        if name not in self.skip:
+            self.ops.append(name)
+        return func(*args, **(kwargs or {}))
 
 
 @dataclass

@@ -445,7 +445,7 @@ def covariance_forward(
             config,
             flops=2.0 * (n_real + n_syn) * dim_x * dim_y,
             bytes_moved=float((n_real + n_syn) * (dim_x + dim_y) * real_x.element_size()
-                              + (dim_x * dim_y * _itemsize(d_dtype) if store_diff else 0)),
+                              + (dim_x * dim_y * d_dtype.itemsize if store_diff else 0)),
         )  # fmt: skip
         out = torch.empty(3, dtype=torch.float32, device=device)
         launch_kernel(
@@ -557,7 +557,3 @@ def split_k(programs: int, inner: int, block_k: int, sms: int) -> int:
     if programs >= sms:
         return 1
     return max(1, min(cdiv(sms, programs), inner // (2 * block_k)))
-
-
-def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()

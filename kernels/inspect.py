@@ -28,9 +28,8 @@ from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
-from ._launch import NO_LAUNCH_OPS, LaunchRecord, recorded_launches, target_arch
+from ._launch import DispatchedOps, LaunchRecord, recorded_launches, target_arch
 
 __all__ = ["KernelReport", "inspect_call", "main"]
 
@@ -64,20 +63,6 @@ class KernelReport:
                 f"flops={self.flops:.3g} bytes={self.bytes_moved:.3g}")  # fmt: skip
 
 
-class _TorchOps(TorchDispatchMode):
-    """The torch ops of a call that launch device work (allocations and views do not)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.ops: List[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func.overloadpacket.__name__
-        if name not in NO_LAUNCH_OPS:
-            self.ops.append(name)
-        return func(*args, **(kwargs or {}))
-
-
 def record_call(
     shape: Tuple[int, int, int, int], dtype: torch.dtype, capability: Tuple[int, int], *,
     rho: float = 2.0, lam: float = 0.1, form: str = "auto",
@@ -101,7 +86,7 @@ def record_call(
     inputs, needs = (real_x, real_y, syn_x, syn_y), [False, False, True, True]
     # the op's forward and backward host functions (on meta tensors its registered fake would run instead)
     seed = torch.ones((), device="meta")  # the caller's backward() makes this
-    with target_arch(capability), recorded_launches() as launches, _TorchOps() as ops:
+    with target_arch(capability), recorded_launches() as launches, DispatchedOps() as ops:
         loss, aux = forward(*inputs, rho, lam, needs)
         backward(inputs, aux, seed, rho, lam, needs)
     return list(launches), list(ops.ops)

@@ -11,9 +11,7 @@ from __future__ import annotations
 import contextlib
 from typing import Callable, Iterator, List
 
-from torch.utils._python_dispatch import TorchDispatchMode
-
-from covmatch.kernels._launch import NO_LAUNCH_OPS
+from covmatch.kernels._launch import NO_LAUNCH_OPS, DispatchedOps
 
 __all__ = ["FREE_OPS", "count_dispatched_ops", "no_kernel_launches"]
 
@@ -31,27 +29,9 @@ def no_kernel_launches() -> Iterator[List]:
         yield launches
 
 
-class _CountOps(TorchDispatchMode):
-    def __init__(self, skip: frozenset) -> None:
-        super().__init__()
-        self.skip = skip
-        self.ops: List[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.namespace == "covmatch":  # our own op: count what its implementation dispatches, not the op
-            from torch._library.custom_ops import _maybe_get_opdef
-
-            with self:
-                return _maybe_get_opdef(func)._init_fn(*args, **(kwargs or {}))
-        name = func.overloadpacket.__name__
-        if name not in self.skip:
-            self.ops.append(name)
-        return func(*args, **(kwargs or {}))
-
-
 def count_dispatched_ops(fn: Callable[[], object], *, all_ops: bool = False) -> List[str]:
     """Names of the torch ops that one call of ``fn`` dispatches (backward included when ``fn`` runs it):
     those that launch work, or with ``all_ops`` every one (allocations, views, profiler markers)."""
-    with _CountOps(frozenset() if all_ops else FREE_OPS) as counter:
+    with DispatchedOps(frozenset() if all_ops else FREE_OPS) as counter:
         fn()
     return counter.ops
