@@ -26,12 +26,15 @@ __all__ = [
     "MATCHING_FIELDS",
     "atomic_write_bytes",
     "check_metadata_matches",
+    "INIT_METHODS",
     "init_synthetic_set",
+    "pick_balanced_pairs",
     "pick_initial_pairs",
     "synthetic_metadata",
 ]
 
 SYNTHETIC_TENSORS = "synthetic.safetensors"
+INIT_METHODS = ("random", "balanced")  # how the initial real pairs are drawn (--init)
 SYNTHETIC_METADATA = "synthetic.json"
 FORMAT_VERSION = 1
 # Metadata that must agree between a saved set and the encoders it is used with.
@@ -280,17 +283,38 @@ def synthetic_metadata(preset, model) -> Dict[str, Any]:
     }
 
 
-def init_synthetic_set(dataset, model, preset, num_pairs: int, seed: int) -> SyntheticSet:
-    """N random real pairs of ``dataset`` (a PairDataset) as the starting synthetic set: pixels through the
-    evaluation transform, captions through the text encoder's input-embedding table (docs/design.md,
-    *Algorithm 1 as implemented*)."""
+def pick_balanced_pairs(dataset, num_pairs: int, seed: int) -> List[int]:
+    """Indices of ``num_pairs`` train pairs with distinct images, balanced over the classes of the dataset's
+    source (the rule of the class-balanced coreset); one ConfigError line when the source has no labels."""
+    from covmatch.data.sampling import candidate_pairs, class_balanced  # optional data stack, as above
+
+    label = getattr(dataset.source, "label", None)
+    if label is None:
+        raise ConfigError("--init balanced needs class labels: the embedded dataset has them, this data has none")
+    candidates = candidate_pairs(dataset.pairs, seed)
+    if num_pairs > len(candidates):
+        raise ConfigError(
+            f"cannot draw {num_pairs} pairs with distinct images from a train split of {len(candidates)} images"
+        )
+    return class_balanced(candidates, [label(dataset.pairs[i][0]) for i in candidates], num_pairs, seed)
+
+
+def init_synthetic_set(dataset, model, preset, num_pairs: int, seed: int, init: str = "random") -> SyntheticSet:
+    """N real pairs of ``dataset`` (a PairDataset) as the starting synthetic set, drawn at random or, with
+    ``init="balanced"``, balanced over its classes: pixels through the evaluation transform, captions through
+    the text encoder's input-embedding table (docs/design.md, *Algorithm 1 as implemented*)."""
     from covmatch.data.datasets import CLIP_MEAN, CLIP_STD, image_transform  # optional data stack
 
-    picks = pick_initial_pairs(dataset.pairs, num_pairs, seed)
+    if init not in INIT_METHODS:
+        raise ConfigError(f"--init must be one of {', '.join(INIT_METHODS)}, got {init!r}")
+    if init == "balanced":
+        picks = pick_balanced_pairs(dataset, num_pairs, seed)
+    else:
+        picks = pick_initial_pairs(dataset.pairs, num_pairs, seed)
     transform = image_transform(preset.image_size, train=False, mean=CLIP_MEAN, std=CLIP_STD)
     images = torch.stack([transform(dataset.source.load_image(dataset.pairs[i][0])) for i in picks])
     metadata = synthetic_metadata(preset, model)
-    metadata.update({"init_seed": seed, "init_pairs": picks, "iteration": 0})
+    metadata.update({"init_seed": seed, "init": init, "init_pairs": picks, "iteration": 0})
     return SyntheticSet.from_real(
         images, dataset.input_ids[picks], dataset.attention_mask[picks], model.text.embedding_table, metadata
     )

@@ -167,6 +167,8 @@ DISTILL_CASES = [
          "dataset_coco.json: images[0] field 'split' must be one of train, restval, val, test, got 'dev'",
          prepare=_write("dataset_coco.json", b'{"images": [{"filename": "a.jpg", "split": "dev", "sentences": [{"raw": "a"}]}]}'),
          needs=["karpathy"]),
+    Case("init-balanced-without-labels", "distill", [*KARPATHY, "--init", "balanced"],
+         "--init balanced needs class labels: the embedded dataset has them, this data has none", needs=["karpathy"]),
     Case("data-hf-no-dir", "distill", ["--dataset", "hf"], "--dataset hf needs --data-dir DIR"),
     Case("data-hf-dir-missing", "distill", ["--dataset", "hf", "--data-dir", "{tmp}/nope"], "nope: --data-dir folder not found"),
     Case("data-hf-not-a-dataset", "eval", ["--coreset", "random", "--dataset", "hf", "--data-dir", "{tmp}/empty"],

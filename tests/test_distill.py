@@ -217,6 +217,7 @@ def test_chunked_activation_memory_is_flat_in_n():
         {"grad_checkpointing": True, "syn_chunk": 3},
         {"frozen_text": True, "text_features": True, "online": "synthetic", "syn_chunk": 5},
         {"proj_depth": 2, "learnable_temperature": True, "text_pooling": "mean"},
+        {"init": "balanced"},
     ],
     ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()),
 )

@@ -107,6 +107,7 @@ def test_every_planned_command_is_accepted_by_the_commands_it_runs(root, monkeyp
     """The tune and final stages' commands parse (the final stage planned as if lr3 had won)."""
     monkeypatch.setattr(study, "choose_config", lambda: "lr3")
     monkeypatch.setattr(study, "choose_unseen_lr", lambda enc: study.UNSEEN_LR_CANDIDATES["lr.01"])
+    monkeypatch.setattr(study, "balanced_init_wins", lambda chosen: True)  # table 1's added rows planned too
     jobs = study.job_list("all")
     names = [j.name for j in jobs]
     assert len(names) == len(set(names))
@@ -121,4 +122,10 @@ def test_every_planned_command_is_accepted_by_the_commands_it_runs(root, monkeyp
             analyze_parser().parse_args(argv)
         else:
             eval_parser().parse_args(argv)
-    assert {t.key for t in study.all_tables("all")} == {"tune", "tune-unseen", "1", "2", "3", "4", "5", "6", "7"}
+    assert {t.key for t in study.all_tables("all")} == {"tune", "tune-unseen", "tune-init", "1", "2", "3", "4", "5", "5t", "6", "7"}
+    assert any("--init" in j.command() for j in jobs if isinstance(j, study.Distill) and j.name.startswith("paper"))
+    # --tables runs tables in the order given: table 7's first job before table 1's
+    ordered = [j.name for j in study.job_list("final", ["7", "1"])]
+    assert ordered[0] == "paper-n100-t1000-s0" and ordered[1].endswith(".probe.test.r0")
+    assert not any(".text6." in n for n in ordered)
+

@@ -43,6 +43,25 @@ def test_init_from_real_pairs(setup):
         init_synthetic_set(dataset, model, preset, 1000, seed=0)
 
 
+def test_balanced_init_draws_the_class_balanced_coreset_rule(setup):
+    from covmatch.data.sampling import candidate_pairs, class_balanced
+
+    preset, model, dataset = setup
+    syn = init_synthetic_set(dataset, model, preset, num_pairs=12, seed=5, init="balanced")
+    picks = syn.metadata["init_pairs"]
+    assert syn.metadata["init"] == "balanced"
+    assert len({dataset.pairs[i][0] for i in picks}) == 12  # distinct images
+    labels = [dataset.source.label(dataset.pairs[i][0]) for i in picks]
+    counts = [labels.count(c) for c in set(labels)]
+    assert max(counts) - min(counts) <= 1
+    candidates = candidate_pairs(dataset.pairs, 5)
+    all_labels = [dataset.source.label(dataset.pairs[i][0]) for i in candidates]
+    assert picks == class_balanced(candidates, all_labels, 12, 5)
+    assert picks != init_synthetic_set(dataset, model, preset, 12, seed=5).metadata["init_pairs"]
+    with pytest.raises(ConfigError, match="--init must be one of random, balanced"):
+        init_synthetic_set(dataset, model, preset, 12, seed=5, init="herding")
+
+
 def test_round_trip_is_bit_exact(setup, tmp_path):
     preset, model, dataset = setup
     syn = init_synthetic_set(dataset, model, preset, 8, seed=0)

@@ -27,6 +27,7 @@ from covmatch.cli_args import (
 from covmatch.devices import resolve_device
 from covmatch.errors import EXIT_BAD_INPUT, EXIT_DIVERGED, ConfigError, CovMatchError, DivergedError, one_line
 from covmatch.presets import PRESETS, get_preset
+from covmatch.synthetic import INIT_METHODS
 
 from .config import (
     DISTILL_MODES,
@@ -121,6 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ab.add_argument("--distill", choices=DISTILL_MODES, default="both", help="which modality is distilled")
     ab.add_argument(
+        "--init",
+        choices=INIT_METHODS,
+        default="random",
+        help="initial real pairs: random (the paper's) or balanced over the data's classes (embedded data)",
+    )
+    ab.add_argument(
         "--step-order",
         choices=STEP_ORDERS,
         default="paper",
@@ -179,6 +186,7 @@ def config_from_args(args: argparse.Namespace) -> DistillConfig:
         online=args.online,
         distill_mode=args.distill,
         step_order=args.step_order,
+        init=args.init,
         target_augment=args.target_augment,
         workers=args.workers,
         loss_backend=args.loss_backend,

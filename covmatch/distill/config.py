@@ -10,6 +10,7 @@ from typing import Optional, Tuple
 
 from covmatch.errors import ConfigError
 from covmatch.presets import Preset, get_preset
+from covmatch.synthetic import INIT_METHODS
 
 __all__ = [
     "DistillConfig",
@@ -71,6 +72,7 @@ class DistillConfig:
     online: Optional[str] = None  # None: the preset's (Preset.online)
     distill_mode: str = "both"
     step_order: str = "paper"  # see STEP_ORDERS
+    init: str = "random"  # initial real pairs: random (the paper's) or balanced over classes (INIT_METHODS)
     target_augment: bool = False  # train augmentation on the real batch behind the covariance target
     workers: int = 0
     loss_backend: str = "auto"
@@ -134,6 +136,8 @@ class DistillConfig:
             raise ConfigError("--text-features learns captions as features of a frozen text encoder: add --frozen-text")
         if self.step_order not in STEP_ORDERS:
             raise ConfigError(f"--step-order must be one of {', '.join(STEP_ORDERS)}, got {self.step_order!r}")
+        if self.init not in INIT_METHODS:
+            raise ConfigError(f"--init must be one of {', '.join(INIT_METHODS)}, got {self.init!r}")
         if self.distill_mode not in DISTILL_MODES:
             raise ConfigError(f"--distill must be one of {DISTILL_MODES}, got {self.distill_mode!r}")
         if self.loss_backend not in ("auto", "torch", "triton"):

@@ -68,7 +68,9 @@ class Distiller:
             self.pretrained_embedding_table = self.model.pretrained_embedding_table()
             self.train_data = self._build_data()  # under the train transform: the online model's batches
             self.target_data = with_train_transform(self.train_data, config.preset, augment=config.target_augment)
-            initial = init_synthetic_set(self.train_data, self.model, config.preset, config.num_pairs, config.seed)
+            initial = init_synthetic_set(
+                self.train_data, self.model, config.preset, config.num_pairs, config.seed, config.init
+            )
             self.initial_token_ids = nearest_token_ids(initial.text_embeds, self.pretrained_embedding_table).cpu()
             self.synthetic = SyntheticParameters(
                 initial,

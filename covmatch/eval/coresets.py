@@ -8,23 +8,17 @@ per train image (drawn with the seed), so a coreset never holds two captions of 
 
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 
-from covmatch.data.sources import pairs_by_image
+from covmatch.data.sampling import candidate_pairs, class_balanced
 from covmatch.errors import ConfigError
 
 __all__ = ["CORESETS", "candidate_pairs", "class_balanced", "herding", "k_center", "select_coreset"]
 
 CORESETS = ("random", "balanced", "herding", "kcenter", "full")
-
-
-def candidate_pairs(pairs: Sequence[Tuple[str, str]], seed: int) -> List[int]:
-    """One pair index per distinct image (a random caption of it), in image order."""
-    gen = torch.Generator().manual_seed(seed)
-    return [opts[int(torch.randint(len(opts), (1,), generator=gen))] for opts in pairs_by_image(pairs).values()]
 
 
 def herding(features: torch.Tensor, n: int) -> List[int]:
@@ -59,22 +53,6 @@ def k_center(features: torch.Tensor, n: int, seed: int) -> List[int]:
 def pair_features(image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
     """[normalised image feature, normalised text feature] per pair."""
     return torch.cat([F.normalize(image_features.float(), dim=-1), F.normalize(text_features.float(), dim=-1)], 1)
-
-
-def class_balanced(candidates: Sequence[int], labels: Sequence[str], n: int, seed: int) -> List[int]:
-    """``n`` of ``candidates`` drawn at random, one class after another in turn (classes in sorted order), so
-    class counts differ by at most one while a class has candidates left."""
-    gen = torch.Generator().manual_seed(seed)
-    groups: Dict[str, List[int]] = {}
-    for i in torch.randperm(len(candidates), generator=gen).tolist():
-        groups.setdefault(labels[i], []).append(candidates[i])
-    queues = [groups[k] for k in sorted(groups)]
-    picks: List[int] = []
-    while len(picks) < n:
-        for queue in queues:
-            if queue and len(picks) < n:
-                picks.append(queue.pop())
-    return picks
 
 
 def select_coreset(
