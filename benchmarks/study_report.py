@@ -189,6 +189,13 @@ def _targets(results: Dict[str, dict]) -> List[str]:
                      f"({m:+.1f} ± {s:.1f}).")  # fmt: skip
     else:
         lines.append("- Table 1, paired difference over the iteration-0 sets beyond 2 std: pending.")
+    gate = {r["label"].split(",")[-1].strip(): r for r in results.get("tune-init", {}).get("rows", [])
+            if r["done"] == r["planned"] and r["done"]}  # fmt: skip
+    if "class-balanced initial pairs" in gate and "class-balanced random pairs" in gate:
+        a, b = gate["class-balanced initial pairs"]["mean"][0], gate["class-balanced random pairs"]["mean"][0]
+        outcome = "above, so table 1 has its test rows" if a > b else "not above, so not run on test"
+        lines.append(f"- Tune-init (val): the paper regime from class-balanced pairs {a:.1f} vs class-balanced random "
+                     f"{b:.1f}: {outcome}.")  # fmt: skip
     balanced_init, balanced = row("1", "CovMatch from class-balanced pairs"), row("1", "class-balanced random")
     if balanced_init and balanced:
         ok = balanced_init["mean"][0] - balanced_init["mean"][1] > balanced["mean"][0] + balanced["mean"][1]
