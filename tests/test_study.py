@@ -122,10 +122,37 @@ def test_every_planned_command_is_accepted_by_the_commands_it_runs(root, monkeyp
             analyze_parser().parse_args(argv)
         else:
             eval_parser().parse_args(argv)
-    assert {t.key for t in study.all_tables("all")} == {"tune", "tune-unseen", "tune-init", "1", "2", "3", "4", "5", "5t", "6", "7"}
+    keys = {t.key for t in study.all_tables("all")}
+    assert keys == {"tune", "tune-unseen", "tune-init", "1", "2", "3", "4", "5", "5t", "6", "7"}
     assert any("--init" in j.command() for j in jobs if isinstance(j, study.Distill) and j.name.startswith("paper"))
     # --tables runs tables in the order given: table 7's first job before table 1's
     ordered = [j.name for j in study.job_list("final", ["7", "1"])]
     assert ordered[0] == "paper-n100-t1000-s0" and ordered[1].endswith(".probe.test.r0")
     assert not any(".text6." in n for n in ordered)
 
+
+def _write_result(root, name: str, mean: float) -> None:
+    (root / "evals" / name).mkdir(parents=True)
+    (root / "evals" / name / "results.json").write_text(json.dumps({"runs": [{"mean": mean}]}))
+
+
+def test_unseen_encoder_enters_table_5_only_if_random_pairs_learn_on_val(root):
+    for enc, (a, b) in {"resnet": (30.0, 34.0), "vit": (4.0, 5.0)}.items():
+        for lr, mean in zip(study.UNSEEN_LR_CANDIDATES, (a, b)):
+            for seed in study.TUNE_EVAL_SEEDS:
+                _write_result(root, f"random.{enc}-{lr}.val.r{seed}", mean)
+    assert study.choose_unseen_lr("resnet") == study.UNSEEN_LR_CANDIDATES["lr.001"]  # the better val mean
+    assert study.choose_unseen_lr("vit") is None  # learns at neither rate: below LEARNS_ON_VAL
+    assert study.choose_unseen_lr("convnext") is None  # not scored yet
+
+
+def test_balanced_init_gate_reads_val_only(root):
+    assert study.balanced_init_wins("slow-lr3") is None
+    table = study.tune_init_table("slow-lr3")
+    rows = dict(table.rows)
+    for e in rows["slow-lr3, class-balanced initial pairs"]:
+        _write_result(root, e.name, 30.0)
+    for e in rows["class-balanced random pairs"]:
+        _write_result(root, e.name, 31.0)
+    assert all(e.split == "val" for e in rows["class-balanced random pairs"])
+    assert study.balanced_init_wins("slow-lr3") is False
