@@ -286,17 +286,15 @@ def synthetic_metadata(preset, model) -> Dict[str, Any]:
 def pick_balanced_pairs(dataset, num_pairs: int, seed: int) -> List[int]:
     """Indices of ``num_pairs`` train pairs with distinct images, balanced over the classes of the dataset's
     source (the rule of the class-balanced coreset); one ConfigError line when the source has no labels."""
-    from covmatch.data.sampling import candidate_pairs, class_balanced  # optional data stack, as above
+    from covmatch.data.sampling import candidate_pairs, class_balanced_pairs  # optional data stack, as above
 
-    label = getattr(dataset.source, "label", None)
-    if label is None:
-        raise ConfigError("--init balanced needs class labels: the embedded dataset has them, this data has none")
     candidates = candidate_pairs(dataset.pairs, seed)
     if num_pairs > len(candidates):
         raise ConfigError(
             f"cannot draw {num_pairs} pairs with distinct images from a train split of {len(candidates)} images"
         )
-    return class_balanced(candidates, [label(dataset.pairs[i][0]) for i in candidates], num_pairs, seed)
+    label = getattr(dataset.source, "label", None)
+    return class_balanced_pairs(dataset.pairs, candidates, num_pairs, seed, label, "--init balanced")
 
 
 def init_synthetic_set(dataset, model, preset, num_pairs: int, seed: int, init: str = "random") -> SyntheticSet:

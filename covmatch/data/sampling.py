@@ -6,13 +6,15 @@ Shared by the distillation's initial set (``--init``) and the evaluation's cores
 
 from __future__ import annotations
 
-from typing import Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from covmatch.errors import ConfigError
+
 from .sources import pairs_by_image
 
-__all__ = ["candidate_pairs", "class_balanced"]
+__all__ = ["candidate_pairs", "class_balanced", "class_balanced_pairs"]
 
 
 def candidate_pairs(pairs: Sequence[Tuple[str, str]], seed: int) -> List[int]:
@@ -35,3 +37,18 @@ def class_balanced(candidates: Sequence[int], labels: Sequence[str], n: int, see
             if queue and len(picks) < n:
                 picks.append(queue.pop())
     return picks
+
+
+def class_balanced_pairs(
+    pairs: Sequence[Tuple[str, str]],
+    candidates: Sequence[int],
+    n: int,
+    seed: int,
+    label: Optional[Callable[[str], str]],
+    flag: str,
+) -> List[int]:
+    """``n`` of ``candidates`` (indices into ``pairs``) balanced over ``label(image key)``; one ConfigError line
+    naming ``flag`` when the data has no labels."""
+    if label is None:
+        raise ConfigError(f"{flag} needs class labels: the embedded dataset has them, this data has none")
+    return class_balanced(candidates, [label(pairs[i][0]) for i in candidates], n, seed)

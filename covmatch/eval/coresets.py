@@ -13,7 +13,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from covmatch.data.sampling import candidate_pairs, class_balanced
+from covmatch.data.sampling import candidate_pairs, class_balanced, class_balanced_pairs
 from covmatch.errors import ConfigError
 
 __all__ = ["CORESETS", "candidate_pairs", "class_balanced", "herding", "k_center", "select_coreset"]
@@ -77,11 +77,7 @@ def select_coreset(
         gen = torch.Generator().manual_seed(seed)
         return [candidates[i] for i in torch.randperm(len(candidates), generator=gen)[:n].tolist()]
     if method == "balanced":
-        if label is None:
-            raise ConfigError(
-                "--coreset balanced needs class labels: the embedded dataset has them, this data has none"
-            )
-        return class_balanced(candidates, [label(pairs[i][0]) for i in candidates], n, seed)
+        return class_balanced_pairs(pairs, candidates, n, seed, label, "--coreset balanced")
     feats = encode(candidates)
     picks = herding(feats, n) if method == "herding" else k_center(feats, n, seed)
     return [candidates[i] for i in picks]
