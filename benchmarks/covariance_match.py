@@ -55,7 +55,9 @@ def main(argv: Optional[Sequence[str]] = None) -> List[str]:
 
     preset = get_preset(args.preset)
     torch.manual_seed(args.seed)
-    weights = resolve_image_weights(preset.image_encoder, preset.image_size, preset.image_weights)
+    weights = resolve_image_weights(
+        preset.image_encoder, preset.image_size, preset.image_weights, model_kwargs=preset.image_model_kwargs()
+    )
     model = build_dual_encoder(
         preset, image_weights=weights
     ).eval()  # the pretrained encoders every evaluation starts from

@@ -154,17 +154,22 @@ def analyze(run: Path, out: Path, *, real_pairs: int, other_encoders: Sequence[t
     config = run_config(final, str(run / "synthetic.json"))
     preset, device = config.preset, resolve_device(device_name)
     sets = {"iteration 0": initial, f"iteration {final.metadata.get('iteration')}": final}
-    encoders = [(preset.image_encoder, preset.image_weights), *other_encoders]
+    # the run's own encoder with its timm arguments; the others as timm builds them by default
+    encoders = [(preset.image_encoder, preset.image_weights, preset.image_encoder_kwargs)]
+    encoders += [(name, weights, "") for name, weights in other_encoders]
     source = build_source(
         preset, ann_root=config.ann_root, image_root=config.image_root, data_dir=config.data_dir, seed=config.data_seed
     )
     match = {}
-    for name, weights in encoders:
+    for name, weights, kwargs in encoders:
         weights = preset.image_weights if weights is None else weights
-        model_preset = dataclasses.replace(preset, image_encoder=name, image_weights=weights)
-        model = build_dual_encoder(
-            model_preset, image_weights=resolve_image_weights(name, preset.image_size, weights)
-        ).to(device).eval()  # fmt: skip
+        model_preset = dataclasses.replace(
+            preset, image_encoder=name, image_weights=weights, image_encoder_kwargs=kwargs
+        )
+        resolved = resolve_image_weights(
+            name, preset.image_size, weights, model_kwargs=model_preset.image_model_kwargs()
+        )
+        model = build_dual_encoder(model_preset, image_weights=resolved).to(device).eval()
         data = build_train_dataset(source, model.text.tokenizer, preset, augment=False)
         order = torch.randperm(len(data), generator=torch.Generator().manual_seed(123))[:real_pairs].tolist()
         real_image, real_text = encode_pairs(model, data, order, device)

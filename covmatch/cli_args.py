@@ -41,6 +41,8 @@ PRESET_FLAG_HELP: Dict[str, str] = {
     "iterations": "distillation iterations T (default: by N)",
     "image_encoder": "timm model name (created with num_classes=0)",
     "image_weights": "local .safetensors/.pth file, or 'cache' (local HF cache)",
+    "image_encoder_kwargs": "timm.create_model keyword arguments, 'key=value, ...' (e.g. 'patch_size=8' for a "
+    "ViT at 32 px)",
     "text_encoder": "local transformers model directory or cached name",
     "text_layers": "keep only the first K text transformer layers",
     "image_size": "input resolution in pixels",

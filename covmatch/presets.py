@@ -7,14 +7,15 @@ Hyperparameters left as None are filled from the number of synthetic pairs (docs
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Mapping, Optional, Tuple
+from typing import Dict, Mapping, Optional, Tuple
 
 from covmatch.errors import ConfigError
 
-__all__ = ["Preset", "PRESETS", "FIELD_CHOICES", "get_preset"]
+__all__ = ["Preset", "PRESETS", "FIELD_CHOICES", "get_preset", "parse_model_kwargs"]
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,8 @@ class Preset:
     # encoders
     image_encoder: str = "nfnet_l0"
     image_weights: Optional[str] = None  # local file, "cache" (local HF cache) or None (random init)
+    # keyword arguments of timm.create_model, "key=value, ...": e.g. "patch_size=8" for a ViT at 32 px
+    image_encoder_kwargs: str = ""
     text_encoder: str = "bert-base-uncased"
     text_layers: Optional[int] = None
     text_random_init: bool = False
@@ -91,6 +94,11 @@ class Preset:
         for name, choices in FIELD_CHOICES.items():
             if getattr(self, name) not in choices:
                 raise ConfigError(f"{where(name)} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
+        parse_model_kwargs(self.image_encoder_kwargs, where("image_encoder_kwargs"))
+
+    def image_model_kwargs(self) -> Dict[str, object]:
+        """``image_encoder_kwargs`` as the keyword arguments timm.create_model receives."""
+        return parse_model_kwargs(self.image_encoder_kwargs, "image_encoder_kwargs")
 
     def resolved_rho(self, num_pairs: Optional[int] = None) -> float:
         n = num_pairs or self.num_pairs
@@ -157,6 +165,37 @@ FIELD_CHOICES = {
     "text_pooling": ("cls", "mean"),
     "online": ("real", "synthetic", "fixed"),
 }
+
+
+def parse_model_kwargs(text: str, where: str) -> Dict[str, object]:
+    """``"patch_size=8, global_pool='avg'"`` -> ``{"patch_size": 8, "global_pool": "avg"}``: Python literals, and
+    bare words as strings (``act_layer=gelu``). ``where`` names the flag or field in the error."""
+    if not isinstance(text, str):
+        raise ConfigError(f"{where} must be a string of key=value pairs, got {text!r}")
+    if not text.strip():
+        return {}
+    try:
+        call = ast.parse(f"f({text})", mode="eval").body
+    except SyntaxError:
+        call = None
+    if not isinstance(call, ast.Call) or call.args or any(k.arg is None for k in call.keywords):
+        raise ConfigError(f"{where} must be key=value pairs separated by commas, got {text!r}")
+    kwargs: Dict[str, object] = {}
+    for keyword in call.keywords:
+        if keyword.arg in kwargs:
+            raise ConfigError(f"{where} sets {keyword.arg!r} twice")
+        node = keyword.value
+        if isinstance(node, ast.Name):
+            kwargs[keyword.arg] = node.id
+            continue
+        try:
+            kwargs[keyword.arg] = ast.literal_eval(node)
+        except ValueError:
+            raise ConfigError(
+                f"{where}: the value of {keyword.arg!r} must be a number, word, string, tuple or list, "
+                f"got {ast.unparse(node)!r}"
+            ) from None
+    return kwargs
 
 
 def _check_number(flag: str, value, kind: type, allowed, note: str = "") -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -9,7 +11,8 @@ from safetensors.torch import save_file
 from covmatch.data import tokenize_captions
 from covmatch.errors import ConfigError
 from covmatch.models import ImageEncoder, TextEncoder, build_dual_encoder
-from covmatch.presets import get_preset
+from covmatch.presets import get_preset, parse_model_kwargs
+from covmatch.pretrain import default_cache_path
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +66,34 @@ def test_image_encoder_is_headless_and_loads_local_weights(tmp_path):
         loaded = ImageEncoder.create("test_nfnet", image_size=16, weights=str(tmp_path / name))
         for k, v in loaded.model.state_dict().items():
             assert torch.equal(v, state[k]), k
+
+
+def test_image_encoder_takes_timm_kwargs():
+    """--image-encoder-kwargs reach timm.create_model: a ViT at 32 px with 8-px patches sees a 4x4 grid."""
+    preset = get_preset("tiny").replace(image_encoder="test_vit", image_size=32, image_encoder_kwargs="patch_size=8")
+    enc = ImageEncoder.create(preset.image_encoder, image_size=32, model_kwargs=preset.image_model_kwargs())
+    assert enc.model.patch_embed.grid_size == (4, 4) and enc.model_kwargs == {"patch_size": 8}
+    assert enc(torch.randn(2, 3, 32, 32)).shape == (2, enc.feature_dim)
+    default = ImageEncoder.create("test_vit", image_size=32)
+    assert default.model.patch_embed.grid_size == (2, 2)  # timm's 16-px patches
+
+
+def test_model_kwargs_parse_literals_and_words():
+    kwargs = parse_model_kwargs("patch_size=8, act_layer=gelu, dims=(16, 32), pool='avg', flag=False", "--x")
+    assert kwargs == {"patch_size": 8, "act_layer": "gelu", "dims": (16, 32), "pool": "avg", "flag": False}
+    assert parse_model_kwargs("  ", "--x") == {}
+    for bad, message in (("8", "key=value pairs"), ("a=1)", "key=value pairs"), ("**k", "key=value pairs"),
+                         ("a=[x for x in y]", "the value of 'a'"), ("a=1, a=2", "sets 'a' twice")):  # fmt: skip
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            parse_model_kwargs(bad, "--x")
+
+
+def test_pretrained_cache_path_names_the_kwargs(tmp_path, monkeypatch):
+    monkeypatch.setenv("COVMATCH_CACHE", str(tmp_path))
+    assert default_cache_path("test_vit", 32).name == "shapes-pretrained-test_vit-32px.safetensors"
+    tagged = default_cache_path("test_vit", 32, {"patch_size": 8, "act_layer": "gelu"})
+    assert tagged.name == "shapes-pretrained-test_vit-act_layer=gelu,patch_size=8-32px.safetensors"
+    assert tagged != default_cache_path("test_vit", 32, {"patch_size": 4})
 
 
 def test_image_encoder_weight_errors(tmp_path):

@@ -47,8 +47,9 @@ PROG = "covmatch-distill"
 
 # Preset fields with a covmatch-distill flag, by group.
 DATA_FIELDS = ("dataset",)
-ENCODER_FIELDS = ("image_encoder", "image_weights", "text_encoder", "text_layers", "image_size", "seq_len",
-                  "proj_dim", "proj_depth", "text_pooling", "learnable_temperature")  # fmt: skip
+ENCODER_FIELDS = ("image_encoder", "image_weights", "image_encoder_kwargs", "text_encoder", "text_layers",
+                  "image_size", "seq_len", "proj_dim", "proj_depth", "text_pooling",
+                  "learnable_temperature")  # fmt: skip
 HYPERPARAMETER_FIELDS = ("num_pairs", "iterations", "real_batch", "syn_batch", "rho", "lam", "lr_img", "lr_txt",
                          "syn_momentum", "reset_every", "online_lr_encoder", "online_lr_proj", "online_momentum",
                          "normalize_loss")  # fmt: skip

@@ -30,9 +30,9 @@ STEP_ORDERS = ("paper", "loss-first")  # online update before the statistics (th
 REPORTERS = ("tensorboard", "wandb")  # --report-to: where log records go besides log.jsonl (always written)
 # Preset fields that covmatch-distill sets by a flag of the same name (--lr-img sets lr_img).
 PRESET_FLAG_FIELDS = (
-    "dataset", "num_pairs", "iterations", "image_encoder", "image_weights", "text_encoder", "text_layers",
-    "image_size", "seq_len", "proj_dim", "proj_depth", "text_pooling", "learnable_temperature", "real_batch",
-    "syn_batch", "rho", "lam", "lr_img", "lr_txt", "syn_momentum", "reset_every", "online_lr_encoder",
+    "dataset", "num_pairs", "iterations", "image_encoder", "image_weights", "image_encoder_kwargs", "text_encoder",
+    "text_layers", "image_size", "seq_len", "proj_dim", "proj_depth", "text_pooling", "learnable_temperature",
+    "real_batch", "syn_batch", "rho", "lam", "lr_img", "lr_txt", "syn_momentum", "reset_every", "online_lr_encoder",
     "online_lr_proj", "online_momentum", "normalize_loss",
 )  # fmt: skip
 PRESET_FLAGS = {name: f"--{name.replace('_', '-')}" for name in PRESET_FLAG_FIELDS}

@@ -116,7 +116,11 @@ class Distiller:
         """Pretrained encoders and random projections, with the memory and ablation switches applied."""
         config, preset = self.config, self.config.preset
         weights = resolve_image_weights(
-            preset.image_encoder, preset.image_size, preset.image_weights, progress=self.config.progress
+            preset.image_encoder,
+            preset.image_size,
+            preset.image_weights,
+            progress=self.config.progress,
+            model_kwargs=preset.image_model_kwargs(),
         )
         model = build_dual_encoder(preset, image_weights=weights).to(self.device)
         if config.grad_checkpointing:

@@ -56,6 +56,7 @@ EVAL_FLAGS = {
     "dataset": "--dataset",
     "image_encoder": "--image-encoder",
     "image_weights": "--image-weights",
+    "image_encoder_kwargs": "--image-encoder-kwargs",
     "text_encoder": "--text-encoder",
     "text_layers": "--text-layers",
     "eval_epochs": "--epochs",
@@ -117,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     training = ("eval_runs", "eval_epochs", "eval_batch", "eval_lr_encoder", "eval_lr_proj")
     add_preset_flags(p.add_argument_group("training protocol"), training, names=EVAL_FLAGS)
-    encoders = ("image_encoder", "image_weights", "text_encoder", "text_layers")
+    encoders = ("image_encoder", "image_weights", "image_encoder_kwargs", "text_encoder", "text_layers")
     add_preset_flags(p.add_argument_group("encoders"), encoders, names=EVAL_FLAGS, helps=_EVAL_HELP)
     data = p.add_argument_group("data")
     add_preset_flags(data, ("dataset",))
@@ -174,7 +175,11 @@ def run_evaluation(args) -> dict:
         syn = load_synthetic_for(args.synthetic, preset)  # fails fast, before any encoder is built
     data_seed = resolve_data_seed(args, syn if args.synthetic is not None else None, preset)
     weights = resolve_image_weights(
-        preset.image_encoder, preset.image_size, preset.image_weights, progress=not args.no_progress
+        preset.image_encoder,
+        preset.image_size,
+        preset.image_weights,
+        progress=not args.no_progress,
+        model_kwargs=preset.image_model_kwargs(),
     )
     model = build_dual_encoder(preset, image_weights=weights)
     source = build_source(
@@ -241,6 +246,7 @@ def run_evaluation(args) -> dict:
             "seeds": [args.seed + r for r in range(runs)],
             "data_seed": data_seed,
             "image_encoder": model.image.name,
+            "image_encoder_kwargs": model.image.model_kwargs,
             "text_encoder": model.text.name,
             "device": str(device),
             **extra,

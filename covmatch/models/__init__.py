@@ -27,6 +27,7 @@ def build_dual_encoder(preset, *, image_encoder=None, text_encoder=None, image_w
         image_encoder or preset.image_encoder,
         image_size=preset.image_size,
         weights=image_weights if image_weights is not None else preset.image_weights,
+        model_kwargs=preset.image_model_kwargs(),
     )
     text = TextEncoder.create(
         text_encoder or preset.text_encoder,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Mapping, Optional
 
 import torch
 from torch import nn
@@ -38,27 +38,41 @@ def _cached_hub_file(model: nn.Module) -> Path:
 class ImageEncoder(nn.Module):
     """A timm backbone; ``forward(pixels [n, 3, H, W]) -> features [n, feature_dim]``."""
 
-    def __init__(self, model: nn.Module, name: str, image_size: int) -> None:
+    def __init__(self, model: nn.Module, name: str, image_size: int, model_kwargs: Optional[Mapping] = None) -> None:
         super().__init__()
         self.model = model
         self.name = name
         self.image_size = image_size
+        self.model_kwargs = dict(model_kwargs or {})
         self.feature_dim = int(model.num_features)
         self.channels_last = False
 
     @classmethod
-    def create(cls, name: str, *, image_size: int, weights: Optional[str] = None) -> ImageEncoder:
-        """Build ``name`` from timm. ``weights``: None (random init), a local file, or "cache" (the local HF
-        cache). The embedded data's "shapes-pretrained" weights are made by ``covmatch.pretrain`` and reach
-        this factory as a file (``resolve_image_weights``)."""
+    def create(
+        cls,
+        name: str,
+        *,
+        image_size: int,
+        weights: Optional[str] = None,
+        model_kwargs: Optional[Mapping[str, object]] = None,
+    ) -> ImageEncoder:
+        """Build ``name`` from timm with ``model_kwargs`` (e.g. ``patch_size``). ``weights``: None (random
+        init), a local file, or "cache" (the local HF cache). The embedded data's "shapes-pretrained" weights
+        are made by ``covmatch.pretrain`` and reach this factory as a file (``resolve_image_weights``)."""
         import timm
 
         if not timm.is_model(name):
             raise ConfigError(f"unknown timm image encoder {name!r}")
+        kwargs = dict(model_kwargs or {})
         try:
-            model = timm.create_model(name, pretrained=False, num_classes=0, img_size=image_size)
-        except TypeError:  # convolutional models take no img_size
-            model = timm.create_model(name, pretrained=False, num_classes=0)
+            try:
+                model = timm.create_model(name, pretrained=False, num_classes=0, img_size=image_size, **kwargs)
+            except TypeError:  # convolutional models take no img_size
+                model = timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
+        except (TypeError, ValueError, AssertionError) as err:
+            if not kwargs:
+                raise
+            raise ConfigError(f"timm model {name!r} does not take --image-encoder-kwargs {kwargs}: {err}") from None
         if weights == SHAPES_PRETRAINED:
             raise ConfigError(
                 f"image weights {SHAPES_PRETRAINED!r} name weights made by covmatch.pretrain: resolve them to a "
@@ -68,7 +82,7 @@ class ImageEncoder(nn.Module):
             path = _cached_hub_file(model) if weights == "cache" else Path(weights)
             classifier = (getattr(model, "pretrained_cfg", {}) or {}).get("classifier") or ""
             load_weights_into(model, path, ignore_prefixes=(classifier + ".",) if classifier else ())
-        return cls(model, name, image_size)
+        return cls(model, name, image_size, kwargs)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.model.set_grad_checkpointing(enable)
