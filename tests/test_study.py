@@ -137,13 +137,13 @@ def _write_result(root, name: str, mean: float) -> None:
 
 
 def test_unseen_encoder_enters_table_5_only_if_random_pairs_learn_on_val(root):
-    for enc, (a, b) in {"resnet": (30.0, 34.0), "vit": (4.0, 5.0)}.items():
+    for enc, (a, b) in {"resnet": (30.0, 34.0), "vit-p8": (4.0, 5.0)}.items():
         for lr, mean in zip(study.UNSEEN_LR_CANDIDATES, (a, b)):
             for seed in study.TUNE_EVAL_SEEDS:
                 _write_result(root, f"random.{enc}-{lr}.val.r{seed}", mean)
     assert study.choose_unseen_lr("resnet") == study.UNSEEN_LR_CANDIDATES["lr.001"]  # the better val mean
-    assert study.choose_unseen_lr("vit") is None  # learns at neither rate: below LEARNS_ON_VAL
-    assert study.choose_unseen_lr("convnext") is None  # not scored yet
+    assert study.choose_unseen_lr("vit-p8") is None  # learns at neither rate: below LEARNS_ON_VAL
+    assert study.choose_unseen_lr("convnext-p2") is None  # not scored yet
 
 
 def test_balanced_init_gate_reads_val_only(root):
