@@ -496,7 +496,9 @@ def final_tables(chosen: str) -> List[Table]:
         "7", "Table 7: linear probe (projections only, frozen pretrained encoders)",
         "Does the set still beat random pairs when only the projections learn?",
         [set_rows("CovMatch", main, "probe", ("--train", "projections")),
-         ("random pairs", evaluations("random", "test", RANDOM_SUBSETS, "probe", ("--train", "projections")))],
+         ("random pairs", evaluations("random", "test", RANDOM_SUBSETS, "probe", ("--train", "projections"))),
+         ("class-balanced random",
+          evaluations("balanced", "test", RANDOM_SUBSETS, "probe", ("--train", "projections")))],
     )  # fmt: skip
     return [t1, t2, t3, t4, t5, t5t, t6, t7]
 

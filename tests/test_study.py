@@ -156,3 +156,13 @@ def test_balanced_init_gate_reads_val_only(root):
         _write_result(root, e.name, 31.0)
     assert all(e.split == "val" for e in rows["class-balanced random pairs"])
     assert study.balanced_init_wins("slow-lr3") is False
+
+
+def test_table_4_target_needs_the_paper_setting_above_every_other_beyond_the_spread(root):
+    run, evals, _, _ = _fake_jobs()
+    lam0 = [FakeEvaluate(f"l{s}", "lam0-set", "test", s) for s in (0, 1, 2)]  # 20, 21, 22 against 25, 26, 27
+    assert study.run_jobs([run, *evals, *lam0], lanes=2, cores=[0, 0]) == 0  # both lanes on core 0
+    table = study.Table("4", "Table 4: lam and rho", "?", [("lam 0", lam0), ("lam 0.1 (paper), rho 2 (paper)", evals)])
+    md = write_report([table], {}, "lr3").read_text()
+    assert "- Table 4, the paper's lam 0.1 and rho 2 above every other setting beyond the spread: **holds** " in md
+    assert "(26.0 vs lam 0 21.0)" in md
