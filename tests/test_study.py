@@ -111,6 +111,12 @@ def test_every_planned_command_is_accepted_by_the_commands_it_runs(root, monkeyp
     jobs = study.job_list("all")
     names = [j.name for j in jobs]
     assert len(names) == len(set(names))
+    # a name is one job: two tables that share a run name the same command (the runner reuses it by name)
+    commands = {}
+    for table in study.all_tables("all"):
+        for job in table.jobs():
+            assert commands.setdefault(job.name, job.command()) == job.command(), job.name
+    assert any("--num-pairs 500" in " ".join(c) for n, c in commands.items() if n.startswith("random"))
     seen = set()
     for job in jobs:
         assert set(job.requires()) <= seen, job.name  # a distillation precedes what reads it
