@@ -227,8 +227,9 @@ def _targets(results: Dict[str, dict]) -> List[str]:
         rs = [row(key, label) for label in order]
         if all(rs):
             ok = all(a["mean"][0] - a["mean"][1] > b["mean"][0] + b["mean"][1] for a, b in zip(rs, rs[1:]))
-            text = " > ".join(f"{r['label']} {r['mean'][0]:.1f}" for r in rs)
-            lines.append(f"- Table {key}, paper ordering beyond the spread: {verdict(ok)} ({text}).")
+            claim = " > ".join(r["label"] for r in rs)
+            text = ", ".join(f"{r['mean'][0]:.1f} ± {r['mean'][1]:.1f}" for r in rs)
+            lines.append(f"- Table {key}, {claim} beyond the spread (the paper): {verdict(ok)} ({text}).")
         else:
             lines.append(f"- Table {key}, paper ordering: pending.")
     paper = row("4", "lam 0.1 (paper)")
