@@ -111,10 +111,26 @@ def _relative_gap(target: torch.Tensor, estimate: torch.Tensor) -> float:
     return float((target - estimate).pow(2).sum() / target.pow(2).sum())
 
 
+def spread(features: torch.Tensor) -> float:
+    """sqrt of the trace of the features' covariance: how far the rows scatter around their mean."""
+    centred = features.double() - features.double().mean(0)
+    return float(centred.pow(2).sum().div(features.shape[0] - 1).sqrt())
+
+
+def coupling(image: torch.Tensor, text: torch.Tensor) -> float:
+    """‖C‖_F / (spread(image) spread(text)), in [0, 1]: how much of the two spreads the pairing couples."""
+    c = cross_covariance(image.double(), text.double()).double()
+    return float(c.norm() / (spread(image) * spread(text)))
+
+
 def match_errors(model, real_image, real_text, sets: Dict[str, SyntheticSet], rho: float, device) -> dict:
-    """Relative covariance error and feature-mean gaps of each set against the real sample."""
+    """Relative covariance error and feature-mean gaps of each set against the real sample, and how its
+    covariance's size compares with the real one's: ``cov_scale`` = ‖C_S‖/‖C_T‖ is exactly the product of
+    ``image_spread``, ``text_spread`` and ``coupling``, each the set's value over the real sample's."""
     c_t = cross_covariance(real_image, real_text)
     target = rho * c_t
+    real_spreads = spread(real_image), spread(real_text)
+    real_coupling = coupling(real_image, real_text)
     out = {}
     for name, syn in sets.items():
         image, text = _set_features(model, syn, device)
@@ -123,6 +139,10 @@ def match_errors(model, real_image, real_text, sets: Dict[str, SyntheticSet], rh
             "cov_error": float((target - c_s).pow(2).sum() / target.pow(2).sum()),
             "image_mean_gap": _relative_gap(real_image.mean(0), image.mean(0)),
             "text_mean_gap": _relative_gap(real_text.mean(0), text.mean(0)),
+            "cov_scale": float(c_s.double().norm() / c_t.double().norm()),
+            "image_spread": spread(image) / real_spreads[0],
+            "text_spread": spread(text) / real_spreads[1],
+            "coupling": coupling(image, text) / real_coupling,
         }
     return out
 
@@ -178,6 +198,7 @@ def analyze(run: Path, out: Path, *, real_pairs: int, other_encoders: Sequence[t
         "run": str(run),
         "real_pairs": real_pairs,
         "online": config.online,
+        "rho": config.rho,
         "reset_every": preset.reset_every,
         "feature_stability": feature_stability(config),
         "match": match,
@@ -198,12 +219,16 @@ def render(result: dict) -> str:
     for t, (a, b) in enumerate(zip(stab["image"], stab["text"])):
         lines.append(f"| {t} | {a:.4f} | {b:.4f} |")
     lines += ["", f"## Match against {result['real_pairs']} real pairs", "",
-              "| image encoder | set | cov error | image mean gap | text mean gap |",
-              "|---|---|---|---|---|"]  # fmt: skip
+              f"cov scale = ‖C_S‖/‖C_T‖ (the loss asks for ρ = {result['rho']}) = image spread × text spread × "
+              "coupling, each relative to the real sample's.", "",
+              "| image encoder | set | cov error | image mean gap | text mean gap | cov scale | image spread | "
+              "text spread | coupling |",
+              "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for encoder, sets in result["match"].items():
         for name, m in sets.items():
             lines.append(
-                f"| {encoder} | {name} | {m['cov_error']:.4f} | {m['image_mean_gap']:.4f} | {m['text_mean_gap']:.4f} |"
+                f"| {encoder} | {name} | {m['cov_error']:.4f} | {m['image_mean_gap']:.4f} | {m['text_mean_gap']:.4f} "
+                f"| {m['cov_scale']:.3f} | {m['image_spread']:.3f} | {m['text_spread']:.3f} | {m['coupling']:.3f} |"
             )
     mv = result["movement"]
     lines += ["", "## Movement from iteration 0", "",

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
+from covmatch.analyze import coupling, spread
 from covmatch.analyze import main as analyze_main
 from covmatch.distill.cli import main as distill_main
 
@@ -18,6 +20,19 @@ def run(tmp_path_factory):
     return out
 
 
+def test_spread_and_coupling_against_float64_references():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 6, generator=gen, dtype=torch.float64)
+    centred = x - x.mean(0)
+    assert spread(x) == pytest.approx(float(torch.trace(centred.T @ centred / 199).sqrt()), rel=1e-12)
+    assert spread(3 * x + 5) == pytest.approx(3 * spread(x), rel=1e-12)
+    # one-dimensional features that are exact multiples are fully coupled; independent ones barely
+    assert coupling(x[:, :1], -2 * x[:, :1]) == pytest.approx(1.0, rel=1e-12)
+    assert coupling(x[:, :3], x[:, 3:]) < 0.3
+    # shrinking one modality halves the covariance but leaves the coupling as it was
+    assert coupling(x[:, :3], 0.5 * (x[:, :3] + x[:, 3:])) == pytest.approx(coupling(x[:, :3], x[:, :3] + x[:, 3:]))
+
+
 def test_analysis_of_a_run(run, capsys):
     assert analyze_main([str(run), "--real-pairs", "64", "--image-encoder", "test_vit"]) == 0
     result = json.loads((run / "analysis" / "analysis.json").read_text())
@@ -28,7 +43,10 @@ def test_analysis_of_a_run(run, capsys):
     assert set(result["match"]) == {"test_nfnet", "test_vit"}
     for sets in result["match"].values():
         assert set(sets) == {"iteration 0", "iteration 4"}
-        assert all(m["cov_error"] >= 0 for m in sets.values())
+        for m in sets.values():
+            assert m["cov_error"] >= 0 and 0 < m["coupling"] and m["image_spread"] > 0 and m["text_spread"] > 0
+            assert m["cov_scale"] == pytest.approx(m["image_spread"] * m["text_spread"] * m["coupling"], rel=1e-6)
+    assert result["rho"] > 0
     moved = result["movement"]
     assert moved["pixel_relative_distance"]["mean"] > 0 and 0 <= moved["changed_token_share"] <= 1
     for name in ("analysis.md", "stability.png", "movement.png"):

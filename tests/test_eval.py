@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import pytest
@@ -104,6 +105,9 @@ def test_eval_synthetic_set(distilled, tmp_path):
     assert result["method"] == "covmatch" and result["num_pairs"] == 8 and len(result["runs"]) == 2
     assert result["selection"] == "final epoch" and result["config"]["seeds"] == [0, 1]
     assert set(result["summary"]) == {"i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10", "mean"}
+    epochs = result["config"]["settings"]["epochs"]
+    assert [[e["epoch"] for e in run] for run in result["histories"]] == [list(range(1, epochs + 1))] * 2
+    assert all(math.isfinite(e["train_loss"]) and "val_mean" not in e for run in result["histories"] for e in run)
     for name in ("results.md", "recall.png", "synthetic_grid.png"):
         assert (tmp_path / "eval" / name).is_file(), name
 
@@ -115,6 +119,7 @@ def test_eval_coresets(tmp_path, method):
     assert result["method"] == method
     assert result["num_pairs"] == (320 if method == "full" else 8)
     assert result["selection"] == "best val epoch"
+    assert all("val_mean" in e for e in result["histories"][0] if e["epoch"] == result["epochs_reported"][0])
 
 
 def test_eval_on_val_for_tuning(tmp_path):

@@ -221,11 +221,12 @@ def run_evaluation(args) -> dict:
         precision=precision_from(args),
         progress=not args.no_progress,
     )
-    run_results, epochs = [], []
+    run_results, epochs, histories = [], [], []
     for r in range(runs):
         res = train_and_evaluate(model, train_sets[r], test, settings, seed=args.seed + r, device=device, val=val)
         run_results.append(res["metrics"])
         epochs.append(res["epoch"])
+        histories.append(res["history"])
         print(
             f"{PROG}: run {r + 1}/{runs} ({method}, N={n}): mean recall {res['metrics']['mean']:.2f}", file=sys.stderr
         )
@@ -236,6 +237,7 @@ def run_evaluation(args) -> dict:
         "num_pairs": n,
         "runs": run_results,
         "epochs_reported": epochs,
+        "histories": histories,  # per run, per epoch: training loss (and val mean recall when selecting on val)
         "selection": "best val epoch" if args.select_on_val else "final epoch",
         "split": args.split,
         "summary": summarise_runs(run_results),
