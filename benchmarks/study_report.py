@@ -102,8 +102,9 @@ def _analyses_md(analyses) -> List[str]:
     lines = ["Diagnosis (`covmatch analyze`, against 1,024 real train pairs; cov error = "
              "‖ρC_T − C_S‖²/‖ρC_T‖², iteration 0 → final):", "",
              "| set | feature cosine after 50 online steps (image / text) | cov error, distilling encoder | "
-             "cov error, unseen encoder | image / text mean gap (final) | pixels moved | tokens changed |",
-             "|---|---|---|---|---|---|---|"]  # fmt: skip
+             "cov error, unseen encoder | image / text mean gap (final) | ‖C_S‖/‖C_T‖ = image spread × "
+             "text spread × coupling (final) | pixels moved | tokens changed |",
+             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for label, r in done:
         stab = r["feature_stability"]
         encoders = list(r["match"])
@@ -114,11 +115,57 @@ def _analyses_md(analyses) -> List[str]:
         cells += ["–"] * (4 - len(cells))
         final = list(r["match"][encoders[0]].values())[-1]
         cells.append(f"{final['image_mean_gap']:.4f} / {final['text_mean_gap']:.4f}")
+        if "cov_scale" in final:  # analyses made before the decomposition existed lack it
+            cells.append(f"{final['cov_scale']:.2f} = {final['image_spread']:.2f} × {final['text_spread']:.2f} × "
+                         f"{final['coupling']:.2f}")  # fmt: skip
+        else:
+            cells.append("–")
         mv = r["movement"]
         cells.append(f"{mv['pixel_relative_distance']['mean']:.3f}")
         cells.append(f"{mv.get('changed_token_share', float('nan')):.1%}")
         lines.append("| " + " | ".join(cells) + " |")
     return lines + [""]
+
+
+CURVE_EPOCHS = (1, 5, 10, 25, 50, 100)
+
+
+def _curves_md(table: Table, out: Path) -> List[str]:
+    """How well a fresh model fits each set: the training loss of one val evaluation run per epoch (chance
+    level for a batch of B pairs is ln B), as a table at a few epochs and as a plot."""
+    done = [(label, e, e.history()) for label, e in table.curves if e.done()]
+    done = [(label, e, h) for label, e, h in done if h]
+    if not done:
+        return []
+    result = json.loads((done[0][1].out / "results.json").read_text())
+    batch = min(result["config"]["settings"]["batch_size"], result["num_pairs"])
+    chance = math.log(batch)
+    lines = [f"Fitting the set (one val evaluation run, seed 0): training loss per epoch; chance is "
+             f"ln {batch} = {chance:.2f}.", "",
+             "| set | " + " | ".join(f"epoch {k}" for k in CURVE_EPOCHS) + " | val mean recall |",
+             "|---|" + "---|" * (len(CURVE_EPOCHS) + 1)]  # fmt: skip
+    for label, e, history in done:
+        loss = {h["epoch"]: h["train_loss"] for h in history}
+        cells = [f"{loss[k]:.2f}" if k in loss else "–" for k in CURVE_EPOCHS]
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {e.mean():.1f} |")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for label, _, history in done:
+        ax.plot([h["epoch"] for h in history], [h["train_loss"] for h in history], label=label)
+    ax.axhline(chance, color="grey", linestyle=":", label="chance")
+    ax.set_xlabel("evaluation epoch")
+    ax.set_ylabel("training loss on the set")
+    ax.legend(fontsize=7)
+    ax.set_title(f"{table.title.split(':')[0]}: fitting the set", fontsize=9)
+    fig.tight_layout()
+    png = out / f"table-{table.key}-fit.png"
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+    return lines + ["", f"![fitting the set]({png.name})", ""]
 
 
 def _plot(table: Table, rows: List[dict], out: Path) -> Optional[Path]:
@@ -254,6 +301,7 @@ def write_report(tables: List[Table], seconds: Dict[str, float], chosen: Optiona
         results[table.key] = {"title": table.title, "rows": rows, "paired": paired}
         body += _table_md(table, rows, paired)
         body += _analyses_md(table.analyses)
+        body += _curves_md(table, study.ROOT)
         png = _plot(table, rows, study.ROOT)
         if png is not None:
             body += [f"![{table.title}]({png.name})", ""]

@@ -172,3 +172,43 @@ def test_table_4_target_needs_the_paper_setting_above_every_other_beyond_the_spr
     md = write_report([table], {}, "lr3").read_text()
     assert "- Table 4, the paper's lam 0.1 and rho 2 above every other setting beyond the spread: **holds** " in md
     assert "(26.0 vs lam 0 21.0)" in md
+
+
+def _write_analysis(root, source, final_match):
+    start = {"cov_error": 1.0, "image_mean_gap": 0.01, "text_mean_gap": 0.01}
+    match = {"iteration 0": start, "iteration 5": final_match}
+    result = {"feature_stability": {"image": [1.0, 0.98], "text": [1.0, 0.95]}, "match": {"test_nfnet": match},
+              "movement": {"pixel_relative_distance": {"mean": 0.02}, "changed_token_share": 0.0}}  # fmt: skip
+    out = root / "analysis" / source
+    out.mkdir(parents=True)
+    (out / "analysis.json").write_text(json.dumps(result))
+
+
+def test_report_diagnosis_decomposes_the_covariance_scale_where_the_analysis_has_it(root):
+    final = {"cov_error": 0.25, "image_mean_gap": 0.02, "text_mean_gap": 0.05}
+    _write_analysis(root, "old-s0", final)
+    _write_analysis(root, "new-s0", {**final, "cov_scale": 0.5, "image_spread": 1.0, "text_spread": 0.625,
+                                     "coupling": 0.8})  # fmt: skip
+    table = study.Table("4", "Table 4", "question?", [],
+                        analyses=[("old", study.Analyze("old-s0")), ("new", study.Analyze("new-s0"))])  # fmt: skip
+    md = write_report([table], {}, None).read_text()
+    common = "0.980 / 0.950 | 1.000 → 0.250 (test_nfnet) | – | 0.0200 / 0.0500"
+    assert f"| new | {common} | 0.50 = 1.00 × 0.62 × 0.80 |" in md
+    assert f"| old | {common} | – |" in md
+
+
+def test_report_shows_how_well_a_fresh_model_fits_each_set(root):
+    history = [{"epoch": k, "train_loss": 4.6 - 0.04 * k} for k in range(1, 101)]
+    result = {"runs": [{"mean": 12.5}], "num_pairs": 100, "histories": [history],
+              "config": {"settings": {"batch_size": 100}}}  # fmt: skip
+    fitted, old = study.Evaluate("fit.val.r0", "paper-s0", "val", 0), study.Evaluate("old.val.r0", "old-s0", "val", 0)
+    for job, data in ((fitted, result), (old, {**result, "histories": None})):
+        job.out.mkdir(parents=True)
+        (job.out / "results.json").write_text(json.dumps(data))
+    table = study.Table("4", "Table 4: rho", "question?", [], curves=[("fitted", fitted), ("old", old)])
+    assert fitted in table.jobs() and old in table.jobs()
+    md = write_report([table], {}, None).read_text()
+    assert "chance is ln 100 = 4.61" in md
+    assert "| fitted | 4.56 | 4.40 | 4.20 | 3.60 | 2.60 | 0.60 | 12.5 |" in md
+    assert "| old |" not in md  # a run written before histories were kept has no curve to show
+    assert (root / "table-4-fit.png").is_file()
