@@ -473,6 +473,9 @@ def final_tables(chosen: str) -> List[Table]:
             set_rows("rho 0.5", rho_half),
             set_rows("rho 1", rho_one),
         ],
+        # rows of one distillation seed share their starting pairs and evaluation seeds: pair rho 2 with each rho
+        paired=[(f"rho 2 - rho {rho}, seed {runs[i].seed}", test_evals(ablation[i]), test_evals(runs[i]))
+                for rho, runs in rho_runs[:2] for i in range(len(runs))],
         # rho 0.5 scored far below rho 2 and varied across evaluation seeds: diagnose each rho on seed 0, its
         # covariance and how well a fresh model fits the set (one val run's training loss)
         analyses=[(f"rho {rho}, seed 0", Analyze(runs[0].name)) for rho, runs in rho_runs],

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import platform
+import re
 import statistics
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -85,10 +86,16 @@ def _table_md(table: Table, rows: List[dict], paired: List[dict]) -> List[str]:
             m, s = p["mean"]
             cell = "–" if math.isnan(m) else f"{m:+.1f} ± {s:.1f}"
             lines.append(f"| {p['label']} | {cell} | {per} |")
-    all_diffs = [d for p in paired for d in p["differences"]]
-    if len(paired) > 1 and all_diffs:
-        m, s = mean_std(all_diffs)
-        lines += ["", f"All pairs: {m:+.1f} ± {s:.1f} over {len(all_diffs)} pairs."]
+    groups: Dict[str, List[float]] = {}  # one comparison over its distillation seeds ("A - B, seed 0", ...)
+    for p in paired:
+        groups.setdefault(re.sub(r",? \(?seed \d+\)?$", "", p["label"]), []).extend(p["differences"])
+    summaries = []
+    for label, diffs in groups.items():
+        if len(diffs) > 1 and len(paired) > 1:
+            m, s = mean_std(diffs)
+            summaries.append(f"- {label}, all seeds: {m:+.1f} ± {s:.1f} over {len(diffs)} pairs.")
+    if summaries:
+        lines += [""] + summaries
     return lines + [""]
 
 
@@ -288,6 +295,14 @@ def _targets(results: Dict[str, dict]) -> List[str]:
                      f"{verdict(ok)} ({paper['mean'][0]:.1f} vs {text}).")  # fmt: skip
     else:
         lines.append("- Table 4, the paper's lam and rho best: pending.")
+    by_rho = [row("4", label) for label in ("lam 0.1 (paper)", "rho 1", "rho 0.5")]
+    if all(by_rho):
+        ok = all(a["mean"][0] - a["mean"][1] > b["mean"][0] + b["mean"][1] for a, b in zip(by_rho, by_rho[1:]))
+        text = ", ".join(f"{r['mean'][0]:.1f} ± {r['mean'][1]:.1f}" for r in by_rho)
+        lines.append(f"- Table 4, rho 2 > rho 1 > rho 0.5 beyond the spread (the seed's rho ablation): {verdict(ok)} "
+                     f"({text}).")  # fmt: skip
+    else:
+        lines.append("- Table 4, rho 2 > rho 1 > rho 0.5: pending.")
     return lines
 
 

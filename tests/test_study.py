@@ -212,3 +212,18 @@ def test_report_shows_how_well_a_fresh_model_fits_each_set(root):
     assert "| fitted | 4.56 | 4.40 | 4.20 | 3.60 | 2.60 | 0.60 | 12.5 |" in md
     assert "| old |" not in md  # a run written before histories were kept has no curve to show
     assert (root / "table-4-fit.png").is_file()
+
+
+def test_report_summarises_each_paired_comparison_over_its_seeds(root):
+    runs = [FakeDistill(f"paper-s{s}", (), s, 10) for s in (0, 1)]
+    evals = {r.name: [FakeEvaluate(f"{r.name}.e{k}", r.name, "test", k) for k in (0, 1)] for r in runs}
+    initial = {r.name: [FakeEvaluate(f"{r.name}.i{k}", f"{r.name}/initial", "test", k) for k in (0, 1)] for r in runs}
+    baseline = [FakeEvaluate(f"r{k}", "random", "test", k) for k in (0, 1)]
+    jobs = runs + [e for v in (*evals.values(), *initial.values()) for e in v] + baseline
+    assert study.run_jobs(jobs, lanes=2) == 0
+    paired = [(f"paper - initial (seed {r.seed})", evals[r.name], initial[r.name]) for r in runs]
+    paired += [(f"paper - random, seed {r.seed}", evals[r.name], baseline) for r in runs]
+    table = study.Table("1", "Table 1: test", "question?", [], paired=paired)
+    md = write_report([table], {}, None).read_text()
+    assert "- paper - initial, all seeds: +5.0 ± 0.0 over 4 pairs." in md
+    assert "- paper - random, all seeds: +5.0 ± 0.0 over 4 pairs." in md
