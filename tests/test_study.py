@@ -227,3 +227,17 @@ def test_report_summarises_each_paired_comparison_over_its_seeds(root):
     md = write_report([table], {}, None).read_text()
     assert "- paper - initial, all seeds: +5.0 ± 0.0 over 4 pairs." in md
     assert "- paper - random, all seeds: +5.0 ± 0.0 over 4 pairs." in md
+
+
+def test_table_6_pairs_each_diagnosed_set_with_its_own_iteration_0_set(root, monkeypatch):
+    """At each diagnosed N, a set's first test run is paired with its iteration-0 set at the same seed."""
+    monkeypatch.setattr(study, "choose_config", lambda: "lr3")
+    table = next(t for t in study.all_tables("final") if t.key == "6")
+    assert [label for label, _, _ in table.paired] == [
+        f"N {n}: CovMatch - iteration-0 (seed {s})" for n in study.SCALING_DIAGNOSED_N for s in study.ABLATION_SEEDS
+    ]
+    for _, (distilled,), (initial,) in table.paired:
+        assert initial.source == f"{distilled.source}/initial" and initial.seed == distilled.seed
+        assert initial.num_pairs == distilled.num_pairs and "--synthetic" in initial.command()
+    analysed = {a.source for _, a in table.analyses}
+    assert {distilled.source for label, (distilled,), _ in table.paired if label.endswith("(seed 0)")} <= analysed
