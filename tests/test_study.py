@@ -108,6 +108,7 @@ def test_every_planned_command_is_accepted_by_the_commands_it_runs(root, monkeyp
     monkeypatch.setattr(study, "choose_config", lambda: "lr3")
     monkeypatch.setattr(study, "choose_unseen_lr", lambda enc: study.UNSEEN_LR_CANDIDATES["lr.01"])
     monkeypatch.setattr(study, "balanced_init_wins", lambda chosen: True)  # table 1's added rows planned too
+    monkeypatch.setattr(study, "scaling_rho_wins", lambda chosen, n: True)  # and table 6's rho-2 rows
     jobs = study.job_list("all")
     names = [j.name for j in jobs]
     assert len(names) == len(set(names))
@@ -129,8 +130,9 @@ def test_every_planned_command_is_accepted_by_the_commands_it_runs(root, monkeyp
         else:
             eval_parser().parse_args(argv)
     keys = {t.key for t in study.all_tables("all")}
-    assert keys == {"tune", "tune-unseen", "tune-init", "1", "2", "3", "4", "5", "5t", "6", "7"}
+    assert keys == {"tune", "tune-unseen", "tune-init", "tune-scaling-rho", "1", "2", "3", "4", "5", "5t", "6", "7"}
     assert any("--init" in j.command() for j in jobs if isinstance(j, study.Distill) and j.name.startswith("paper"))
+    assert "paper-rho2-n500-t500-s1" in names  # table 6's rho-2 rows: every ablation seed
     # --tables runs tables in the order given: table 7's first job before table 1's
     ordered = [j.name for j in study.job_list("final", ["7", "1"])]
     assert ordered[0] == "paper-n100-t1000-s0" and ordered[1].endswith(".probe.test.r0")
@@ -162,6 +164,27 @@ def test_balanced_init_gate_reads_val_only(root):
         _write_result(root, e.name, 31.0)
     assert all(e.split == "val" for e in rows["class-balanced random pairs"])
     assert study.balanced_init_wins("slow-lr3") is False
+
+
+def test_scaling_rho_gate_reads_val_only_and_adds_table_6_rows_where_rho_2_wins(root, monkeypatch):
+    monkeypatch.setattr(study, "choose_config", lambda: "lr3")
+    monkeypatch.setattr(study, "choose_unseen_lr", lambda enc: None)
+    assert study.scaling_rho_wins("lr3", 500) is None
+    rows = dict(study.tune_scaling_rho_table("lr3").rows)
+    assert all(e.split == "val" for evals in rows.values() for e in evals)
+    for n, (rho2, rho1) in {200: (30.0, 31.0), 500: (45.0, 41.0)}.items():
+        for e in rows[f"N {n}: rho 2"]:
+            _write_result(root, e.name, rho2)
+        for e in rows[f"N {n}: rho 1 (default, table 6)"]:
+            _write_result(root, e.name, rho1)
+    assert study.scaling_rho_wins("lr3", 200) is False
+    assert study.scaling_rho_wins("lr3", 500) is True
+    t6 = next(t for t in study.final_tables("lr3") if t.key == "6")
+    labels = [label for label, _ in t6.rows]
+    assert "N 500: CovMatch at rho 2" in labels and "N 200: CovMatch at rho 2" not in labels
+    rho2_rows = dict(t6.rows)["N 500: CovMatch at rho 2"]
+    assert {e.split for e in rho2_rows} == {"test"} and len(rho2_rows) == 6  # 2 distillation seeds x 3 runs
+    assert "--rho 2" in " ".join(study.all_distills()["paper-rho2-n500-t500-s1"].command())
 
 
 def test_table_4_target_needs_the_paper_setting_above_every_other_beyond_the_spread(root):
