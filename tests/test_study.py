@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from benchmarks import study
-from benchmarks.study_report import mean_std, write_report
+from benchmarks.study_report import METRICS, mean_std, write_report
 from covmatch.analyze import build_parser as analyze_parser
 from covmatch.distill.cli import build_parser as distill_parser
 from covmatch.distill.cli import config_from_args
@@ -185,6 +185,15 @@ def test_scaling_rho_gate_reads_val_only_and_adds_table_6_rows_where_rho_2_wins(
     rho2_rows = dict(t6.rows)["N 500: CovMatch at rho 2"]
     assert {e.split for e in rho2_rows} == {"test"} and len(rho2_rows) == 6  # 2 distillation seeds x 3 runs
     assert "--rho 2" in " ".join(study.all_distills()["paper-rho2-n500-t500-s1"].command())
+    for evals in rows.values():  # the report reads every recall metric of a run
+        for e in evals:
+            path = e.out / "results.json"
+            if path.is_file():
+                mean = json.loads(path.read_text())["runs"][0]["mean"]
+                path.write_text(json.dumps({"runs": [{m: mean for m in METRICS}]}))
+    md = write_report([study.tune_scaling_rho_table("lr3")], {}, "lr3").read_text()
+    assert "- Tune-scaling-rho (val), N 500: rho 2 45.0 vs the default rho 1 41.0: above, so table 6 has" in md
+    assert "N 200: rho 2 30.0 vs the default rho 1 31.0: not above, so not run on test." in md
 
 
 def test_table_4_target_needs_the_paper_setting_above_every_other_beyond_the_spread(root):
