@@ -146,8 +146,10 @@ class Distill:
         ]  # fmt: skip
 
     def done(self) -> bool:
+        """Finished and its tensors here (the large sets' tensors are not committed: a fresh clone redistils
+        those whose evaluations are still to run)."""
         meta = self.out / "synthetic.json"
-        if not meta.is_file():
+        if not meta.is_file() or not (self.out / "synthetic.safetensors").is_file():
             return False
         try:
             return json.loads(meta.read_text()).get("iteration") == self.iterations
@@ -347,14 +349,18 @@ def tune_init_table(chosen: str) -> Table:
     )  # fmt: skip
 
 
+def _mean_above(evals: List[Evaluate], others: List[Evaluate]) -> Optional[bool]:
+    """Whether ``evals`` score a higher mean recall than ``others`` (None until all are scored)."""
+    if not all(e.done() for e in evals + others):
+        return None
+    return sum(e.mean() for e in evals) / len(evals) > sum(e.mean() for e in others) / len(others)
+
+
 def balanced_init_wins(chosen: str) -> Optional[bool]:
     """Whether, on val, the paper regime from class-balanced pairs scores above class-balanced random pairs
     (None until both are scored)."""
     rows = dict(tune_init_table(chosen).rows)
-    distilled, balanced = rows[f"{chosen}, class-balanced initial pairs"], rows["class-balanced random pairs"]
-    if not all(e.done() for e in distilled + balanced):
-        return None
-    return sum(e.mean() for e in distilled) / len(distilled) > sum(e.mean() for e in balanced) / len(balanced)
+    return _mean_above(rows[f"{chosen}, class-balanced initial pairs"], rows["class-balanced random pairs"])
 
 
 def tune_scaling_rho_table(chosen: str) -> Table:
@@ -385,10 +391,7 @@ def tune_scaling_rho_table(chosen: str) -> Table:
 def scaling_rho_wins(chosen: str, n: int) -> Optional[bool]:
     """Whether, on val at N ``n``, rho 2 scores above the default rho (None until both are scored)."""
     rows = dict(tune_scaling_rho_table(chosen).rows)
-    rho2, default = rows[f"N {n}: rho 2"], rows[f"N {n}: rho 1 (default, table 6)"]
-    if not all(e.done() for e in rho2 + default):
-        return None
-    return sum(e.mean() for e in rho2) / len(rho2) > sum(e.mean() for e in default) / len(default)
+    return _mean_above(rows[f"N {n}: rho 2"], rows[f"N {n}: rho 1 (default, table 6)"])
 
 
 def choose_config() -> Optional[str]:
@@ -604,7 +607,7 @@ def all_distills() -> Dict[str, Distill]:
 
 
 def job_list(stage: str, only: Optional[Sequence[str]] = None) -> List:
-    """Distillations first where an evaluation needs them, in table order (the order of ``only`` when given:
+    """Distillations first where an unfinished evaluation needs them, in table order (the order of ``only`` when given:
     "tune" stands for every tune table); no job twice."""
     distills = all_distills()
 
@@ -617,7 +620,7 @@ def job_list(stage: str, only: Optional[Sequence[str]] = None) -> List:
     seen, jobs = set(), []
     for table in tables:
         for ev in table.jobs():
-            for dep in ev.requires():
+            for dep in () if ev.done() else ev.requires():  # a finished evaluation needs its set no more
                 if dep not in seen:
                     seen.add(dep)
                     jobs.append(distills[dep])

@@ -28,7 +28,8 @@ class FakeDistill(study.Distill):
     def command(self):
         meta = json.dumps({"iteration": self.iterations})
         code = f"import pathlib, sys; p = pathlib.Path({str(self.out)!r}); p.mkdir(parents=True, exist_ok=True); "
-        code += f"(p / 'synthetic.json').write_text({meta!r}); sys.exit({int(self.fail)})"
+        code += f"(p / 'synthetic.safetensors').write_bytes(b''); (p / 'synthetic.json').write_text({meta!r}); "
+        code += f"sys.exit({int(self.fail)})"
         return [sys.executable, "-c", code]
 
 
@@ -142,6 +143,22 @@ def test_every_planned_command_is_accepted_by_the_commands_it_runs(root, monkeyp
 def _write_result(root, name: str, mean: float) -> None:
     (root / "evals" / name).mkdir(parents=True)
     (root / "evals" / name / "results.json").write_text(json.dumps({"runs": [{"mean": mean}]}))
+
+
+def test_a_set_without_its_tensors_is_redistilled_only_for_evaluations_still_to_run(root, monkeypatch):
+    monkeypatch.setattr(study, "choose_config", lambda: "lr3")
+    monkeypatch.setattr(study, "choose_unseen_lr", lambda enc: None)
+    run = study.all_distills()["paper-n500-t500-s0"]
+    run.out.mkdir(parents=True)
+    (run.out / "synthetic.json").write_text(json.dumps({"iteration": run.iterations}))  # tensors not committed
+    assert not run.done()
+    assert run in study.job_list("final", ["6"])
+    for job in {j.name: j for t in study.all_tables("all") for j in t.jobs() if run.name in j.requires()}.values():
+        job.out.mkdir(parents=True)  # every evaluation and analysis of the set is finished
+        (job.out / ("results.json" if isinstance(job, study.Evaluate) else "analysis.json")).write_text("{}")
+    assert run not in study.job_list("final", ["6"])
+    (run.out / "synthetic.safetensors").write_bytes(b"")
+    assert run.done()
 
 
 def test_unseen_encoder_enters_table_5_only_if_random_pairs_learn_on_val(root):
