@@ -30,7 +30,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 # where everything goes; COVMATCH_STUDY_ROOT moves it (tests, a second checkout)
 ROOT = Path(os.environ.get("COVMATCH_STUDY_ROOT") or Path(__file__).resolve().parent / "results" / "study")
@@ -107,11 +107,7 @@ PAIRED_UNSEEN_ENCODERS = ("resnet",)
 UNSEEN_LR_CANDIDATES = {"lr.01": ("--lr-encoder", "0.01"), "lr.001": ("--lr-encoder", "0.001")}
 SCALING_N = (200, 500, 1000)
 SCALING_DIAGNOSED_N = (500,)  # table 6 also scores these N's iteration-0 sets (one run each) and analyses them
-# Table 6 distilled N > 100 at the resolved default rho 1 (the paper's), and random pairs overtook CovMatch there
-# while the captions' spread shrank: rho 2 at these N is tried on val (tune-scaling-rho) and, where it wins on
-# val, added to table 6 on test.
-SCALING_RHO_N = (500, 200)  # N 500 first: the N table 6 diagnosed
-SCALING_RHO = ("--rho", "2")
+SCALING_VARIANT_N = (500, 200)  # N 500 first: the N table 6 diagnosed
 
 # rough single-thread costs on the development CPU, for the plan (measured; refined by jobs.jsonl)
 SECONDS_PER_ITERATION = {"real": 1.3, "synthetic": 1.1, "fixed": 0.45}
@@ -363,35 +359,69 @@ def balanced_init_wins(chosen: str) -> Optional[bool]:
     return _mean_above(rows[f"{chosen}, class-balanced initial pairs"], rows["class-balanced random pairs"])
 
 
-def tune_scaling_rho_table(chosen: str) -> Table:
-    """Val, distillation seed 0, 2 evaluation runs: at each N of SCALING_RHO_N, the ablations' regime at rho 2
-    against table 6's set at the default rho, its iteration-0 set and random pairs of that N."""
+@dataclass(frozen=True)
+class ScalingVariant:
+    """One setting tried on val at the N of SCALING_VARIANT_N against the value table 6 used there
+    (table ``tune-scaling-<key>``); table 6 gets test rows for it at each N where it wins on val."""
+
+    key: str
+    set_name: str
+    flag: str
+    name: str  # what the flag sets, in words
+    default: str  # the value table 6 used at every N
+    value: Callable[[int], str]  # the value tried at N
+
+    def flags(self, n: int) -> Tuple[str, str]:
+        return self.flag, self.value(n)
+
+    def label(self, n: int) -> str:
+        return f"{self.name} {self.value(n)}"
+
+    def default_label(self) -> str:
+        return f"{self.name} {self.default}"
+
+
+# Table 6 distilled N > 100 with the N = 100 settings, and random pairs overtook CovMatch there while the
+# captions' spread shrank. Tried on val at those N: rho 2 (table 6 ran the resolved default rho 1), and the
+# paper's synthetic batch, all of S up to 256 pairs (table 6 kept the demo's 100, so at N 500 a pair was
+# updated one step in five). Each keeps table 6's 500 iterations.
+SCALING_VARIANTS = {
+    "rho": ScalingVariant("rho", "paper-rho2", "--rho", "rho", "1", lambda n: "2"),
+    "batch": ScalingVariant("batch", "paper-sbatch", "--syn-batch", "synthetic batch", "100",
+                            lambda n: str(min(n, 256))),
+}  # fmt: skip
+
+
+def tune_scaling_table(chosen: str, variant: ScalingVariant) -> Table:
+    """Val, distillation seed 0, 2 evaluation runs: at each N of SCALING_VARIANT_N, the ablations' regime with
+    ``variant`` against table 6's set, its iteration-0 set and random pairs of that N."""
     rows, analyses = [], []
-    for n in SCALING_RHO_N:
+    for n in SCALING_VARIANT_N:
         default = distill(PAPER_REGIME + TUNE_CANDIDATES[chosen], 0, ABLATION_ITERATIONS, "paper", n)
-        rho2 = distill(PAPER_REGIME + TUNE_CANDIDATES[chosen] + SCALING_RHO, 0, ABLATION_ITERATIONS, "paper-rho2", n)
+        varied = distill(PAPER_REGIME + TUNE_CANDIDATES[chosen] + variant.flags(n), 0, ABLATION_ITERATIONS,
+                         variant.set_name, n)  # fmt: skip
         rows += [
-            (f"N {n}: rho 2", evaluations(rho2.name, "val", TUNE_EVAL_SEEDS, "default", num_pairs=n)),
-            (f"N {n}: rho 1 (default, table 6)", evaluations(default.name, "val", TUNE_EVAL_SEEDS, "default",
-                                                             num_pairs=n)),
+            (f"N {n}: {variant.label(n)}", evaluations(varied.name, "val", TUNE_EVAL_SEEDS, "default", num_pairs=n)),
+            (f"N {n}: {variant.default_label()} (default, table 6)",
+             evaluations(default.name, "val", TUNE_EVAL_SEEDS, "default", num_pairs=n)),
             (f"N {n}: iteration-0 set", evaluations(f"{default.name}/initial", "val", TUNE_EVAL_SEEDS, "default",
                                                     num_pairs=n)),
             (f"N {n}: random pairs", evaluations("random", "val", TUNE_EVAL_SEEDS, "default", num_pairs=n)),
         ]  # fmt: skip
-        analyses.append((f"N {n}: rho 2", Analyze(rho2.name)))
+        analyses.append((f"N {n}: {variant.label(n)}", Analyze(varied.name)))
     return Table(
-        "tune-scaling-rho", f"rho at N above 100 (val split, {ABLATION_ITERATIONS} it.)",
-        "Added after table 6 on test: at N 200 and 500 (distilled at the default rho 1) random pairs beat CovMatch "
-        "and the captions' spread shrank. Does rho 2 beat rho 1 there? (Decides whether table 6 gets rho-2 rows "
-        "on test.)",
+        f"tune-scaling-{variant.key}", f"{variant.name} at N above 100 (val split, {ABLATION_ITERATIONS} it.)",
+        f"Added after table 6 on test: at N 200 and 500 random pairs beat CovMatch and the captions' spread shrank. "
+        f"Does another {variant.name} than table 6's {variant.default} beat it there? (Decides whether table 6 gets "
+        f"rows for it on test.)",
         rows, analyses=analyses,
     )  # fmt: skip
 
 
-def scaling_rho_wins(chosen: str, n: int) -> Optional[bool]:
-    """Whether, on val at N ``n``, rho 2 scores above the default rho (None until both are scored)."""
-    rows = dict(tune_scaling_rho_table(chosen).rows)
-    return _mean_above(rows[f"N {n}: rho 2"], rows[f"N {n}: rho 1 (default, table 6)"])
+def scaling_variant_wins(chosen: str, variant: ScalingVariant, n: int) -> Optional[bool]:
+    """Whether, on val at N ``n``, ``variant`` scores above table 6's setting (None until both are scored)."""
+    rows = dict(tune_scaling_table(chosen, variant).rows)
+    return _mean_above(rows[f"N {n}: {variant.label(n)}"], rows[f"N {n}: {variant.default_label()} (default, table 6)"])
 
 
 def choose_config() -> Optional[str]:
@@ -563,12 +593,14 @@ def final_tables(chosen: str) -> List[Table]:
             paired6 += [(f"N {n}: CovMatch - iteration-0 (seed {r.seed})", test_evals(r)[:1], evals)
                         for r, evals in zip(scaled, initial)]  # fmt: skip
             analyses6.append((f"N {n}, seed 0", Analyze(scaled[0].name)))
-        if n in SCALING_RHO_N and scaling_rho_wins(chosen, n):  # rho 2 won on val at this N
-            at_rho2 = [ablated(s, SCALING_RHO, "paper-rho2", n) for s in ABLATION_SEEDS]
-            rows6.append(set_rows(f"N {n}: CovMatch at rho 2", at_rho2))
-            paired6 += [(f"N {n}: rho 2 - rho 1 (seed {a.seed})", test_evals(a), test_evals(b))
-                        for a, b in zip(at_rho2, scaled)]  # fmt: skip
-            analyses6.append((f"N {n} at rho 2, seed 0", Analyze(at_rho2[0].name)))
+        for v in SCALING_VARIANTS.values():
+            if n not in SCALING_VARIANT_N or not scaling_variant_wins(chosen, v, n):  # it won on val at this N
+                continue
+            varied = [ablated(s, v.flags(n), v.set_name, n) for s in ABLATION_SEEDS]
+            rows6.append(set_rows(f"N {n}: CovMatch at {v.label(n)}", varied))
+            paired6 += [(f"N {n}: {v.label(n)} - {v.default_label()} (seed {a.seed})", test_evals(a), test_evals(b))
+                        for a, b in zip(varied, scaled)]  # fmt: skip
+            analyses6.append((f"N {n} at {v.label(n)}, seed 0", Analyze(varied[0].name)))
     t6 = Table(
         "6",
         f"Table 6: scaling with N ({ABLATION_ITERATIONS} it.)",
@@ -594,7 +626,7 @@ def all_tables(stage: str) -> List[Table]:
     if stage in ("tune", "all"):
         tables += tune_tables()
         if chosen is not None:
-            tables += [tune_init_table(chosen), tune_scaling_rho_table(chosen)]
+            tables += [tune_init_table(chosen)] + [tune_scaling_table(chosen, v) for v in SCALING_VARIANTS.values()]
     if stage in ("final", "all") and chosen is not None:
         tables += final_tables(chosen)
     return tables

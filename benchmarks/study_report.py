@@ -250,12 +250,15 @@ def _targets(results: Dict[str, dict]) -> List[str]:
         outcome = "above, so table 1 has its test rows" if a > b else "not above, so not run on test"
         lines.append(f"- Tune-init (val): the paper regime from class-balanced pairs {a:.1f} vs class-balanced random "
                      f"{b:.1f}: {outcome}.")  # fmt: skip
-    for n in study.SCALING_RHO_N:
-        rho2, rho1 = row("tune-scaling-rho", f"N {n}: rho 2"), row("tune-scaling-rho", f"N {n}: rho 1")
-        if rho2 and rho1:
-            a, b = rho2["mean"][0], rho1["mean"][0]
-            outcome = "above, so table 6 has its test rows" if a > b else "not above, so not run on test"
-            lines.append(f"- Tune-scaling-rho (val), N {n}: rho 2 {a:.1f} vs the default rho 1 {b:.1f}: {outcome}.")
+    for v in study.SCALING_VARIANTS.values():
+        table = f"tune-scaling-{v.key}"
+        for n in study.SCALING_VARIANT_N:
+            tried, default = row(table, f"N {n}: {v.label(n)}"), row(table, f"N {n}: {v.default_label()}")
+            if tried and default:
+                a, b = tried["mean"][0], default["mean"][0]
+                outcome = "above, so table 6 has its test rows" if a > b else "not above, so not run on test"
+                lines.append(f"- Tune-scaling-{v.key} (val), N {n}: {v.label(n)} {a:.1f} vs the default "
+                             f"{v.default_label()} {b:.1f}: {outcome}.")  # fmt: skip
     balanced_init, balanced = row("1", "CovMatch from class-balanced pairs"), row("1", "class-balanced random")
     if balanced_init and balanced:
         ok = balanced_init["mean"][0] - balanced_init["mean"][1] > balanced["mean"][0] + balanced["mean"][1]

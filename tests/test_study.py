@@ -109,7 +109,7 @@ def test_every_planned_command_is_accepted_by_the_commands_it_runs(root, monkeyp
     monkeypatch.setattr(study, "choose_config", lambda: "lr3")
     monkeypatch.setattr(study, "choose_unseen_lr", lambda enc: study.UNSEEN_LR_CANDIDATES["lr.01"])
     monkeypatch.setattr(study, "balanced_init_wins", lambda chosen: True)  # table 1's added rows planned too
-    monkeypatch.setattr(study, "scaling_rho_wins", lambda chosen, n: True)  # and table 6's rho-2 rows
+    monkeypatch.setattr(study, "scaling_variant_wins", lambda chosen, v, n: True)  # and table 6's variant rows
     jobs = study.job_list("all")
     names = [j.name for j in jobs]
     assert len(names) == len(set(names))
@@ -131,9 +131,10 @@ def test_every_planned_command_is_accepted_by_the_commands_it_runs(root, monkeyp
         else:
             eval_parser().parse_args(argv)
     keys = {t.key for t in study.all_tables("all")}
-    assert keys == {"tune", "tune-unseen", "tune-init", "tune-scaling-rho", "1", "2", "3", "4", "5", "5t", "6", "7"}
+    tune_keys = {"tune", "tune-unseen", "tune-init", "tune-scaling-rho", "tune-scaling-batch"}
+    assert keys == tune_keys | {"1", "2", "3", "4", "5", "5t", "6", "7"}
     assert any("--init" in j.command() for j in jobs if isinstance(j, study.Distill) and j.name.startswith("paper"))
-    assert "paper-rho2-n500-t500-s1" in names  # table 6's rho-2 rows: every ablation seed
+    assert {"paper-rho2-n500-t500-s1", "paper-sbatch-n500-t500-s1"} <= set(names)  # table 6's variant rows: every seed
     # --tables runs tables in the order given: table 7's first job before table 1's
     ordered = [j.name for j in study.job_list("final", ["7", "1"])]
     assert ordered[0] == "paper-n100-t1000-s0" and ordered[1].endswith(".probe.test.r0")
@@ -183,34 +184,49 @@ def test_balanced_init_gate_reads_val_only(root):
     assert study.balanced_init_wins("slow-lr3") is False
 
 
-def test_scaling_rho_gate_reads_val_only_and_adds_table_6_rows_where_rho_2_wins(root, monkeypatch):
+@pytest.mark.parametrize(
+    "key, tried, default, flags",
+    [("rho", {200: "rho 2", 500: "rho 2"}, "rho 1", {200: "--rho 2", 500: "--rho 2"}),
+     ("batch", {200: "synthetic batch 200", 500: "synthetic batch 256"}, "synthetic batch 100",
+      {200: "--syn-batch 200", 500: "--syn-batch 256"})],
+)  # fmt: skip
+def test_scaling_variant_gate_reads_val_only_and_adds_table_6_rows_where_it_wins(
+    root, monkeypatch, key, tried, default, flags
+):
     monkeypatch.setattr(study, "choose_config", lambda: "lr3")
     monkeypatch.setattr(study, "choose_unseen_lr", lambda enc: None)
-    assert study.scaling_rho_wins("lr3", 500) is None
-    rows = dict(study.tune_scaling_rho_table("lr3").rows)
+    variant = study.SCALING_VARIANTS[key]
+    assert study.scaling_variant_wins("lr3", variant, 500) is None
+    table = study.tune_scaling_table("lr3", variant)
+    assert table.key == f"tune-scaling-{key}"
+    rows = dict(table.rows)
     assert all(e.split == "val" for evals in rows.values() for e in evals)
-    for n, (rho2, rho1) in {200: (30.0, 31.0), 500: (45.0, 41.0)}.items():
-        for e in rows[f"N {n}: rho 2"]:
-            _write_result(root, e.name, rho2)
-        for e in rows[f"N {n}: rho 1 (default, table 6)"]:
-            _write_result(root, e.name, rho1)
-    assert study.scaling_rho_wins("lr3", 200) is False
-    assert study.scaling_rho_wins("lr3", 500) is True
+    for n, (a, b) in {200: (30.0, 31.0), 500: (45.0, 41.0)}.items():
+        for e in rows[f"N {n}: {tried[n]}"]:
+            _write_result(root, e.name, a)
+        for e in rows[f"N {n}: {default} (default, table 6)"]:
+            _write_result(root, e.name, b)
+    assert study.scaling_variant_wins("lr3", variant, 200) is False
+    assert study.scaling_variant_wins("lr3", variant, 500) is True
     t6 = next(t for t in study.final_tables("lr3") if t.key == "6")
     labels = [label for label, _ in t6.rows]
-    assert "N 500: CovMatch at rho 2" in labels and "N 200: CovMatch at rho 2" not in labels
-    rho2_rows = dict(t6.rows)["N 500: CovMatch at rho 2"]
-    assert {e.split for e in rho2_rows} == {"test"} and len(rho2_rows) == 6  # 2 distillation seeds x 3 runs
-    assert "--rho 2" in " ".join(study.all_distills()["paper-rho2-n500-t500-s1"].command())
+    assert f"N 500: CovMatch at {tried[500]}" in labels and f"N 200: CovMatch at {tried[200]}" not in labels
+    varied_rows = dict(t6.rows)[f"N 500: CovMatch at {tried[500]}"]
+    assert {e.split for e in varied_rows} == {"test"} and len(varied_rows) == 6  # 2 distillation seeds x 3 runs
+    assert f"N 500: {tried[500]} - {default} (seed 1)" in [label for label, _, _ in t6.paired]
+    distills = study.all_distills()
+    assert flags[500] in " ".join(distills[f"{variant.set_name}-n500-t500-s1"].command())
+    assert flags[200] in " ".join(distills[f"{variant.set_name}-n200-t500-s0"].command())
     for evals in rows.values():  # the report reads every recall metric of a run
         for e in evals:
             path = e.out / "results.json"
             if path.is_file():
                 mean = json.loads(path.read_text())["runs"][0]["mean"]
                 path.write_text(json.dumps({"runs": [{m: mean for m in METRICS}]}))
-    md = write_report([study.tune_scaling_rho_table("lr3")], {}, "lr3").read_text()
-    assert "- Tune-scaling-rho (val), N 500: rho 2 45.0 vs the default rho 1 41.0: above, so table 6 has" in md
-    assert "N 200: rho 2 30.0 vs the default rho 1 31.0: not above, so not run on test." in md
+    md = write_report([table], {}, "lr3").read_text()
+    assert (f"- Tune-scaling-{key} (val), N 500: {tried[500]} 45.0 vs the default {default} 41.0: above, so table 6 "
+            f"has its test rows.") in md  # fmt: skip
+    assert f"N 200: {tried[200]} 30.0 vs the default {default} 31.0: not above, so not run on test." in md
 
 
 def test_table_4_target_needs_the_paper_setting_above_every_other_beyond_the_spread(root):
