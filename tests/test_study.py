@@ -213,7 +213,11 @@ def test_scaling_variant_gate_reads_val_only_and_adds_table_6_rows_where_it_wins
     assert f"N 500: CovMatch at {tried[500]}" in labels and f"N 200: CovMatch at {tried[200]}" not in labels
     varied_rows = dict(t6.rows)[f"N 500: CovMatch at {tried[500]}"]
     assert {e.split for e in varied_rows} == {"test"} and len(varied_rows) == 6  # 2 distillation seeds x 3 runs
-    assert f"N 500: {tried[500]} - {default} (seed 1)" in [label for label, _, _ in t6.paired]
+    paired = {label: (a, b) for label, a, b in t6.paired}
+    assert f"N 500: {tried[500]} - {default} (seed 1)" in paired
+    (distilled,), (initial,) = paired[f"N 500: CovMatch at {tried[500]} - iteration-0 (seed 1)"]
+    assert distilled.source == f"{variant.set_name}-n500-t500-s1"  # the same pairs at iteration 0 as table 6's set
+    assert initial.source == "paper-n500-t500-s1/initial" and initial.seed == distilled.seed
     distills = study.all_distills()
     assert flags[500] in " ".join(distills[f"{variant.set_name}-n500-t500-s1"].command())
     assert flags[200] in " ".join(distills[f"{variant.set_name}-n200-t500-s0"].command())
@@ -227,6 +231,15 @@ def test_scaling_variant_gate_reads_val_only_and_adds_table_6_rows_where_it_wins
     assert (f"- Tune-scaling-{key} (val), N 500: {tried[500]} 45.0 vs the default {default} 41.0: above, so table 6 "
             f"has its test rows.") in md  # fmt: skip
     assert f"N 200: {tried[200]} 30.0 vs the default {default} 31.0: not above, so not run on test." in md
+    t6_rows = dict(t6.rows)
+    for label, mean in {"N 100: CovMatch": 30.0, "N 100: random pairs": 25.0, "N 500: random pairs": 48.0,
+                        f"N 500: CovMatch at {tried[500]}": 54.0}.items():  # fmt: skip
+        for e in t6_rows[label]:
+            (root / "evals" / e.name).mkdir(parents=True, exist_ok=True)
+            (root / "evals" / e.name / "results.json").write_text(json.dumps({"runs": [{m: mean for m in METRICS}]}))
+    md = write_report([t6], {}, "lr3").read_text()
+    assert (f"- Table 6 at {tried[500]} for N 500 (chosen on val), the gap to random does not shrink from N 100 to "
+            f"500: **holds** (+5.0 -> +6.0).") in md  # fmt: skip
 
 
 def test_table_4_target_needs_the_paper_setting_above_every_other_beyond_the_spread(root):
