@@ -221,6 +221,10 @@ def test_scaling_variant_gate_reads_val_only_and_adds_table_6_rows_where_it_wins
     distills = study.all_distills()
     assert flags[500] in " ".join(distills[f"{variant.set_name}-n500-t500-s1"].command())
     assert flags[200] in " ".join(distills[f"{variant.set_name}-n200-t500-s0"].command())
+    # the study's other sets keep the synthetic batch of 100 they ran with, whatever the demo preset's default
+    assert "--syn-batch 100" in " ".join(distills["paper-n500-t500-s1"].command())
+    for name in (f"{variant.set_name}-n500-t500-s1", "paper-n500-t500-s1"):
+        assert distills[name].command().count("--syn-batch") == 1
     for evals in rows.values():  # the report reads every recall metric of a run
         for e in evals:
             path = e.out / "results.json"
