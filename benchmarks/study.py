@@ -110,7 +110,6 @@ PAIRED_UNSEEN_ENCODERS = ("resnet",)
 UNSEEN_LR_CANDIDATES = {"lr.01": ("--lr-encoder", "0.01"), "lr.001": ("--lr-encoder", "0.001")}
 SCALING_N = (200, 500, 1000)
 SCALING_DIAGNOSED_N = (500,)  # table 6 also scores these N's iteration-0 sets (one run each) and analyses them
-SCALING_VARIANT_N = (500, 200)  # N 500 first: the N table 6 diagnosed
 
 # rough single-thread costs on the development CPU, for the plan (measured; refined by jobs.jsonl)
 SECONDS_PER_ITERATION = {"real": 1.3, "synthetic": 1.1, "fixed": 0.45}
@@ -364,8 +363,8 @@ def balanced_init_wins(chosen: str) -> Optional[bool]:
 
 @dataclass(frozen=True)
 class ScalingVariant:
-    """One setting tried on val at the N of SCALING_VARIANT_N against the value table 6 used there
-    (table ``tune-scaling-<key>``); table 6 gets test rows for it at each N where it wins on val."""
+    """One setting tried on val at the N of ``sizes`` against the value table 6 used there (table
+    ``tune-scaling-<key>``); table 6 gets test rows for it at each N where it wins on val."""
 
     key: str
     set_name: str
@@ -373,6 +372,7 @@ class ScalingVariant:
     name: str  # what the flag sets, in words
     default: str  # the value table 6 used at every N
     value: Callable[[int], str]  # the value tried at N
+    sizes: Tuple[int, ...]  # the N it is tried at, in the order they run
 
     def flags(self, n: int) -> Tuple[str, str]:
         return self.flag, self.value(n)
@@ -387,19 +387,20 @@ class ScalingVariant:
 # Table 6 distilled N > 100 with the N = 100 settings, and random pairs overtook CovMatch there while the
 # captions' spread shrank. Tried on val at those N: rho 2 (table 6 ran the resolved default rho 1), and the
 # paper's synthetic batch, all of S up to 256 pairs (table 6 kept the demo's 100, so at N 500 a pair was
-# updated one step in five). Each keeps table 6's 500 iterations.
+# updated one step in five). Each keeps table 6's 500 iterations. N 500 first: the N table 6 diagnosed; the
+# batch at N 1000 was added once it had won on val at N 200 and 500.
 SCALING_VARIANTS = {
-    "rho": ScalingVariant("rho", "paper-rho2", "--rho", "rho", "1", lambda n: "2"),
+    "rho": ScalingVariant("rho", "paper-rho2", "--rho", "rho", "1", lambda n: "2", (500, 200)),
     "batch": ScalingVariant("batch", "paper-sbatch", "--syn-batch", "synthetic batch", "100",
-                            lambda n: str(min(n, 256))),
+                            lambda n: str(min(n, 256)), (500, 200, 1000)),
 }  # fmt: skip
 
 
 def tune_scaling_table(chosen: str, variant: ScalingVariant) -> Table:
-    """Val, distillation seed 0, 2 evaluation runs: at each N of SCALING_VARIANT_N, the ablations' regime with
+    """Val, distillation seed 0, 2 evaluation runs: at each N of the variant's sizes, the ablations' regime with
     ``variant`` against table 6's set, its iteration-0 set and random pairs of that N."""
     rows, analyses = [], []
-    for n in SCALING_VARIANT_N:
+    for n in variant.sizes:
         default = distill(PAPER_REGIME + TUNE_CANDIDATES[chosen], 0, ABLATION_ITERATIONS, "paper", n)
         varied = distill(PAPER_REGIME + TUNE_CANDIDATES[chosen] + variant.flags(n), 0, ABLATION_ITERATIONS,
                          variant.set_name, n)  # fmt: skip
@@ -597,7 +598,7 @@ def final_tables(chosen: str) -> List[Table]:
                         for r, evals in zip(scaled, initial)]  # fmt: skip
             analyses6.append((f"N {n}, seed 0", Analyze(scaled[0].name)))
         for v in SCALING_VARIANTS.values():
-            if n not in SCALING_VARIANT_N or not scaling_variant_wins(chosen, v, n):  # it won on val at this N
+            if n not in v.sizes or not scaling_variant_wins(chosen, v, n):  # it won on val at this N
                 continue
             varied = [ablated(s, v.flags(n), v.set_name, n) for s in ABLATION_SEEDS]
             rows6.append(set_rows(f"N {n}: CovMatch at {v.label(n)}", varied))

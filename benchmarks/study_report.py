@@ -252,7 +252,7 @@ def _targets(results: Dict[str, dict]) -> List[str]:
                      f"{b:.1f}: {outcome}.")  # fmt: skip
     for v in study.SCALING_VARIANTS.values():
         table = f"tune-scaling-{v.key}"
-        for n in study.SCALING_VARIANT_N:
+        for n in v.sizes:
             tried, default = row(table, f"N {n}: {v.label(n)}"), row(table, f"N {n}: {v.default_label()}")
             if tried and default:
                 a, b = tried["mean"][0], default["mean"][0]
