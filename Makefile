@@ -47,8 +47,8 @@ demo: $(DEMO_STAMP)
 	$(PY) -m covmatch.demo --runs 1
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check covmatch kernels tests benchmarks setup.py
-	$(VENV)/bin/ruff format --check covmatch kernels tests benchmarks setup.py
+	$(VENV)/bin/ruff check covmatch tests benchmarks setup.py
+	$(VENV)/bin/ruff format --check covmatch tests benchmarks setup.py
 
 clean:
 	rm -rf build *.egg-info .pytest_cache .ruff_cache

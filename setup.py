@@ -1,8 +1,4 @@
-"""Package definition for covmatch.
-
-``kernels/`` (the Triton kernels) installs as ``covmatch.kernels`` through ``package_dir``, never as a
-top-level ``kernels`` module: a widely installed PyPI package of that name is imported by transformers.
-"""
+"""Package definition for covmatch."""
 
 import re
 from pathlib import Path
@@ -36,8 +32,7 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.9",
-    packages=["covmatch", *(f"covmatch.{name}" for name in find_packages("covmatch")), "covmatch.kernels"],
-    package_dir={"covmatch": "covmatch", "covmatch.kernels": "kernels"},
+    packages=["covmatch", *(f"covmatch.{name}" for name in find_packages("covmatch"))],
     install_requires=[
         "torch>=2.4",
         "numpy",

@@ -46,12 +46,6 @@ if [ -d "$CARRY/wheels" ]; then
     "$CARRY"/wheels/*.whl && export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
 fi
 if [ -d "$CARRY/text-encoder" ]; then export COVMATCH_BENCH_TEXT_ENCODER="$PWD/$CARRY/text-encoder"; fi
-# covmatch from this tree; kernels/ installs as covmatch.kernels (setup.py), so without an install (an
-# editable one, else, where the system Python refuses installs, a link in this copy of the tree) it is absent
-if ! "$PY" -c "import covmatch.kernels" 2>/dev/null; then
-  "$PY" -m pip install -q --no-deps --no-build-isolation --no-index -e . >/dev/null 2>&1 ||
-    { echo "editable install refused: linking covmatch/kernels -> kernels"; ln -sfn ../kernels covmatch/kernels; }
-fi
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
 "$PY" - <<'EOF'
 import importlib, platform

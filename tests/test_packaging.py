@@ -35,13 +35,16 @@ def test_import_covmatch_is_light(tmp_path):
     assert facts == {"heavy": [], "cuda_init": False, "version": facts["version"]}
 
 
-def test_kernels_live_under_covmatch(tmp_path):
-    """Our kernels import as covmatch.kernels; a bare `import kernels` is not ours (PyPI's, or nothing)."""
+@pytest.mark.parametrize("where", ["elsewhere", "checkout"])
+def test_kernels_live_under_covmatch(tmp_path, where):
+    """Our kernels import as covmatch.kernels; a bare `import kernels` is not ours (PyPI's, which transformers
+    imports, or nothing), also from the root of a checkout, where the current folder comes first on sys.path."""
     out = _run_python(
-        "import importlib.util, json, covmatch.kernels as k\n"
+        "import importlib.util, json, sys, covmatch.kernels as k\n"
+        "sys.path.insert(0, '')\n"
         "spec = importlib.util.find_spec('kernels')\n"
         "print(json.dumps({'ours': k.__file__, 'top': spec.origin if spec else None}))",
-        tmp_path,
+        tmp_path if where == "elsewhere" else REPO,
     )
     facts = json.loads(out)
     assert Path(facts["ours"]).name == "__init__.py"
