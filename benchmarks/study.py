@@ -135,9 +135,21 @@ class Distill:
     def out(self) -> Path:
         return ROOT / "sets" / self.name
 
+    def starts_over(self) -> bool:
+        """Its record (config, log, synthetic.json: committed) is here but neither its tensors nor a checkpoint
+        (a fresh clone: the large sets' tensors are not committed), so it is distilled again from iteration 0
+        with ``--overwrite``, which rewrites that record; ``--auto-resume`` would refuse it."""
+        checkpoints = self.out / "checkpoints"  # covmatch-distill's checkpoint folder under --out
+        return (
+            (self.out / "synthetic.json").is_file()
+            and not (self.out / "synthetic.safetensors").is_file()
+            and not (checkpoints.is_dir() and any(checkpoints.iterdir()))
+        )
+
     def command(self) -> List[str]:
         return [
-            sys.executable, "-m", "covmatch.distill", "--preset", "demo", "--out", str(self.out), "--auto-resume",
+            sys.executable, "-m", "covmatch.distill", "--preset", "demo", "--out", str(self.out),
+            "--overwrite" if self.starts_over() else "--auto-resume",
             "--no-progress", "--seed", str(self.seed), "--iterations", str(self.iterations),
             "--num-pairs", str(self.num_pairs), "--save-every", "100", "--log-every", "10", "--keep-checkpoints", "1",
             *(() if "--syn-batch" in self.flags else STUDY_SYN_BATCH), *self.flags,
