@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from covmatch import covmatch_loss
+from covmatch.kernels import tuned_configs
 from tests.reference import eager_covmatch_loss, float64_loss_and_grads, relative_error
 
 from .common import DEVICE, SMOKE, append_row, device_time_ms, peak_memory_mb, run_benchmark
@@ -153,7 +154,9 @@ def test_covmatch_loss_speed(benchmark, shape, dtype, impl, backward):
     if backward:
         grads = torch.autograd.grad(loss, inputs[2:])
         grad_err = max(relative_error(g.float().cpu(), r.cpu()) for g, r in zip(grads, ref_grads[2:]))
-    assert math.isfinite(loss_err)
+    # ours must stay finite; the reference formula may not (fp16 sums of squares overflow at large d), which
+    # is recorded (inf / nan error) rather than failing the case
+    assert math.isfinite(loss_err) or impl in ("eager", "compiled"), f"{impl} loss is not finite"
 
     # wall clock per synchronised call (pytest-benchmark: includes the host sync); on CUDA the reported times
     # are CUDA-event times by the same method as the GEMM floor, so that their ratio compares like with like
@@ -179,6 +182,8 @@ def test_covmatch_loss_speed(benchmark, shape, dtype, impl, backward):
         "peak_mem_mb": peak_memory_mb(step),
         "loss_rel_err": loss_err,
         "grad_rel_err": grad_err,
+        # the tile configurations COVMATCH_TRITON_AUTOTUNE=1 chose (empty: the deterministic defaults ran)
+        "tile_configs": "; ".join(f"{k}: {v}" for k, v in tuned_configs().items()) if impl.startswith("triton") else "",
     }
     append_row("loss", row)
     benchmark.extra_info.update({k: v for k, v in row.items() if isinstance(v, (int, float, str))})

@@ -280,7 +280,9 @@ def test_memory_vs_synthetic_batch(syn_batch, chunk):
     if not SMOKE and chunk is None and syn_batch > 1024:
         pytest.skip("single-pass at this synthetic batch exceeds the memory the comparison is about")
     precision = "bf16" if not SMOKE else "fp32"
-    d = _distiller(precision, False, chunk, syn_batch)
+    # the synthetic set starts from distinct real images: the train split must hold at least N of them
+    base = {**BASE, "shapes_train_images": max(BASE.get("shapes_train_images", 0), syn_batch)} if not SMOKE else None
+    d = _distiller(precision, False, chunk, syn_batch, base=base)
     timing, peak, _ = _measure(d, iterations=1 if SMOKE else 3)
     state = _synthetic_state_gb(d)
     row = _step_row(d, precision, False, chunk, syn_batch, timing, peak, syn_state_gb=state)

@@ -14,7 +14,10 @@
 # Check the script itself on a CPU first (smoke mode: tiny shapes, the Triton interpreter, no timing claims):
 #   COVMATCH_BENCH_SMOKE=1 TRITON_INTERPRET=1 OUT=/tmp/gpu-smoke bash benchmarks/run_gpu.sh
 # RUN_GPU_TESTS_K / RUN_GPU_BENCH_K replace the pytest -k selections of the correctness and benchmark stages;
-# RUN_GPU_LIMITS="75 200 150" are the three stages' time limits in seconds.
+# RUN_GPU_LIMITS="75 170 30 150" are the four stages' time limits in seconds (correctness, loss, host, step;
+# 0 skips a stage);
+# RUN_GPU_AUTOTUNE=1 makes the loss stage time every tile configuration (COVMATCH_TRITON_AUTOTUNE=1; its
+# choices land in loss.csv's tile_configs) while the host and step stages keep the deterministic defaults.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-benchmarks/results/gpu}"
@@ -28,13 +31,15 @@ stage() { echo; echo "=== $1 ($((SECONDS - START)) s in)"; }
 limited() {  # limited SECONDS CMD...: run CMD, say in the log when the time limit cut it short
   local limit=$1
   shift
-  timeout -k 10 "$limit" "$@"
+  if [ "$limit" = 0 ]; then echo "(skipped: time limit 0)"; return 0; fi
+  # SIGINT, not SIGTERM: pytest then still prints the failures it has seen (tracebacks, short summary)
+  timeout -s INT -k 10 "$limit" "$@"
   local rc=$?
   if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then echo "!!! time limit of $limit s reached: this stage is incomplete"; fi
   return 0
 }
 
-read -r LIMIT_TESTS LIMIT_LOSS LIMIT_STEP <<<"${RUN_GPU_LIMITS:-75 200 150}"
+read -r LIMIT_TESTS LIMIT_LOSS LIMIT_HOST LIMIT_STEP <<<"${RUN_GPU_LIMITS:-75 170 30 150}"
 BENCH_K=()
 if [ -n "${RUN_GPU_BENCH_K:-}" ]; then BENCH_K=(-k "$RUN_GPU_BENCH_K"); fi
 
@@ -62,14 +67,19 @@ print("cuda", torch.version.cuda, "available:", torch.cuda.is_available(),
 EOF
 
 stage "1. correctness of the fused kernels on this device (fp32, fp16, bf16) against float64"
-limited "$LIMIT_TESTS" "$PY" -m pytest -q -x -p no:cacheprovider tests/test_loss.py -k "${RUN_GPU_TESTS_K:-triton or forms}"
+limited "$LIMIT_TESTS" "$PY" -m pytest -q -x -p no:cacheprovider --tb=short -rfE tests/test_loss.py -k "${RUN_GPU_TESTS_K:-triton or forms}"
 
-stage "2. covmatch_loss microbenchmarks, then its host cost per call"
-limited "$LIMIT_LOSS" "$PY" -m pytest -q -p no:cacheprovider benchmarks/bench_loss.py benchmarks/bench_host.py --benchmark-enable \
-  --benchmark-disable-gc --benchmark-columns=median,iqr,rounds "${BENCH_K[@]}"
+BENCH_ARGS=(--benchmark-enable --benchmark-disable-gc --benchmark-columns=median,iqr,rounds "${BENCH_K[@]}")
+stage "2. covmatch_loss microbenchmarks"
+COVMATCH_TRITON_AUTOTUNE="${RUN_GPU_AUTOTUNE:-0}" limited "$LIMIT_LOSS" \
+  "$PY" -m pytest -q -p no:cacheprovider --tb=short -rfE benchmarks/bench_loss.py "${BENCH_ARGS[@]}"
+
+stage "2b. host cost of one loss call"
+COVMATCH_TRITON_AUTOTUNE=0 limited "$LIMIT_HOST" \
+  "$PY" -m pytest -q -p no:cacheprovider --tb=short -rfE benchmarks/bench_host.py "${BENCH_ARGS[@]}"
 
 stage "3. distillation step"
-limited "$LIMIT_STEP" "$PY" -m pytest -q -p no:cacheprovider benchmarks/bench_step.py "${BENCH_K[@]}"
+COVMATCH_TRITON_AUTOTUNE=0 limited "$LIMIT_STEP" "$PY" -m pytest -q -p no:cacheprovider --tb=short -rfE benchmarks/bench_step.py "${BENCH_K[@]}"
 
 stage "4. plots and summary"
 "$PY" -m benchmarks.plot "$OUT"

@@ -6,7 +6,7 @@ and its backward (both gradients of a side in one GEMM launch), ``gram`` the Gra
 ``python -m covmatch.kernels.inspect`` compiles one call's launches ahead of time for sm_80 / sm_90.
 """
 
-from ._launch import LaunchRecord, TileConfig, interpreter_enabled, recorded_launches, target_arch
+from ._launch import LaunchRecord, TileConfig, interpreter_enabled, recorded_launches, target_arch, tuned_configs
 from .covariance import CovarianceForward, covariance_forward, covariance_grads
 from .gram import GramForward, gram_forward, gram_grad
 
@@ -22,4 +22,5 @@ __all__ = [
     "interpreter_enabled",
     "recorded_launches",
     "target_arch",
+    "tuned_configs",
 ]

@@ -32,6 +32,7 @@ __all__ = [
     "cdiv",
     "interpreter_enabled",
     "autotune_enabled",
+    "tuned_configs",
     "dot_operand_dtype",
     "fp32_dot_precision",
     "choose_config",
@@ -203,6 +204,17 @@ _TUNED = _Tuned()
 
 def autotune_enabled() -> bool:
     return _env_flag("COVMATCH_TRITON_AUTOTUNE") and not _INTERPRETER
+
+
+def tuned_configs() -> Dict[str, str]:
+    """What ``COVMATCH_TRITON_AUTOTUNE=1`` has chosen so far: ``"kernel capability shape-class"`` to
+    ``"BMxBNxBK wW sS"`` (tile, warps, pipeline stages), for benchmarks to record next to their times."""
+    return {
+        f"{name} sm{''.join(map(str, cap or ()))} {'x'.join(map(str, key))}": (
+            f"{c.block_m}x{c.block_n}x{c.block_k} w{c.num_warps} s{c.num_stages}"
+        )
+        for (name, cap, key), c in _TUNED.chosen.items()
+    }
 
 
 # streaming multiprocessors of the targets ``target_arch`` compiles for (H100/H200 SXM, A100)

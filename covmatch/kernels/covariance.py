@@ -335,16 +335,25 @@ def _grad_reduce_kernel(
 # --------------------------------------------------------------------------------------------------
 
 # Half-precision operands: big tiles for the tensor cores; fp32: smaller (TF32/fp32 operands are twice the size).
+# The entries after the smallest tile are never a default (the default is the first whose grid fills the SMs,
+# else the one with most programs): they are Hopper-sized tiles only COVMATCH_TRITON_AUTOTUNE=1 tries.
 _DIFF_CONFIGS = {
     "half": (
         TileConfig(128, 128, 64, num_warps=8, num_stages=3),
         TileConfig(128, 64, 64, num_warps=4, num_stages=3),
         TileConfig(64, 64, 64, num_warps=4, num_stages=3),
+        TileConfig(128, 256, 64, num_warps=8, num_stages=3),
+        TileConfig(128, 128, 64, num_warps=4, num_stages=4),
     ),
     "fp32": (TileConfig(64, 64, 32, num_warps=4, num_stages=3), TileConfig(32, 64, 32, num_warps=4, num_stages=3)),
 }
 _GRAD_CONFIGS = {
-    "half": (TileConfig(64, 128, 64, num_warps=4, num_stages=3), TileConfig(64, 64, 64, num_warps=4, num_stages=3)),
+    "half": (
+        TileConfig(64, 128, 64, num_warps=4, num_stages=3),
+        TileConfig(64, 64, 64, num_warps=4, num_stages=3),
+        TileConfig(128, 128, 64, num_warps=8, num_stages=3),
+        TileConfig(128, 256, 64, num_warps=8, num_stages=3),
+    ),
     "fp32": (TileConfig(64, 64, 32, num_warps=4, num_stages=3), TileConfig(32, 64, 32, num_warps=4, num_stages=3)),
 }
 _MEANS_BLOCK_R, _MEANS_BLOCK_D = 32, 128  # rows per step, columns per program
