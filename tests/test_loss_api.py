@@ -67,6 +67,30 @@ def test_backend_auto_on_cpu_is_torch():
     assert resolve_backend("auto", torch.device("cpu"), (torch.float64,)) == "torch"
 
 
+def test_backend_auto_on_cuda_sends_large_exact_fp32_calls_to_torch(monkeypatch):
+    """The dispatch rule alone (no GPU needed): cuBLAS's SGEMM beat Triton's exact fp32 dot on the H200."""
+    from covmatch.loss.functional import FP32_TORCH_MIN_FLOPS, loss_flops
+
+    monkeypatch.delenv("COVMATCH_BACKEND", raising=False)
+    matmul = torch.backends.cuda.matmul  # a module object monkeypatch cannot set attributes on
+    tf32 = matmul.allow_tf32
+    cuda, fp32, bf16 = torch.device("cuda"), (torch.float32,) * 4, (torch.bfloat16,) * 4
+    large, paper = loss_flops(128, 10_000, 2304, 768), loss_flops(128, 256, 2304, 768)
+    assert paper < FP32_TORCH_MIN_FLOPS <= large
+    try:
+        matmul.allow_tf32 = False
+        assert resolve_backend("auto", cuda, fp32, large) == "torch"
+        assert resolve_backend("auto", cuda, fp32, paper) == "triton"  # host-bound: fewer launches win
+        assert resolve_backend("auto", cuda, bf16, large) == "triton"  # tensor cores on both paths
+        mixed = (torch.bfloat16, torch.bfloat16, torch.float32, torch.float32)
+        assert resolve_backend("auto", cuda, mixed, large) == "triton"
+        assert resolve_backend("triton", cuda, fp32, large) == "triton"  # an explicit backend is kept
+        matmul.allow_tf32 = True
+        assert resolve_backend("auto", cuda, fp32, large) == "triton"  # TF32 on both paths: not measured apart
+    finally:
+        matmul.allow_tf32 = tf32
+
+
 def test_backend_env_override(monkeypatch):
     monkeypatch.setenv("COVMATCH_BACKEND", "triton")
     assert resolve_backend("auto", torch.device("cpu")) == "triton"  # the interpreter is on in tests

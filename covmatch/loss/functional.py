@@ -16,7 +16,15 @@ from .torch_backend import covmatch_loss_torch, cross_covariance_torch, mean_gap
 from .triton_backend import covmatch_loss_triton, triton_unavailable_reason
 from .validation import check_covmatch_inputs, check_features, check_hyperparameters, check_pair
 
-__all__ = ["BACKENDS", "cross_covariance", "mean_matching_loss", "covmatch_loss", "resolve_backend"]
+__all__ = [
+    "BACKENDS",
+    "FP32_TORCH_MIN_FLOPS",
+    "cross_covariance",
+    "mean_matching_loss",
+    "covmatch_loss",
+    "loss_flops",
+    "resolve_backend",
+]
 
 BACKENDS = ("auto", "torch", "triton")
 
@@ -25,11 +33,24 @@ def _interpreter_on() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() not in ("", "0", "false")
 
 
-def resolve_backend(backend: str, device: torch.device, dtypes=()) -> str:
+# Under 'auto', exact-fp32 calls of at least this many FLOPs (covariance form, forward + backward) take the torch
+# path on CUDA: on an H200 Triton's exact fp32 dot ran at about half of cuBLAS's SGEMM rate (23.5 against 45.9
+# TFLOP/s at 128 + 10,000 rows, 4096 x 4096), while below ~2e10 FLOPs both paths are bound by host time and the
+# fused one's fewer launches win (benchmarks/results/gpu/loss.csv).
+FP32_TORCH_MIN_FLOPS = 2e10
+
+
+def loss_flops(n_real: int, n_syn: int, d_img: int, d_txt: int) -> float:
+    """FLOPs of one forward + backward (to the synthetic features) of the covariance form."""
+    return 2.0 * (n_real + n_syn) * d_img * d_txt + 4.0 * n_syn * d_img * d_txt
+
+
+def resolve_backend(backend: str, device: torch.device, dtypes=(), flops: float = 0.0) -> str:
     """Turn ``backend`` into 'torch' or 'triton' for tensors on ``device``, or raise a clear error.
 
     'auto' means: ``COVMATCH_BACKEND`` when set, else triton for CUDA tensors when triton imports,
-    else torch. fp64 inputs always use the torch reference under 'auto'.
+    else torch. fp64 inputs always use the torch reference under 'auto', and so do large exact-fp32 calls
+    on CUDA (every input fp32, TF32 off, ``flops`` >= ``FP32_TORCH_MIN_FLOPS``), where cuBLAS is faster.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -42,9 +63,12 @@ def resolve_backend(backend: str, device: torch.device, dtypes=()) -> str:
     if backend == "auto":
         if torch.float64 in dtypes:
             return "torch"
-        if device.type == "cuda" and triton_unavailable_reason() is None:
-            return "triton"
-        return "torch"
+        if device.type != "cuda" or triton_unavailable_reason() is not None:
+            return "torch"
+        exact_fp32 = bool(dtypes) and all(d == torch.float32 for d in dtypes)
+        if exact_fp32 and not torch.backends.cuda.matmul.allow_tf32 and flops >= FP32_TORCH_MIN_FLOPS:
+            return "torch"
+        return "triton"
     if backend == "triton":
         reason = triton_unavailable_reason()
         if reason is not None:
@@ -113,7 +137,7 @@ def covmatch_loss(
     n_real, n_syn, d_img, d_txt = check_covmatch_inputs(real_img, real_txt, syn_img, syn_txt)
     check_hyperparameters(rho, lam)
     dtypes = (real_img.dtype, real_txt.dtype, syn_img.dtype, syn_txt.dtype)
-    resolved = resolve_backend(backend, real_img.device, dtypes)
+    resolved = resolve_backend(backend, real_img.device, dtypes, loss_flops(n_real, n_syn, d_img, d_txt))
     resolved_form = choose_form(form, n_real, n_syn, d_img, d_txt)
     impl = covmatch_loss_triton if resolved == "triton" else covmatch_loss_torch
     if _name_in_profiles():
