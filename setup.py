@@ -32,7 +32,7 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.9",
-    packages=["covmatch", *(f"covmatch.{name}" for name in find_packages("covmatch"))],
+    packages=find_packages(include=["covmatch", "covmatch.*"]),
     install_requires=[
         "torch>=2.4",
         "numpy",

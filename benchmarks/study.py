@@ -403,7 +403,7 @@ class ScalingVariant:
 # batch at N 1000 was added once it had won on val at N 200 and 500.
 SCALING_VARIANTS = {
     "rho": ScalingVariant("rho", "paper-rho2", "--rho", "rho", "1", lambda n: "2", (500, 200)),
-    "batch": ScalingVariant("batch", "paper-sbatch", "--syn-batch", "synthetic batch", "100",
+    "batch": ScalingVariant("batch", "paper-sbatch", "--syn-batch", "synthetic batch", STUDY_SYN_BATCH[1],
                             lambda n: str(min(n, 256)), (500, 200, 1000)),
 }  # fmt: skip
 
