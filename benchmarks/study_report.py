@@ -259,6 +259,14 @@ def _targets(results: Dict[str, dict]) -> List[str]:
                 outcome = "above, so table 6 has its test rows" if a > b else "not above, so not run on test"
                 lines.append(f"- Tune-scaling-{v.key} (val), N {n}: {v.label(n)} {a:.1f} vs the default "
                              f"{v.default_label()} {b:.1f}: {outcome}.")  # fmt: skip
+    batch, n = study.SCALING_VARIANTS["batch"], study.LONGER_N
+    longer = row("tune-scaling-iterations", f"N {n}: {batch.label(n)}, {study.LONGER_ITERATIONS} it.")
+    shorter = row("tune-scaling-iterations", f"N {n}: {batch.label(n)}, {study.ABLATION_ITERATIONS} it.")
+    if longer and shorter:
+        a, b = longer["mean"][0], shorter["mean"][0]
+        outcome = "above, so a later table 6 gets its test rows" if a > b else "not above, so not run on test"
+        lines.append(f"- Tune-scaling-iterations (val), N {n} at {batch.label(n)}: {study.LONGER_ITERATIONS} it. "
+                     f"{a:.1f} vs {study.ABLATION_ITERATIONS} it. {b:.1f}: {outcome}.")  # fmt: skip
     balanced_init, balanced = row("1", "CovMatch from class-balanced pairs"), row("1", "class-balanced random")
     if balanced_init and balanced:
         ok = balanced_init["mean"][0] - balanced_init["mean"][1] > balanced["mean"][0] + balanced["mean"][1]

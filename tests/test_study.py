@@ -131,7 +131,14 @@ def test_every_planned_command_is_accepted_by_the_commands_it_runs(root, monkeyp
         else:
             eval_parser().parse_args(argv)
     keys = {t.key for t in study.all_tables("all")}
-    tune_keys = {"tune", "tune-unseen", "tune-init", "tune-scaling-rho", "tune-scaling-batch"}
+    tune_keys = {
+        "tune",
+        "tune-unseen",
+        "tune-init",
+        "tune-scaling-rho",
+        "tune-scaling-batch",
+        "tune-scaling-iterations",
+    }
     assert keys == tune_keys | {"1", "2", "3", "4", "5", "5t", "6", "7"}
     assert any("--init" in j.command() for j in jobs if isinstance(j, study.Distill) and j.name.startswith("paper"))
     assert {"paper-rho2-n500-t500-s1", "paper-sbatch-n500-t500-s1"} <= set(names)  # table 6's variant rows: every seed
@@ -249,6 +256,34 @@ def test_scaling_variant_gate_reads_val_only_and_adds_table_6_rows_where_it_wins
     md = write_report([t6], {}, "lr3").read_text()
     assert (f"- Table 6 at {tried[500]} for N 500 (chosen on val), the gap to random does not shrink from N 100 to "
             f"500: **holds** (+5.0 -> +6.0).") in md  # fmt: skip
+
+
+def test_longer_table_compares_iterations_at_the_paper_batch_on_val(root, monkeypatch):
+    monkeypatch.setattr(study, "choose_config", lambda: "lr3")
+    table = study.tune_longer_table("lr3")
+    assert table.key == "tune-scaling-iterations" and table in study.all_tables("tune")
+    rows = dict(table.rows)
+    assert all(e.split == "val" and e.num_pairs == 500 for evals in rows.values() for e in evals)
+    longer, shorter = (
+        rows["N 500: synthetic batch 256, 1000 it."],
+        rows["N 500: synthetic batch 256, 500 it. (tune-scaling-batch)"],
+    )
+    assert {e.source for e in longer} == {"paper-sbatch-n500-t1000-s0"}
+    # the 500-iteration run and the starting pairs are tune-scaling-batch's own evaluations, reused
+    batch_table = dict(study.tune_scaling_table("lr3", study.SCALING_VARIANTS["batch"]).rows)
+    assert [e.name for e in shorter] == [e.name for e in batch_table["N 500: synthetic batch 256"]]
+    assert [e.name for e in rows["N 500: iteration-0 set"]] == [e.name for e in batch_table["N 500: iteration-0 set"]]
+    command = " ".join(study.all_distills()["paper-sbatch-n500-t1000-s0"].command())
+    assert "--iterations 1000" in command and "--syn-batch 256" in command
+    for label, mean in (("N 500: synthetic batch 256, 1000 it.", 52.0), ("N 500: synthetic batch 256, 500 it.", 50.0)):
+        for e in rows[next(k for k in rows if k.startswith(label))]:
+            (root / "evals" / e.name).mkdir(parents=True)
+            (root / "evals" / e.name / "results.json").write_text(json.dumps({"runs": [{m: mean for m in METRICS}]}))
+    md = write_report([table], {}, "lr3").read_text()
+    assert (
+        "- Tune-scaling-iterations (val), N 500 at synthetic batch 256: 1000 it. 52.0 vs 500 it. 50.0: above, "
+        "so a later table 6 gets its test rows."
+    ) in md
 
 
 def test_table_4_target_needs_the_paper_setting_above_every_other_beyond_the_spread(root):
