@@ -385,6 +385,7 @@ class ScalingVariant:
     default: str  # the value table 6 used at every N
     value: Callable[[int], str]  # the value tried at N
     sizes: Tuple[int, ...]  # the N it is tried at, in the order they run
+    rule: str  # value(n) in words, for the scaling plot
 
     def flags(self, n: int) -> Tuple[str, str]:
         return self.flag, self.value(n)
@@ -402,9 +403,9 @@ class ScalingVariant:
 # updated one step in five). Each keeps table 6's 500 iterations. N 500 first: the N table 6 diagnosed; the
 # batch at N 1000 was added once it had won on val at N 200 and 500.
 SCALING_VARIANTS = {
-    "rho": ScalingVariant("rho", "paper-rho2", "--rho", "rho", "1", lambda n: "2", (500, 200)),
+    "rho": ScalingVariant("rho", "paper-rho2", "--rho", "rho", "1", lambda n: "2", (500, 200), "2"),
     "batch": ScalingVariant("batch", "paper-sbatch", "--syn-batch", "synthetic batch", STUDY_SYN_BATCH[1],
-                            lambda n: str(min(n, 256)), (500, 200, 1000)),
+                            lambda n: str(min(n, 256)), (500, 200, 1000), "min(N, 256)"),
 }  # fmt: skip
 
 

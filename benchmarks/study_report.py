@@ -175,6 +175,11 @@ def _curves_md(table: Table, out: Path) -> List[str]:
     return lines + ["", f"![fitting the set]({png.name})", ""]
 
 
+def _n_of(row: dict) -> int:
+    """N of a table-6 row labelled "N <n>: ..."."""
+    return int(row["label"].split(":")[0][2:])
+
+
 def _plot(table: Table, rows: List[dict], out: Path) -> Optional[Path]:
     """Bars of mean recall (± std) per row, every run as a dot; table 6 as recall against N."""
     rows = [r for r in rows if r["runs"]]
@@ -187,15 +192,25 @@ def _plot(table: Table, rows: List[dict], out: Path) -> Optional[Path]:
 
     if table.key == "6":
         fig, ax = plt.subplots(figsize=(5, 3.5))
-        for method in ("CovMatch", "random pairs"):
-            points = [(int(r["label"].split(":")[0][2:]), r["mean"]) for r in rows if r["label"].endswith(method)]
+        curves = {method: [(_n_of(r), r["mean"]) for r in rows if r["label"].endswith(method)]
+                  for method in ("CovMatch", "random pairs")}  # fmt: skip
+        for v in study.SCALING_VARIANTS.values():  # the rows val let in; at N 100 a variant can be the default
+            points = [
+                (_n_of(r), r["mean"]) for r in rows if r["label"].startswith(f"N {_n_of(r)}: CovMatch at {v.name} ")
+            ]
+            if points and v.value(100) == v.default:
+                points += [p for p in curves["CovMatch"] if p[0] == 100]
+            curves[f"CovMatch, {v.name} {v.rule}"] = points
+        batch = study.SCALING_VARIANTS["batch"]
+        curves[f"CovMatch, {batch.default_label()}"] = curves.pop("CovMatch")  # table 6's own setting
+        for method, points in sorted(curves.items(), key=lambda kv: kv[0] == "random pairs"):
             if points:
                 ns, stats = zip(*sorted(points))
                 ax.errorbar(ns, [m for m, _ in stats], yerr=[s for _, s in stats], marker="o", capsize=3, label=method)
         ax.set_xscale("log")
         ax.set_xlabel("synthetic pairs N")
         ax.set_ylabel("mean recall (test)")
-        ax.legend()
+        ax.legend(fontsize=7)
     else:
         fig, ax = plt.subplots(figsize=(max(4, 1.1 * len(rows) + 1), 3.8))
         xs = range(len(rows))
