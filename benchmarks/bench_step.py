@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+from typing import Tuple
 
 import pytest
 import torch
@@ -149,10 +150,12 @@ def _event_time(event, *names: str) -> float:
     return next((float(getattr(event, name)) for name in names if hasattr(event, name)), 0.0)
 
 
-def _loss_share_profiled(d: Distiller, batch) -> float:
-    """Share of the iteration spent in covmatch_loss (its forward range plus the fused backward node),
-    from torch.profiler: kernel time over all kernel time on CUDA, CPU time over the iteration's on CPU.
-    With the torch backend the backward is many autograd nodes and only the forward range is attributed."""
+def _profiled_shares(d: Distiller, batch) -> Tuple[float, float]:
+    """From torch.profiler over one iteration: the share of it spent in covmatch_loss (its forward range plus
+    the fused backward node; kernel time over all kernel time on CUDA, CPU time over the iteration's on CPU;
+    with the torch backend the backward is many autograd nodes and only the forward range is attributed), and
+    on CUDA the seconds of all its kernels (NaN on CPU), which against the iteration's wall time tell
+    whether the GPU or the host is the bottleneck."""
     on_cuda = DEVICE.type == "cuda"
     activities = [torch.profiler.ProfilerActivity.CPU]
     if on_cuda:
@@ -168,7 +171,8 @@ def _loss_share_profiled(d: Distiller, batch) -> float:
         total = sum(_event_time(e, "self_device_time_total", "self_cuda_time_total") for e in events)
     else:
         total = sum(_event_time(e, *inclusive) for e in events if e.key == "iteration")
-    return loss / total if total else float("nan")
+    share = loss / total if total else float("nan")
+    return share, (total / 1e6 if on_cuda else float("nan"))
 
 
 def _loss_time_isolated(d: Distiller, syn_batch: int, precision: str, repeats: int) -> float:
@@ -216,6 +220,7 @@ def _step_row(d: Distiller, precision, grad_ckpt, chunk, syn_batch, timing, peak
         "peak_rss_gb": peak_rss_gb(),
         "model_tflop_per_it": float("nan"),
         "achieved_tflops": float("nan"),
+        "gpu_busy_share": float("nan"),
         "loss_share_profiled": float("nan"),
         "loss_s_isolated": float("nan"),
         "loss_share_isolated": float("nan"),
@@ -241,6 +246,8 @@ def _full_case(
     timing, peak, batch = _measure(d, iterations=iterations or MEASURED_ITERATIONS)
     flops = _model_flops(d, batch)
     loss_s = _loss_time_isolated(d, syn_batch, precision, repeats=1 if SMOKE else 10)
+    loss_share, kernel_s = _profiled_shares(d, batch)
+    seconds = timing["median_ms"] * 1e-3
     row = _step_row(
         d,
         precision,
@@ -250,10 +257,11 @@ def _full_case(
         timing,
         peak,
         model_tflop_per_it=flops / 1e12,
-        achieved_tflops=flops / (timing["median_ms"] * 1e-3) / 1e12,
-        loss_share_profiled=_loss_share_profiled(d, batch),
+        achieved_tflops=flops / seconds / 1e12,
+        gpu_busy_share=kernel_s / seconds,  # kernel time of a profiled iteration over an unprofiled one's wall
+        loss_share_profiled=loss_share,
         loss_s_isolated=loss_s,
-        loss_share_isolated=loss_s / (timing["median_ms"] * 1e-3),
+        loss_share_isolated=loss_s / seconds,
         **extra,
     )
     append_row(table, row)

@@ -137,8 +137,8 @@ def step_section(step: List[Dict[str, str]], scaling: List[Dict[str, str]]) -> T
             f"batch {step[0]['syn_batch']}; median of the measured iterations)",
             "",
             "| precision | checkpointing | --syn-chunk | ZeRO | channels last | s / it | peak GiB | model TFLOP / it "
-            "| TFLOP/s | utilisation | loss share (profiler) | loss share (isolated) |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "| TFLOP/s | utilisation | GPU busy | loss share (profiler) | loss share (isolated) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in step:
             achieved = number(r.get("achieved_tflops"))
@@ -148,6 +148,7 @@ def step_section(step: List[Dict[str, str]], scaling: List[Dict[str, str]]) -> T
                 f"{r.get('channels_last') or 'False'} | "
                 f"{_fmt(number(r['s_per_it']))} | {_fmt(number(r['peak_mem_gb']))} | "
                 f"{_fmt(number(r.get('model_tflop_per_it')))} | {_fmt(achieved)} | {_percent(util)} | "
+                f"{_percent(number(r.get('gpu_busy_share')))} | "
                 f"{_fmt(number(r.get('loss_share_profiled')), 2)} | {_fmt(number(r.get('loss_share_isolated')), 2)} |"
             )
     s_per_it = number(headline["s_per_it"]) if headline else float("nan")
