@@ -16,6 +16,7 @@ import torch
 
 from covmatch import covmatch_loss
 from covmatch.kernels import tuned_configs
+from covmatch.loss.functional import loss_flops
 from tests.reference import eager_covmatch_loss, float64_loss_and_grads, relative_error
 
 from .common import DEVICE, SMOKE, append_row, device_time_ms, peak_memory_mb, run_benchmark
@@ -40,12 +41,6 @@ HEADLINE_SHAPES = {"smoke-a", "paper", "square-4096-N=10000"}
 IMPLS = ["triton", "torch", "eager", "compiled", "triton-cov", "triton-gram"]
 HEADLINE_ONLY = {"compiled", "triton-cov", "triton-gram"}
 RHO, LAM = 2.0, 0.1
-
-
-def loss_flops(n_real: int, n_syn: int, d_img: int, d_txt: int, backward: bool) -> float:
-    """Algorithmic FLOPs of the covariance form: 2 n d_x d_y per covariance, 2 x 2 n_S d_x d_y backward."""
-    forward = 2.0 * (n_real + n_syn) * d_img * d_txt
-    return forward + (4.0 * n_syn * d_img * d_txt if backward else 0.0)
 
 
 @functools.cache

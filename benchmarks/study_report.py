@@ -192,18 +192,19 @@ def _plot(table: Table, rows: List[dict], out: Path) -> Optional[Path]:
 
     if table.key == "6":
         fig, ax = plt.subplots(figsize=(5, 3.5))
-        curves = {method: [(_n_of(r), r["mean"]) for r in rows if r["label"].endswith(method)]
-                  for method in ("CovMatch", "random pairs")}  # fmt: skip
+
+        def series(label_matches) -> list:
+            return [(_n_of(r), r["mean"]) for r in rows if label_matches(r["label"])]
+
+        plain = series(lambda label: label.endswith("CovMatch"))
+        curves = {f"CovMatch, {study.SCALING_VARIANTS['batch'].default_label()}": plain}  # table 6's own setting
         for v in study.SCALING_VARIANTS.values():  # the rows val let in; at N 100 a variant can be the default
-            points = [
-                (_n_of(r), r["mean"]) for r in rows if r["label"].startswith(f"N {_n_of(r)}: CovMatch at {v.name} ")
-            ]
-            if points and v.value(100) == v.default:
-                points += [p for p in curves["CovMatch"] if p[0] == 100]
-            curves[f"CovMatch, {v.name} {v.rule}"] = points
-        batch = study.SCALING_VARIANTS["batch"]
-        curves[f"CovMatch, {batch.default_label()}"] = curves.pop("CovMatch")  # table 6's own setting
-        for method, points in sorted(curves.items(), key=lambda kv: kv[0] == "random pairs"):
+            varied = series(lambda label, v=v: label.split(": ", 1)[1].startswith(f"CovMatch at {v.name} "))
+            if varied and v.value(100) == v.default:
+                varied += [p for p in plain if p[0] == 100]
+            curves[f"CovMatch, {v.name} {v.rule}"] = varied
+        curves["random pairs"] = series(lambda label: label.endswith("random pairs"))
+        for method, points in curves.items():
             if points:
                 ns, stats = zip(*sorted(points))
                 ax.errorbar(ns, [m for m, _ in stats], yerr=[s for _, s in stats], marker="o", capsize=3, label=method)

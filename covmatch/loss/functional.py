@@ -40,9 +40,11 @@ def _interpreter_on() -> bool:
 FP32_TORCH_MIN_FLOPS = 2e10
 
 
-def loss_flops(n_real: int, n_syn: int, d_img: int, d_txt: int) -> float:
-    """FLOPs of one forward + backward (to the synthetic features) of the covariance form."""
-    return 2.0 * (n_real + n_syn) * d_img * d_txt + 4.0 * n_syn * d_img * d_txt
+def loss_flops(n_real: int, n_syn: int, d_img: int, d_txt: int, backward: bool = True) -> float:
+    """Algorithmic FLOPs of the covariance form: 2 n d_img d_txt per covariance, forward; 2 x 2 n_S d_img d_txt
+    more for the backward to the synthetic features."""
+    forward = 2.0 * (n_real + n_syn) * d_img * d_txt
+    return forward + (4.0 * n_syn * d_img * d_txt if backward else 0.0)
 
 
 def resolve_backend(backend: str, device: torch.device, dtypes=(), flops: float = 0.0) -> str:
