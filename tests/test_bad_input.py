@@ -131,6 +131,8 @@ DISTILL_CASES = [
     Case("workers-negative", "distill", ["--workers", "-1"], "--workers must be >= 0, got -1"),
     Case("seed-negative", "distill", ["--seed", "-1"], "--seed must be >= 0, got -1"),
     Case("grad-clip-nan", "distill", ["--grad-clip", "nan"], "--grad-clip must be >= 0 and finite, got nan"),
+    Case("dsa-shift-negative", "distill", ["--dsa-shift", "-0.1"], "--dsa-shift must be a number in [0, 0.5], got -0.1"),
+    Case("dsa-scale-nan", "distill", ["--dsa-scale", "nan"], "--dsa-scale must be a number in [0, 0.5], got nan"),
     Case("int-flag-not-int", "distill", ["--real-batch", "8.5"], "argument --real-batch: invalid int value: '8.5'"),
     Case("report-to-unknown", "distill", ["--report-to", "tensorboard,mlflow"], "argument --report-to: unknown destination 'mlflow'; choose from tensorboard, wandb"),
     Case("resume-and-overwrite", "distill", ["--resume", "--overwrite"], "--resume and --overwrite contradict"),

@@ -110,6 +110,7 @@ def test_every_planned_command_is_accepted_by_the_commands_it_runs(root, monkeyp
     monkeypatch.setattr(study, "choose_unseen_lr", lambda enc: study.UNSEEN_LR_CANDIDATES["lr.01"])
     monkeypatch.setattr(study, "balanced_init_wins", lambda chosen: True)  # table 1's added rows planned too
     monkeypatch.setattr(study, "scaling_variant_wins", lambda chosen, v, n: True)  # and table 6's variant rows
+    monkeypatch.setattr(study, "dsa_candidate_wins", lambda chosen: "dsa-lr10")  # and table 8
     jobs = study.job_list("all")
     names = [j.name for j in jobs]
     assert len(names) == len(set(names))
@@ -138,8 +139,9 @@ def test_every_planned_command_is_accepted_by_the_commands_it_runs(root, monkeyp
         "tune-scaling-rho",
         "tune-scaling-batch",
         "tune-scaling-iterations",
+        "tune-dsa",
     }
-    assert keys == tune_keys | {"1", "2", "3", "4", "5", "5t", "6", "7"}
+    assert keys == tune_keys | {"1", "2", "3", "4", "5", "5t", "6", "7", "8"}
     assert any("--init" in j.command() for j in jobs if isinstance(j, study.Distill) and j.name.startswith("paper"))
     assert {"paper-rho2-n500-t500-s1", "paper-sbatch-n500-t500-s1"} <= set(names)  # table 6's variant rows: every seed
     # --tables runs tables in the order given: table 7's first job before table 1's
@@ -363,3 +365,61 @@ def test_table_6_pairs_each_diagnosed_set_with_its_own_iteration_0_set(root, mon
         assert initial.num_pairs == distilled.num_pairs and "--synthetic" in initial.command()
     analysed = {a.source for _, a in table.analyses}
     assert {distilled.source for label, (distilled,), _ in table.paired if label.endswith("(seed 0)")} <= analysed
+
+
+def _write_means(root, rows, means) -> None:
+    """Every run of the rows named in ``means`` scores that mean recall (all six metrics)."""
+    for label, mean in means.items():
+        for e in rows[label]:
+            (root / "evals" / e.name).mkdir(parents=True, exist_ok=True)
+            (root / "evals" / e.name / "results.json").write_text(json.dumps({"runs": [{m: mean for m in METRICS}]}))
+
+
+def test_dsa_gate_needs_the_unseen_encoder_up_and_the_distilling_one_not_down_on_val(root, monkeypatch):
+    monkeypatch.setattr(study, "choose_config", lambda: "lr3")
+    monkeypatch.setattr(study, "choose_unseen_lr", lambda enc: study.UNSEEN_LR_CANDIDATES["lr.001"])
+    table = study.tune_dsa_table("lr3")
+    assert table.key == "tune-dsa" and table in study.all_tables("tune")
+    rows = dict(table.rows)
+    assert all(e.split == "val" for evals in rows.values() for e in evals)
+    # random pairs on the unseen encoder are tune-unseen's runs, reused by name
+    assert [e.name for e in rows["resnet: random pairs"]] == [
+        "random.resnet-lr.001.val.r0",
+        "random.resnet-lr.001.val.r1",
+    ]
+    # the set without augmentation is the ablations' seed-0 set, and every candidate starts from its pairs
+    assert {e.source for e in rows[study.DSA_PLAIN]} == {"paper-n100-t500-s0"}
+    distills = study.all_distills()
+    assert "--dsa-shift 0.125 --dsa-scale 0.2" in " ".join(distills["paper-dsa-strong-lr10-n100-t500-s0"].command())
+    assert study.dsa_candidate_wins("lr3") is None  # nothing scored yet
+    plain = {study.DSA_PLAIN: 30.0, f"resnet: {study.DSA_PLAIN}": 33.0}
+    scores = {"dsa": (31.0, 33.0), "dsa-lr10": (29.0, 36.0), "dsa-strong-lr10": (30.0, 35.0)}
+    means = {**plain, "iteration-0 set": 24.0, "resnet: iteration-0 set": 33.5, "random pairs": 25.0,
+             "resnet: random pairs": 34.0}  # fmt: skip
+    for label, (distilling, unseen) in scores.items():
+        means.update({label: distilling, f"resnet: {label}": unseen})
+    _write_means(root, rows, means)
+    # dsa: not above on the unseen encoder; dsa-lr10: up there but down on the distilling one; strong: both
+    assert study.dsa_candidate_wins("lr3") == "dsa-strong-lr10"
+    md = write_report([table], {}, "lr3").read_text()
+    assert (
+        "- Tune-dsa (val), dsa: resnet 33.0 vs 33.0 without augmentation, distilling encoder 31.0 vs 30.0: "
+        "does not win." in md
+    )
+    assert (
+        "- Tune-dsa (val), dsa-strong-lr10: resnet 35.0 vs 33.0 without augmentation, distilling encoder 30.0 "
+        "vs 30.0: wins." in md
+    )
+    assert "| resnet: dsa-strong-lr10 - iteration-0 | +1.5 ± 0.0 |" in md
+    t8 = study.dsa_table("lr3", "dsa-strong-lr10")
+    assert t8 in study.all_tables("final")
+    t8_rows = dict(t8.rows)
+    assert {e.split for evals in t8_rows.values() for e in evals} == {"test"}
+    assert len(t8_rows["vit-p8: CovMatch with dsa-strong-lr10"]) == 9  # 3 distillation seeds x 3 runs
+    assert not any(label.startswith("text6") for label in t8_rows)  # image encoders only
+    paired = {label: (a, b) for label, a, b in t8.paired}
+    a, b = paired["resnet: with dsa-strong-lr10 - iteration-0 (seed 2)"]
+    assert b[0].source == "paper-n100-t1000-s2/initial" and [e.seed for e in a] == [e.seed for e in b]
+    a, b = paired["efficientnet-os8: with dsa-strong-lr10 - without (seed 1)"]
+    assert a[0].source == "paper-dsa-strong-lr10-n100-t1000-s1" and b[0].source == "paper-n100-t1000-s1"
+    assert "efficientnet-os8: with dsa-strong-lr10 - iteration-0 (seed 1)" not in paired  # never scored there

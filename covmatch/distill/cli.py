@@ -103,6 +103,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="train augmentation on the real batch behind the covariance target (default: the evaluation "
         "transform, as synthetic and test images)",
     )
+    data.add_argument(
+        "--dsa-shift", type=float, default=0.0,
+        help="differentiable siamese augmentation (not in the paper): each iteration shift every matched "
+        "image, synthetic and real, by up to this fraction of its side (default 0: off)",
+    )  # fmt: skip
+    data.add_argument(
+        "--dsa-scale", type=float, default=0.0,
+        help="differentiable siamese augmentation: zoom every matched image by a factor in [1 - s, 1 + s] "
+        "(default 0: off)",
+    )  # fmt: skip
 
     add_preset_flags(p.add_argument_group("encoders"), ENCODER_FIELDS)
     add_preset_flags(p.add_argument_group("distillation hyperparameters"), HYPERPARAMETER_FIELDS)
@@ -189,6 +199,8 @@ def config_from_args(args: argparse.Namespace) -> DistillConfig:
         step_order=args.step_order,
         init=args.init,
         target_augment=args.target_augment,
+        dsa_shift=args.dsa_shift,
+        dsa_scale=args.dsa_scale,
         workers=args.workers,
         loss_backend=args.loss_backend,
         zero=args.zero,

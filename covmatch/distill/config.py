@@ -74,6 +74,9 @@ class DistillConfig:
     step_order: str = "paper"  # see STEP_ORDERS
     init: str = "random"  # initial real pairs: random (the paper's) or balanced over classes (INIT_METHODS)
     target_augment: bool = False  # train augmentation on the real batch behind the covariance target
+    # differentiable siamese augmentation of both matched batches (augment.py; 0 and 0: off, the paper's)
+    dsa_shift: float = 0.0  # largest shift, as a fraction of the image side
+    dsa_scale: float = 0.0  # largest relative zoom
     workers: int = 0
     loss_backend: str = "auto"
     zero: int = 0  # 0: plain PyTorch; 1-3: DeepSpeed ZeRO stage of the online model
@@ -128,6 +131,9 @@ class DistillConfig:
             _check_int("--syn-chunk", self.syn_chunk, 1)
         if not isinstance(self.grad_clip, (int, float)) or not math.isfinite(self.grad_clip) or self.grad_clip < 0:
             raise ConfigError(f"--grad-clip must be >= 0 and finite, got {self.grad_clip}")
+        for flag, value, high in (("--dsa-shift", self.dsa_shift, 0.5), ("--dsa-scale", self.dsa_scale, 0.5)):
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value <= high:
+                raise ConfigError(f"{flag} must be a number in [0, {high}], got {value!r}")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.online not in ONLINE_MODES:

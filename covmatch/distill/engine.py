@@ -30,6 +30,7 @@ from covmatch.synthetic import SyntheticSet, init_synthetic_set
 from covmatch.visualize import nearest_token_ids
 
 from . import checkpoint as ckpt
+from .augment import affine_resample
 from .config import DistillConfig
 from .distributed import build_ds_config, launched_world_size, load_ds_config, setup_processes
 from .objective import make_objective
@@ -167,6 +168,7 @@ class Distiller:
         ``online_batch`` the online model's step (drawn from its own stream when None). Detached metrics."""
         cfg, t = self.config, self.iteration
         pixels, ids, mask = self._to_device(real_batch)
+        pixels = self._augmented_target(pixels, t)
         reset = self._reset_due(t)
         if reset:
             self.online.reset(stream_generator(cfg.seed, "reset", t))
@@ -188,6 +190,15 @@ class Distiller:
         pixels = real_batch[0].to(self.device, dtype=self.synthetic.images.dtype, non_blocking=True)
         ids, mask = (x.to(self.device, non_blocking=True) for x in real_batch[1:3])
         return pixels, ids, mask
+
+    def _augmented_target(self, pixels: torch.Tensor, t: int) -> torch.Tensor:
+        """The target batch through iteration t's augmentation maps (--dsa-shift / --dsa-scale), as the
+        synthetic images are; unchanged when augmentation is off."""
+        augmentation = self.synthetic.augmentation
+        if not augmentation.enabled:
+            return pixels
+        maps = augmentation.real_maps(pixels.shape[0], self.config.seed, t, self.ranks.rank, self.world_size)
+        return affine_resample(pixels, maps)
 
     def _reset_due(self, t: int) -> bool:
         """Every --reset-every iterations; the fixed-model ablation keeps its t = 0 state."""

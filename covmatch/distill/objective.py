@@ -18,6 +18,7 @@ import torch
 
 from covmatch.loss import covmatch_loss, cross_covariance, mean_matching_loss
 
+from .augment import affine_resample
 from .distributed import Ranks, sum_over_ranks
 
 __all__ = [
@@ -57,6 +58,9 @@ class SyntheticBatch:
     taken from the set's tensors on every access, so each chunk of the two-pass gradient selects, and
     backpropagates through, rows of its own: a batch gathered once and then cut into chunks would be one
     graph node that every chunk's backward runs through.
+
+    ``set_image_maps`` (one affine map per row of the set, or None) resamples each image through its map
+    whenever the images are read (``--dsa-shift`` / ``--dsa-scale``, ``augment.py``).
     """
 
     set_images: torch.Tensor
@@ -64,6 +68,7 @@ class SyntheticBatch:
     set_attention_mask: Optional[torch.Tensor]
     set_text_features: Optional[torch.Tensor] = None
     rows: Union[slice, torch.Tensor, None] = None
+    set_image_maps: Optional[torch.Tensor] = None
 
     def _take(self, x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         if x is None or self.rows is None:
@@ -72,7 +77,10 @@ class SyntheticBatch:
 
     @property
     def images(self) -> torch.Tensor:
-        return self._take(self.set_images)
+        images = self._take(self.set_images)
+        if self.set_image_maps is None:
+            return images
+        return affine_resample(images, self._take(self.set_image_maps))
 
     @property
     def text_embeds(self) -> Optional[torch.Tensor]:

@@ -1,8 +1,8 @@
 """The random streams of a run and the batches drawn from them.
 
-Every random choice the loop makes (real batch, synthetic sample, projections at a reset) comes from a
-generator seeded by (seed, stream, iteration), so a resumed run draws what an uninterrupted one would and the
-ranks of a distributed run agree on every draw without communicating.
+Every random choice the loop makes (real batch, synthetic sample, projections at a reset, augmentation maps)
+comes from a generator seeded by (seed, stream, iteration), so a resumed run draws what an uninterrupted one
+would and the ranks of a distributed run agree on every draw without communicating.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from .distributed import Ranks
 __all__ = ["stream_generator", "RealBatchSampler", "collate_pairs", "synthetic_sample"]
 
 # Independent random streams, each a pure function of (seed, stream, iteration).
-_STREAMS = {"real": 1, "synthetic": 2, "reset": 3, "online": 4}
+_STREAMS = {"real": 1, "synthetic": 2, "reset": 3, "online": 4, "augment-synthetic": 5, "augment-real": 6}
 
 
 def stream_generator(seed: int, stream: str, iteration: int) -> torch.Generator:

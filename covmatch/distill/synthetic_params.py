@@ -10,6 +10,7 @@ import torch
 
 from covmatch.synthetic import SyntheticSet
 
+from .augment import MatchAugmentation
 from .distributed import Ranks
 from .objective import DistillObjective, LossParts, SyntheticBatch, synthetic_backward
 from .precision import ScaledStep
@@ -44,6 +45,7 @@ class SyntheticParameters:
         self.optimizer = torch.optim.SGD(groups, lr=p.lr_img, momentum=p.syn_momentum)
         self.scaled_step = ScaledStep(self.optimizer, device, enabled=settings.precision == "fp16", ranks=ranks)
         self.skipped = torch.zeros((), device=device)  # steps skipped for an fp16 overflow, kept on the device
+        self.augmentation = MatchAugmentation(settings.dsa_shift, settings.dsa_scale)
 
     def learned(self) -> Dict[str, torch.Tensor]:
         """The tensors this run updates (per --distill and --frozen-text)."""
@@ -58,15 +60,21 @@ class SyntheticParameters:
         return out
 
     def batch(self, t: int) -> SyntheticBatch:
-        """Iteration t's synthetic batch: all of the shard, or its rows in the iteration's random sample."""
+        """Iteration t's synthetic batch: all of the shard, or its rows in the iteration's random sample; its
+        images resampled through iteration t's augmentation maps when augmentation is on."""
         cfg = self.settings
         rows = synthetic_sample(cfg.num_pairs, min(cfg.preset.syn_batch, cfg.num_pairs), cfg.seed, t, self.ranks)
+        maps = None
+        if self.augmentation.enabled:
+            maps = self.augmentation.synthetic_maps(cfg.num_pairs, cfg.seed, t)[self.ranks.shard(cfg.num_pairs)]
+            maps = maps.to(self.device)
         return SyntheticBatch(
             self.images,
             self.text_embeds,
             self.attention_mask,
             self.text_features,
             rows=None if rows is None else rows.to(self.device),
+            set_image_maps=maps,
         )
 
     def backward(self, objective: DistillObjective, t: int, *, autocast) -> LossParts:
