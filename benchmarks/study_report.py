@@ -283,6 +283,22 @@ def _targets(results: Dict[str, dict]) -> List[str]:
         outcome = "above, so a later table 6 gets its test rows" if a > b else "not above, so not run on test"
         lines.append(f"- Tune-scaling-iterations (val), N {n} at {batch.label(n)}: {study.LONGER_ITERATIONS} it. "
                      f"{a:.1f} vs {study.ABLATION_ITERATIONS} it. {b:.1f}: {outcome}.")  # fmt: skip
+
+    def exact(table: str, label: str) -> Optional[dict]:
+        return next((r for r in results.get(table, {}).get("rows", []) if r["label"] == label and r["done"] and
+                     r["done"] == r["planned"]), None)  # fmt: skip
+
+    plain_label = study.DSA_PLAIN
+    plain, plain_unseen = exact("tune-dsa", plain_label), exact("tune-dsa", f"{study.DSA_UNSEEN}: {plain_label}")
+    for label in study.DSA_CANDIDATES:
+        tried, tried_unseen = exact("tune-dsa", label), exact("tune-dsa", f"{study.DSA_UNSEEN}: {label}")
+        if not (tried and tried_unseen and plain and plain_unseen):
+            continue
+        a, b = tried_unseen["mean"][0], plain_unseen["mean"][0]
+        c, d = tried["mean"][0], plain["mean"][0]
+        outcome = "wins" if a > b and c >= d else "does not win"
+        lines.append(f"- Tune-dsa (val), {label}: {study.DSA_UNSEEN} {a:.1f} vs {b:.1f} without augmentation, "
+                     f"distilling encoder {c:.1f} vs {d:.1f}: {outcome}.")  # fmt: skip
     balanced_init, balanced = row("1", "CovMatch from class-balanced pairs"), row("1", "class-balanced random")
     if balanced_init and balanced:
         ok = balanced_init["mean"][0] - balanced_init["mean"][1] > balanced["mean"][0] + balanced["mean"][1]
