@@ -218,3 +218,23 @@ def test_zero3_run_equals_one_process_with_the_union_batch(tmp_path):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-5 * float(b.abs().max())), (key, (a - b).abs().max())
     before, after = held_out_loss(d, initial, held_out), held_out_loss(d, sharded, held_out)
     assert after < 0.97 * before, (before, after)
+
+
+def test_augmented_run_on_two_ranks_equals_one_process_with_the_union_batch(tmp_path):
+    """--dsa-shift / --dsa-scale: each rank resamples its shard of the set and its slice of the real batch
+    through the maps one process with the union batch draws, so both distil the same set."""
+    out = tmp_path / "dsa"
+    augment = ("--dsa-shift", "0.125", "--dsa-scale", "0.1")
+    launch(*distill_argv(out, "--real-batch", "8", "--iterations", "6", "--online", "fixed", *augment))
+    sharded = SyntheticSet.load(out)
+    config = DistillConfig(
+        preset=get_preset("tiny", iterations=6, real_batch=16), online="fixed", progress=False, device="cpu",
+        dsa_shift=0.125, dsa_scale=0.1,
+    )  # fmt: skip
+    d = Distiller(config, log=lambda _m: None)
+    initial = d.synthetic_set()
+    single = d.run()
+    assert not torch.allclose(single.images, initial.images)
+    for key in ("images", "text_embeds"):
+        a, b = getattr(sharded, key), getattr(single, key)
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5 * float(b.abs().max())), (key, (a - b).abs().max())
