@@ -31,7 +31,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 # where everything goes; COVMATCH_STUDY_ROOT moves it (tests, a second checkout)
 ROOT = Path(os.environ.get("COVMATCH_STUDY_ROOT") or Path(__file__).resolve().parent / "results" / "study")
@@ -265,13 +265,51 @@ class Analyze:
         return json.loads((self.out / "analysis.json").read_text())
 
 
-_DISTILLS: Dict[str, Distill] = {}  # every distillation a table has asked for, by name
+@dataclass(frozen=True)
+class Hybrid:
+    """A set made of the images of one set and the captions of another (``benchmarks/hybrid_set.py``): which
+    modality holds what a distillation changed."""
+
+    images: str  # a Distill's name, or "NAME/initial"
+    captions: str
+
+    @property
+    def name(self) -> str:
+        return f"hybrid-images-{self.images.replace('/', '-')}-captions-{self.captions.replace('/', '-')}"
+
+    @property
+    def out(self) -> Path:
+        return ROOT / "sets" / self.name
+
+    def command(self) -> List[str]:
+        return [
+            sys.executable, "-m", "benchmarks.hybrid_set", "--images", str(ROOT / "sets" / self.images),
+            "--captions", str(ROOT / "sets" / self.captions), "--out", str(self.out),
+        ]  # fmt: skip
+
+    def done(self) -> bool:
+        return (self.out / "synthetic.safetensors").is_file()
+
+    def cost(self) -> float:
+        return 10.0
+
+    def requires(self) -> Tuple[str, ...]:
+        return tuple(dict.fromkeys(source.split("/")[0] for source in (self.images, self.captions)))
+
+
+_DISTILLS: Dict[str, Union[Distill, Hybrid]] = {}  # every set a table has asked for, by name
 
 
 def distill(flags: Sequence[str], seed: int, iterations: int, name: str, num_pairs: int = 100) -> Distill:
     run = Distill(f"{name}-n{num_pairs}-t{iterations}-s{seed}", tuple(flags), seed, iterations, num_pairs)
     _DISTILLS[run.name] = run
     return run
+
+
+def hybrid(images: str, captions: str) -> Hybrid:
+    made = Hybrid(images, captions)
+    _DISTILLS[made.name] = made
+    return made
 
 
 def demo_fixed(seed: int) -> Distill:
@@ -487,52 +525,74 @@ DSA_UNSEEN = "resnet"
 DSA_PLAIN = "no augmentation (tables 2-4's seed-0 set)"  # the row of the set it is compared with
 
 
+def _unseen_val_encoder() -> Tuple[str, Tuple[str, ...]]:
+    """(evaluation label, flags) of ``DSA_UNSEEN`` at its val-chosen learning rate: table tune-unseen's label,
+    so random pairs on it are the runs already scored there."""
+    lr = choose_unseen_lr(DSA_UNSEEN) or ()
+    lr_name = next((k for k, v in UNSEEN_LR_CANDIDATES.items() if v == lr), "default")
+    return f"{DSA_UNSEEN}-{lr_name}", UNSEEN_ENCODERS[DSA_UNSEEN] + lr
+
+
+def _val_on_both(label: str, source: str) -> List[Tuple[str, List[Evaluate]]]:
+    """Rows of ``source`` on val: on the distilling encoder (``label``) and on ``DSA_UNSEEN``."""
+    unseen_label, unseen_flags = _unseen_val_encoder()
+    return [
+        (label, evaluations(source, "val", TUNE_EVAL_SEEDS, "default")),
+        (f"{DSA_UNSEEN}: {label}", evaluations(source, "val", TUNE_EVAL_SEEDS, unseen_label, unseen_flags)),
+    ]
+
+
+def _val_paired_on_both(label: str, source: str, baseline: str) -> List[Tuple[str, List[Evaluate], List[Evaluate]]]:
+    """``source`` - ``baseline`` on val by evaluation seed, on the distilling encoder and on ``DSA_UNSEEN``."""
+    (_, a), (_, a_unseen) = _val_on_both(label, source)
+    (_, b), (_, b_unseen) = _val_on_both(label, baseline)
+    return [(label, a, b), (f"{DSA_UNSEEN}: {label}", a_unseen, b_unseen)]
+
+
 def tune_dsa_table(chosen: str) -> Table:
     """Val, distillation seed 0, 2 evaluation runs on the distilling encoder and on ``DSA_UNSEEN``: each DSA
     candidate against the ablations' seed-0 set without it, their shared iteration-0 set and random pairs."""
     plain = distill(PAPER_REGIME + TUNE_CANDIDATES[chosen], 0, ABLATION_ITERATIONS, "paper")
-    unseen_lr = choose_unseen_lr(DSA_UNSEEN) or ()
-    unseen_flags = UNSEEN_ENCODERS[DSA_UNSEEN] + unseen_lr
-    # the label of table tune-unseen's runs, so random pairs on the unseen encoder are those already scored
-    unseen_label = f"{DSA_UNSEEN}-{next((k for k, v in UNSEEN_LR_CANDIDATES.items() if v == unseen_lr), 'default')}"
-
-    def both(label: str, source: str) -> List[Tuple[str, List[Evaluate]]]:
-        return [
-            (f"{label}", evaluations(source, "val", TUNE_EVAL_SEEDS, "default")),
-            (f"{DSA_UNSEEN}: {label}", evaluations(source, "val", TUNE_EVAL_SEEDS, unseen_label, unseen_flags)),
-        ]
-
-    rows, paired, analyses = [], [], []
     initial = f"{plain.name}/initial"
+    rows, paired, analyses = [], [], []
     for label, flags in DSA_CANDIDATES.items():
         run = distill(PAPER_REGIME + TUNE_CANDIDATES[chosen] + flags, 0, ABLATION_ITERATIONS, f"paper-{label}")
-        rows += both(label, run.name)
+        rows += _val_on_both(label, run.name)
+        paired += _val_paired_on_both(f"{label} - iteration-0", run.name, initial)
         analyses.append((label, Analyze(run.name)))
-        for enc_label, eval_label, eval_flags in (("", "default", ()), (f"{DSA_UNSEEN}: ", unseen_label, unseen_flags)):
-            paired.append(
-                (
-                    f"{enc_label}{label} - iteration-0",
-                    evaluations(run.name, "val", TUNE_EVAL_SEEDS, eval_label, eval_flags),
-                    evaluations(initial, "val", TUNE_EVAL_SEEDS, eval_label, eval_flags),
-                )
-            )
-    rows += both(DSA_PLAIN, plain.name)
-    rows += both("iteration-0 set", initial)
-    rows += both("random pairs", "random")
-    paired += [
-        (
-            f"{enc}no augmentation - iteration-0",
-            evaluations(plain.name, "val", TUNE_EVAL_SEEDS, lab, fl),
-            evaluations(initial, "val", TUNE_EVAL_SEEDS, lab, fl),
-        )
-        for enc, lab, fl in (("", "default", ()), (f"{DSA_UNSEEN}: ", unseen_label, unseen_flags))
-    ]
+    rows += _val_on_both(DSA_PLAIN, plain.name) + _val_on_both("iteration-0 set", initial)
+    rows += _val_on_both("random pairs", "random")
+    paired += _val_paired_on_both("no augmentation - iteration-0", plain.name, initial)
     return Table(
         "tune-dsa", f"Differentiable siamese augmentation (val split, {ABLATION_ITERATIONS} it.)",
         "Added after table 5 found that nothing of the distillation transfers: does augmenting the matched images "
         f"make the set's gain carry over to an unseen image encoder ({DSA_UNSEEN})? (Decides whether tables 1 and "
         "5 get rows for it on test.)",
         rows, paired=paired, analyses=analyses,
+    )  # fmt: skip
+
+
+def tune_modality_table(chosen: str) -> Table:
+    """Val: the ablations' seed-0 set, and the two hybrids of it with its iteration-0 set (distilled images with
+    the starting captions, and the reverse), on the distilling encoder and on ``DSA_UNSEEN``."""
+    plain = distill(PAPER_REGIME + TUNE_CANDIDATES[chosen], 0, ABLATION_ITERATIONS, "paper")
+    initial = f"{plain.name}/initial"
+    parts = {
+        "distilled images and captions (tables 2-4's seed-0 set)": plain.name,
+        "distilled images, starting captions": hybrid(plain.name, initial).name,
+        "starting images, distilled captions": hybrid(initial, plain.name).name,
+    }
+    rows, paired = [], []
+    for label, source in parts.items():
+        rows += _val_on_both(label, source)
+        paired += _val_paired_on_both(f"{label.split(' (')[0]} - iteration-0", source, initial)
+    rows += _val_on_both("iteration-0 set", initial)
+    return Table(
+        "tune-modality", f"Which modality holds the distillation's change (val split, {ABLATION_ITERATIONS} it.)",
+        "Added with tune-dsa: the captions' token embeddings move 16% of their norm, the pixels 1%. Which half of "
+        "the distilled set carries its gain on the distilling encoder, and does either carry anything to "
+        f"{DSA_UNSEEN}?",
+        rows, paired=paired,
     )  # fmt: skip
 
 
@@ -805,7 +865,7 @@ def all_tables(stage: str) -> List[Table]:
         tables += tune_tables()
         if chosen is not None:
             tables += [tune_init_table(chosen)] + [tune_scaling_table(chosen, v) for v in SCALING_VARIANTS.values()]
-            tables += [tune_longer_table(chosen), tune_dsa_table(chosen)]
+            tables += [tune_longer_table(chosen), tune_dsa_table(chosen), tune_modality_table(chosen)]
     if stage in ("final", "all") and chosen is not None:
         tables += final_tables(chosen)
         dsa = dsa_candidate_wins(chosen)
@@ -814,8 +874,9 @@ def all_tables(stage: str) -> List[Table]:
     return tables
 
 
-def all_distills() -> Dict[str, Distill]:
-    """Every distillation any table's evaluation reads, by name (the tables register them as they are made)."""
+def all_distills() -> Dict[str, Union[Distill, Hybrid]]:
+    """Every set any table's evaluation reads (distilled or a hybrid), by name (the tables register them as they
+    are made)."""
     all_tables("all")
     return dict(_DISTILLS)
 
@@ -832,12 +893,20 @@ def job_list(stage: str, only: Optional[Sequence[str]] = None) -> List:
     if only:
         tables.sort(key=lambda t: list(only).index(key(t)))
     seen, jobs = set(), []
+
+    def add_set(name: str) -> None:  # a set after the sets it is made from (a hybrid's), each once
+        if name in seen:
+            return
+        made = distills[name]
+        for dep in () if made.done() else made.requires():
+            add_set(dep)
+        seen.add(name)
+        jobs.append(made)
+
     for table in tables:
         for ev in table.jobs():
             for dep in () if ev.done() else ev.requires():  # a finished evaluation needs its set no more
-                if dep not in seen:
-                    seen.add(dep)
-                    jobs.append(distills[dep])
+                add_set(dep)
             if ev.name not in seen:
                 seen.add(ev.name)
                 jobs.append(ev)
@@ -958,7 +1027,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("action", choices=("plan", "run", "report"))
     parser.add_argument("--stage", choices=("tune", "final", "all"), default="all")
     parser.add_argument(
-        "--tables", default=None, help="comma-separated table keys (tune, 1-7, 5t), run in that order; default all"
+        "--tables", default=None, help="comma-separated table keys (tune, 1-8, 5t), run in that order; default all"
     )
     parser.add_argument("--lanes", type=int, default=2, help="jobs at a time, one pinned core each")
     parser.add_argument(

@@ -129,6 +129,8 @@ def test_every_planned_command_is_accepted_by_the_commands_it_runs(root, monkeyp
             config_from_args(distill_parser().parse_args(argv)).preset.check()
         elif isinstance(job, study.Analyze):
             analyze_parser().parse_args(argv)
+        elif isinstance(job, study.Hybrid):
+            assert job.command()[1:3] == ["-m", "benchmarks.hybrid_set"] and len(argv) == 6
         else:
             eval_parser().parse_args(argv)
     keys = {t.key for t in study.all_tables("all")}
@@ -140,6 +142,7 @@ def test_every_planned_command_is_accepted_by_the_commands_it_runs(root, monkeyp
         "tune-scaling-batch",
         "tune-scaling-iterations",
         "tune-dsa",
+        "tune-modality",
     }
     assert keys == tune_keys | {"1", "2", "3", "4", "5", "5t", "6", "7", "8"}
     assert any("--init" in j.command() for j in jobs if isinstance(j, study.Distill) and j.name.startswith("paper"))
@@ -423,3 +426,21 @@ def test_dsa_gate_needs_the_unseen_encoder_up_and_the_distilling_one_not_down_on
     a, b = paired["efficientnet-os8: with dsa-strong-lr10 - without (seed 1)"]
     assert a[0].source == "paper-dsa-strong-lr10-n100-t1000-s1" and b[0].source == "paper-n100-t1000-s1"
     assert "efficientnet-os8: with dsa-strong-lr10 - iteration-0 (seed 1)" not in paired  # never scored there
+
+
+def test_modality_table_scores_both_hybrids_of_a_set_with_its_starting_pairs(root, monkeypatch):
+    monkeypatch.setattr(study, "choose_config", lambda: "lr3")
+    monkeypatch.setattr(study, "choose_unseen_lr", lambda enc: study.UNSEEN_LR_CANDIDATES["lr.001"])
+    table = study.tune_modality_table("lr3")
+    assert table in study.all_tables("tune")
+    rows = dict(table.rows)
+    images_only = rows["distilled images, starting captions"][0].source
+    made = study.all_distills()[images_only]
+    assert isinstance(made, study.Hybrid) and made.requires() == ("paper-n100-t500-s0",)
+    command = " ".join(made.command())
+    assert f"--images {root}/sets/paper-n100-t500-s0 --captions {root}/sets/paper-n100-t500-s0/initial" in command
+    # the hybrid is made before its evaluations, after the set it is made from
+    names = [j.name for j in study.job_list("tune", ["tune"])]
+    assert names.index("paper-n100-t500-s0") < names.index(images_only) < names.index(f"{images_only}.default.val.r0")
+    assert [e.name for e in rows["iteration-0 set"]] == [e.name for e in dict(study.tune_dsa_table("lr3").rows)[
+        "iteration-0 set"]]  # fmt: skip
