@@ -821,7 +821,34 @@ def final_tables(chosen: str) -> List[Table]:
          ("class-balanced random",
           evaluations("balanced", "test", RANDOM_SUBSETS, "probe", ("--train", "projections")))],
     )  # fmt: skip
-    return [t1, t2, t3, t4, t5, t5t, t6, t7]
+    return [t1, t2, t3, t4, t5, t5t, t6, t7, modality_table(main)]
+
+
+def modality_table(main: List[Distill]) -> Table:
+    """Table 1m: table 1's sets, and their two hybrids with their iteration-0 sets, on the distilling encoder and
+    on ``DSA_UNSEEN`` (test; added after tune-modality on val put the whole gain in the captions)."""
+    lr = choose_unseen_lr(DSA_UNSEEN) or ()
+    encoders = (("", "default", ()), (f"{DSA_UNSEEN}: ", DSA_UNSEEN, UNSEEN_ENCODERS[DSA_UNSEEN] + lr))
+    rows, paired = [], []
+    for enc, eval_label, flags in encoders:
+        test = functools.partial(_test_evals, label=eval_label, flags=flags)
+        parts = {
+            "distilled images and captions (table 1)": {r.seed: r.name for r in main},
+            "distilled images, starting captions": {r.seed: hybrid(r.name, f"{r.name}/initial").name for r in main},
+            "starting images, distilled captions": {r.seed: hybrid(f"{r.name}/initial", r.name).name for r in main},
+        }
+        initial = {r.seed: f"{r.name}/initial" for r in main}
+        for label, sources in parts.items():
+            rows.append((f"{enc}{label}", [e for source in sources.values() for e in test(source)]))
+            paired += [(f"{enc}{label.split(' (')[0]} - iteration-0 (seed {seed})", test(source), test(initial[seed]))
+                       for seed, source in sources.items()]  # fmt: skip
+        rows.append((f"{enc}iteration-0 sets", [e for source in initial.values() for e in test(source)]))
+    return Table(
+        "1m", f"Table 1 (modality): which half of table 1's sets holds the gain ({ITERATIONS} it.)",
+        "Added after tune-modality (val): each distilled set's images with its starting captions, and the reverse, "
+        f"on the distilling encoder and on {DSA_UNSEEN}, paired with the starting pairs by evaluation seed.",
+        rows, paired=paired,
+    )  # fmt: skip
 
 
 def _test_evals(source: str, *, label: str, flags: Sequence[str], seeds: Sequence[int] = EVAL_SEEDS) -> List[Evaluate]:

@@ -144,7 +144,7 @@ def test_every_planned_command_is_accepted_by_the_commands_it_runs(root, monkeyp
         "tune-dsa",
         "tune-modality",
     }
-    assert keys == tune_keys | {"1", "2", "3", "4", "5", "5t", "6", "7", "8"}
+    assert keys == tune_keys | {"1", "1m", "2", "3", "4", "5", "5t", "6", "7", "8"}
     assert any("--init" in j.command() for j in jobs if isinstance(j, study.Distill) and j.name.startswith("paper"))
     assert {"paper-rho2-n500-t500-s1", "paper-sbatch-n500-t500-s1"} <= set(names)  # table 6's variant rows: every seed
     # --tables runs tables in the order given: table 7's first job before table 1's
@@ -444,3 +444,20 @@ def test_modality_table_scores_both_hybrids_of_a_set_with_its_starting_pairs(roo
     assert names.index("paper-n100-t500-s0") < names.index(images_only) < names.index(f"{images_only}.default.val.r0")
     assert [e.name for e in rows["iteration-0 set"]] == [e.name for e in dict(study.tune_dsa_table("lr3").rows)[
         "iteration-0 set"]]  # fmt: skip
+
+
+def test_table_1m_pairs_each_hybrid_of_table_1_with_its_own_starting_pairs_on_test(root, monkeypatch):
+    monkeypatch.setattr(study, "choose_config", lambda: "lr3")
+    monkeypatch.setattr(study, "choose_unseen_lr", lambda enc: study.UNSEEN_LR_CANDIDATES["lr.001"])
+    t1m = next(t for t in study.final_tables("lr3") if t.key == "1m")
+    rows = dict(t1m.rows)
+    assert {e.split for evals in rows.values() for e in evals} == {"test"}
+    assert len(rows["resnet: starting images, distilled captions"]) == 9  # 3 distillation seeds x 3 runs
+    # the starting pairs on each encoder are the runs tables 1 and 5 already scored
+    t1 = dict(next(t for t in study.final_tables("lr3") if t.key == "1").rows)
+    assert [e.name for e in rows["iteration-0 sets"]] == [e.name for e in t1["its iteration-0 sets"]]
+    assert rows["resnet: iteration-0 sets"][0].name == "paper-n100-t1000-s0-initial.resnet.test.r0"
+    paired = {label: (a, b) for label, a, b in t1m.paired}
+    a, b = paired["resnet: starting images, distilled captions - iteration-0 (seed 2)"]
+    assert a[0].source == "hybrid-images-paper-n100-t1000-s2-initial-captions-paper-n100-t1000-s2"
+    assert b[0].source == "paper-n100-t1000-s2/initial" and [e.seed for e in a] == [e.seed for e in b]
