@@ -102,7 +102,8 @@ def _table_md(table: Table, rows: List[dict], paired: List[dict]) -> List[str]:
 def _analyses_md(analyses) -> List[str]:
     """The diagnosis of each analysed set (``covmatch analyze``): how stable its online model's features
     are over a reset cycle, how closely it matches a large real sample before and after distillation (at
-    the distilling encoders and an unseen image encoder), and how far it moved."""
+    the distilling encoders and an unseen image encoder), and how far it moved (mean relative distance of
+    its images and of its attended caption token embeddings from iteration 0)."""
     done = [(label, a.result()) for label, a in analyses if a.done()]
     if not done:
         return []
@@ -110,8 +111,8 @@ def _analyses_md(analyses) -> List[str]:
              "‖ρC_T − C_S‖²/‖ρC_T‖², iteration 0 → final):", "",
              "| set | feature cosine after 50 online steps (image / text) | cov error, distilling encoder | "
              "cov error, unseen encoder | image / text mean gap (final) | ‖C_S‖/‖C_T‖ = image spread × "
-             "text spread × coupling (final) | pixels moved | tokens changed |",
-             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+             "text spread × coupling (final) | pixels moved | token embeddings moved | tokens changed |",
+             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for label, r in done:
         stab = r["feature_stability"]
         encoders = list(r["match"])
@@ -129,6 +130,7 @@ def _analyses_md(analyses) -> List[str]:
             cells.append("–")
         mv = r["movement"]
         cells.append(f"{mv['pixel_relative_distance']['mean']:.3f}")
+        cells.append(f"{mv['token_relative_distance']['mean']:.3f}")
         cells.append(f"{mv.get('changed_token_share', float('nan')):.1%}")
         lines.append("| " + " | ".join(cells) + " |")
     return lines + [""]

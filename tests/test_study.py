@@ -305,7 +305,8 @@ def _write_analysis(root, source, final_match):
     start = {"cov_error": 1.0, "image_mean_gap": 0.01, "text_mean_gap": 0.01}
     match = {"iteration 0": start, "iteration 5": final_match}
     result = {"feature_stability": {"image": [1.0, 0.98], "text": [1.0, 0.95]}, "match": {"test_nfnet": match},
-              "movement": {"pixel_relative_distance": {"mean": 0.02}, "changed_token_share": 0.0}}  # fmt: skip
+              "movement": {"pixel_relative_distance": {"mean": 0.02}, "token_relative_distance": {"mean": 0.175},
+                           "changed_token_share": 0.0}}  # fmt: skip
     out = root / "analysis" / source
     out.mkdir(parents=True)
     (out / "analysis.json").write_text(json.dumps(result))
@@ -320,7 +321,7 @@ def test_report_diagnosis_decomposes_the_covariance_scale_where_the_analysis_has
                         analyses=[("old", study.Analyze("old-s0")), ("new", study.Analyze("new-s0"))])  # fmt: skip
     md = write_report([table], {}, None).read_text()
     common = "0.980 / 0.950 | 1.000 → 0.250 (test_nfnet) | – | 0.0200 / 0.0500"
-    assert f"| new | {common} | 0.50 = 1.00 × 0.62 × 0.80 |" in md
+    assert f"| new | {common} | 0.50 = 1.00 × 0.62 × 0.80 | 0.020 | 0.175 | 0.0% |" in md
     assert f"| old | {common} | – |" in md
 
 
@@ -396,7 +397,9 @@ def test_dsa_gate_needs_the_unseen_encoder_up_and_the_distilling_one_not_down_on
     assert "--dsa-shift 0.125 --dsa-scale 0.2" in " ".join(distills["paper-dsa-strong-lr10-n100-t500-s0"].command())
     assert study.dsa_candidate_wins("lr3") is None  # nothing scored yet
     plain = {study.DSA_PLAIN: 30.0, f"resnet: {study.DSA_PLAIN}": 33.0}
-    scores = {"dsa": (31.0, 33.0), "dsa-lr10": (29.0, 36.0), "dsa-strong-lr10": (30.0, 35.0)}
+    scores = {"dsa": (31.0, 33.0), "dsa-lr10": (29.0, 36.0), "dsa-strong-lr10": (30.0, 35.0),
+              "dsa-strong-lr30": (26.0, 34.0)}  # fmt: skip
+    assert set(scores) == set(study.DSA_CANDIDATES)
     means = {**plain, "iteration-0 set": 24.0, "resnet: iteration-0 set": 33.5, "random pairs": 25.0,
              "resnet: random pairs": 34.0}  # fmt: skip
     for label, (distilling, unseen) in scores.items():
