@@ -585,6 +585,12 @@ def tune_modality_table(chosen: str) -> Table:
         "distilled images, starting captions": hybrid(plain.name, initial).name,
         "starting images, distilled captions": hybrid(initial, plain.name).name,
     }
+    # added once the hybrids put the whole gain in the captions: with the captions held at their starting
+    # embeddings (--distill images), can the images alone learn one, at the chosen image step or 10x it?
+    for lr_img in ("3", "30"):
+        images_only = distill(PAPER_REGIME + TUNE_CANDIDATES[chosen] + ("--distill", "images", "--lr-img", lr_img), 0,
+                              ABLATION_ITERATIONS, f"paper-imgonly-lr{lr_img}")  # fmt: skip
+        parts[f"images distilled alone, lr_img {lr_img}"] = images_only.name
     rows, paired = [], []
     for label, source in parts.items():
         rows += _val_on_both(label, source)

@@ -447,6 +447,11 @@ def test_modality_table_scores_both_hybrids_of_a_set_with_its_starting_pairs(roo
     assert names.index("paper-n100-t500-s0") < names.index(images_only) < names.index(f"{images_only}.default.val.r0")
     assert [e.name for e in rows["iteration-0 set"]] == [e.name for e in dict(study.tune_dsa_table("lr3").rows)[
         "iteration-0 set"]]  # fmt: skip
+    # the images distilled alone: captions held, the image step as the row says (the last --lr-img is the one used)
+    source = rows["images distilled alone, lr_img 30"][0].source
+    argv = study.all_distills()[source].command()[3:]
+    config = config_from_args(distill_parser().parse_args(argv))
+    assert config.distill_mode == "images" and config.preset.lr_img == 30.0
 
 
 def test_table_1m_pairs_each_hybrid_of_table_1_with_its_own_starting_pairs_on_test(root, monkeypatch):
