@@ -290,15 +290,17 @@ def _targets(results: Dict[str, dict]) -> List[str]:
         return next((r for r in results.get(table, {}).get("rows", []) if r["label"] == label and r["done"] and
                      r["done"] == r["planned"]), None)  # fmt: skip
 
-    plain_label = study.DSA_PLAIN
-    plain, plain_unseen = exact("tune-dsa", plain_label), exact("tune-dsa", f"{study.DSA_UNSEEN}: {plain_label}")
+    plain, plain_unseen = (
+        exact("tune-dsa", study.DSA_PLAIN),
+        exact("tune-dsa", f"{study.DSA_UNSEEN}: {study.DSA_PLAIN}"),
+    )
     for label in study.DSA_CANDIDATES:
         tried, tried_unseen = exact("tune-dsa", label), exact("tune-dsa", f"{study.DSA_UNSEEN}: {label}")
         if not (tried and tried_unseen and plain and plain_unseen):
             continue
         a, b = tried_unseen["mean"][0], plain_unseen["mean"][0]
         c, d = tried["mean"][0], plain["mean"][0]
-        outcome = "wins" if a > b and c >= d else "does not win"
+        outcome = "wins" if study.dsa_beats_plain(c, a, d, b) else "does not win"
         lines.append(f"- Tune-dsa (val), {label}: {study.DSA_UNSEEN} {a:.1f} vs {b:.1f} without augmentation, "
                      f"distilling encoder {c:.1f} vs {d:.1f}: {outcome}.")  # fmt: skip
     balanced_init, balanced = row("1", "CovMatch from class-balanced pairs"), row("1", "class-balanced random")
