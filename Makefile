@@ -47,8 +47,9 @@ demo: $(DEMO_STAMP)
 	$(PY) -m covmatch.demo --runs 1
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check covmatch tests benchmarks setup.py
-	$(VENV)/bin/ruff format --check covmatch tests benchmarks setup.py
+	$(VENV)/bin/ruff check covmatch tests benchmarks experiments docs/examples setup.py
+	$(VENV)/bin/ruff format --check covmatch tests benchmarks experiments docs/examples setup.py
+	$(VENV)/bin/lint-imports
 
 clean:
 	rm -rf build *.egg-info .pytest_cache .ruff_cache

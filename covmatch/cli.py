@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import importlib
 import sys
 from typing import Optional, Sequence
 
-from covmatch import analyze, demo, export
 from covmatch._version import __version__
-from covmatch.distill import cli as distill_cli
-from covmatch.eval import cli as eval_cli
 
-__all__ = ["main"]
+__all__ = ["main", "COMMANDS"]
+
+# each subcommand's module, whose main(argv) runs it
+COMMANDS = {
+    "distill": "covmatch.distill.cli",
+    "eval": "covmatch.eval.cli",
+    "analyze": "covmatch.analyze",
+    "export": "covmatch.export",
+    "demo": "covmatch.demo",
+}
 
 USAGE = """usage: covmatch [--version] {distill,eval,analyze,export,demo} ...
 
@@ -31,20 +38,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"covmatch {__version__}")
         return 0
     command, rest = args[0], args[1:]
-    commands = {
-        "distill": distill_cli.main,
-        "eval": eval_cli.main,
-        "analyze": analyze.main,
-        "export": export.main,
-        "demo": demo.main,
-    }
-    if command not in commands:
+    if command not in COMMANDS:
         print(
             f"covmatch: error: unknown command {command!r} (choose distill, eval, analyze, export or demo)",
             file=sys.stderr,
         )
         return 2
-    return commands[command](rest)
+    # imported on demand: `covmatch --version` and `--help` load none of the tools
+    return importlib.import_module(COMMANDS[command]).main(rest)
 
 
 if __name__ == "__main__":  # pragma: no cover

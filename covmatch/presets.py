@@ -241,12 +241,12 @@ PRESETS = {
         num_pairs=100,
         iterations=150,
         normalize_loss=True,  # scale-free loss terms (not in the paper); the learning rates below assume it
-        online="fixed",  # the fixed-model ablation, not Algorithm 1 (why: benchmarks/results/tune_demo_val.txt)
+        online="fixed",  # the fixed-model ablation, not Algorithm 1 (why: experiments/embedded_study/results/tune_demo_val.txt)
         real_batch=128,
         lr_img=30.0,
         lr_txt=1.0,
         # the paper's |B_S|: all of S up to 256 pairs (all 100 at the default N); at N 200 and 500 a batch of
-        # 100 scored below this on val (benchmarks/results/study, tune-scaling-batch)
+        # 100 scored below this on val (experiments/embedded_study/results/study.md, tune-scaling-batch)
         syn_batch=256,
         eval_epochs=100,
         eval_batch=100,

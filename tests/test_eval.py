@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from covmatch import retrieval_recall
-from covmatch.distill import DistillConfig, Distiller
 from covmatch.distill.cli import main as distill_main
 from covmatch.eval.cli import main as eval_main
 from covmatch.eval.coresets import herding, k_center, select_coreset
@@ -169,24 +168,6 @@ def test_eval_bad_input(distilled, tmp_path, capsys, argv, message):
     assert eval_main(["--no-progress", "--out", str(tmp_path / "eval"), *argv]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
-
-
-def test_covariance_match_diagnostic(tmp_path):
-    """benchmarks/covariance_match.py (quoted by the README): the iteration-0 set, a saved set, batch noise."""
-    from benchmarks.covariance_match import covariance64
-    from benchmarks.covariance_match import main as covariance_match
-
-    x, y = torch.randn(7, 3, dtype=torch.float64), torch.randn(7, 2, dtype=torch.float64)
-    expected = torch.stack([torch.stack([torch.cov(torch.stack([x[:, i], y[:, j]]))[0, 1] for j in range(2)])
-                            for i in range(3)])  # fmt: skip
-    torch.testing.assert_close(covariance64(x, y), expected)
-    d = Distiller(DistillConfig(preset=get_preset("tiny", iterations=0), out=tmp_path / "s", progress=False))
-    d.run()
-    lines = covariance_match(["--preset", "tiny", "--real-pairs", "64", str(tmp_path / "s")])
-    assert lines[1].startswith("one real batch of 16:")
-    iteration0, saved = lines[-2], lines[-1]
-    assert iteration0.startswith("iteration 0:") and saved.startswith(str(tmp_path / "s"))
-    assert iteration0.split(":", 1)[1] == saved.split(":", 1)[1]  # 0 iterations: the saved set is the initial one
 
 
 def test_recall_of_non_finite_embeddings_raises():

@@ -1,11 +1,11 @@
-"""benchmarks/hybrid_set.py: a set of one set's images and another's captions."""
+"""experiments/embedded_study/hybrid_set.py: a set of one set's images and another's captions."""
 
 from __future__ import annotations
 
 import torch
 
-from benchmarks.hybrid_set import main
 from covmatch.synthetic import SyntheticSet
+from experiments.embedded_study.hybrid_set import main
 
 
 def _set(path, n: int, fill: float, encoder: str = "test_nfnet") -> SyntheticSet:

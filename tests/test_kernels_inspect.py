@@ -1,4 +1,4 @@
-"""The fused loss compiled ahead of time for GPUs this machine does not have (``covmatch.kernels.inspect``):
+"""The fused loss compiled ahead of time for GPUs this machine does not have (``covmatch.loss.inspect``):
 every kernel that multiplies matrices does so on the tensor cores for half-precision inputs, nothing spills,
 and one forward + backward of the synthetic side is at most four device launches, torch ops included.
 
@@ -28,7 +28,7 @@ DRIVER = """
 import json, sys
 from pathlib import Path
 import torch
-from covmatch.kernels.inspect import ARCHS, DTYPES, inspect_call
+from covmatch.loss.inspect import ARCHS, DTYPES, inspect_call
 out = []
 for arch, dtype, shape, tf32 in json.loads(sys.argv[1]):
     torch.backends.cuda.matmul.allow_tf32 = tf32
@@ -85,12 +85,12 @@ def test_command_line(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     argv = ["--arch", "sm_90", "--dtype", "bf16", "--shape", "128,256,2304,768", "--dump", str(tmp_path)]
-    run = subprocess.run([sys.executable, "-m", "covmatch.kernels.inspect", *argv], capture_output=True, text=True,
+    run = subprocess.run([sys.executable, "-m", "covmatch.loss.inspect", *argv], capture_output=True, text=True,
                          env=env, cwd=REPO, timeout=600)  # fmt: skip
     assert run.returncode == 0, run.stderr[-2000:]
     lines = run.stdout.strip().splitlines()
     assert lines[-1] == "launches: 4"
     assert all("tensor-core=" in line and "spills=0B" in line for line in lines[:-1])
-    bad_argv = ["-m", "covmatch.kernels.inspect", "--shape", "1,2,3", "--dump", str(tmp_path)]
+    bad_argv = ["-m", "covmatch.loss.inspect", "--shape", "1,2,3", "--dump", str(tmp_path)]
     bad = subprocess.run([sys.executable, *bad_argv], capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
     assert bad.returncode == 2 and "expected NR,NS,DX,DY" in bad.stderr

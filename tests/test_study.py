@@ -1,4 +1,4 @@
-"""The embedded study's runner and report (benchmarks/study.py, study_report.py), on stand-in jobs that
+"""The embedded study's runner and report (experiments/embedded_study), on stand-in jobs that
 finish in milliseconds: order, resumption, failure handling, and the numbers of the report."""
 
 from __future__ import annotations
@@ -8,21 +8,22 @@ import sys
 
 import pytest
 
-from benchmarks import study
-from benchmarks.study_report import METRICS, mean_std, write_report
 from covmatch.analyze import build_parser as analyze_parser
 from covmatch.distill.cli import build_parser as distill_parser
 from covmatch.distill.cli import config_from_args
 from covmatch.eval.cli import build_parser as eval_parser
+from experiments.embedded_study import design, runner
+from experiments.embedded_study import jobs as study_jobs
+from experiments.embedded_study.report import METRICS, mean_std, write_report
 
 
 @pytest.fixture()
 def root(tmp_path, monkeypatch):
-    monkeypatch.setattr(study, "ROOT", tmp_path)
+    monkeypatch.setattr(study_jobs, "ROOT", tmp_path)
     return tmp_path
 
 
-class FakeDistill(study.Distill):
+class FakeDistill(study_jobs.Distill):
     fail = False
 
     def command(self):
@@ -37,7 +38,7 @@ class FailingDistill(FakeDistill):
     fail = True
 
 
-class FakeEvaluate(study.Evaluate):
+class FakeEvaluate(study_jobs.Evaluate):
     def command(self):
         value = 20.0 + self.seed + (5.0 if "paper" in self.source and "initial" not in self.source else 0.0)
         run = {m: value for m in ("i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10", "mean")}
@@ -58,32 +59,32 @@ def _fake_jobs(distill_cls=FakeDistill):
 def test_runner_orders_by_dependency_and_reuses_finished_jobs(root):
     run, evals, initial, baseline = _fake_jobs()
     jobs = evals + initial + baseline + [run]  # the distillation last: evaluations must wait for it
-    assert study.run_jobs(jobs, lanes=2) == 0
+    assert runner.run_jobs(jobs, lanes=2) == 0
     assert all(j.done() for j in jobs)
     order = [json.loads(line)["job"] for line in (root / "jobs.jsonl").read_text().splitlines()]
     assert sorted(order) == sorted(j.name for j in jobs)
     assert order.index(run.name) < min(order.index(e.name) for e in evals + initial)
-    assert study.run_jobs(jobs, lanes=2) == 0  # all done: nothing runs again
+    assert runner.run_jobs(jobs, lanes=2) == 0  # all done: nothing runs again
     assert len((root / "jobs.jsonl").read_text().splitlines()) == len(jobs)
 
 
 def test_runner_skips_what_a_failed_distillation_would_feed(root):
     run, evals, _, baseline = _fake_jobs(FailingDistill)
-    assert study.run_jobs([run, *evals, *baseline], lanes=2) == 1
+    assert runner.run_jobs([run, *evals, *baseline], lanes=2) == 1
     assert not any(e.done() for e in evals)
     assert all(b.done() for b in baseline)
 
 
 def test_runner_starts_nothing_past_its_deadline(root):
     _, _, _, baseline = _fake_jobs()
-    assert study.run_jobs(baseline, lanes=1, hours=1e-9) == 0
+    assert runner.run_jobs(baseline, lanes=1, hours=1e-9) == 0
     assert not any(b.done() for b in baseline)
 
 
 def test_report_means_spreads_and_paired_differences(root):
     run, evals, initial, baseline = _fake_jobs()
-    study.run_jobs([run, *evals, *initial[:2], *baseline], lanes=2)  # one iteration-0 run left undone
-    table = study.Table(
+    runner.run_jobs([run, *evals, *initial[:2], *baseline], lanes=2)  # one iteration-0 run left undone
+    table = design.Table(
         "1", "Table 1: test", "question?",
         [("CovMatch, paper regime", evals), ("its iteration-0 sets", initial), ("random pairs", baseline)],
         paired=[("paper - initial", evals, initial)],
@@ -106,17 +107,17 @@ def test_mean_std():
 
 def test_every_planned_command_is_accepted_by_the_commands_it_runs(root, monkeypatch):
     """The tune and final stages' commands parse (the final stage planned as if lr3 had won)."""
-    monkeypatch.setattr(study, "choose_config", lambda: "lr3")
-    monkeypatch.setattr(study, "choose_unseen_lr", lambda enc: study.UNSEEN_LR_CANDIDATES["lr.01"])
-    monkeypatch.setattr(study, "balanced_init_wins", lambda chosen: True)  # table 1's added rows planned too
-    monkeypatch.setattr(study, "scaling_variant_wins", lambda chosen, v, n: True)  # and table 6's variant rows
-    monkeypatch.setattr(study, "dsa_candidate_wins", lambda chosen: "dsa-lr10")  # and table 8
-    jobs = study.job_list("all")
+    monkeypatch.setattr(design, "choose_config", lambda: "lr3")
+    monkeypatch.setattr(design, "choose_unseen_lr", lambda enc: design.UNSEEN_LR_CANDIDATES["lr.01"])
+    monkeypatch.setattr(design, "balanced_init_wins", lambda chosen: True)  # table 1's added rows planned too
+    monkeypatch.setattr(design, "scaling_variant_wins", lambda chosen, v, n: True)  # and table 6's variant rows
+    monkeypatch.setattr(design, "dsa_candidate_wins", lambda chosen: "dsa-lr10")  # and table 8
+    jobs = design.job_list("all")
     names = [j.name for j in jobs]
     assert len(names) == len(set(names))
     # a name is one job: two tables that share a run name the same command (the runner reuses it by name)
     commands = {}
-    for table in study.all_tables("all"):
+    for table in design.all_tables("all"):
         for job in table.jobs():
             assert commands.setdefault(job.name, job.command()) == job.command(), job.name
     assert any("--num-pairs 500" in " ".join(c) for n, c in commands.items() if n.startswith("random"))
@@ -125,15 +126,15 @@ def test_every_planned_command_is_accepted_by_the_commands_it_runs(root, monkeyp
         assert set(job.requires()) <= seen, job.name  # a distillation precedes what reads it
         seen.add(job.name)
         argv = job.command()[3:]  # past "python -m covmatch.x"
-        if isinstance(job, study.Distill):
+        if isinstance(job, study_jobs.Distill):
             config_from_args(distill_parser().parse_args(argv)).preset.check()
-        elif isinstance(job, study.Analyze):
+        elif isinstance(job, study_jobs.Analyze):
             analyze_parser().parse_args(argv)
-        elif isinstance(job, study.Hybrid):
-            assert job.command()[1:3] == ["-m", "benchmarks.hybrid_set"] and len(argv) == 6
+        elif isinstance(job, study_jobs.Hybrid):
+            assert job.command()[1:3] == ["-m", "experiments.embedded_study.hybrid_set"] and len(argv) == 6
         else:
             eval_parser().parse_args(argv)
-    keys = {t.key for t in study.all_tables("all")}
+    keys = {t.key for t in design.all_tables("all")}
     tune_keys = {
         "tune",
         "tune-unseen",
@@ -145,10 +146,11 @@ def test_every_planned_command_is_accepted_by_the_commands_it_runs(root, monkeyp
         "tune-modality",
     }
     assert keys == tune_keys | {"1", "1m", "2", "3", "4", "5", "5t", "6", "7", "8"}
-    assert any("--init" in j.command() for j in jobs if isinstance(j, study.Distill) and j.name.startswith("paper"))
+    distills = [j for j in jobs if isinstance(j, study_jobs.Distill)]
+    assert any("--init" in j.command() for j in distills if j.name.startswith("paper"))
     assert {"paper-rho2-n500-t500-s1", "paper-sbatch-n500-t500-s1"} <= set(names)  # table 6's variant rows: every seed
     # --tables runs tables in the order given: table 7's first job before table 1's
-    ordered = [j.name for j in study.job_list("final", ["7", "1"])]
+    ordered = [j.name for j in design.job_list("final", ["7", "1"])]
     assert ordered[0] == "paper-n100-t1000-s0" and ordered[1].endswith(".probe.test.r0")
     assert not any(".text6." in n for n in ordered)
 
@@ -159,46 +161,46 @@ def _write_result(root, name: str, mean: float) -> None:
 
 
 def test_a_set_without_its_tensors_is_redistilled_only_for_evaluations_still_to_run(root, monkeypatch):
-    monkeypatch.setattr(study, "choose_config", lambda: "lr3")
-    monkeypatch.setattr(study, "choose_unseen_lr", lambda enc: None)
-    run = study.all_distills()["paper-n500-t500-s0"]
+    monkeypatch.setattr(design, "choose_config", lambda: "lr3")
+    monkeypatch.setattr(design, "choose_unseen_lr", lambda enc: None)
+    run = design.all_distills()["paper-n500-t500-s0"]
     run.out.mkdir(parents=True)
     (run.out / "synthetic.json").write_text(json.dumps({"iteration": run.iterations}))  # tensors not committed
     assert not run.done()
-    assert run in study.job_list("final", ["6"])
+    assert run in design.job_list("final", ["6"])
     # --auto-resume refuses run files without a checkpoint: the clone's record is distilled over from scratch
     assert "--overwrite" in run.command() and "--auto-resume" not in run.command()
     (run.out / "checkpoints").mkdir()
     (run.out / "checkpoints" / "step-100.pt").write_bytes(b"")  # a rerun cut short here resumes instead
     assert "--auto-resume" in run.command() and "--overwrite" not in run.command()
-    for job in {j.name: j for t in study.all_tables("all") for j in t.jobs() if run.name in j.requires()}.values():
+    for job in {j.name: j for t in design.all_tables("all") for j in t.jobs() if run.name in j.requires()}.values():
         job.out.mkdir(parents=True)  # every evaluation and analysis of the set is finished
-        (job.out / ("results.json" if isinstance(job, study.Evaluate) else "analysis.json")).write_text("{}")
-    assert run not in study.job_list("final", ["6"])
+        (job.out / ("results.json" if isinstance(job, study_jobs.Evaluate) else "analysis.json")).write_text("{}")
+    assert run not in design.job_list("final", ["6"])
     (run.out / "synthetic.safetensors").write_bytes(b"")
     assert run.done()
 
 
 def test_unseen_encoder_enters_table_5_only_if_random_pairs_learn_on_val(root):
     for enc, (a, b) in {"resnet": (30.0, 34.0), "vit-p8": (4.0, 5.0)}.items():
-        for lr, mean in zip(study.UNSEEN_LR_CANDIDATES, (a, b)):
-            for seed in study.TUNE_EVAL_SEEDS:
+        for lr, mean in zip(design.UNSEEN_LR_CANDIDATES, (a, b)):
+            for seed in design.TUNE_EVAL_SEEDS:
                 _write_result(root, f"random.{enc}-{lr}.val.r{seed}", mean)
-    assert study.choose_unseen_lr("resnet") == study.UNSEEN_LR_CANDIDATES["lr.001"]  # the better val mean
-    assert study.choose_unseen_lr("vit-p8") is None  # learns at neither rate: below LEARNS_ON_VAL
-    assert study.choose_unseen_lr("convnext-p2") is None  # not scored yet
+    assert design.choose_unseen_lr("resnet") == design.UNSEEN_LR_CANDIDATES["lr.001"]  # the better val mean
+    assert design.choose_unseen_lr("vit-p8") is None  # learns at neither rate: below LEARNS_ON_VAL
+    assert design.choose_unseen_lr("convnext-p2") is None  # not scored yet
 
 
 def test_balanced_init_gate_reads_val_only(root):
-    assert study.balanced_init_wins("slow-lr3") is None
-    table = study.tune_init_table("slow-lr3")
+    assert design.balanced_init_wins("slow-lr3") is None
+    table = design.tune_init_table("slow-lr3")
     rows = dict(table.rows)
     for e in rows["slow-lr3, class-balanced initial pairs"]:
         _write_result(root, e.name, 30.0)
     for e in rows["class-balanced random pairs"]:
         _write_result(root, e.name, 31.0)
     assert all(e.split == "val" for e in rows["class-balanced random pairs"])
-    assert study.balanced_init_wins("slow-lr3") is False
+    assert design.balanced_init_wins("slow-lr3") is False
 
 
 @pytest.mark.parametrize(
@@ -210,11 +212,11 @@ def test_balanced_init_gate_reads_val_only(root):
 def test_scaling_variant_gate_reads_val_only_and_adds_table_6_rows_where_it_wins(
     root, monkeypatch, key, tried, default, flags
 ):
-    monkeypatch.setattr(study, "choose_config", lambda: "lr3")
-    monkeypatch.setattr(study, "choose_unseen_lr", lambda enc: None)
-    variant = study.SCALING_VARIANTS[key]
-    assert study.scaling_variant_wins("lr3", variant, 500) is None
-    table = study.tune_scaling_table("lr3", variant)
+    monkeypatch.setattr(design, "choose_config", lambda: "lr3")
+    monkeypatch.setattr(design, "choose_unseen_lr", lambda enc: None)
+    variant = design.SCALING_VARIANTS[key]
+    assert design.scaling_variant_wins("lr3", variant, 500) is None
+    table = design.tune_scaling_table("lr3", variant)
     assert table.key == f"tune-scaling-{key}"
     rows = dict(table.rows)
     assert all(e.split == "val" for evals in rows.values() for e in evals)
@@ -223,9 +225,9 @@ def test_scaling_variant_gate_reads_val_only_and_adds_table_6_rows_where_it_wins
             _write_result(root, e.name, a)
         for e in rows[f"N {n}: {default} (default, table 6)"]:
             _write_result(root, e.name, b)
-    assert study.scaling_variant_wins("lr3", variant, 200) is False
-    assert study.scaling_variant_wins("lr3", variant, 500) is True
-    t6 = next(t for t in study.final_tables("lr3") if t.key == "6")
+    assert design.scaling_variant_wins("lr3", variant, 200) is False
+    assert design.scaling_variant_wins("lr3", variant, 500) is True
+    t6 = next(t for t in design.final_tables("lr3") if t.key == "6")
     labels = [label for label, _ in t6.rows]
     assert f"N 500: CovMatch at {tried[500]}" in labels and f"N 200: CovMatch at {tried[200]}" not in labels
     varied_rows = dict(t6.rows)[f"N 500: CovMatch at {tried[500]}"]
@@ -235,7 +237,7 @@ def test_scaling_variant_gate_reads_val_only_and_adds_table_6_rows_where_it_wins
     (distilled,), (initial,) = paired[f"N 500: CovMatch at {tried[500]} - iteration-0 (seed 1)"]
     assert distilled.source == f"{variant.set_name}-n500-t500-s1"  # the same pairs at iteration 0 as table 6's set
     assert initial.source == "paper-n500-t500-s1/initial" and initial.seed == distilled.seed
-    distills = study.all_distills()
+    distills = design.all_distills()
     assert flags[500] in " ".join(distills[f"{variant.set_name}-n500-t500-s1"].command())
     assert flags[200] in " ".join(distills[f"{variant.set_name}-n200-t500-s0"].command())
     # the study's other sets keep the synthetic batch of 100 they ran with, whatever the demo preset's default
@@ -264,9 +266,9 @@ def test_scaling_variant_gate_reads_val_only_and_adds_table_6_rows_where_it_wins
 
 
 def test_longer_table_compares_iterations_at_the_paper_batch_on_val(root, monkeypatch):
-    monkeypatch.setattr(study, "choose_config", lambda: "lr3")
-    table = study.tune_longer_table("lr3")
-    assert table.key == "tune-scaling-iterations" and table in study.all_tables("tune")
+    monkeypatch.setattr(design, "choose_config", lambda: "lr3")
+    table = design.tune_longer_table("lr3")
+    assert table.key == "tune-scaling-iterations" and table in design.all_tables("tune")
     rows = dict(table.rows)
     assert all(e.split == "val" and e.num_pairs == 500 for evals in rows.values() for e in evals)
     longer, shorter = (
@@ -275,10 +277,10 @@ def test_longer_table_compares_iterations_at_the_paper_batch_on_val(root, monkey
     )
     assert {e.source for e in longer} == {"paper-sbatch-n500-t1000-s0"}
     # the 500-iteration run and the starting pairs are tune-scaling-batch's own evaluations, reused
-    batch_table = dict(study.tune_scaling_table("lr3", study.SCALING_VARIANTS["batch"]).rows)
+    batch_table = dict(design.tune_scaling_table("lr3", design.SCALING_VARIANTS["batch"]).rows)
     assert [e.name for e in shorter] == [e.name for e in batch_table["N 500: synthetic batch 256"]]
     assert [e.name for e in rows["N 500: iteration-0 set"]] == [e.name for e in batch_table["N 500: iteration-0 set"]]
-    command = " ".join(study.all_distills()["paper-sbatch-n500-t1000-s0"].command())
+    command = " ".join(design.all_distills()["paper-sbatch-n500-t1000-s0"].command())
     assert "--iterations 1000" in command and "--syn-batch 256" in command
     for label, mean in (("N 500: synthetic batch 256, 1000 it.", 52.0), ("N 500: synthetic batch 256, 500 it.", 50.0)):
         for e in rows[next(k for k in rows if k.startswith(label))]:
@@ -294,8 +296,8 @@ def test_longer_table_compares_iterations_at_the_paper_batch_on_val(root, monkey
 def test_table_4_target_needs_the_paper_setting_above_every_other_beyond_the_spread(root):
     run, evals, _, _ = _fake_jobs()
     lam0 = [FakeEvaluate(f"l{s}", "lam0-set", "test", s) for s in (0, 1, 2)]  # 20, 21, 22 against 25, 26, 27
-    assert study.run_jobs([run, *evals, *lam0], lanes=2, cores=[0, 0]) == 0  # both lanes on core 0
-    table = study.Table("4", "Table 4: lam and rho", "?", [("lam 0", lam0), ("lam 0.1 (paper), rho 2 (paper)", evals)])
+    assert runner.run_jobs([run, *evals, *lam0], lanes=2, cores=[0, 0]) == 0  # both lanes on core 0
+    table = design.Table("4", "Table 4: lam and rho", "?", [("lam 0", lam0), ("lam 0.1 (paper), rho 2 (paper)", evals)])
     md = write_report([table], {}, "lr3").read_text()
     assert "- Table 4, the paper's lam 0.1 and rho 2 above every other setting beyond the spread: **holds** " in md
     assert "(26.0 vs lam 0 21.0)" in md
@@ -317,8 +319,8 @@ def test_report_diagnosis_decomposes_the_covariance_scale_where_the_analysis_has
     _write_analysis(root, "old-s0", final)
     _write_analysis(root, "new-s0", {**final, "cov_scale": 0.5, "image_spread": 1.0, "text_spread": 0.625,
                                      "coupling": 0.8})  # fmt: skip
-    table = study.Table("4", "Table 4", "question?", [],
-                        analyses=[("old", study.Analyze("old-s0")), ("new", study.Analyze("new-s0"))])  # fmt: skip
+    analyses = [("old", study_jobs.Analyze("old-s0")), ("new", study_jobs.Analyze("new-s0"))]
+    table = design.Table("4", "Table 4", "question?", [], analyses=analyses)
     md = write_report([table], {}, None).read_text()
     common = "0.980 / 0.950 | 1.000 → 0.250 (test_nfnet) | – | 0.0200 / 0.0500"
     assert f"| new | {common} | 0.50 = 1.00 × 0.62 × 0.80 | 0.020 | 0.175 | 0.0% |" in md
@@ -329,11 +331,12 @@ def test_report_shows_how_well_a_fresh_model_fits_each_set(root):
     history = [{"epoch": k, "train_loss": 4.6 - 0.04 * k} for k in range(1, 101)]
     result = {"runs": [{"mean": 12.5}], "num_pairs": 100, "histories": [history],
               "config": {"settings": {"batch_size": 100}}}  # fmt: skip
-    fitted, old = study.Evaluate("fit.val.r0", "paper-s0", "val", 0), study.Evaluate("old.val.r0", "old-s0", "val", 0)
+    fitted = study_jobs.Evaluate("fit.val.r0", "paper-s0", "val", 0)
+    old = study_jobs.Evaluate("old.val.r0", "old-s0", "val", 0)
     for job, data in ((fitted, result), (old, {**result, "histories": None})):
         job.out.mkdir(parents=True)
         (job.out / "results.json").write_text(json.dumps(data))
-    table = study.Table("4", "Table 4: rho", "question?", [], curves=[("fitted", fitted), ("old", old)])
+    table = design.Table("4", "Table 4: rho", "question?", [], curves=[("fitted", fitted), ("old", old)])
     assert fitted in table.jobs() and old in table.jobs()
     md = write_report([table], {}, None).read_text()
     assert "chance is ln 100 = 4.61" in md
@@ -348,10 +351,10 @@ def test_report_summarises_each_paired_comparison_over_its_seeds(root):
     initial = {r.name: [FakeEvaluate(f"{r.name}.i{k}", f"{r.name}/initial", "test", k) for k in (0, 1)] for r in runs}
     baseline = [FakeEvaluate(f"r{k}", "random", "test", k) for k in (0, 1)]
     jobs = runs + [e for v in (*evals.values(), *initial.values()) for e in v] + baseline
-    assert study.run_jobs(jobs, lanes=2) == 0
+    assert runner.run_jobs(jobs, lanes=2) == 0
     paired = [(f"paper - initial (seed {r.seed})", evals[r.name], initial[r.name]) for r in runs]
     paired += [(f"paper - random, seed {r.seed}", evals[r.name], baseline) for r in runs]
-    table = study.Table("1", "Table 1: test", "question?", [], paired=paired)
+    table = design.Table("1", "Table 1: test", "question?", [], paired=paired)
     md = write_report([table], {}, None).read_text()
     assert "- paper - initial, all seeds: +5.0 ± 0.0 over 4 pairs." in md
     assert "- paper - random, all seeds: +5.0 ± 0.0 over 4 pairs." in md
@@ -359,10 +362,10 @@ def test_report_summarises_each_paired_comparison_over_its_seeds(root):
 
 def test_table_6_pairs_each_diagnosed_set_with_its_own_iteration_0_set(root, monkeypatch):
     """At each diagnosed N, a set's first test run is paired with its iteration-0 set at the same seed."""
-    monkeypatch.setattr(study, "choose_config", lambda: "lr3")
-    table = next(t for t in study.all_tables("final") if t.key == "6")
+    monkeypatch.setattr(design, "choose_config", lambda: "lr3")
+    table = next(t for t in design.all_tables("final") if t.key == "6")
     assert [label for label, _, _ in table.paired] == [
-        f"N {n}: CovMatch - iteration-0 (seed {s})" for n in study.SCALING_DIAGNOSED_N for s in study.ABLATION_SEEDS
+        f"N {n}: CovMatch - iteration-0 (seed {s})" for n in design.SCALING_DIAGNOSED_N for s in design.ABLATION_SEEDS
     ]
     for _, (distilled,), (initial,) in table.paired:
         assert initial.source == f"{distilled.source}/initial" and initial.seed == distilled.seed
@@ -380,10 +383,10 @@ def _write_means(root, rows, means) -> None:
 
 
 def test_dsa_gate_needs_the_unseen_encoder_up_and_the_distilling_one_not_down_on_val(root, monkeypatch):
-    monkeypatch.setattr(study, "choose_config", lambda: "lr3")
-    monkeypatch.setattr(study, "choose_unseen_lr", lambda enc: study.UNSEEN_LR_CANDIDATES["lr.001"])
-    table = study.tune_dsa_table("lr3")
-    assert table.key == "tune-dsa" and table in study.all_tables("tune")
+    monkeypatch.setattr(design, "choose_config", lambda: "lr3")
+    monkeypatch.setattr(design, "choose_unseen_lr", lambda enc: design.UNSEEN_LR_CANDIDATES["lr.001"])
+    table = design.tune_dsa_table("lr3")
+    assert table.key == "tune-dsa" and table in design.all_tables("tune")
     rows = dict(table.rows)
     assert all(e.split == "val" for evals in rows.values() for e in evals)
     # random pairs on the unseen encoder are tune-unseen's runs, reused by name
@@ -392,21 +395,21 @@ def test_dsa_gate_needs_the_unseen_encoder_up_and_the_distilling_one_not_down_on
         "random.resnet-lr.001.val.r1",
     ]
     # the set without augmentation is the ablations' seed-0 set, and every candidate starts from its pairs
-    assert {e.source for e in rows[study.DSA_PLAIN]} == {"paper-n100-t500-s0"}
-    distills = study.all_distills()
+    assert {e.source for e in rows[design.DSA_PLAIN]} == {"paper-n100-t500-s0"}
+    distills = design.all_distills()
     assert "--dsa-shift 0.125 --dsa-scale 0.2" in " ".join(distills["paper-dsa-strong-lr10-n100-t500-s0"].command())
-    assert study.dsa_candidate_wins("lr3") is None  # nothing scored yet
-    plain = {study.DSA_PLAIN: 30.0, f"resnet: {study.DSA_PLAIN}": 33.0}
+    assert design.dsa_candidate_wins("lr3") is None  # nothing scored yet
+    plain = {design.DSA_PLAIN: 30.0, f"resnet: {design.DSA_PLAIN}": 33.0}
     scores = {"dsa": (31.0, 33.0), "dsa-lr10": (29.0, 36.0), "dsa-strong-lr10": (30.0, 35.0),
               "dsa-strong-lr30": (26.0, 34.0)}  # fmt: skip
-    assert set(scores) == set(study.DSA_CANDIDATES)
+    assert set(scores) == set(design.DSA_CANDIDATES)
     means = {**plain, "iteration-0 set": 24.0, "resnet: iteration-0 set": 33.5, "random pairs": 25.0,
              "resnet: random pairs": 34.0}  # fmt: skip
     for label, (distilling, unseen) in scores.items():
         means.update({label: distilling, f"resnet: {label}": unseen})
     _write_means(root, rows, means)
     # dsa: not above on the unseen encoder; dsa-lr10: up there but down on the distilling one; strong: both
-    assert study.dsa_candidate_wins("lr3") == "dsa-strong-lr10"
+    assert design.dsa_candidate_wins("lr3") == "dsa-strong-lr10"
     md = write_report([table], {}, "lr3").read_text()
     assert (
         "- Tune-dsa (val), dsa: resnet 33.0 vs 33.0 without augmentation, distilling encoder 31.0 vs 30.0: "
@@ -417,8 +420,8 @@ def test_dsa_gate_needs_the_unseen_encoder_up_and_the_distilling_one_not_down_on
         "vs 30.0: wins." in md
     )
     assert "| resnet: dsa-strong-lr10 - iteration-0 | +1.5 ± 0.0 |" in md
-    t8 = study.dsa_table("lr3", "dsa-strong-lr10")
-    assert t8 in study.all_tables("final")
+    t8 = design.dsa_table("lr3", "dsa-strong-lr10")
+    assert t8 in design.all_tables("final")
     t8_rows = dict(t8.rows)
     assert {e.split for evals in t8_rows.values() for e in evals} == {"test"}
     assert len(t8_rows["vit-p8: CovMatch with dsa-strong-lr10"]) == 9  # 3 distillation seeds x 3 runs
@@ -432,40 +435,57 @@ def test_dsa_gate_needs_the_unseen_encoder_up_and_the_distilling_one_not_down_on
 
 
 def test_modality_table_scores_both_hybrids_of_a_set_with_its_starting_pairs(root, monkeypatch):
-    monkeypatch.setattr(study, "choose_config", lambda: "lr3")
-    monkeypatch.setattr(study, "choose_unseen_lr", lambda enc: study.UNSEEN_LR_CANDIDATES["lr.001"])
-    table = study.tune_modality_table("lr3")
-    assert table in study.all_tables("tune")
+    monkeypatch.setattr(design, "choose_config", lambda: "lr3")
+    monkeypatch.setattr(design, "choose_unseen_lr", lambda enc: design.UNSEEN_LR_CANDIDATES["lr.001"])
+    table = design.tune_modality_table("lr3")
+    assert table in design.all_tables("tune")
     rows = dict(table.rows)
     images_only = rows["distilled images, starting captions"][0].source
-    made = study.all_distills()[images_only]
-    assert isinstance(made, study.Hybrid) and made.requires() == ("paper-n100-t500-s0",)
+    made = design.all_distills()[images_only]
+    assert isinstance(made, study_jobs.Hybrid) and made.requires() == ("paper-n100-t500-s0",)
     command = " ".join(made.command())
     assert f"--images {root}/sets/paper-n100-t500-s0 --captions {root}/sets/paper-n100-t500-s0/initial" in command
     # the hybrid is made before its evaluations, after the set it is made from
-    names = [j.name for j in study.job_list("tune", ["tune"])]
+    names = [j.name for j in design.job_list("tune", ["tune"])]
     assert names.index("paper-n100-t500-s0") < names.index(images_only) < names.index(f"{images_only}.default.val.r0")
-    assert [e.name for e in rows["iteration-0 set"]] == [e.name for e in dict(study.tune_dsa_table("lr3").rows)[
+    assert [e.name for e in rows["iteration-0 set"]] == [e.name for e in dict(design.tune_dsa_table("lr3").rows)[
         "iteration-0 set"]]  # fmt: skip
     # the images distilled alone: captions held, the image step as the row says (the last --lr-img is the one used)
     source = rows["images distilled alone, lr_img 30"][0].source
-    argv = study.all_distills()[source].command()[3:]
+    argv = design.all_distills()[source].command()[3:]
     config = config_from_args(distill_parser().parse_args(argv))
     assert config.distill_mode == "images" and config.preset.lr_img == 30.0
 
 
 def test_table_1m_pairs_each_hybrid_of_table_1_with_its_own_starting_pairs_on_test(root, monkeypatch):
-    monkeypatch.setattr(study, "choose_config", lambda: "lr3")
-    monkeypatch.setattr(study, "choose_unseen_lr", lambda enc: study.UNSEEN_LR_CANDIDATES["lr.001"])
-    t1m = next(t for t in study.final_tables("lr3") if t.key == "1m")
+    monkeypatch.setattr(design, "choose_config", lambda: "lr3")
+    monkeypatch.setattr(design, "choose_unseen_lr", lambda enc: design.UNSEEN_LR_CANDIDATES["lr.001"])
+    t1m = next(t for t in design.final_tables("lr3") if t.key == "1m")
     rows = dict(t1m.rows)
     assert {e.split for evals in rows.values() for e in evals} == {"test"}
     assert len(rows["resnet: starting images, distilled captions"]) == 9  # 3 distillation seeds x 3 runs
     # the starting pairs on each encoder are the runs tables 1 and 5 already scored
-    t1 = dict(next(t for t in study.final_tables("lr3") if t.key == "1").rows)
+    t1 = dict(next(t for t in design.final_tables("lr3") if t.key == "1").rows)
     assert [e.name for e in rows["iteration-0 sets"]] == [e.name for e in t1["its iteration-0 sets"]]
     assert rows["resnet: iteration-0 sets"][0].name == "paper-n100-t1000-s0-initial.resnet.test.r0"
     paired = {label: (a, b) for label, a, b in t1m.paired}
     a, b = paired["resnet: starting images, distilled captions - iteration-0 (seed 2)"]
     assert a[0].source == "hybrid-images-paper-n100-t1000-s2-initial-captions-paper-n100-t1000-s2"
     assert b[0].source == "paper-n100-t1000-s2/initial" and [e.seed for e in a] == [e.seed for e in b]
+
+
+def test_regenerate_lists_every_set_without_tensors_after_the_sets_it_is_made_from(root, monkeypatch):
+    from experiments.embedded_study.__main__ import sets_to_regenerate
+
+    monkeypatch.setattr(design, "choose_config", lambda: "lr3")
+    monkeypatch.setattr(design, "choose_unseen_lr", lambda enc: None)
+    todo = sets_to_regenerate()
+    names = [job.name for job in todo]
+    assert set(names) == set(design.all_distills()) and len(names) == len(set(names))  # nothing here: all of them
+    for job in todo:
+        assert all(names.index(dep) < names.index(job.name) for dep in job.requires()), job.name
+    done = todo[0]
+    done.out.mkdir(parents=True)
+    (done.out / "synthetic.safetensors").write_bytes(b"")
+    (done.out / "synthetic.json").write_text(json.dumps({"iteration": done.iterations}))
+    assert done.name not in [job.name for job in sets_to_regenerate()]

@@ -3,7 +3,7 @@
 ``covariance`` holds the covariance-form forward (column means, D and its partial sums, the final reduction)
 and its backward (both gradients of a side in one GEMM launch), ``gram`` the Gram-form pair (docs/design.md,
 *Gradients*). Host functions take validated 2-D tensors; ``covmatch`` wraps them in autograd.
-``python -m covmatch.kernels.inspect`` compiles one call's launches ahead of time for sm_80 / sm_90.
+``python -m covmatch.loss.inspect`` compiles one call's launches ahead of time for sm_80 / sm_90.
 """
 
 from ._launch import LaunchRecord, TileConfig, interpreter_enabled, recorded_launches, target_arch, tuned_configs

@@ -7,7 +7,7 @@ never during a CUDA-graph capture, and reports every configuration that fails wi
 
 Every launch goes through ``launch_kernel``, so ``recorded_launches()`` can list exactly what one call
 launches (kernel, grid, arguments, configuration, FLOPs, bytes) without running it:
-``python -m covmatch.kernels.inspect`` compiles those launches ahead of time for a GPU it does not have.
+``python -m covmatch.loss.inspect`` compiles those launches ahead of time for a GPU it does not have.
 
 What runs per call is kept to dictionary lookups and integer arithmetic (host time per call is measured by
 ``benchmarks/bench_host.py``): config choices are cached by exact shape, the interpreter flag is read once,

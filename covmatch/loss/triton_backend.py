@@ -169,7 +169,7 @@ def gram_form_backward(inputs, aux, grad, rho, lam, needs) -> list:
     return grads
 
 
-# form -> (forward, backward) host functions: what the op runs, and what covmatch.kernels.inspect records
+# form -> (forward, backward) host functions: what the op runs, and what covmatch.loss.inspect records
 HOST_FUNCTIONS = {
     "cov": (covariance_form_forward, covariance_form_backward),
     "gram": (gram_form_forward, gram_form_backward),

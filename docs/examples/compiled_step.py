@@ -2,7 +2,8 @@
 
 The forward of the step (encoders and loss) is compiled once and reused, the backward runs through the
 compiled graph's autograd. On CPU tensors ``covmatch_loss`` takes the torch path, which compiles with the rest;
-on CUDA tensors it takes the fused Triton path, which the compiled graph calls through a graph break.
+on CUDA tensors it takes the fused Triton path, the ``torch.library`` op ``covmatch::fused_loss``, which the
+compiler traces as one node of the graph (no graph break: ``fullgraph=True`` works).
 
     python docs/examples/compiled_step.py [--steps 20] [--device cpu] [--compile-backend inductor]
 """

@@ -1,0 +1,1 @@
+"""Experiments built on covmatch: each a package with its design, runner, report and results."""
