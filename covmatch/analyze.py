@@ -271,11 +271,18 @@ def _plots(result: dict, out: Path) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
     p.add_argument("run", type=Path, help="a covmatch-distill --out directory")
-    p.add_argument("--out", type=Path, default=None, help="where to write (default: RUN/analysis)")
-    p.add_argument("--real-pairs", type=int, default=2048, help="real train pairs behind the reference statistics")
-    p.add_argument("--image-encoder", action="append", default=[], help="another timm image encoder (repeatable)")
-    p.add_argument("--image-weights", action="append", default=[], help="its weights (file, 'cache' or preset's)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:K")
+    p.add_argument("--out", type=Path, default=None, metavar="DIR", help="where to write (default: RUN/analysis)")
+    p.add_argument(
+        "--real-pairs", type=int, default=2048, metavar="N", help="real train pairs behind the reference statistics"
+    )
+    p.add_argument(
+        "--image-encoder", action="append", default=[], metavar="TIMM_NAME",
+        help="another timm image encoder (repeatable)",
+    )  # fmt: skip
+    p.add_argument(
+        "--image-weights", action="append", default=[], metavar="FILE", help="its weights (file, 'cache' or preset's)"
+    )
+    p.add_argument("--device", default="auto", metavar="DEVICE", help="auto, cpu, cuda or cuda:K")
     return p
 
 

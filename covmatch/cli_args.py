@@ -1,109 +1,121 @@
-"""What the command-line tools share: a parser that reports errors in one line, the flags that set preset
-fields (generated from the ``Preset`` dataclass, so a field and its flag cannot drift apart), and the flags
-every command takes (data, device, precision, progress)."""
+"""What the command-line tools share: a parser that reports errors in one line, flags generated from the
+settings' dataclass fields (``covmatch.settings``: help, range, choices, group and metavar have one home, the
+field), ``--help`` that shows each flag's real default (per preset where the presets differ), and the config-file
+reader."""
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
-import typing
 from pathlib import Path
-from typing import Callable, Dict, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence
 
 from covmatch.errors import ConfigError, one_line
-from covmatch.presets import FIELD_CHOICES, Preset
+from covmatch.presets import PRESETS, Preset
+from covmatch.settings import SettingInfo, settings_of
 
 __all__ = [
     "OneLineArgumentParser",
     "PRESET_FLAG_HELP",
+    "preset_fields",
     "add_preset_flags",
     "preset_overrides",
-    "add_data_flags",
-    "add_runtime_flags",
+    "add_setting_flags",
+    "flags_of",
+    "add_precision_flags",
     "precision_from",
     "read_config_file",
     "parse_with_config",
+    "flag_dests",
 ]
 
 
+class DefaultsFormatter(argparse.HelpFormatter):
+    """Help text with the flag's real default appended: a preset field's per preset (set by add_preset_flags as
+    ``shown_default``), another flag's own default where it has one."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        shown = default_text(action)
+        return f"{action.help} (default: {shown})" if shown else (action.help or "")
+
+
+def default_text(action: argparse.Action) -> str:
+    """The default a flag's help and the CLI reference show ("" for none worth showing)."""
+    shown = getattr(action, "shown_default", None)
+    if shown is not None:
+        return shown
+    default = action.default
+    if action.nargs == 0 or action.required or default is None or default is False or default in ((), "", []):
+        return ""
+    if default == argparse.SUPPRESS:
+        return ""
+    return str(default)
+
+
 class OneLineArgumentParser(argparse.ArgumentParser):
-    """argparse that reports a bad flag in one line (and exit code 2), without the usage block."""
+    """argparse that reports a bad flag in one line (and exit code 2), without the usage block, and shows real
+    defaults in ``--help``."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", DefaultsFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> None:
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-# The help of every preset field that a flag sets; the flag is --field-name unless a command renames it.
-PRESET_FLAG_HELP: Dict[str, str] = {
-    "dataset": "embedded shapes, Karpathy JSON (--ann-root) or a local HF dataset (--data-dir)",
-    "num_pairs": "N, the number of synthetic pairs",
-    "iterations": "distillation iterations T (default: by N)",
-    "image_encoder": "timm model name (created with num_classes=0)",
-    "image_weights": "local .safetensors/.pth file, or 'cache' (local HF cache)",
-    "image_encoder_kwargs": "timm.create_model keyword arguments, 'key=value, ...' (e.g. 'patch_size=8' for a "
-    "ViT at 32 px)",
-    "text_encoder": "local transformers model directory or cached name",
-    "text_layers": "keep only the first K text transformer layers",
-    "image_size": "input resolution in pixels",
-    "seq_len": "caption length in tokens",
-    "proj_dim": "projection dimension",
-    "proj_depth": "1 = linear, 2-3 = MLP",
-    "text_pooling": "[CLS] output or masked mean",
-    "learnable_temperature": "learn the InfoNCE temperature",
-    "real_batch": "real batch size |B_T|",
-    "syn_batch": "synthetic batch size |B_S| (all of S when N is smaller)",
-    "rho": "scale of the real covariance (default 2 if N<=100 else 1)",
-    "lam": "mean-matching weight (default 0.1 if N<=200 else 0.5)",
-    "lr_img": "SGD learning rate of the synthetic pixels",
-    "lr_txt": "SGD learning rate of the synthetic text embeddings",
-    "syn_momentum": "SGD momentum of the synthetic set",
-    "reset_every": "reset the online model every K iterations",
-    "online_lr_encoder": "online model: encoder learning rate",
-    "online_lr_proj": "online model: projection learning rate",
-    "online_momentum": "online model: SGD momentum",
-    "normalize_loss": "divide each loss term by its real-data magnitude (scale-free; not in the paper)",
-    "eval_epochs": "training epochs",
-    "eval_batch": "training batch size",
-    "eval_lr_encoder": "encoder learning rate",
-    "eval_lr_proj": "projection learning rate",
-    "eval_runs": "training runs with different seeds",
-}
-
-_HINTS = typing.get_type_hints(Preset)
+_SETTINGS = {info.name: info for info in settings_of(Preset)}
+# The help of every preset field that has a flag.
+PRESET_FLAG_HELP: Dict[str, str] = {name: info.help for name, info in _SETTINGS.items() if info.group is not None}
+_METAVARS = {int: "N", float: "X", str: "NAME", Path: "PATH"}
 
 
-def _flag_type(field: str):
-    """The argparse type of a preset field, from its annotation (Optional[X] -> X)."""
-    hint = _HINTS[field]
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    return args[0] if args else hint
+def preset_fields(*groups: str) -> tuple:
+    """The preset fields whose flags are in these ``--help`` groups, in declaration order."""
+    return tuple(name for name, info in _SETTINGS.items() if info.group in groups)
 
 
-def add_preset_flags(
-    group,
-    fields: Sequence[str],
-    *,
-    names: Optional[Mapping[str, str]] = None,
-    helps: Optional[Mapping[str, str]] = None,
-) -> None:
-    """A flag per preset field in ``fields`` (``names`` renames some, ``helps`` rewords some), defaulting to
-    None so that an unset flag keeps the preset's value; booleans get --x / --no-x, fields with a fixed set of
-    values get choices."""
-    names, helps = names or {}, helps or {}
-    known = {f.name for f in dataclasses.fields(Preset)}
+def _value_text(info: SettingInfo, value: Any) -> str:
+    if value is None:
+        return info.none or "none"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if value == "":
+        return "none"
+    return f"{value:,}" if isinstance(value, int) and value >= 10_000 else str(value)
+
+
+def preset_default_text(field: str) -> str:
+    """A preset field's default as ``--help`` shows it: one value, or each preset's where they differ."""
+    info = _SETTINGS[field]
+    values = {name: getattr(preset, field) for name, preset in PRESETS.items()}
+    if len(set(map(repr, values.values()))) == 1:
+        return _value_text(info, next(iter(values.values())))
+    return ", ".join(f"{name} {_value_text(info, v)}" for name, v in values.items())
+
+
+def _add_flag(group, info: SettingInfo, flag: str, *, default: Any, boolean: str) -> argparse.Action:
+    if info.kind is bool:
+        action = argparse.BooleanOptionalAction if boolean == "both" else "store_true"
+        return group.add_argument(flag, dest=info.name, action=action, default=default, help=info.help)
+    if info.choices is not None:
+        return group.add_argument(flag, dest=info.name, choices=info.choices, default=default, help=info.help,
+                                  type=type(info.choices[0]))  # fmt: skip
+    metavar = info.metavar or _METAVARS.get(info.kind, "VALUE")
+    return group.add_argument(flag, dest=info.name, type=info.kind, default=default, metavar=metavar, help=info.help)
+
+
+def add_preset_flags(group, fields: Sequence[str], *, names: Optional[Mapping[str, str]] = None) -> None:
+    """A flag per preset field in ``fields`` (``names`` renames some), defaulting to None so that an unset flag
+    keeps the preset's value; booleans get --x / --no-x, fields with a fixed set of values get choices, and the
+    help shows each preset's value."""
+    names = names or {}
     for field in fields:
-        if field not in known:
+        if field not in _SETTINGS:
             raise KeyError(f"{field!r} is not a Preset field")
-        flag = names.get(field, f"--{field.replace('_', '-')}")
-        help_text = helps.get(field, PRESET_FLAG_HELP[field])
-        kind = _flag_type(field)
-        if kind is bool:
-            group.add_argument(flag, dest=field, action=argparse.BooleanOptionalAction, default=None, help=help_text)
-        elif field in FIELD_CHOICES:
-            group.add_argument(flag, dest=field, choices=FIELD_CHOICES[field], default=None, help=help_text)
-        else:
-            group.add_argument(flag, dest=field, type=kind, default=None, help=help_text)
+        info = _SETTINGS[field]
+        action = _add_flag(group, info, names.get(field, info.flag), default=None, boolean="both")
+        action.shown_default = preset_default_text(field)
 
 
 def preset_overrides(args: argparse.Namespace, fields: Sequence[str]) -> Dict[str, object]:
@@ -111,27 +123,36 @@ def preset_overrides(args: argparse.Namespace, fields: Sequence[str]) -> Dict[st
     return {field: getattr(args, field) for field in fields}
 
 
-def add_data_flags(parser) -> None:
-    """Where a Karpathy-format or Hugging Face dataset lives (the embedded one needs none)."""
-    parser.add_argument(
-        "--ann-root", type=Path, default=None,
-        help="folder with *train.json, *val.json, *test.json (BLIP), or Karpathy's dataset_*.json file",
-    )  # fmt: skip
-    parser.add_argument("--image-root", type=Path, default=None, help="folder the JSON image paths are relative to")
-    parser.add_argument(
-        "--data-dir", type=Path, default=None,
-        help="--dataset hf: a local Hugging Face dataset (save_to_disk folder, or imagefolder with captions)",
-    )  # fmt: skip
+def add_setting_flags(groups: Mapping[str, Any], cls: type, *, types: Optional[Mapping[str, Callable]] = None) -> None:
+    """A flag for every setting of the dataclass ``cls`` whose group is in ``groups`` (``--help`` groups by name),
+    defaulting to the field's default; booleans are on/off switches. ``types`` overrides the parse function of
+    some fields."""
+    for info in settings_of(cls):
+        if info.group not in groups:
+            continue
+        action = _add_flag(groups[info.group], info, info.flag, default=info.default, boolean="switch")
+        if types and info.name in types:
+            action.type = types[info.name]
+        if info.default is None and info.name in _SETTINGS:  # a run's override of the preset field
+            action.shown_default = preset_default_text(info.name)
+        elif info.default is None and info.none:
+            action.shown_default = info.none
 
 
-def add_runtime_flags(parser) -> None:
-    """Device, precision, data-loading workers and progress bars."""
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:K")
-    precision = parser.add_mutually_exclusive_group()
+def flags_of(cls: type, *, preset_names: Optional[Mapping[str, str]] = None) -> Dict[str, str]:
+    """field -> flag for the settings of ``cls`` and the preset's fields (``preset_names`` renames some): what a
+    command passes to ``ConfigError.naming`` so that errors name its flags."""
+    names = {name: info.flag for name, info in _SETTINGS.items() if info.group is not None}
+    names.update(preset_names or {})
+    names.update({info.name: info.flag for info in settings_of(cls) if info.group is not None})
+    return names
+
+
+def add_precision_flags(group) -> None:
+    """--fp16 / --bf16: autocast precision (mutually exclusive; neither: fp32)."""
+    precision = group.add_mutually_exclusive_group()
     precision.add_argument("--fp16", action="store_true", help="fp16 autocast with dynamic loss scaling")
     precision.add_argument("--bf16", action="store_true", help="bf16 autocast")
-    parser.add_argument("--workers", type=int, default=0, help="data-loading worker processes")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def precision_from(args: argparse.Namespace) -> str:
@@ -185,4 +206,5 @@ def flag_dests(parser: argparse.ArgumentParser) -> Dict[str, str]:
             if option.startswith("--"):
                 out[option[2:]] = action.dest
                 out[option[2:].replace("-", "_")] = action.dest
+        out.setdefault(action.dest, action.dest)
     return out

@@ -1,7 +1,7 @@
-"""The README's CLI reference, generated from the argument parsers so that it cannot drift.
+"""The CLI reference (docs/cli.md), generated from the argument parsers so that it cannot drift.
 
-``python -m covmatch.cli_reference`` prints it; ``--write README.md`` replaces the block between the
-``<!-- cli-reference -->`` markers. A test fails when the README's block differs from what this renders.
+``python -m covmatch.cli_reference`` prints it; ``--write docs/cli.md`` replaces the block between the
+``<!-- cli-reference -->`` markers. A test fails when the file's block differs from what this renders.
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+from covmatch.analyze import build_parser as analyze_parser
+from covmatch.cli_args import default_text
 from covmatch.distill.cli import build_parser as distill_parser
 from covmatch.eval.cli import build_parser as eval_parser
 from covmatch.export import build_parser as export_parser
@@ -21,7 +23,12 @@ START, END = "<!-- cli-reference:start -->", "<!-- cli-reference:end -->"
 
 
 def _parsers():
-    return {"covmatch-distill": distill_parser(), "covmatch-eval": eval_parser(), "covmatch export": export_parser()}
+    return {
+        "covmatch-distill": distill_parser(),
+        "covmatch-eval": eval_parser(),
+        "covmatch export": export_parser(),
+        "covmatch analyze": analyze_parser(),
+    }
 
 
 def _flag_cell(action: argparse.Action) -> str:
@@ -39,24 +46,28 @@ def _flag_cell(action: argparse.Action) -> str:
 def _default_cell(action: argparse.Action) -> str:
     if action.required:
         return "required"
-    if action.nargs == 0 or action.default is None or action.default is False or action.default == argparse.SUPPRESS:
-        return ""
-    return f"`{action.default}`"
+    shown = default_text(action)
+    return f"`{shown}`" if shown else ""
 
 
 def render() -> str:
-    """Markdown: one table per command, one row per flag (hidden flags and --help left out)."""
+    """Markdown: one table per command, its flags in their ``--help`` groups (hidden flags and --help left out)."""
     out = []
     for name, parser in _parsers().items():
         out.append(f"**`{name}`** — {parser.description.split('. ')[0].rstrip('.')}.\n")
         out.append("| flag | default | what |")
         out.append("|---|---|---|")
-        for action in parser._actions:
-            if action.help == argparse.SUPPRESS or isinstance(action, argparse._HelpAction):
+        for group in parser._action_groups:
+            actions = [a for a in group._group_actions
+                       if a.help != argparse.SUPPRESS and not isinstance(a, argparse._HelpAction)]  # fmt: skip
+            if not actions:
                 continue
-            what = (action.help or "").replace("%(prog)s", name)
-            what = what.replace("|", "\\|").replace("*", "\\*")
-            out.append(f"| {_flag_cell(action)} | {_default_cell(action)} | {what} |")
+            if group.title not in ("options", "optional arguments", "positional arguments"):
+                out.append(f"| *{group.title}* | | |")
+            for action in actions:
+                what = (action.help or "").replace("%(prog)s", name)
+                what = what.replace("|", "\\|").replace("*", "\\*")
+                out.append(f"| {_flag_cell(action)} | {_default_cell(action)} | {what} |")
         out.append("")
     return "\n".join(out).rstrip() + "\n"
 

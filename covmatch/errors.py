@@ -1,5 +1,10 @@
 """Errors that carry one clear, user-facing line; the command-line tools print it and exit with its code."""
 
+from __future__ import annotations
+
+import re
+from typing import Mapping, Optional, Tuple
+
 __all__ = [
     "CovMatchError",
     "DataError",
@@ -25,7 +30,26 @@ class DataError(CovMatchError):
 
 
 class ConfigError(CovMatchError):
-    """Settings that contradict each other or the files they point at."""
+    """Settings that contradict each other or the files they point at.
+
+    ``field``: the setting the message starts with (``lr_img must be >= 0``), so that a command can name it by
+    the flag that sets it instead (``naming``)."""
+
+    def __init__(self, message: str, *, field: Optional[str] = None, mentions: Tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.field = field
+        self.mentions = mentions  # other settings the message names, as whole words
+
+    def naming(self, names: Mapping[str, str]) -> ConfigError:
+        """This error with its field (where the message starts with it) and the settings it mentions written as
+        ``names[...]``, the flags that set them."""
+        message = str(self)
+        if self.field in names and message.startswith(self.field):
+            message = names[self.field] + message[len(self.field) :]
+        for other in self.mentions:
+            if other in names:
+                message = re.sub(rf"(?<![\w-]){re.escape(other)}(?![\w-])", names[other], message, count=1)
+        return ConfigError(message, field=self.field, mentions=self.mentions)
 
 
 class CheckpointError(CovMatchError):

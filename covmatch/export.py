@@ -261,7 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("run", type=Path, help="a distillation run (or any folder with synthetic.safetensors)")
     p.add_argument("--format", required=True, choices=FORMATS, help="hf: a datasets imagefolder; lors: .pt tensors")
-    p.add_argument("--out", type=Path, required=True, help="the export folder (must not exist, or be empty)")
+    p.add_argument(
+        "--out", type=Path, required=True, metavar="DIR", help="the export folder (must not exist, or be empty)"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an earlier export in --out")
     return p
 

@@ -9,65 +9,139 @@ from __future__ import annotations
 
 import ast
 import dataclasses
-import math
 from dataclasses import dataclass, field
-from typing import Dict, Mapping, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 from covmatch.errors import ConfigError
+from covmatch.settings import DATA, MOMENTUM, POSITIVE, at_least, between, check_settings, setting
 
-__all__ = ["Preset", "PRESETS", "FIELD_CHOICES", "get_preset", "parse_model_kwargs"]
+__all__ = ["Preset", "PRESETS", "get_preset", "parse_model_kwargs", "DATA", "ENCODERS", "HYPERPARAMETERS", "EVALUATION"]
+
+
+ENCODERS, HYPERPARAMETERS, EVALUATION = "encoders", "distillation hyperparameters", "training protocol"
+_TWO_SAMPLES = " (a covariance needs two samples)"
 
 
 @dataclass(frozen=True)
 class Preset:
+    """A named configuration. Each field declares its help, range and flag group (``covmatch.settings``)."""
+
     name: str
     # data
-    dataset: str = "shapes"  # "shapes" (embedded), "karpathy" (Flickr30K / COCO JSON) or "hf" (local HF dataset)
-    shapes_train_images: int = 10_000
-    shapes_eval_images: int = 1_000  # val and test split sizes of the embedded dataset
-    image_size: int = 224
-    train_augment: bool = True
-    flip: bool = True
-    max_words: int = 30
+    dataset: str = setting(
+        "shapes", group=DATA, choices=("shapes", "karpathy", "hf"),
+        help="embedded shapes, Karpathy JSON (--ann-root) or a local HF dataset (--data-dir)",
+    )  # fmt: skip
+    shapes_train_images: int = setting(10_000, range=at_least(2), help="train images of the embedded dataset")
+    shapes_eval_images: int = setting(1_000, range=at_least(1), help="val and test images of the embedded dataset")
+    image_size: int = setting(224, group=ENCODERS, range=at_least(8, " pixels"), help="input resolution in pixels")
+    train_augment: bool = setting(True, help="random resized crops for training images")
+    flip: bool = setting(True, help="random horizontal flips for training images")
+    max_words: int = setting(30, range=at_least(1), help="captions are cut to this many words")
     # encoders
-    image_encoder: str = "nfnet_l0"
-    image_weights: Optional[str] = None  # local file, "cache" (local HF cache) or None (random init)
-    # keyword arguments of timm.create_model, "key=value, ...": e.g. "patch_size=8" for a ViT at 32 px
-    image_encoder_kwargs: str = ""
-    text_encoder: str = "bert-base-uncased"
-    text_layers: Optional[int] = None
-    text_random_init: bool = False
-    text_config_overrides: Tuple[Tuple[str, int], ...] = ()
-    text_pooling: str = "cls"
-    seq_len: int = 32
-    proj_dim: int = 2304
-    proj_depth: int = 1
-    temperature: float = 0.07
-    learnable_temperature: bool = False
+    image_encoder: str = setting(
+        "nfnet_l0", group=ENCODERS, metavar="TIMM_NAME",
+        help="timm image encoder (created with num_classes=0); another than the set's evaluates across architectures",
+    )  # fmt: skip
+    image_weights: Optional[str] = setting(
+        None, group=ENCODERS, metavar="FILE", none="random init",
+        help="image encoder weights: a local .safetensors/.pth file, or 'cache' (local HF cache)",
+    )  # fmt: skip
+    image_encoder_kwargs: str = setting(
+        "", group=ENCODERS, metavar="'KEY=VALUE, ...'",
+        help="timm.create_model keyword arguments (e.g. 'patch_size=8' for a ViT at 32 px)",
+    )  # fmt: skip
+    text_encoder: str = setting(
+        "bert-base-uncased", group=ENCODERS, metavar="NAME_OR_DIR",
+        help="local transformers model directory or cached name",
+    )  # fmt: skip
+    text_layers: Optional[int] = setting(
+        None,
+        metavar="K",
+        group=ENCODERS,
+        range=at_least(1),
+        none="all",
+        help="keep only the first K text transformer layers",
+    )
+    text_random_init: bool = setting(False, help="build the text encoder's architecture without its weights")
+    text_config_overrides: Tuple[Tuple[str, int], ...] = setting((), help="text encoder config fields to override")
+    text_pooling: str = setting("cls", group=ENCODERS, choices=("cls", "mean"), help="[CLS] output or masked mean")
+    seq_len: int = setting(
+        32, group=ENCODERS, range=at_least(2, " (room for the [CLS] and [SEP] tokens)"), help="caption length in tokens"
+    )
+    proj_dim: int = setting(2304, group=ENCODERS, range=at_least(1), help="projection dimension")
+    proj_depth: int = setting(1, group=ENCODERS, range=between(1, 3), help="1 = linear, 2-3 = MLP")
+    temperature: float = setting(0.07, range=POSITIVE, help="InfoNCE temperature (initial, when learnable)")
+    learnable_temperature: bool = setting(False, group=ENCODERS, help="learn the InfoNCE temperature")
     # distillation (docs/design.md, *Algorithm 1 as implemented*)
-    num_pairs: int = 100
-    iterations: Optional[int] = None  # None: 10,000, or 20,000 at N >= 500
-    real_batch: int = 128
-    syn_batch: int = 256
-    rho: Optional[float] = None  # None: 2 at N <= 100, else 1
-    lam: Optional[float] = None  # None: 0.1 at N <= 200, else 0.5
-    lr_img: float = 1.0
-    lr_txt: float = 1.0
-    syn_momentum: float = 0.5
-    normalize_loss: bool = False  # scale-free loss terms (see DistillObjective); not in the paper
-    reset_every: int = 50
-    online: str = "real"  # what the online model trains on: "real" (Algorithm 1), "synthetic", or "fixed" (t=0)
-    online_lr_encoder: float = 0.01
-    online_lr_proj: float = 0.1
-    online_momentum: float = 0.9
+    num_pairs: int = setting(
+        100,
+        group=HYPERPARAMETERS,
+        range=at_least(2),
+        help="N, the number of synthetic pairs (a coreset's N in evaluation)",
+    )
+    iterations: Optional[int] = setting(
+        None, group=HYPERPARAMETERS, range=at_least(0), none="by N: 10,000; 20,000 at N >= 500",
+        help="distillation iterations T",
+    )  # fmt: skip
+    real_batch: int = setting(128, group=HYPERPARAMETERS, range=at_least(2, _TWO_SAMPLES), help="real batch |B_T|")
+    syn_batch: int = setting(
+        256, group=HYPERPARAMETERS, range=at_least(2), help="synthetic batch |B_S| (all of S when N is smaller)"
+    )
+    rho: Optional[float] = setting(
+        None,
+        group=HYPERPARAMETERS,
+        range=POSITIVE,
+        none="by N: 2 at N <= 100, else 1",
+        help="scale of the real covariance",
+    )
+    lam: Optional[float] = setting(
+        None,
+        group=HYPERPARAMETERS,
+        range=at_least(0.0),
+        none="by N: 0.1 at N <= 200, else 0.5",
+        help="mean-matching weight",
+    )
+    lr_img: float = setting(1.0, group=HYPERPARAMETERS, range=at_least(0.0), help="SGD learning rate of the pixels")
+    lr_txt: float = setting(
+        1.0, group=HYPERPARAMETERS, range=at_least(0.0), help="SGD learning rate of the caption token embeddings"
+    )
+    syn_momentum: float = setting(0.5, group=HYPERPARAMETERS, range=MOMENTUM, help="SGD momentum of the synthetic set")
+    normalize_loss: bool = setting(
+        False, group=HYPERPARAMETERS,
+        help="divide each loss term by its real-data magnitude (scale-free; not in the paper)",
+    )  # fmt: skip
+    reset_every: int = setting(
+        50, metavar="K", group=HYPERPARAMETERS, range=at_least(1), help="reset the online model every K iterations"
+    )
+    online: str = setting(
+        "real", choices=("real", "synthetic", "fixed"),
+        help="what the online model trains on: real data (Algorithm 1), the synthetic set, or nothing (fixed)",
+    )  # fmt: skip
+    online_lr_encoder: float = setting(
+        0.01, group=HYPERPARAMETERS, range=at_least(0.0), help="online model: encoder learning rate"
+    )
+    online_lr_proj: float = setting(
+        0.1, group=HYPERPARAMETERS, range=at_least(0.0), help="online model: projection learning rate"
+    )
+    online_momentum: float = setting(0.9, group=HYPERPARAMETERS, range=MOMENTUM, help="online model: SGD momentum")
     # evaluation (docs/design.md, *Evaluation protocol*)
-    eval_epochs: int = 100
-    eval_batch: int = 128
-    eval_lr_encoder: float = 0.01
-    eval_lr_proj: float = 0.1
-    eval_momentum: float = 0.9
-    eval_weight_decay: float = 5e-4
-    eval_runs: int = 5
+    eval_epochs: int = setting(100, group=EVALUATION, flag="--epochs", range=at_least(1), help="training epochs")
+    eval_batch: int = setting(
+        128, group=EVALUATION, flag="--batch-size", range=at_least(2, " (InfoNCE needs a negative)"),
+        help="training batch size",
+    )  # fmt: skip
+    eval_lr_encoder: float = setting(
+        0.01, group=EVALUATION, flag="--lr-encoder", range=at_least(0.0), help="encoder learning rate"
+    )
+    eval_lr_proj: float = setting(
+        0.1, group=EVALUATION, flag="--lr-proj", range=at_least(0.0), help="projection learning rate"
+    )
+    eval_momentum: float = setting(0.9, range=MOMENTUM, help="training SGD momentum")
+    eval_weight_decay: float = setting(5e-4, range=at_least(0.0), help="training weight decay")
+    eval_runs: int = setting(
+        5, group=EVALUATION, flag="--runs", range=at_least(1), help="training runs with different seeds"
+    )
     notes: str = field(default="", compare=False)
 
     def replace(self, **overrides) -> Preset:
@@ -78,23 +152,10 @@ class Preset:
             raise ConfigError(f"unknown preset field(s): {', '.join(unknown)}")
         return dataclasses.replace(self, **{k: v for k, v in overrides.items() if v is not None})
 
-    def check(self, flags: Optional[Mapping[str, str]] = None) -> None:
-        """Every field in its range (numbers finite), as one ConfigError line naming the field by the flag
-        that sets it (``flags``: field -> flag; a field without one is named as a preset field)."""
-        flags = flags or {}
-
-        def where(name: str) -> str:
-            return flags.get(name, f"preset {self.name!r} field {name}")
-
-        for name, (kind, allowed, note) in _FIELD_RANGES.items():
-            value = getattr(self, name)
-            if value is None and name in _OPTIONAL_FIELDS:
-                continue
-            _check_number(where(name), value, kind, allowed, note)
-        for name, choices in FIELD_CHOICES.items():
-            if getattr(self, name) not in choices:
-                raise ConfigError(f"{where(name)} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
-        parse_model_kwargs(self.image_encoder_kwargs, where("image_encoder_kwargs"))
+    def check(self) -> None:
+        """Every field in its range and among its choices (numbers finite), as one ConfigError naming the field."""
+        check_settings(self)
+        parse_model_kwargs(self.image_encoder_kwargs, "image_encoder_kwargs")
 
     def image_model_kwargs(self) -> Dict[str, object]:
         """``image_encoder_kwargs`` as the keyword arguments timm.create_model receives."""
@@ -116,62 +177,11 @@ class Preset:
         return dataclasses.asdict(self)
 
 
-def _at_least(low):
-    return (lambda v: v >= low), f">= {low}"
-
-
-def _between(low, high):
-    return (lambda v: low <= v <= high), f"in [{low}, {high}]"
-
-
-_POSITIVE = ((lambda v: v > 0), "> 0")
-_MOMENTUM = ((lambda v: 0 <= v < 1), "in [0, 1)")
-
-# field -> (int or float, (test, the range in words), why); floats must also be finite.
-_FIELD_RANGES = {
-    "shapes_train_images": (int, _at_least(2), ""),
-    "shapes_eval_images": (int, _at_least(1), ""),
-    "image_size": (int, _at_least(8), " pixels"),
-    "max_words": (int, _at_least(1), ""),
-    "text_layers": (int, _at_least(1), ""),
-    "seq_len": (int, _at_least(2), " (room for the [CLS] and [SEP] tokens)"),
-    "proj_dim": (int, _at_least(1), ""),
-    "proj_depth": (int, _between(1, 3), ""),
-    "temperature": (float, _POSITIVE, ""),
-    "num_pairs": (int, _at_least(2), " (a covariance needs two samples)"),
-    "iterations": (int, _at_least(0), ""),
-    "real_batch": (int, _at_least(2), " (a covariance needs two samples)"),
-    "syn_batch": (int, _at_least(2), ""),
-    "rho": (float, _POSITIVE, ""),
-    "lam": (float, _at_least(0.0), ""),
-    "lr_img": (float, _at_least(0.0), ""),
-    "lr_txt": (float, _at_least(0.0), ""),
-    "syn_momentum": (float, _MOMENTUM, ""),
-    "reset_every": (int, _at_least(1), ""),
-    "online_lr_encoder": (float, _at_least(0.0), ""),
-    "online_lr_proj": (float, _at_least(0.0), ""),
-    "online_momentum": (float, _MOMENTUM, ""),
-    "eval_epochs": (int, _at_least(1), ""),
-    "eval_batch": (int, _at_least(2), " (InfoNCE needs a negative)"),
-    "eval_lr_encoder": (float, _at_least(0.0), ""),
-    "eval_lr_proj": (float, _at_least(0.0), ""),
-    "eval_momentum": (float, _MOMENTUM, ""),
-    "eval_weight_decay": (float, _at_least(0.0), ""),
-    "eval_runs": (int, _at_least(1), ""),
-}
-_OPTIONAL_FIELDS = ("text_layers", "iterations", "rho", "lam")  # None: resolved later (by N or the model)
-FIELD_CHOICES = {
-    "dataset": ("shapes", "karpathy", "hf"),
-    "text_pooling": ("cls", "mean"),
-    "online": ("real", "synthetic", "fixed"),
-}
-
-
 def parse_model_kwargs(text: str, where: str) -> Dict[str, object]:
     """``"patch_size=8, global_pool='avg'"`` -> ``{"patch_size": 8, "global_pool": "avg"}``: Python literals, and
     bare words as strings (``act_layer=gelu``). ``where`` names the flag or field in the error."""
     if not isinstance(text, str):
-        raise ConfigError(f"{where} must be a string of key=value pairs, got {text!r}")
+        raise ConfigError(f"{where} must be a string of key=value pairs, got {text!r}", field=where)
     if not text.strip():
         return {}
     try:
@@ -179,11 +189,11 @@ def parse_model_kwargs(text: str, where: str) -> Dict[str, object]:
     except SyntaxError:
         call = None
     if not isinstance(call, ast.Call) or call.args or any(k.arg is None for k in call.keywords):
-        raise ConfigError(f"{where} must be key=value pairs separated by commas, got {text!r}")
+        raise ConfigError(f"{where} must be key=value pairs separated by commas, got {text!r}", field=where)
     kwargs: Dict[str, object] = {}
     for keyword in call.keywords:
         if keyword.arg in kwargs:
-            raise ConfigError(f"{where} sets {keyword.arg!r} twice")
+            raise ConfigError(f"{where} sets {keyword.arg!r} twice", field=where)
         node = keyword.value
         if isinstance(node, ast.Name):
             kwargs[keyword.arg] = node.id
@@ -193,23 +203,10 @@ def parse_model_kwargs(text: str, where: str) -> Dict[str, object]:
         except ValueError:
             raise ConfigError(
                 f"{where}: the value of {keyword.arg!r} must be a number, word, string, tuple or list, "
-                f"got {ast.unparse(node)!r}"
+                f"got {ast.unparse(node)!r}",
+                field=where,
             ) from None
     return kwargs
-
-
-def _check_number(flag: str, value, kind: type, allowed, note: str = "") -> None:
-    """One ConfigError line unless ``value`` is a finite number of ``kind`` in the ``allowed`` range."""
-    is_int = isinstance(value, int) and not isinstance(value, bool)
-    if kind is int and not is_int:
-        raise ConfigError(f"{flag} must be an integer, got {value!r}")
-    if kind is float and not (is_int or isinstance(value, float)):
-        raise ConfigError(f"{flag} must be a number, got {value!r}")
-    if not math.isfinite(value):
-        raise ConfigError(f"{flag} must be a finite number, got {value}")
-    test, bound = allowed
-    if not test(value):
-        raise ConfigError(f"{flag} must be {bound}{note}, got {value}")
 
 
 PRESETS = {
@@ -241,7 +238,8 @@ PRESETS = {
         num_pairs=100,
         iterations=150,
         normalize_loss=True,  # scale-free loss terms (not in the paper); the learning rates below assume it
-        online="fixed",  # the fixed-model ablation, not Algorithm 1 (why: experiments/embedded_study/results/tune_demo_val.txt)
+        # the fixed-model ablation, not Algorithm 1 (why: experiments/embedded_study/results/tune_demo_val.txt)
+        online="fixed",
         real_batch=128,
         lr_img=30.0,
         lr_txt=1.0,

@@ -98,6 +98,25 @@ def _eval(tmp_path, *argv):
     return eval_main(["--preset", "tiny", "--no-progress", "--out", str(tmp_path / "eval"), *argv])
 
 
+def test_evaluate_from_python_equals_the_command(tmp_path):
+    """``covmatch.eval.evaluate(EvalConfig)`` mirrors ``distill(DistillConfig)``: the command's result from Python,
+    with errors naming fields."""
+    from covmatch.errors import ConfigError
+    from covmatch.eval import EvalConfig, evaluate
+
+    config = EvalConfig(preset=get_preset("tiny"), coreset="random", out=tmp_path / "py", progress=False)
+    torch.manual_seed(0)  # the tiny preset's text encoder is built from the global stream (random weights)
+    result = evaluate(config, log=lambda message: None)
+    torch.manual_seed(0)
+    assert _eval(tmp_path, "--coreset", "random") == 0
+    command = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert result["runs"] == command["runs"] and (tmp_path / "py" / "results.json").is_file()
+    with pytest.raises(ConfigError, match="^give exactly one of synthetic and coreset"):
+        EvalConfig(preset=get_preset("tiny"))
+    with pytest.raises(ConfigError, match="^seed must be >= 0, got -1"):
+        EvalConfig(preset=get_preset("tiny"), coreset="random", seed=-1)
+
+
 def test_eval_synthetic_set(distilled, tmp_path):
     assert _eval(tmp_path, "--synthetic", str(distilled), "--runs", "2") == 0
     result = json.loads((tmp_path / "eval" / "results.json").read_text())
@@ -263,7 +282,7 @@ def test_linear_probe_and_frozen_text_evaluation_train_only_what_they_say(distil
         }
         return out
 
-    monkeypatch.setattr("covmatch.eval.cli.train_and_evaluate", spy)
+    monkeypatch.setattr("covmatch.eval.runner.train_and_evaluate", spy)
     for mode in ("projections", "all"):
         assert eval_main(["--preset", "tiny", "--no-progress", "--synthetic", str(distilled), "--train", mode,
                           "--out", str(distilled.parent / f"eval-{mode}")]) == 0  # fmt: skip

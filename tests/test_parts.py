@@ -61,6 +61,72 @@ def test_unset_preset_flags_keep_the_preset():
         add_preset_flags(p, ("no_such_field",))
 
 
+def test_every_preset_field_declares_its_setting():
+    import dataclasses
+
+    from covmatch.presets import Preset
+    from covmatch.settings import settings_of
+
+    declared = {info.name for info in settings_of(Preset)}
+    assert declared == {f.name for f in dataclasses.fields(Preset)} - {"name", "notes"}
+    assert all(info.help for info in settings_of(Preset))
+
+
+def test_a_new_setting_is_one_field_with_its_flag_help_and_range():
+    """A dataclass field declared with ``setting`` gets its flag, its help with the real default, and its range
+    check (naming the field in Python, the flag on the command line) without any other edit."""
+    from dataclasses import dataclass
+
+    from covmatch.cli_args import add_setting_flags, flags_of
+    from covmatch.settings import between, check_settings, setting
+
+    @dataclass
+    class Toy:
+        rate: float = setting(0.5, group="toy", range=between(0.0, 1.0), help="a rate")
+        mode: str = setting("a", group="toy", choices=("a", "b"), help="a mode")
+        hidden: int = setting(3, help="no flag")
+
+    parser = OneLineArgumentParser(prog="toy")
+    add_setting_flags({"toy": parser.add_argument_group("toy")}, Toy)
+    text = " ".join(parser.format_help().split())
+    assert "--rate X a rate (default: 0.5)" in text and "--mode {a,b} a mode (default: a)" in text
+    assert "--hidden" not in text
+    args = parser.parse_args(["--rate", "2", "--mode", "b"])
+    toy = Toy(rate=args.rate, mode=args.mode)
+    with pytest.raises(ConfigError) as err:
+        check_settings(toy)
+    assert str(err.value) == "rate must be in [0, 1], got 2.0"
+    assert str(err.value.naming(flags_of(Toy))) == "--rate must be in [0, 1], got 2.0"
+
+
+def test_help_shows_real_defaults_per_preset_and_readable_metavars():
+    from covmatch.eval.cli import build_parser as eval_parser
+
+    distill_help = " ".join(build_parser().format_help().split())
+    eval_help = " ".join(eval_parser().format_help().split())
+    for text in (distill_help, eval_help):
+        assert "default: None" not in text and "LR_IMG" not in text and "EVAL_EPOCHS" not in text
+    assert "--image-size N input resolution in pixels (default: paper 224, demo 32, tiny 16)" in distill_help
+    assert "--syn-momentum X SGD momentum of the synthetic set (default: 0.5)" in distill_help
+    assert "--online {real,synthetic,fixed}" in distill_help and "(default: paper real, demo fixed, tiny real)" in (
+        distill_help
+    )
+    assert "--epochs N training epochs (default: paper 100, demo 100, tiny 2)" in eval_help
+
+
+def test_evaluation_protocol_numbers_come_from_the_preset_only():
+    import dataclasses
+
+    from covmatch.eval.protocol import EvalSettings
+
+    protocol = ("epochs", "batch_size", "lr_encoder", "lr_proj", "momentum", "weight_decay")
+    fields = {f.name: f for f in dataclasses.fields(EvalSettings)}
+    assert all(fields[name].default is dataclasses.MISSING for name in protocol)
+    preset = get_preset("demo", eval_epochs=7, eval_lr_proj=0.3)
+    settings = EvalSettings.from_preset(preset)
+    assert (settings.epochs, settings.batch_size, settings.lr_proj) == (7, preset.eval_batch, 0.3)
+
+
 # ---------------------------------------------------------------------------------------------- results
 
 

@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import importlib.util
-import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional, Tuple
 
 from covmatch.errors import ConfigError
-from covmatch.presets import Preset, get_preset
+from covmatch.presets import DATA, ENCODERS, HYPERPARAMETERS, Preset, get_preset
+from covmatch.settings import (
+    PRECISIONS,
+    CommonSettings,
+    at_least,
+    between,
+    check_settings,
+    coerce_paths,
+    setting,
+    settings_of,
+)
 from covmatch.synthetic import INIT_METHODS
 
 __all__ = [
@@ -19,23 +28,21 @@ __all__ = [
     "PRECISIONS",
     "STEP_ORDERS",
     "REPORTERS",
+    "LOSS_BACKENDS",
+    "PRESET_FLAG_FIELDS",
     "CHECKPOINT_DIR",
     "RUN_OUTPUTS",
 ]
 
 ONLINE_MODES = ("real", "synthetic", "fixed")
 DISTILL_MODES = ("both", "images", "texts")
-PRECISIONS = ("fp32", "fp16", "bf16")
 STEP_ORDERS = ("paper", "loss-first")  # online update before the statistics (the paper's) or after them
 REPORTERS = ("tensorboard", "wandb")  # --report-to: where log records go besides log.jsonl (always written)
-# Preset fields that covmatch-distill sets by a flag of the same name (--lr-img sets lr_img).
-PRESET_FLAG_FIELDS = (
-    "dataset", "num_pairs", "iterations", "image_encoder", "image_weights", "image_encoder_kwargs", "text_encoder",
-    "text_layers", "image_size", "seq_len", "proj_dim", "proj_depth", "text_pooling", "learnable_temperature",
-    "real_batch", "syn_batch", "rho", "lam", "lr_img", "lr_txt", "syn_momentum", "reset_every", "online_lr_encoder",
-    "online_lr_proj", "online_momentum", "normalize_loss",
-)  # fmt: skip
-PRESET_FLAGS = {name: f"--{name.replace('_', '-')}" for name in PRESET_FLAG_FIELDS}
+LOSS_BACKENDS = ("auto", "torch", "triton")
+# --help groups of covmatch-distill's own flags (the preset's are DATA, ENCODERS and HYPERPARAMETERS)
+RUN, ABLATIONS, SPEED = "run", "ablations", "memory and speed"
+# Preset fields covmatch-distill sets by a flag (--lr-img sets lr_img): those of these groups.
+PRESET_FLAG_FIELDS = tuple(info.name for info in settings_of(Preset) if info.group in (DATA, ENCODERS, HYPERPARAMETERS))
 CHECKPOINT_DIR = "checkpoints"
 # What a run writes under --out (--overwrite removes exactly these).
 RUN_OUTPUTS = (
@@ -52,48 +59,98 @@ RUN_OUTPUTS = (
 
 
 @dataclass
-class DistillConfig:
-    """Everything a run needs. Hyperparameters left as None on the preset resolve by N (docs/design.md, *The loss*)."""
+class DistillConfig(CommonSettings):
+    """Everything a run needs: a preset plus what the command line says about this run. Each field declares its
+    help, range and flag group (``covmatch.settings``); hyperparameters left as None on the preset resolve by N
+    (docs/design.md, *The loss*)."""
 
     preset: Preset = field(default_factory=lambda: get_preset("demo"))
-    out: Optional[Path] = None
-    seed: int = 0  # initial pairs, batches, resets
-    data_seed: int = 0  # the embedded dataset's draw (evaluation uses the set's)
-    device: str = "auto"
-    save_every: int = 100
-    log_every: int = 10
-    keep_checkpoints: int = 3
-    syn_chunk: Optional[int] = None
-    precision: str = "fp32"
-    grad_checkpointing: bool = False
-    channels_last: bool = False  # NHWC image encoder (GPU convolution speed; same result up to rounding)
-    frozen_text: bool = False  # the online text encoder is not trained
-    text_features: bool = False  # prior work's regime: captions learnt as text features (needs frozen_text)
-    online: Optional[str] = None  # None: the preset's (Preset.online)
-    distill_mode: str = "both"
-    step_order: str = "paper"  # see STEP_ORDERS
-    init: str = "random"  # initial real pairs: random (the paper's) or balanced over classes (INIT_METHODS)
-    target_augment: bool = False  # train augmentation on the real batch behind the covariance target
-    # differentiable siamese augmentation of both matched batches (augment.py; 0 and 0: off, the paper's)
-    dsa_shift: float = 0.0  # largest shift, as a fraction of the image side
-    dsa_scale: float = 0.0  # largest relative zoom
-    workers: int = 0
-    loss_backend: str = "auto"
-    zero: int = 0  # 0: plain PyTorch; 1-3: DeepSpeed ZeRO stage of the online model
-    deepspeed_config: Optional[Path] = None  # a user's DeepSpeed JSON, merged over the one built from flags
-    grad_clip: float = 0.0  # online model: clip the gradient norm (0: off)
-    ann_root: Optional[Path] = None
-    image_root: Optional[Path] = None
-    data_dir: Optional[Path] = None  # --dataset hf
-    validate_data: bool = False
-    resume: bool = False  # continue from a checkpoint in --out; refuse when none can be resumed
-    auto_resume: bool = False  # resume when --out has run files, start when it has none (preemptible jobs)
-    overwrite: bool = False
-    progress: bool = True
-    grid_every_save: bool = True
-    report_to: Tuple[str, ...] = ()  # any of REPORTERS
+    out: Optional[Path] = setting(
+        None, group=RUN, metavar="DIR", help="output directory (required, here or in --config)"
+    )
+    seed: int = setting(0, group=RUN, range=at_least(0), help="seed of the initial pairs, the batches and the resets")
+    data_seed: int = setting(
+        0, group=RUN, range=at_least(0), help="seed of the embedded dataset's draw (covmatch-eval uses the set's)"
+    )
+    save_every: int = setting(
+        100, metavar="K", group=RUN, range=at_least(1), help="checkpoint, result and image grid every K iterations"
+    )
+    log_every: int = setting(10, metavar="K", group=RUN, range=at_least(1), help="log line every K iterations")
+    keep_checkpoints: int = setting(3, metavar="K", group=RUN, range=at_least(1), help="keep the newest K checkpoints")
+    resume: bool = setting(
+        False, group=RUN, help="continue from the newest valid checkpoint in --out (refused if none)"
+    )
+    auto_resume: bool = setting(
+        False, group=RUN, help="resume when --out holds a run, start when it is empty or missing (preemptible jobs)"
+    )
+    overwrite: bool = setting(False, group=RUN, help="start over in an existing --out (removes its run files)")
+    report_to: Tuple[str, ...] = setting(
+        (), group=RUN, metavar="tensorboard,wandb",
+        help="also log to tensorboard and/or wandb (comma-separated; wandb runs offline unless WANDB_MODE is set); "
+        "log.jsonl is always written",
+    )  # fmt: skip
+    # data
+    validate_data: bool = setting(False, group=DATA, help="open every image up front instead of lazily")
+    target_augment: bool = setting(
+        False, group=DATA,
+        help="train augmentation on the real batch behind the covariance target (default: the evaluation "
+        "transform, as synthetic and test images)",
+    )  # fmt: skip
+    dsa_shift: float = setting(
+        0.0, group=DATA, range=between(0.0, 0.5),
+        help="differentiable siamese augmentation (not in the paper): each iteration shift every matched image, "
+        "synthetic and real, by up to this fraction of its side (0: off)",
+    )  # fmt: skip
+    dsa_scale: float = setting(
+        0.0, group=DATA, range=between(0.0, 0.5),
+        help="differentiable siamese augmentation: zoom every matched image by a factor in [1 - s, 1 + s] (0: off)",
+    )  # fmt: skip
+    # ablations of the paper
+    frozen_text: bool = setting(
+        False, group=ABLATIONS,
+        help="do not train the online text encoder (captions stay token embeddings, differentiated through it)",
+    )  # fmt: skip
+    text_features: bool = setting(
+        False, group=ABLATIONS,
+        help="prior work's regime: learn captions as text features of the frozen text encoder (with --frozen-text)",
+    )  # fmt: skip
+    online: Optional[str] = setting(
+        None, group=ABLATIONS, choices=ONLINE_MODES, none="the preset's",
+        help="what the online model trains on: real data (Algorithm 1), the synthetic set, or nothing (fixed)",
+    )  # fmt: skip
+    distill_mode: str = setting(
+        "both", group=ABLATIONS, flag="--distill", choices=DISTILL_MODES, help="which modality is distilled"
+    )
+    init: str = setting(
+        "random", group=ABLATIONS, choices=INIT_METHODS,
+        help="initial real pairs: random (the paper's) or balanced over the data's classes (embedded data)",
+    )  # fmt: skip
+    step_order: str = setting(
+        "paper", group=ABLATIONS, choices=STEP_ORDERS,
+        help="paper: the online model steps on its own real batch, then the statistics use the updated model; "
+        "loss-first: the online step comes after the synthetic update, on the target's batch",
+    )  # fmt: skip
+    # memory and speed
+    grad_checkpointing: bool = setting(False, group=SPEED, help="activation checkpointing in both encoders")
+    channels_last: bool = setting(False, group=SPEED, help="NHWC image encoder (faster convolutions on GPUs)")
+    syn_chunk: Optional[int] = setting(
+        None, group=SPEED, range=at_least(1), metavar="K", none="one pass",
+        help="exact two-pass gradient, K synthetic samples per pass",
+    )  # fmt: skip
+    zero: int = setting(
+        0, group=SPEED, choices=(0, 1, 2, 3), help="DeepSpeed ZeRO stage of the online model (0: plain PyTorch)"
+    )
+    deepspeed_config: Optional[Path] = setting(
+        None, group=SPEED, metavar="FILE", help="DeepSpeed JSON merged over the config built from the flags"
+    )
+    grad_clip: float = setting(
+        0.0, group=SPEED, range=at_least(0.0), help="online model: max gradient norm (0: no clipping)"
+    )
+    loss_backend: str = setting("auto", group=SPEED, choices=LOSS_BACKENDS, help="covmatch_loss backend")
+    grid_every_save: bool = True  # an image grid with each checkpoint (the tests turn it off)
 
     def __post_init__(self) -> None:
+        coerce_paths(self)
         self.report_to = tuple(self.report_to)
         if self.online is None:
             self.online = self.preset.online
@@ -116,54 +173,41 @@ class DistillConfig:
         return self.preset.resolved_iterations()
 
     def check(self) -> None:
-        """Out-of-range values and contradictions, each reported as one ConfigError line naming the flag."""
-        self.preset.check(PRESET_FLAGS)
-        for flag, value, low in (
-            ("--seed", self.seed, 0),
-            ("--data-seed", self.data_seed, 0),
-            ("--save-every", self.save_every, 1),
-            ("--log-every", self.log_every, 1),
-            ("--keep-checkpoints", self.keep_checkpoints, 1),
-            ("--workers", self.workers, 0),
-        ):
-            _check_int(flag, value, low)
-        if self.syn_chunk is not None:
-            _check_int("--syn-chunk", self.syn_chunk, 1)
-        if not isinstance(self.grad_clip, (int, float)) or not math.isfinite(self.grad_clip) or self.grad_clip < 0:
-            raise ConfigError(f"--grad-clip must be >= 0 and finite, got {self.grad_clip}")
-        for flag, value, high in (("--dsa-shift", self.dsa_shift, 0.5), ("--dsa-scale", self.dsa_scale, 0.5)):
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value <= high:
-                raise ConfigError(f"{flag} must be a number in [0, {high}], got {value!r}")
-        if self.precision not in PRECISIONS:
-            raise ConfigError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
-        if self.online not in ONLINE_MODES:
-            raise ConfigError(f"--online must be one of {ONLINE_MODES}, got {self.online!r}")
+        """Out-of-range values and contradictions, each one ConfigError line naming the field (``field`` set, so a
+        command can name the flag instead: ``ConfigError.naming``)."""
+        self.preset.check()
+        check_settings(self)
         if self.text_features and not self.frozen_text:
-            raise ConfigError("--text-features learns captions as features of a frozen text encoder: add --frozen-text")
-        if self.step_order not in STEP_ORDERS:
-            raise ConfigError(f"--step-order must be one of {', '.join(STEP_ORDERS)}, got {self.step_order!r}")
-        if self.init not in INIT_METHODS:
-            raise ConfigError(f"--init must be one of {', '.join(INIT_METHODS)}, got {self.init!r}")
-        if self.distill_mode not in DISTILL_MODES:
-            raise ConfigError(f"--distill must be one of {DISTILL_MODES}, got {self.distill_mode!r}")
-        if self.loss_backend not in ("auto", "torch", "triton"):
-            raise ConfigError(f"--loss-backend must be auto, torch or triton, got {self.loss_backend!r}")
-        if self.zero not in (0, 1, 2, 3):
-            raise ConfigError(f"--zero must be 0, 1, 2 or 3, got {self.zero}")
+            raise ConfigError(
+                "text_features learns captions as features of a frozen text encoder: add frozen_text",
+                field="text_features", mentions=("frozen_text",),
+            )  # fmt: skip
         if self.deepspeed_config is not None and self.zero == 0:
-            raise ConfigError("--deepspeed-config needs --zero 1, 2 or 3 (0 is plain PyTorch)")
+            raise ConfigError(
+                "deepspeed_config needs zero 1, 2 or 3 (0 is plain PyTorch)",
+                field="deepspeed_config",
+                mentions=("zero",),
+            )
         if self.resume and self.overwrite:
-            raise ConfigError("--resume and --overwrite contradict each other; pick one")
+            raise ConfigError(
+                "resume and overwrite contradict each other; pick one", field="resume", mentions=("overwrite",)
+            )
         if self.auto_resume and (self.resume or self.overwrite):
-            other = "--resume" if self.resume else "--overwrite"
-            raise ConfigError(f"--auto-resume and {other} contradict each other; pick one")
+            other = "resume" if self.resume else "overwrite"
+            raise ConfigError(
+                f"auto_resume and {other} contradict each other; pick one", field="auto_resume", mentions=(other,)
+            )
         if (self.resume or self.auto_resume) and self.out is None:
-            raise ConfigError("--resume needs --out, the run to continue")
+            raise ConfigError("resume needs out, the run to continue", field="resume", mentions=("out",))
         for name in self.report_to:
             if name not in REPORTERS:
-                raise ConfigError(f"--report-to: unknown destination {name!r}; choose from {', '.join(REPORTERS)}")
+                raise ConfigError(
+                    f"report_to: unknown destination {name!r}; choose from {', '.join(REPORTERS)}", field="report_to"
+                )
             if importlib.util.find_spec(name) is None:
-                raise ConfigError(f"--report-to {name} needs the {name} package: pip install 'covmatch[logging]'")
+                raise ConfigError(
+                    f"report_to {name} needs the {name} package: pip install 'covmatch[logging]'", field="report_to"
+                )
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -172,10 +216,3 @@ class DistillConfig:
             d[key] = str(d[key]) if d[key] is not None else None
         d["resolved"] = {"rho": self.rho, "lam": self.lam, "iterations": self.iterations}
         return d
-
-
-def _check_int(flag: str, value, low: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise ConfigError(f"{flag} must be an integer, got {value!r}")
-    if value < low:
-        raise ConfigError(f"{flag} must be >= {low}, got {value}")

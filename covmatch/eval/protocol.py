@@ -26,12 +26,15 @@ from covmatch.synthetic import SyntheticSet
 
 from .metrics import retrieval_recall
 
-__all__ = ["SyntheticTrainSet", "RealTrainSet", "EvalSettings", "encode_split", "train_and_evaluate"]
+# one training batch: pixels, and the captions as keyword arguments of DualEncoder.encode_captions
+TrainBatch = Tuple[torch.Tensor, Dict[str, torch.Tensor]]
+
+__all__ = ["TrainBatch", "SyntheticTrainSet", "RealTrainSet", "EvalSettings", "encode_split", "train_and_evaluate"]
 
 
 class SyntheticTrainSet:
-    """Batches of a synthetic set: (pixels, text embeddings + mask) or, with learned text features,
-    (pixels, features)."""
+    """Batches of a synthetic set: pixels and the captions as keyword arguments of ``DualEncoder.encode_captions``
+    (``inputs_embeds`` + ``attention_mask``, or with learned text features ``text_features``)."""
 
     def __init__(self, syn: SyntheticSet, use_text_features: bool = False) -> None:
         if use_text_features and syn.text_features is None:
@@ -42,7 +45,7 @@ class SyntheticTrainSet:
     def __len__(self) -> int:
         return len(self.syn)
 
-    def batches(self, batch_size: int, generator: torch.Generator, device) -> Iterator[Tuple]:
+    def batches(self, batch_size: int, generator: torch.Generator, device) -> Iterator[TrainBatch]:
         order = torch.randperm(len(self.syn), generator=generator)
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
@@ -50,13 +53,15 @@ class SyntheticTrainSet:
                 continue
             images = self.syn.images[idx].to(device)
             if self.use_text_features:
-                yield images, ("features", self.syn.text_features[idx].to(device))
+                yield images, {"text_features": self.syn.text_features[idx].to(device)}
             else:
-                yield images, ("embeds", self.syn.text_embeds[idx].to(device), self.syn.attention_mask[idx].to(device))
+                embeds, mask = self.syn.text_embeds[idx].to(device), self.syn.attention_mask[idx].to(device)
+                yield images, {"inputs_embeds": embeds, "attention_mask": mask}
 
 
 class RealTrainSet:
-    """Batches of real pairs (``indices`` into a PairDataset), images loaded and transformed each epoch."""
+    """Batches of real pairs (``indices`` into a PairDataset), images loaded and transformed each epoch, captions
+    as ``input_ids`` + ``attention_mask``."""
 
     def __init__(self, dataset, indices: Sequence[int], workers: int = 0) -> None:
         self.dataset = dataset
@@ -66,7 +71,7 @@ class RealTrainSet:
     def __len__(self) -> int:
         return len(self.indices)
 
-    def batches(self, batch_size: int, generator: torch.Generator, device) -> Iterator[Tuple]:
+    def batches(self, batch_size: int, generator: torch.Generator, device) -> Iterator[TrainBatch]:
         order = torch.randperm(len(self.indices), generator=generator).tolist()
         chunks = [[self.indices[i] for i in order[s : s + batch_size]] for s in range(0, len(order), batch_size)]
         chunks = [c for c in chunks if len(c) >= 2]
@@ -78,7 +83,7 @@ class RealTrainSet:
             generator=torch.Generator().manual_seed(int(torch.randint(2**31, (1,), generator=generator))),
         )
         for pixels, ids, mask in loader:
-            yield pixels.to(device), ("ids", ids.to(device), mask.to(device))
+            yield pixels.to(device), {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
 
 
 def _collate_real(items):
@@ -88,14 +93,15 @@ def _collate_real(items):
 
 @dataclass
 class EvalSettings:
-    """Training-protocol settings (defaults: docs/design.md, *Evaluation protocol*)."""
+    """Training-protocol settings. The protocol's numbers have no defaults here: they come from the preset
+    (``from_preset``; docs/design.md, *Evaluation protocol*)."""
 
-    epochs: int = 100
-    batch_size: int = 128
-    lr_encoder: float = 0.01
-    lr_proj: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
+    epochs: int
+    batch_size: int
+    lr_encoder: float
+    lr_proj: float
+    momentum: float
+    weight_decay: float
     frozen_text: bool = False
     train: str = "all"  # "all", or "projections": a linear probe on the frozen pretrained encoders
     select_on_val: bool = False
@@ -117,15 +123,6 @@ class EvalSettings:
             if value is not None:
                 setattr(base, key, value)
         return base
-
-
-def _text_embedding(model, text) -> torch.Tensor:
-    kind = text[0]
-    if kind == "features":
-        return model.text_proj(text[1])
-    if kind == "embeds":
-        return model.encode_text(text[1], text[2])
-    return model.encode_text_ids(text[1], text[2])
 
 
 @torch.no_grad()
@@ -194,7 +191,7 @@ def train_and_evaluate(
         losses = []
         for images, text in train_set.batches(settings.batch_size, gen, device):
             with autocast():
-                loss = model.contrastive_loss(model.encode_image(images), _text_embedding(model, text))
+                loss = model.contrastive_loss(model.encode_image(images), model.encode_captions(**text))
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)

@@ -36,6 +36,7 @@ def build_dual_encoder(preset, *, image_encoder=None, text_encoder=None, image_w
         random_init=preset.text_random_init,
         config_overrides=dict(preset.text_config_overrides),
     )
+    text.check_seq_len(preset.seq_len)
     return DualEncoder(
         image,
         text,

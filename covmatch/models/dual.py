@@ -125,6 +125,23 @@ class DualEncoder(nn.Module):
     def encode_text_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, project: bool = True):
         return self.encode_text(self.text.embed(input_ids), attention_mask, project)
 
+    def encode_captions(
+        self,
+        *,
+        input_ids: Optional[torch.Tensor] = None,
+        inputs_embeds: Optional[torch.Tensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        text_features: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """Projected embeddings of a batch of captions given as keyword arguments, the one convention of
+        distillation and evaluation: ``input_ids`` or ``inputs_embeds`` (with ``attention_mask``), or
+        ``text_features`` (learnt features of a frozen text encoder)."""
+        if text_features is not None:
+            return self.text_proj(text_features)
+        if input_ids is not None:
+            return self.encode_text_ids(input_ids, attention_mask)
+        return self.encode_text(inputs_embeds, attention_mask)
+
     def contrastive_loss(self, image_z: torch.Tensor, text_z: torch.Tensor) -> torch.Tensor:
         return info_nce(image_z, text_z, self.logit_scale)
 
@@ -142,10 +159,7 @@ class DualEncoder(nn.Module):
         The online training step goes through here, so that wrappers that act on ``forward`` (DeepSpeed
         ZeRO-3 gathers the model's own parameters, such as the temperature, around it) see the whole step.
         """
-        if text_features is not None:
-            text_z = self.text_proj(text_features)
-        elif input_ids is not None:
-            text_z = self.encode_text_ids(input_ids, attention_mask)
-        else:
-            text_z = self.encode_text(inputs_embeds, attention_mask)
+        text_z = self.encode_captions(
+            input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask, text_features=text_features
+        )
         return self.contrastive_loss(self.encode_image(pixels), text_z)

