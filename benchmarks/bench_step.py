@@ -1,4 +1,5 @@
-"""End-to-end distillation-iteration benchmark: seconds per iteration and peak memory of ``Distiller.step``
+"""Distillation-iteration benchmark: seconds per iteration and peak memory of ``Distiller.step(target batch,
+online batch)`` with both batches already on the device (the data path is ``bench_data``'s),
 for the paper's architecture (NFNet-L0 at 224 px + a BERT-base-shaped encoder, random weights: speed does
 not depend on them) across precisions, activation checkpointing, ``--syn-chunk`` and synthetic batch size;
 model FLOPs counted with ``torch.utils.flop_counter`` and the share of time in the loss vs the encoders.
@@ -92,17 +93,29 @@ def _distiller(
     return Distiller(config, log=lambda _msg: None)
 
 
+def _device_batches(d: Distiller, start: int, stop: int) -> list:
+    """Iterations ``start .. stop-1``'s target and online batches, loaded and moved to the device (in the step's
+    dtype) before any timing: a timed step does no data loading (``bench_data`` times that on its own)."""
+
+    def on_device(batch):
+        return None if batch is None else (*d._to_device(batch), batch[3])
+
+    return [(on_device(real), on_device(online)) for real, online in zip(d.real_batches(start, stop),
+                                                                          d.online_batches(start, stop))]  # fmt: skip
+
+
 def _measure(d: Distiller, iterations: int):
-    batches = iter(d.real_batches(0, iterations + 2))
-    for _ in range(2):  # warm-up (autotuning, cuDNN plans, allocator)
-        d.step(next(batches))
+    """Seconds per ``step(target batch, online batch)`` with both batches already on the device."""
+    batches = _device_batches(d, 0, iterations + 2)
+    for batch in batches[:2]:  # warm-up (autotuning, cuDNN plans, allocator)
+        d.step(*batch)
     synchronize()
     if DEVICE.type == "cuda":
         torch.cuda.reset_peak_memory_stats(DEVICE)
     times = []
-    for batch in batches:
+    for batch in batches[2:]:
         start = time.perf_counter()
-        d.step(batch)
+        d.step(*batch)
         synchronize()
         times.append(time.perf_counter() - start)
     peak = torch.cuda.max_memory_allocated(DEVICE) / 2**30 if DEVICE.type == "cuda" else float("nan")
@@ -122,7 +135,7 @@ def _synthetic_state_gb(d: Distiller) -> float:
     return total / 2**30
 
 
-def _model_flops(d: Distiller, batch) -> float:
+def _model_flops(d: Distiller, batch: tuple) -> float:
     """Model FLOPs of one iteration, counted by ``FlopCounterMode``. They exclude the recomputation of
     checkpointing and of ``--syn-chunk``'s second pass (which the counter's module tracking cannot follow
     either), so one plain iteration is counted. The counter sees aten ops only: the fused Triton loss's own
@@ -136,7 +149,7 @@ def _model_flops(d: Distiller, batch) -> float:
     try:
         counter = FlopCounterMode(display=False)
         with counter:
-            d.step(batch)
+            d.step(*batch)
     finally:
         d.config.syn_chunk = chunk
         if ckpt:
@@ -150,7 +163,7 @@ def _event_time(event, *names: str) -> float:
     return next((float(getattr(event, name)) for name in names if hasattr(event, name)), 0.0)
 
 
-def _profiled_shares(d: Distiller, batch) -> Tuple[float, float]:
+def _profiled_shares(d: Distiller, batch: tuple) -> Tuple[float, float]:
     """From torch.profiler over one iteration: the share of it spent in covmatch_loss (its forward range plus
     the fused backward node; kernel time over all kernel time on CUDA, CPU time over the iteration's on CPU;
     with the torch backend the backward is many autograd nodes and only the forward range is attributed), and
@@ -162,7 +175,7 @@ def _profiled_shares(d: Distiller, batch) -> Tuple[float, float]:
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     with torch.profiler.profile(activities=activities) as prof:
         with torch.profiler.record_function("iteration"):
-            d.step(batch)
+            d.step(*batch)
         synchronize()
     events = prof.key_averages()
     inclusive = ("device_time_total", "cuda_time_total") if on_cuda else ("cpu_time_total",)

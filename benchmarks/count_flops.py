@@ -24,12 +24,12 @@ from .common import add_batch_arguments  # noqa: E402 (reads the variable above 
 
 def count_iteration(preset_name: str, real_batch: int, syn_batch: int) -> float:
     """FLOPs of one plain fp32 ``Distiller.step`` at these batch sizes (paper: the GPU suite's configuration)."""
-    from .bench_step import PAPER, _distiller, _model_flops
+    from .bench_step import PAPER, _device_batches, _distiller, _model_flops
 
     base = dict(PAPER) if preset_name == "paper" else {"name": preset_name}
     base["real_batch"] = real_batch
     d = _distiller("fp32", False, None, syn_batch, base=base)
-    return _model_flops(d, next(iter(d.real_batches(0, 1))))
+    return _model_flops(d, _device_batches(d, 0, 1)[0])
 
 
 def fit(counts: Dict[Tuple[int, int], float]) -> Tuple[float, float, float]:

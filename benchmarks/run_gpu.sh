@@ -14,8 +14,8 @@
 # Check the script itself on a CPU first (smoke mode: tiny shapes, the Triton interpreter, no timing claims):
 #   COVMATCH_BENCH_SMOKE=1 TRITON_INTERPRET=1 OUT=/tmp/gpu-smoke bash benchmarks/run_gpu.sh
 # RUN_GPU_TESTS_K / RUN_GPU_BENCH_K replace the pytest -k selections of the correctness and benchmark stages;
-# RUN_GPU_LIMITS="75 170 30 150" are the four stages' time limits in seconds (correctness, loss, host, step;
-# 0 skips a stage);
+# RUN_GPU_LIMITS="75 170 30 150 90" are the five stages' time limits in seconds (correctness, loss, host, step,
+# data; 0 skips a stage);
 # RUN_GPU_AUTOTUNE=1 makes the loss stage time every tile configuration (COVMATCH_TRITON_AUTOTUNE=1; its
 # choices land in loss.csv's tile_configs) while the host and step stages keep the deterministic defaults.
 set -uo pipefail
@@ -39,7 +39,13 @@ limited() {  # limited SECONDS CMD...: run CMD, say in the log when the time lim
   return 0
 }
 
-read -r LIMIT_TESTS LIMIT_LOSS LIMIT_HOST LIMIT_STEP <<<"${RUN_GPU_LIMITS:-75 170 30 150}"
+read -r LIMIT_TESTS LIMIT_LOSS LIMIT_HOST LIMIT_STEP LIMIT_DATA <<<"${RUN_GPU_LIMITS:-75 170 30 150 90}"
+LIMIT_DATA="${LIMIT_DATA:-90}"
+if [ "${COVMATCH_BENCH_SMOKE:-auto}" = 1 ]; then
+  DATA_ARGS=(--preset tiny --jpegs 24 --batches 2 --real-batch 8 --workers 0)
+else
+  DATA_ARGS=(--preset paper --jpegs 1500 --batches 20)
+fi
 BENCH_K=()
 if [ -n "${RUN_GPU_BENCH_K:-}" ]; then BENCH_K=(-k "$RUN_GPU_BENCH_K"); fi
 
@@ -78,7 +84,11 @@ stage "2b. host cost of one loss call"
 COVMATCH_TRITON_AUTOTUNE=0 limited "$LIMIT_HOST" \
   "$PY" -m pytest -q -p no:cacheprovider --tb=short -rfE benchmarks/bench_host.py "${BENCH_ARGS[@]}"
 
-stage "3. distillation step"
+stage "2c. real-data path: decoding JPEGs against the decoded cache (images/s, in this log)"
+limited "$LIMIT_DATA" "$PY" -m benchmarks.bench_data "${DATA_ARGS[@]}" --compare \
+  --make-jpegs "/tmp/covmatch-bench-jpegs-${DATA_ARGS[1]}" --text-encoder "${COVMATCH_BENCH_TEXT_ENCODER:-all-MiniLM-L6-v2}"
+
+stage "3. distillation step (both batches on the device before the timer starts)"
 COVMATCH_TRITON_AUTOTUNE=0 limited "$LIMIT_STEP" "$PY" -m pytest -q -p no:cacheprovider --tb=short -rfE benchmarks/bench_step.py "${BENCH_K[@]}"
 
 stage "4. plots and summary"

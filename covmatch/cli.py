@@ -16,15 +16,17 @@ COMMANDS = {
     "eval": "covmatch.eval.cli",
     "analyze": "covmatch.analyze",
     "export": "covmatch.export",
+    "prepare-data": "covmatch.prepare_data",
     "demo": "covmatch.demo",
 }
 
-USAGE = """usage: covmatch [--version] {distill,eval,analyze,export,demo} ...
+USAGE = """usage: covmatch [--version] {distill,eval,analyze,export,prepare-data,demo} ...
 
   distill   distil a dataset into N synthetic pairs (same as covmatch-distill)
   eval      train fresh models on a synthetic set or a coreset and test retrieval (same as covmatch-eval)
   analyze   a run's diagnostics: feature stability, match error, how far the set moved
   export    a distilled set as a Hugging Face imagefolder or LoRS/MTT-VL tensors, with a dataset card
+  prepare-data  decode a dataset's images once into a cache the other commands read (--data-cache)
   demo      the main job on the embedded dataset (same as make demo)
 """
 
@@ -40,7 +42,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     command, rest = args[0], args[1:]
     if command not in COMMANDS:
         print(
-            f"covmatch: error: unknown command {command!r} (choose distill, eval, analyze, export or demo)",
+            f"covmatch: error: unknown command {command!r} (choose {', '.join(COMMANDS)})",
             file=sys.stderr,
         )
         return 2

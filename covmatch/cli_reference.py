@@ -16,6 +16,7 @@ from covmatch.cli_args import default_text
 from covmatch.distill.cli import build_parser as distill_parser
 from covmatch.eval.cli import build_parser as eval_parser
 from covmatch.export import build_parser as export_parser
+from covmatch.prepare_data import build_parser as prepare_data_parser
 
 __all__ = ["render", "replace_block", "main"]
 
@@ -28,6 +29,7 @@ def _parsers():
         "covmatch-eval": eval_parser(),
         "covmatch export": export_parser(),
         "covmatch analyze": analyze_parser(),
+        "covmatch prepare-data": prepare_data_parser(),
     }
 
 

@@ -35,8 +35,10 @@ class Preset:
     shapes_train_images: int = setting(10_000, range=at_least(2), help="train images of the embedded dataset")
     shapes_eval_images: int = setting(1_000, range=at_least(1), help="val and test images of the embedded dataset")
     image_size: int = setting(224, group=ENCODERS, range=at_least(8, " pixels"), help="input resolution in pixels")
-    train_augment: bool = setting(True, help="random resized crops for training images")
-    flip: bool = setting(True, help="random horizontal flips for training images")
+    train_augment: bool = setting(
+        True, group=DATA, help="random resized crops (half the area to all of it) of the images the models train on"
+    )
+    flip: bool = setting(True, group=DATA, help="random horizontal flips with the crops (off where captions say left)")
     max_words: int = setting(30, range=at_least(1), help="captions are cut to this many words")
     # encoders
     image_encoder: str = setting(

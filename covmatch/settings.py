@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import typing
 from dataclasses import MISSING, dataclass
 from pathlib import Path
@@ -34,6 +35,7 @@ __all__ = [
     "DATA",
     "RUNTIME",
     "CommonSettings",
+    "resolved_workers",
 ]
 
 
@@ -194,7 +196,24 @@ class CommonSettings:
         None, group=DATA, metavar="DIR",
         help="--dataset hf: a local Hugging Face dataset (save_to_disk folder, or imagefolder with captions)",
     )  # fmt: skip
+    data_cache: Optional[Path] = setting(
+        None, group=DATA, metavar="DIR",
+        help="a decoded cache from covmatch prepare-data: images read as uint8 arrays instead of decoded files "
+        "(in distillation, cropped and normalised on the device)",
+    )  # fmt: skip
     device: str = setting("auto", group=RUNTIME, metavar="DEVICE", help="auto, cpu, cuda or cuda:K")
     precision: str = setting("fp32", choices=PRECISIONS, help="fp32, or fp16 / bf16 autocast (--fp16, --bf16)")
-    workers: int = setting(0, group=RUNTIME, range=at_least(0), help="data-loading worker processes")
+    workers: Optional[int] = setting(
+        None, group=RUNTIME, range=at_least(0), none="cores - 1 (up to 8) where images are decoded from files, else 0",
+        help="data-loading worker processes",
+    )  # fmt: skip
     progress: bool = setting(True, help="progress bars (--no-progress: none)")
+
+
+def resolved_workers(workers: Optional[int], *, decodes_files: bool) -> int:
+    """Data-loading worker processes: ``workers`` when set, else, where images are decoded from files (a
+    Karpathy or Hugging Face dataset without a decoded cache), one per core but one, up to 8; else 0 (the
+    embedded dataset renders in memory, and a cache is read by a thread)."""
+    if workers is not None:
+        return workers
+    return max(0, min(8, (os.cpu_count() or 1) - 1)) if decodes_files else 0

@@ -104,6 +104,7 @@ def test_run_gpu_script_in_smoke_mode(tmp_path):
                      "summary.md"]  # fmt: skip
     log = (out / "run_gpu.log").read_text()
     assert "2 passed" in log and "time limit" not in log and "=== done" in log
+    assert "cache path (a reader thread" in log and "\nimages/s: " in log  # the data stage
     summary = (out / "summary.md").read_text()
     assert "SMOKE MODE" in summary and "| triton-cov | 0.0 |" in summary
 

@@ -13,12 +13,13 @@ from covmatch.analyze import build_parser as analyze_parser
 from covmatch.distill.cli import build_parser as distill_parser
 from covmatch.eval.cli import build_parser as eval_parser
 from covmatch.export import build_parser as export_parser
+from covmatch.prepare_data import build_parser as prepare_data_parser
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 README = "\n".join(path.read_text() for path in DOCS)  # the README and every docs page, checked alike
 PARSERS = {"covmatch-distill": distill_parser, "covmatch-eval": eval_parser, "covmatch export": export_parser,
-           "covmatch analyze": analyze_parser}  # fmt: skip
+           "covmatch analyze": analyze_parser, "covmatch prepare-data": prepare_data_parser}  # fmt: skip
 
 
 def _known_flags(parser) -> set:
@@ -50,7 +51,9 @@ def test_readme_flags_exist(tool):
 
 
 def test_readme_inline_flags_exist():
-    known = set().union(*(_known_flags(p()) for p in PARSERS.values()))
+    from benchmarks.bench_data import build_parser as bench_data_parser  # the data benchmark's flags, quoted too
+
+    known = set().union(*(_known_flags(p()) for p in [*PARSERS.values(), bench_data_parser]))
     inline = set(re.findall(r"`(--[a-z][a-z0-9-]*)", README))
     assert inline and inline <= known, inline - known
 

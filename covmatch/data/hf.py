@@ -16,7 +16,7 @@ from PIL import Image, UnidentifiedImageError
 from covmatch.errors import DataError, brief
 
 from .captions import preprocess_caption
-from .sources import SPLITS, ImageTextSource, RetrievalSplit
+from .sources import SPLITS, ImageTextSource, RetrievalSplit, stamps_digest
 
 __all__ = ["HFSource", "CAPTION_COLUMNS"]
 
@@ -137,6 +137,10 @@ class HFSource(ImageTextSource):
         except (UnidentifiedImageError, OSError) as err:
             raise DataError(f"{where}: unreadable or corrupt image ({brief(err)})") from None
         raise DataError(f"{where}: column {self.image_column!r} holds {type(value).__name__}, not an image")
+
+    def fingerprint(self, keys: Sequence[str]) -> Dict[str, object]:
+        files = sorted(p for p in self.data_dir.rglob("*") if p.is_file())
+        return {"files": stamps_digest(files, [str(p.relative_to(self.data_dir)) for p in files])}
 
     def validate(self, splits: Sequence[str] = SPLITS) -> None:
         """Decode every image and check every caption of ``splits`` now, instead of failing mid-run."""

@@ -13,10 +13,12 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import torch
 from PIL import Image, ImageDraw
+
+from covmatch._version import __version__
 
 from .captions import preprocess_caption
 from .sources import SPLITS, ImageTextSource, RetrievalSplit
@@ -222,6 +224,11 @@ class ShapesSource(ImageTextSource):
         for o in scene.objects:
             _draw(draw, o, big)
         return img.resize((self.render_size, self.render_size), Image.BILINEAR)
+
+    def fingerprint(self, keys: Sequence[str]) -> Dict[str, object]:
+        """Generated from a seed: the seed, the split sizes, the render size and the generator's version."""
+        return {"seed": self.seed, "sizes": dict(self.sizes), "render_size": self.render_size,
+                "generator": __version__}  # fmt: skip
 
     def export_karpathy(self, out_dir: Path) -> Tuple[Path, Path]:
         """Write the dataset in Karpathy/BLIP format (PNG images + JSON), for inspection or other tools."""

@@ -9,6 +9,7 @@ single file (``dataset_flickr30k.json``, ``dataset_coco.json``), plus an image r
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +63,29 @@ class ImageTextSource:
 
     def load_image(self, key: str) -> Image.Image:
         raise NotImplementedError
+
+    def fingerprint(self, keys: Sequence[str]) -> Dict[str, object]:
+        """What the images of ``keys`` depend on (files' sizes and modification times, or a generator's
+        settings): a decoded cache built from this source is stale when it changes."""
+        raise NotImplementedError
+
+
+def file_stamp(path: Path) -> List[int]:
+    """[size, modification time in ns] of a file: what tells a changed file from the one a cache was built from."""
+    stat = Path(path).stat()
+    return [stat.st_size, stat.st_mtime_ns]
+
+
+def stamps_digest(paths: Sequence[Path], names: Sequence[str]) -> Dict[str, object]:
+    """Count and digest of many files' stamps (named by ``names``); a missing file is a DataError."""
+    digest = hashlib.sha256()
+    for path, name in zip(paths, names):
+        try:
+            size, mtime = file_stamp(path)
+        except FileNotFoundError:
+            raise DataError(f"{path}: image file not found") from None
+        digest.update(f"{name}\t{size}\t{mtime}\n".encode())
+    return {"count": len(names), "stamps_sha256": digest.hexdigest()[:16]}
 
 
 def pairs_by_image(pairs: Sequence[Tuple[str, str]]) -> Dict[str, List[int]]:
@@ -231,6 +255,16 @@ class KarpathySource(ImageTextSource):
             raise DataError(f"{path}: image file not found (named in {self._owner_file(key)})") from None
         except (UnidentifiedImageError, OSError) as err:
             raise DataError(f"{path}: unreadable or corrupt image ({brief(err)})") from None
+
+    def fingerprint(self, keys: Sequence[str]) -> Dict[str, object]:
+        for split in SPLITS:  # every annotation file there is: any of them may name these images
+            try:
+                self._split_entries(split)
+            except DataError:
+                continue
+        annotations = {Path(path).name: file_stamp(path) for path in sorted(set(map(str, self._files.values())))}
+        unique = sorted(set(keys))
+        return {"annotations": annotations, "images": stamps_digest([self.image_root / k for k in unique], unique)}
 
     def _owner_file(self, key: str) -> str:
         for split, entries in self._entries.items():

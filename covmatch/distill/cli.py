@@ -26,6 +26,8 @@ from covmatch.cli_args import (
     preset_fields,
     preset_overrides,
 )
+from covmatch.data.build import build_source
+from covmatch.data.cache import DecodedCache, cache_side
 from covmatch.devices import resolve_device
 from covmatch.errors import EXIT_BAD_INPUT, EXIT_DIVERGED, ConfigError, CovMatchError, DivergedError, one_line
 from covmatch.models.text import check_text_seq_len
@@ -114,6 +116,19 @@ def prepare_out_dir(config: DistillConfig) -> None:
             )
 
 
+def check_data_cache(config: DistillConfig) -> None:
+    """A --data-cache that does not fit the run is refused before --overwrite removes anything."""
+    if config.data_cache is None:
+        return
+    preset = config.preset
+    source = build_source(
+        preset, ann_root=config.ann_root, image_root=config.image_root, data_dir=config.data_dir, seed=config.data_seed
+    )
+    DecodedCache.open(
+        config.data_cache, source, side=cache_side(preset.image_size, augment=preset.train_augment), splits=("train",)
+    )
+
+
 def check_precision_device(config: DistillConfig) -> None:
     """fp16 (autocast with loss scaling, or DeepSpeed's fp16) is a GPU mode: one line instead of a traceback."""
     if config.precision == "fp16" and resolve_device(config.device).type != "cuda":
@@ -183,6 +198,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         check_precision_device(config)
         preset = config.preset
         check_text_seq_len(preset.text_encoder, preset.seq_len, dict(preset.text_config_overrides))
+        check_data_cache(config)
         prepare_out_dir(config)
         distiller = Distiller(config, log=lambda msg: print(msg, file=sys.stderr))
         syn = distiller.run()

@@ -212,7 +212,7 @@ class DistillConfig(CommonSettings):
     def to_dict(self) -> dict:
         d = asdict(self)
         d["preset"] = self.preset.to_dict()
-        for key in ("out", "ann_root", "image_root", "data_dir", "deepspeed_config"):
+        for key in ("out", "ann_root", "image_root", "data_dir", "data_cache", "deepspeed_config"):
             d[key] = str(d[key]) if d[key] is not None else None
         d["resolved"] = {"rho": self.rho, "lam": self.lam, "iterations": self.iterations}
         return d

@@ -19,10 +19,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader
 
-from covmatch.data.build import build_source, build_train_dataset, with_train_transform
-from covmatch.data.sources import pairs_by_image
 from covmatch.errors import ConfigError, DivergedError
 from covmatch.models import build_dual_encoder
 from covmatch.pretrain import resolve_image_weights
@@ -36,7 +33,8 @@ from .distributed import build_ds_config, launched_world_size, load_ds_config, s
 from .objective import make_objective
 from .online import OnlineModel, build_online_model
 from .precision import autocast_for
-from .streams import RealBatchSampler, collate_pairs, stream_generator
+from .real_data import RealData
+from .streams import stream_generator
 from .synthetic_params import SyntheticParameters
 from .writer import RunWriter, postfix, progress_bar, summarise, to_host
 
@@ -67,8 +65,9 @@ class Distiller:
             # captions are decoded in the pretrained table every evaluation starts from, not the online
             # model's drifting one
             self.pretrained_embedding_table = self.model.pretrained_embedding_table()
-            self.train_data = self._build_data()  # under the train transform: the online model's batches
-            self.target_data = with_train_transform(self.train_data, config.preset, augment=config.target_augment)
+            self.data = RealData(config, self.model.text.tokenizer, ranks=self.ranks, device=self.device)
+            self.train_data = self.data.train  # under the train transform: the online model's batches
+            self.target_data = self.data.target  # under the covariance target's
             initial = init_synthetic_set(
                 self.train_data, self.model, config.preset, config.num_pairs, config.seed, config.init
             )
@@ -133,24 +132,6 @@ class Distiller:
             model.text.requires_grad_(False)
         return model
 
-    def _build_data(self):
-        """The train split with captions tokenised for the text encoder, checked against N and the ranks."""
-        config, preset = self.config, self.config.preset
-        source = build_source(
-            preset, ann_root=config.ann_root, image_root=config.image_root, data_dir=config.data_dir,
-            validate=config.validate_data, seed=config.data_seed,
-        )  # fmt: skip
-        data = build_train_dataset(source, self.model.text.tokenizer, preset, augment=True)
-        num_images = len(pairs_by_image(data.pairs))
-        if config.num_pairs > num_images:
-            raise ConfigError(f"--num-pairs {config.num_pairs} is larger than the train split ({num_images} images)")
-        if self.world_size > 1 and preset.real_batch * self.world_size > len(data):
-            raise ConfigError(
-                f"--real-batch {preset.real_batch} per process x {self.world_size} processes is more than the "
-                f"{len(data)} train pairs"
-            )
-        return data
-
     @property
     def engine(self):
         """The DeepSpeed engine around the online model with --zero 1-3, else None."""
@@ -187,9 +168,7 @@ class Distiller:
         return {"loss": parts.total, "cov": parts.cov, "mean": parts.mean, "online": online_loss, "skipped": skipped}
 
     def _to_device(self, real_batch):
-        pixels = real_batch[0].to(self.device, dtype=self.synthetic.images.dtype, non_blocking=True)
-        ids, mask = (x.to(self.device, non_blocking=True) for x in real_batch[1:3])
-        return pixels, ids, mask
+        return self.data.to_device(real_batch, self.synthetic.images.dtype)
 
     def _augmented_target(self, pixels: torch.Tensor, t: int) -> torch.Tensor:
         """The target batch through iteration t's augmentation maps (--dsa-shift / --dsa-scale), as the
@@ -298,29 +277,15 @@ class Distiller:
 
     # ------------------------------------------------------------------ the loop
 
-    def real_batches(self, start: int, stop: int) -> DataLoader:
+    def real_batches(self, start: int, stop: int):
         """The covariance targets' real batches of iterations ``start .. stop-1`` (stream 'real')."""
-        return self._loader(self.target_data, "real", start, stop)
+        return self.data.loader("real", start, stop)
 
     def online_batches(self, start: int, stop: int):
         """The online model's own real batches (stream 'online'), or Nones when it takes none of its own."""
         if self.config.online != "real" or self.config.step_order != "paper":
             return itertools.repeat(None, max(0, stop - start))
-        return self._loader(self.train_data, "online", start, stop)
-
-    def _loader(self, dataset, stream: str, start: int, stop: int) -> DataLoader:
-        cfg = self.config
-        sampler = RealBatchSampler(len(dataset), cfg.preset.real_batch, cfg.seed, start, stop, self.ranks, stream)
-        return DataLoader(
-            dataset,
-            batch_sampler=sampler,
-            num_workers=cfg.workers,
-            collate_fn=collate_pairs,
-            pin_memory=self.device.type == "cuda",
-            persistent_workers=False,
-            # its own generator: creating the iterator must not draw from the (checkpointed) global RNG
-            generator=torch.Generator().manual_seed(cfg.seed),
-        )
+        return self.data.loader("online", start, stop)
 
     def run(self) -> SyntheticSet:
         """Distil until ``config.iterations``, with checkpoints, logs and grids under ``config.out``.

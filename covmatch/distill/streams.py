@@ -17,7 +17,8 @@ from .distributed import Ranks
 __all__ = ["stream_generator", "RealBatchSampler", "collate_pairs", "synthetic_sample"]
 
 # Independent random streams, each a pure function of (seed, stream, iteration).
-_STREAMS = {"real": 1, "synthetic": 2, "reset": 3, "online": 4, "augment-synthetic": 5, "augment-real": 6}
+_STREAMS = {"real": 1, "synthetic": 2, "reset": 3, "online": 4, "augment-synthetic": 5, "augment-real": 6,
+            "crop-real": 7, "crop-online": 8}  # fmt: skip
 
 
 def stream_generator(seed: int, stream: str, iteration: int) -> torch.Generator:

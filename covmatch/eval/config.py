@@ -76,6 +76,6 @@ class EvalConfig(CommonSettings):
     def to_dict(self) -> dict:
         d = asdict(self)
         d["preset"] = self.preset.to_dict()
-        for key in ("out", "synthetic", "ann_root", "image_root", "data_dir"):
+        for key in ("out", "synthetic", "ann_root", "image_root", "data_dir", "data_cache"):
             d[key] = str(d[key]) if d[key] is not None else None
         return d

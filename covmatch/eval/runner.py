@@ -10,10 +10,12 @@ from typing import Callable, Optional
 
 from covmatch._version import __version__
 from covmatch.data.build import build_retrieval_data, build_source
+from covmatch.data.cache import CachedSource, DecodedCache, cache_side
 from covmatch.devices import resolve_device
 from covmatch.errors import ConfigError
 from covmatch.models import build_dual_encoder
 from covmatch.pretrain import resolve_image_weights
+from covmatch.settings import resolved_workers
 from covmatch.synthetic import SyntheticSet
 from covmatch.visualize import nearest_tokens, save_image_grid
 
@@ -82,6 +84,15 @@ def evaluate(config: EvalConfig, *, log: Callable[[str], None] = _stderr) -> dic
     source = build_source(
         preset, ann_root=config.ann_root, image_root=config.image_root, data_dir=config.data_dir, seed=data_seed
     )
+    if config.data_cache is not None:  # images from the decoded cache instead of their files
+        needed = dict.fromkeys(
+            (["train"] if config.coreset is not None else [])
+            + [config.split]
+            + (["val"] if config.select_on_val else [])
+        )
+        side = cache_side(preset.image_size, augment=preset.train_augment)
+        source = CachedSource(source, DecodedCache.open(config.data_cache, source, side=side, splits=list(needed)))
+    workers = resolved_workers(config.workers, decodes_files=preset.dataset != "shapes" and config.data_cache is None)
     start = time.perf_counter()
     extra = {}
     frozen_text = config.frozen_text
@@ -104,7 +115,7 @@ def evaluate(config: EvalConfig, *, log: Callable[[str], None] = _stderr) -> dic
         chosen = {}
         for seed in dict.fromkeys(subset_seeds):
             chosen[seed] = coreset_train_set(
-                config.coreset, n, model, source, preset, device, seed=seed, workers=config.workers,
+                config.coreset, n, model, source, preset, device, seed=seed, workers=workers,
                 progress=config.progress,
             )  # fmt: skip
         train_sets = [chosen[seed][1] for seed in subset_seeds]
