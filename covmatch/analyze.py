@@ -85,7 +85,7 @@ def feature_stability(config: DistillConfig, probe_pairs: int = 256) -> Dict[str
     d = Distiller(dataclasses.replace(config, out=None), log=lambda _m: None)
     try:
         probe = torch.randperm(len(d.target_data), generator=torch.Generator().manual_seed(7))[:probe_pairs]
-        d.online.reset(stream_generator(config.seed, "reset", 0))
+        d.online.reset(stream_generator(config.seed, "reset", 0, device=d.device))
         d.model.eval()
         base = encode_pairs(d.model, d.target_data, probe.tolist(), d.device)
         out: Dict[str, List[float]] = {"image": [1.0], "text": [1.0]}

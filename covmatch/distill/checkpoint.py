@@ -1,6 +1,8 @@
 """Atomic checkpoints of a distillation run, the last K kept, validated in full before anything is applied.
 
-A checkpoint is one ``torch.save`` file of tensors, numbers and strings only, read back with
+A checkpoint saved where the next iteration resets the online model leaves that model and its optimiser out
+(``online_omitted``): the reset restores all they hold, so it is about the synthetic set's size, not the
+encoders'. A checkpoint is one ``torch.save`` file of tensors, numbers and strings only, read back with
 ``weights_only=True`` (no pickled code). It is written to a temporary file and moved into place with
 ``os.replace``, so a crash never leaves a half-written checkpoint under the final name. With several
 processes, rank 0 writes the whole (gathered) synthetic set. With DeepSpeed (``--zero 1-3``) the online
@@ -76,7 +78,7 @@ def save_checkpoint(distiller, directory: Path, *, keep: int) -> Path:
     """
     directory = Path(directory)
     ranks = distiller.ranks
-    state = distiller.state_dict()
+    state = distiller.state_dict(light=True)  # at a reset boundary without the online model the reset restores
     path = directory / f"step_{distiller.iteration:08d}.pt"
     if distiller.engine is not None:
         distiller.online.save(str(online_dir(path)))
@@ -135,7 +137,10 @@ def read_checkpoint(path: Path, distiller) -> dict:
                 )
             raise CheckpointError(f"{path}: made with {key}={saved.get(key)!r}, this run has {key}={value!r}")
     state = payload["state"]
-    _check_like(state, distiller.state_dict(), str(path), "")
+    current = distiller.state_dict()
+    if isinstance(state, dict) and state.get("online_omitted"):  # saved at a reset boundary: no online model
+        current = {k: v for k, v in current.items() if k not in distiller.online.state_dict()}
+    _check_like(state, current, str(path), "")
     if distiller.engine is not None and not (online_dir(path) / "online").is_dir():
         raise CheckpointError(f"{path}: its DeepSpeed state {online_dir(path)}/online is missing")
     return state

@@ -60,6 +60,8 @@ class Distiller:
             if config.precision == "fp16" and config.zero > 0 and self.device.type != "cuda":
                 raise ConfigError("--fp16 with DeepSpeed needs a CUDA GPU; on CPU use --bf16 or full precision")
             self.autocast = autocast_for(self.device, config.precision)
+            if self.device.type == "cuda":  # every batch has the same shapes: let cuDNN pick its fastest kernels
+                torch.backends.cudnn.benchmark = True
             torch.manual_seed(config.seed)
             self.model = self._build_model()
             # captions are decoded in the pretrained table every evaluation starts from, not the online
@@ -152,7 +154,7 @@ class Distiller:
         pixels = self._augmented_target(pixels, t)
         reset = self._reset_due(t)
         if reset:
-            self.online.reset(stream_generator(cfg.seed, "reset", t))
+            self.online.reset(stream_generator(cfg.seed, "reset", t, device=self.device))
         if cfg.step_order == "paper":
             online_loss = self._online_update(online_batch, t)
         real = self.online.encode_real(pixels, ids, mask)
@@ -228,28 +230,32 @@ class Distiller:
         syn.metadata["changed_token_share"] = float(changed.sum()) / max(1, int(attended.sum()))
         return syn
 
-    def state_dict(self) -> dict:
+    def state_dict(self, *, light: bool = False) -> dict:
         """Everything a resume needs, gathered over ranks (collective): the whole synthetic set and its
-        optimiser state, every rank's RNG state; the online model and its optimiser unless DeepSpeed saves them."""
+        optimiser state, every rank's RNG state; the online model and its optimiser unless DeepSpeed saves them,
+        or unless ``light`` and the next iteration resets them (then only the marker ``online_omitted``: the
+        reset restores everything they hold)."""
         gather = self.ranks.gather_rows
         rng = {"torch": gather(torch.get_rng_state().unsqueeze(0))}
         if self.device.type == "cuda":
             rng["cuda"] = gather(torch.cuda.get_rng_state(self.device).to(self.device).unsqueeze(0)).cpu()
         normaliser = self.loss_normaliser
+        omit_online = light and self.engine is None and self._reset_due(self.iteration)
         return {
             "iteration": self.iteration,
             "skipped_steps": self.skipped_steps,
             "loss_normaliser": float("nan") if normaliser is None else float(normaliser),
             **self.synthetic.state_dict(),
             "rng": rng,
-            **self.online.state_dict(),
+            **({"online_omitted": True} if omit_online else self.online.state_dict()),
         }
 
     def load_state_dict(self, state: dict) -> None:
         """Apply a checkpoint already validated by ``checkpoint.read_checkpoint`` (so nothing fails half-way);
         each rank takes its shard."""
         self.synthetic.load_state_dict(state, state["skipped_steps"])
-        self.online.load_state_dict(state)
+        if not state.get("online_omitted"):  # else the next iteration resets the online model anyway
+            self.online.load_state_dict(state)
         rank = self.ranks.rank
         torch.set_rng_state(state["rng"]["torch"][rank].clone())  # a row of its own (offset 0)
         if "cuda" in state["rng"] and self.device.type == "cuda":

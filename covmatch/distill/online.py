@@ -32,20 +32,32 @@ class OnlineModel:
         self._fresh_optimizer()
 
     def _fresh_optimizer(self) -> None:
-        """SGD with no state: encoders at the encoder learning rate, projections at the head's."""
+        """SGD with no state (multi-tensor ``foreach`` steps): encoders at the encoder learning rate, projections
+        at the head's."""
         p = self.settings.preset
         encoders = [q for q in self.model.encoder_parameters() if q.requires_grad]
         groups = [{"params": encoders, "lr": p.online_lr_encoder}] if encoders else []
         groups.append({"params": self.model.head_parameters(), "lr": p.online_lr_proj})
-        self.optimizer = torch.optim.SGD(groups, lr=p.online_lr_proj, momentum=p.online_momentum)
+        self.optimizer = torch.optim.SGD(groups, lr=p.online_lr_proj, momentum=p.online_momentum, foreach=True)
+        self._fresh_scaler()
+
+    def _fresh_scaler(self) -> None:
         self.scaled_step = ScaledStep(
             self.optimizer, self.device, enabled=self.settings.precision == "fp16", ranks=self.ranks
         )
 
     def reset(self, generator: torch.Generator) -> None:
-        """Back to the pretrained encoders, fresh projections from ``generator``, no optimiser state."""
+        """Back to the pretrained encoders, fresh projections from ``generator`` (on the model's device), and
+        the optimiser's momentum zeroed in place: with no dampening, SGD's first step from a zero buffer is the
+        step from none, and nothing is reallocated."""
         self.model.reset(generator)
-        self._fresh_optimizer()
+        with torch.no_grad():
+            buffers = [
+                s["momentum_buffer"] for s in self.optimizer.state.values() if s.get("momentum_buffer") is not None
+            ]
+            if buffers:
+                torch._foreach_zero_(buffers)
+        self._fresh_scaler()
 
     @torch.no_grad()
     def encode_real(self, pixels: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> Features:

@@ -21,9 +21,12 @@ _STREAMS = {"real": 1, "synthetic": 2, "reset": 3, "online": 4, "augment-synthet
             "crop-real": 7, "crop-online": 8}  # fmt: skip
 
 
-def stream_generator(seed: int, stream: str, iteration: int) -> torch.Generator:
+def stream_generator(seed: int, stream: str, iteration: int, device: Optional[torch.device] = None) -> torch.Generator:
+    """The generator of (seed, stream, iteration), on ``device`` (default the host): a device generator draws
+    there, with no copy from the host; the same key draws other numbers on another kind of device."""
     key = (seed * 1_000_003 + _STREAMS[stream]) * 10_000_019 + iteration
-    return torch.Generator().manual_seed(key % 2**64)  # any seed: manual_seed takes 64 bits
+    generator = torch.Generator() if device is None else torch.Generator(device=device)
+    return generator.manual_seed(key % 2**64)  # any seed: manual_seed takes 64 bits
 
 
 class RealBatchSampler(Sampler):

@@ -42,7 +42,7 @@ class SyntheticParameters:
         for name, tensor in self.learned().items():
             tensor.requires_grad_(True)
             groups.append({"params": [tensor], "lr": p.lr_img if name == "images" else p.lr_txt, "name": name})
-        self.optimizer = torch.optim.SGD(groups, lr=p.lr_img, momentum=p.syn_momentum)
+        self.optimizer = torch.optim.SGD(groups, lr=p.lr_img, momentum=p.syn_momentum, foreach=True)
         self.scaled_step = ScaledStep(self.optimizer, device, enabled=settings.precision == "fp16", ranks=ranks)
         self.skipped = torch.zeros((), device=device)  # steps skipped for an fp16 overflow, kept on the device
         self.augmentation = MatchAugmentation(settings.dsa_shift, settings.dsa_scale)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Dict, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -31,13 +31,15 @@ class Projection(nn.Module):
         self.net = nn.Sequential(*layers)
 
     def reset_parameters(self, generator: Optional[torch.Generator] = None) -> None:
-        """Fresh random weights (PyTorch's Linear init, drawn from ``generator`` when given)."""
+        """Fresh random weights (PyTorch's Linear init), drawn from ``generator`` on its device when given (a
+        generator on the model's device draws them there, with no copy from the host)."""
         for layer in self.net:
             if isinstance(layer, nn.Linear):
                 bound = 1.0 / math.sqrt(layer.in_features)
+                device = generator.device if generator is not None else torch.device("cpu")
                 with torch.no_grad():
-                    w = torch.empty(layer.weight.shape).uniform_(-bound, bound, generator=generator)
-                    b = torch.empty(layer.bias.shape).uniform_(-bound, bound, generator=generator)
+                    w = torch.empty(layer.weight.shape, device=device).uniform_(-bound, bound, generator=generator)
+                    b = torch.empty(layer.bias.shape, device=device).uniform_(-bound, bound, generator=generator)
                     layer.weight.copy_(w)
                     layer.bias.copy_(b)
 
@@ -80,15 +82,32 @@ class DualEncoder(nn.Module):
         )
         self._initial_logit_scale = float(self.logit_scale.detach())
         self._pretrained: Dict[str, torch.Tensor] = {}
+        self._restore: Optional[Tuple[torch.device, List[torch.Tensor], List[torch.Tensor]]] = None
         self.snapshot_pretrained()
 
     def snapshot_pretrained(self) -> None:
-        """Remember the encoders' current weights as the 'pretrained' state that ``reset`` returns to."""
+        """Remember the encoders' current weights as the 'pretrained' state that ``reset`` returns to (on the
+        host; ``reset`` keeps a copy on the model's device once it runs there)."""
         self._pretrained = {
             k: v.detach().to("cpu", copy=True)
             for k, v in self.state_dict().items()
             if k.startswith(("image.", "text."))
         }
+        self._restore = None
+
+    def _restore_pairs(self) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+        """(the encoders' tensors, their pretrained values on the same device), made once per device: each
+        reset is then one batched device-to-device copy."""
+        device = self.logit_scale.device
+        stale = self._restore is None or self._restore[0] != device
+        if not stale:  # a cast since (DeepSpeed's half-precision weights): sources in the weights' dtypes again
+            stale = any(t.dtype != s.dtype for t, s in zip(self._restore[1], self._restore[2]))
+        if stale:
+            live = self.state_dict(keep_vars=True)
+            targets = [live[name] for name in self._pretrained]
+            sources = [self._pretrained[name].to(device, t.dtype) for name, t in zip(self._pretrained, targets)]
+            self._restore = (device, targets, sources)
+        return self._restore[1], self._restore[2]
 
     def pretrained_state(self) -> Dict[str, torch.Tensor]:
         return self._pretrained
@@ -101,7 +120,9 @@ class DualEncoder(nn.Module):
 
     def reset(self, generator: Optional[torch.Generator] = None) -> None:
         """Encoders back to pretrained weights, projections re-initialised, temperature back to its start."""
-        self.load_state_dict(self._pretrained, strict=False)
+        targets, sources = self._restore_pairs()
+        with torch.no_grad():
+            torch._foreach_copy_(targets, sources)
         self.image_proj.reset_parameters(generator)
         self.text_proj.reset_parameters(generator)
         with torch.no_grad():

@@ -59,6 +59,9 @@ class TextEncoder(nn.Module):
         self.pooling = pooling
         self.feature_dim = int(model.config.hidden_size)
         self.embed_dim = int(model.get_input_embeddings().weight.shape[1])
+        pooler = getattr(model, "pooler", None)
+        if isinstance(pooler, nn.Module):  # BERT's pooled output is unused here: skip its matmul, keep its weights
+            pooler.forward = _no_pooled_output
 
     @classmethod
     def create(
@@ -121,11 +124,27 @@ class TextEncoder(nn.Module):
         # inputs in the weights' dtype: DeepSpeed bf16/fp16 keeps half-precision weights, and CPU autocast
         # does not cast LayerNorm's weights (mixed dtypes fail there)
         inputs_embeds = inputs_embeds.to(self.model.get_input_embeddings().weight.dtype)
-        hidden = self.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask).last_hidden_state
+        mask = self._attention_bias(attention_mask, inputs_embeds.dtype)
+        hidden = self.model(inputs_embeds=inputs_embeds, attention_mask=mask).last_hidden_state
         if self.pooling == "cls":
             return hidden[:, 0]
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
         return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+
+    def _attention_bias(self, attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The padding mask as the 4-D mask the attention kernel takes, [n, 1, L, L]: transformers uses a 4-D mask
+        as given, while from a 2-D one it first asks whether the batch has padding at all (``mask.all()``), a read
+        of a device value that stops the host until the GPU has caught up, three times per iteration. Boolean
+        (True: attend) for SDPA, additive for eager attention, as transformers builds them; other kernels get
+        the 2-D mask."""
+        implementation = getattr(self.model.config, "_attn_implementation", None)
+        if implementation not in ("sdpa", "eager"):
+            return attention_mask
+        length = attention_mask.shape[1]
+        keep = attention_mask.bool()[:, None, None, :].expand(-1, 1, length, length)
+        if implementation == "sdpa":
+            return keep
+        return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill_(~keep, torch.finfo(dtype).min)
 
     def encode_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Features of real captions, through the same ``inputs_embeds`` path as synthetic ones."""
@@ -143,6 +162,11 @@ class TextEncoder(nn.Module):
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         else:
             self.model.gradient_checkpointing_disable()
+
+
+def _no_pooled_output(hidden_states: torch.Tensor) -> None:
+    """The pooler's forward where features are the [CLS] output or a masked mean, never the pooled output."""
+    return None
 
 
 def max_positions(config) -> Optional[int]:

@@ -1,0 +1,92 @@
+"""What one distillation step asks of the host, counted on CPU: no reads of device values (each one stops the
+host until the GPU catches up), on ordinary and reset iterations alike; resets restore the model on its device
+in place; checkpoints at a reset boundary leave out the online model the next iteration resets."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from covmatch.distill import DistillConfig, Distiller
+from covmatch.presets import get_preset
+
+# the aten ops that copy a device value to the host (what .item(), bool(), .tolist() and friends run)
+VALUE_READS = {"_local_scalar_dense", "item", "is_nonzero", "equal", "allclose"}
+
+
+class ValueReads(TorchDispatchMode):
+    """Counts value reads, by op name."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads: list = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ in VALUE_READS:
+            self.reads.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def _distiller(**overrides) -> Distiller:
+    preset_fields = {k: overrides.pop(k) for k in list(overrides) if k in get_preset("tiny").to_dict()}
+    preset = get_preset("tiny", online="real", reset_every=3, iterations=6, **preset_fields)
+    return Distiller(DistillConfig(preset=preset, device="cpu", progress=False, **overrides), log=lambda _m: None)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {"precision": "bf16", "image_size": 32},
+        {"syn_chunk": 3, "num_pairs": 12},
+        {"normalize_loss": True, "frozen_text": True, "text_features": True},
+    ],  # fmt: skip
+    ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "default",
+)
+def test_a_step_reads_no_device_value(overrides):
+    d = _distiller(**overrides)
+    batches = list(zip(d.real_batches(0, 6), d.online_batches(0, 6)))  # resets at iterations 0 and 3
+    with ValueReads() as counter:
+        for real, online in batches:
+            d.step(real, online)
+    assert counter.reads == [], counter.reads
+
+
+def test_a_reset_restores_the_model_in_place_and_zeroes_momentum_without_a_new_optimizer():
+    d = _distiller()
+    batches = list(zip(d.real_batches(0, 4), d.online_batches(0, 4)))
+    pretrained = {k: v.clone() for k, v in d.model.pretrained_state().items()}
+    optimizer, params = d.online.optimizer, [p for g in d.online.optimizer.param_groups for p in g["params"]]
+    for real, online in batches[:3]:
+        d.step(real, online)
+    assert any(s.get("momentum_buffer") is not None for s in optimizer.state.values())
+    live = d.model.state_dict()
+    assert any(not torch.equal(live[k], v) for k, v in pretrained.items())  # the online model has trained
+    d.online.reset(torch.Generator().manual_seed(5))
+    live = d.model.state_dict()
+    assert all(torch.equal(live[k], v) for k, v in pretrained.items())
+    assert d.online.optimizer is optimizer and [p for g in optimizer.param_groups for p in g["params"]] == params
+    buffers = [s["momentum_buffer"] for s in optimizer.state.values() if s.get("momentum_buffer") is not None]
+    assert buffers and all(not b.any() for b in buffers)
+
+
+def test_a_checkpoint_at_a_reset_boundary_leaves_out_the_online_model_and_resumes_bit_exactly(tmp_path):
+    from covmatch.distill.cli import main as distill_main
+
+    common = ["--preset", "tiny", "--device", "cpu", "--no-progress", "--online", "real", "--reset-every", "3",
+              "--iterations", "6", "--keep-checkpoints", "10"]  # fmt: skip
+    assert distill_main([*common, "--out", str(tmp_path / "whole"), "--save-every", "2"]) == 0
+    boundary, inside = (torch.load(tmp_path / "whole" / "checkpoints" / f"step_{t:08d}.pt", weights_only=True)
+                        for t in (6, 4))  # fmt: skip
+    assert boundary["state"].get("online_omitted") and "model" not in boundary["state"]
+    assert "model" in inside["state"] and "online_omitted" not in inside["state"]
+    sizes = {t: (tmp_path / "whole" / "checkpoints" / f"step_{t:08d}.pt").stat().st_size for t in (4, 6)}
+    assert sizes[6] < sizes[4] / 2
+    assert distill_main([*common, "--out", str(tmp_path / "part"), "--save-every", "3", "--iterations", "3"]) == 0
+    assert torch.load(tmp_path / "part" / "checkpoints" / "step_00000003.pt", weights_only=True)["state"].get(
+        "online_omitted"
+    )
+    assert distill_main([*common, "--out", str(tmp_path / "part"), "--save-every", "3", "--resume"]) == 0
+    whole, part = ((tmp_path / d / "synthetic.safetensors").read_bytes() for d in ("whole", "part"))
+    assert whole == part
