@@ -164,6 +164,27 @@ def movement(initial: SyntheticSet, final: SyntheticSet) -> dict:
     return out
 
 
+def modality_steps(run: Path) -> Optional[dict]:
+    """The relative step of each modality per iteration (``||delta|| / ||x||``, as the run logged it): first
+    logged, mean and last, and how many times the faster modality moves the slower one; None for a run whose
+    log has none (made before they were logged, or distilling one modality)."""
+    log = run / "log.jsonl"
+    if not log.is_file():
+        return None
+    records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    records = [r for r in records if "rel_step_images" in r and "rel_step_captions" in r]
+    if not records:
+        return None
+    out = {}
+    for key, name in (("rel_step_images", "images"), ("rel_step_captions", "captions")):
+        values = [r[key] for r in records]
+        out[name] = {"first": values[0], "mean": sum(values) / len(values), "last": values[-1]}
+    low, high = sorted((out["images"]["mean"], out["captions"]["mean"]))
+    out["ratio"] = high / low if low > 0 else float("inf")
+    out["first_iteration"] = records[0]["iteration"]
+    return out
+
+
 def analyze(run: Path, out: Path, *, real_pairs: int, other_encoders: Sequence[tuple], device_name: str) -> dict:
     """Every diagnostic of ``run``, written under ``out``; returns what analysis.json holds."""
     final = SyntheticSet.load(run)
@@ -203,6 +224,7 @@ def analyze(run: Path, out: Path, *, real_pairs: int, other_encoders: Sequence[t
         "feature_stability": feature_stability(config),
         "match": match,
         "movement": movement(initial, final),
+        "modality_steps": modality_steps(run),
     }
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out / "analysis.json", (json.dumps(result, indent=2) + "\n").encode())
@@ -238,6 +260,15 @@ def render(result: dict) -> str:
               f"max {mv['token_relative_distance']['max']:.4f}"]  # fmt: skip
     if "changed_token_share" in mv:
         lines.append(f"- caption tokens whose nearest vocabulary token changed: {mv['changed_token_share']:.1%}")
+    steps = result.get("modality_steps")
+    if steps:
+        lines += ["", "## Relative step per iteration, ||delta|| / ||x||", "",
+                  "| modality | first logged | mean | last |", "|---|---|---|---|"]  # fmt: skip
+        for name in ("images", "captions"):
+            m = steps[name]
+            lines.append(f"| {name} | {m['first']:.3g} | {m['mean']:.3g} | {m['last']:.3g} |")
+        note = " (under 1/30: the slower modality is barely distilled)" if steps["ratio"] > 30 else ""
+        lines += ["", f"The faster modality moves {steps['ratio']:.3g} times as far per step as the slower{note}."]
     return "\n".join(lines) + "\n"
 
 

@@ -4,6 +4,8 @@ in place; checkpoints at a reset boundary leave out the online model the next it
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -90,3 +92,20 @@ def test_a_checkpoint_at_a_reset_boundary_leaves_out_the_online_model_and_resume
     assert distill_main([*common, "--out", str(tmp_path / "part"), "--save-every", "3", "--resume"]) == 0
     whole, part = ((tmp_path / d / "synthetic.safetensors").read_bytes() for d in ("whole", "part"))
     assert whole == part
+
+
+def test_each_modalitys_relative_step_is_logged_and_a_standstill_is_warned_once(tmp_path, capsys):
+    from covmatch.analyze import modality_steps
+    from covmatch.distill.cli import main as distill_main
+
+    argv = ["--preset", "tiny", "--device", "cpu", "--no-progress", "--iterations", "4", "--log-every", "1"]
+    assert distill_main([*argv, "--out", str(tmp_path / "even"), "--lr-img", "1000", "--lr-txt", "1"]) == 0
+    records = [json.loads(line) for line in (tmp_path / "even" / "log.jsonl").read_text().splitlines()]
+    assert all(r["rel_step_images"] > 0 and r["rel_step_captions"] > 0 for r in records)
+    assert "warning" not in capsys.readouterr().err
+    assert distill_main([*argv, "--out", str(tmp_path / "still"), "--lr-img", "1e-7"]) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert len(warnings) == 1 and "the images are barely distilled; consider a larger --lr-img" in warnings[0]
+    steps = modality_steps(tmp_path / "still")
+    assert steps["ratio"] > 30 and steps["images"]["mean"] < steps["captions"]["mean"]
+    assert modality_steps(tmp_path / "nowhere") is None

@@ -88,6 +88,7 @@ class Distiller:
             self.close()  # leave the process group: this object will not be used
             raise
         self.iteration = 0
+        self._balance_checked = False  # the one early check of the modalities' relative steps
         # --normalize-loss: 1 / ||rho C_T||^2 of the target batch at the last reset, dividing both terms
         self.loss_normaliser: Optional[torch.Tensor] = None
 
@@ -167,7 +168,8 @@ class Distiller:
         if cfg.step_order == "loss-first":
             online_loss = self._online_update(real_batch, t)
         self.iteration += 1
-        return {"loss": parts.total, "cov": parts.cov, "mean": parts.mean, "online": online_loss, "skipped": skipped}
+        metrics = {"loss": parts.total, "cov": parts.cov, "mean": parts.mean, "online": online_loss, "skipped": skipped}
+        return {**metrics, **self.synthetic.relative_steps(skipped)}
 
     def _to_device(self, real_batch):
         return self.data.to_device(real_batch, self.synthetic.images.dtype)
@@ -343,6 +345,7 @@ class Distiller:
             if log_now:
                 now = time.perf_counter()
                 record = summarise(metrics, t, (now - tick) / len(pending), self.device)
+                self._warn_if_one_modality_stands_still(record)
                 pending, tick = [], now
                 progress.set_postfix(postfix(record), refresh=False)
                 if writer is not None:
@@ -353,6 +356,23 @@ class Distiller:
         if out is not None and (saved is None or saved.metadata["iteration"] != self.iteration):
             saved = self._save(out, writer)  # no step ran (0 iterations, or resumed at the end)
         return saved if saved is not None else self.synthetic_set()
+
+    def _warn_if_one_modality_stands_still(self, record: dict) -> None:
+        """Once, at the first log record: a modality whose relative step is under 1/30 of the other's is barely
+        distilled (at a pretrained model pixels can receive a hundred times smaller relative gradients than
+        caption embeddings)."""
+        if self._balance_checked:
+            return
+        self._balance_checked = True
+        images, captions = record.get("rel_step_images"), record.get("rel_step_captions")
+        if not images or not captions or min(images, captions) * MODALITY_IMBALANCE >= max(images, captions):
+            return
+        slow, flag = ("images", "--lr-img") if images < captions else ("caption embeddings", "--lr-txt")
+        self.log(
+            f"covmatch: warning: per step the images move {images:.2g} of their norm and the caption embeddings "
+            f"{captions:.2g} ({max(images, captions) / min(images, captions):.0f}x apart): the {slow} are barely "
+            f"distilled; consider a larger {flag} (covmatch analyze reports this over the run)"
+        )
 
     def _stop_if_diverged(
         self, metrics: Dict[str, torch.Tensor], first: int, out: Optional[Path], *, check_set: bool
@@ -386,6 +406,9 @@ class Distiller:
             writer.save(syn, self.iteration)
         return syn
 
+
+# A modality whose relative step is this many times smaller than the other's gets a warning.
+MODALITY_IMBALANCE = 30.0
 
 # What each logged loss term is, and what to try when it diverges.
 _TERM_NAMES = {

@@ -94,6 +94,26 @@ class SyntheticParameters:
         self.skipped = self.skipped + skipped
         return skipped
 
+    @torch.no_grad()
+    def relative_steps(self, skipped: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """How far the last step moved each learnt modality, ``||delta|| / ||x||`` (device scalars, this rank's
+        shard): SGD without dampening moves a tensor by its learning rate times its momentum buffer, so no copy
+        of the set is kept. Token embeddings count where the attention mask attends (padding never moves)."""
+        out = {}
+        for group in self.optimizer.param_groups:
+            tensor = group["params"][0]
+            name = "rel_step_images" if group["name"] == "images" else "rel_step_captions"
+            buffer = self.optimizer.state.get(tensor, {}).get("momentum_buffer")
+            if buffer is None:  # no step taken yet (a first step skipped for an fp16 overflow)
+                out[name] = torch.zeros((), device=self.device)
+                continue
+            delta, value = buffer.float(), tensor.detach().float()
+            if group["name"] == "text_embeds":
+                attended = self.attention_mask.unsqueeze(-1).to(value.dtype)
+                delta, value = delta * attended, value * attended
+            out[name] = group["lr"] * delta.norm() / value.norm().clamp_min(1e-12) * (1.0 - skipped)
+        return out
+
     def non_finite(self) -> torch.Tensor:
         """1.0 when any learnt tensor on any rank holds a NaN or infinity (a device tensor; collective)."""
         bad = torch.zeros((), device=self.device)
