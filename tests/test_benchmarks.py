@@ -120,3 +120,17 @@ def test_count_flops_extrapolates_linearly():
     predicted = float(lines[2].split(": ")[1].split(" GFLOP")[0]) * 1e9
     direct = count_iteration("tiny", 12, 6)
     assert predicted == pytest.approx(direct, rel=0.02)
+
+
+def test_count_launches_files_every_op_under_its_phase():
+    """benchmarks/count_launches.py: the phases of an iteration, and a reset that costs a handful of ops (one
+    batched copy, four draws on the device, no optimiser rebuilt)."""
+    from benchmarks.count_launches import count_iteration
+
+    ordinary = count_iteration("tiny", 4, 4, "fp32", reset=False).by_phase
+    reset = count_iteration("tiny", 4, 4, "fp32", reset=True).by_phase
+    for phase in ("online step (forward, backward, SGD)", "target features", "synthetic forward, loss, backward",
+                  "synthetic SGD step"):  # fmt: skip
+        assert sum(ordinary[phase].values()) > 0 and ordinary[phase] == reset[phase], phase
+    assert "reset" not in ordinary and 0 < sum(reset["reset"].values()) < 20
+    assert reset["reset"]["_foreach_copy_"] == 1 and reset["synthetic SGD step"]["_foreach_add_"] >= 1
