@@ -90,6 +90,8 @@ def time_path(config: DistillConfig, tokenizer, batches: int, device: torch.devi
     ``to_device`` as the engine calls them (synchronised)."""
     data = RealData(config, tokenizer, ranks=Ranks(), device=device)
 
+    shape = []
+
     def rate(transform: bool) -> float:
         loader = iter(data.loader("online", 0, batches + 2))
         for _ in range(2):  # warm-up: workers or the reader thread start, the first pages are read
@@ -101,13 +103,13 @@ def time_path(config: DistillConfig, tokenizer, batches: int, device: torch.devi
         for batch in loader:
             if transform:
                 pixels, _, _ = data.to_device(batch, torch.float32)
+                shape[:] = pixels.shape[1:]
             images += batch[0].shape[0]
         synchronize()
         return images / (time.perf_counter() - start)
 
     host = rate(transform=False)
     whole = rate(transform=True)
-    shape = list(data.to_device(next(iter(data.loader("online", 0, 1))), torch.float32)[0].shape[1:])
     return {"host_images_per_s": host, "images_per_s": whole, "image_shape": shape}
 
 

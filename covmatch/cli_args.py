@@ -139,11 +139,10 @@ def add_setting_flags(groups: Mapping[str, Any], cls: type, *, types: Optional[M
             action.shown_default = info.none
 
 
-def flags_of(cls: type, *, preset_names: Optional[Mapping[str, str]] = None) -> Dict[str, str]:
-    """field -> flag for the settings of ``cls`` and the preset's fields (``preset_names`` renames some): what a
-    command passes to ``ConfigError.naming`` so that errors name its flags."""
+def flags_of(cls: type) -> Dict[str, str]:
+    """field -> flag for the settings of ``cls`` and the preset's fields: what a command passes to
+    ``ConfigError.naming`` so that errors name its flags."""
     names = {name: info.flag for name, info in _SETTINGS.items() if info.group is not None}
-    names.update(preset_names or {})
     names.update({info.name: info.flag for info in settings_of(cls) if info.group is not None})
     return names
 

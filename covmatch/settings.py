@@ -15,7 +15,7 @@ import os
 import typing
 from dataclasses import MISSING, dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, Optional, Tuple
+from typing import Any, Callable, Iterator, Optional, Tuple
 
 from covmatch.errors import ConfigError
 
@@ -30,7 +30,6 @@ __all__ = [
     "settings_of",
     "check_settings",
     "coerce_paths",
-    "flag_of",
     "PRECISIONS",
     "DATA",
     "RUNTIME",
@@ -169,11 +168,6 @@ def coerce_paths(obj: Any) -> None:
         value = getattr(obj, info.name)
         if info.kind is Path and isinstance(value, str):
             setattr(obj, info.name, Path(value))
-
-
-def flag_of(cls: type) -> Dict[str, str]:
-    """field -> the flag that sets it, for every ``setting`` field of ``cls`` that has a flag."""
-    return {info.name: info.flag for info in settings_of(cls) if info.group is not None}
 
 
 PRECISIONS = ("fp32", "fp16", "bf16")

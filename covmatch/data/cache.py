@@ -130,17 +130,15 @@ class DecodedCache:
         missing = [s for s in splits if s not in manifest.get("splits", {})]
         if missing:
             raise ConfigError(f"data_cache {root}: has no {', '.join(missing)} split", field="data_cache")
-        keys = {split: _split_keys(source, split) for split in splits}
-        wanted = source_fingerprint(source, keys)
-        built = manifest.get("fingerprint", {})
-        subset = {"source": built.get("source"), "keys": {s: built.get("keys", {}).get(s) for s in splits}}
-        wanted_subset = {"source": wanted["source"], "keys": {s: wanted["keys"][s] for s in splits}}
         if manifest.get("dataset") != source.name:
             raise ConfigError(
                 f"data_cache {root}: built from a {manifest.get('dataset')!r} dataset, this run reads {source.name!r}",
                 field="data_cache",
             )
-        difference = _describe_difference(subset, wanted_subset)
+        keys = {split: _split_keys(source, split) for split in splits}
+        built = manifest.get("fingerprint", {})  # of every split it holds: compare those this run reads
+        built = {"source": built.get("source"), "keys": {s: built.get("keys", {}).get(s) for s in splits}}
+        difference = _describe_difference(built, source_fingerprint(source, keys))
         if difference is not None:
             raise ConfigError(f"data_cache {root}: stale, {difference}; rebuild it", field="data_cache")
         pixels, sizes = {}, {}

@@ -24,6 +24,8 @@ from typing import Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
+from covmatch.constants import cached_constant
+
 __all__ = ["CropBoxes", "random_resized_crop_boxes", "crop_resize_normalize", "resize_normalize"]
 
 SCALE = (0.5, 1.0)
@@ -90,8 +92,11 @@ def random_resized_crop_boxes(
 
 def _normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     x = x.clamp_(0.0, 255.0).round_()  # 8 bits, as PIL's output
-    mean_t = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1) * 255.0
-    std_t = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1) * 255.0
+    mean_t, std_t = (
+        cached_constant(("pixel-stat", tuple(v), x.dtype), x.device,
+                        lambda v=v: torch.tensor(v, dtype=x.dtype, device=x.device).view(1, 3, 1, 1) * 255.0)
+        for v in (mean, std)
+    )  # fmt: skip
     return (x - mean_t) / std_t
 
 

@@ -117,8 +117,9 @@ def prepare_out_dir(config: DistillConfig) -> None:
 
 
 def check_data_cache(config: DistillConfig) -> None:
-    """A --data-cache that does not fit the run is refused before --overwrite removes anything."""
-    if config.data_cache is None:
+    """A --data-cache that does not fit the run is refused before --overwrite removes anything (without
+    --overwrite nothing is removed, and the run's own opening of the cache refuses it)."""
+    if config.data_cache is None or not config.overwrite:
         return
     preset = config.preset
     source = build_source(
