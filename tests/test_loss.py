@@ -274,4 +274,46 @@ def test_split_k_gradients_match_float64(dtype, device):
             _, aux = forward(*meta, 2.0, 0.1, [False, False, True, True])
             backward(meta, aux, torch.ones((), device="meta"), 2.0, 0.1, [False, False, True, True])
     names = [r.name for r in launches]
-    assert names.count("_grad_reduce_kernel") == 1 and launches[-2].constexprs["SPLIT"] > 1, names
+    grads = [r for r in launches if r.name == "_cov_grad_kernel"]
+    assert len(grads) == 2 and all(r.constexprs["SPLIT"] > 1 for r in grads), names
+    assert names.count("_grad_reduce_kernel") == 2, names
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_fp16_difference_beyond_fp16_range_keeps_gradients_finite(backend, device):
+    """Real fp16 features whose covariance (and so D) exceeds fp16's 65504 while the loss is finite in fp32:
+    the fused path keeps s * D in range (a power-of-two scale) and its synthetic gradients are finite and
+    accurate wherever the true ones fit fp16."""
+    gen = torch.Generator().manual_seed(11)
+    base = 300.0 * torch.randn(16, 6, generator=gen, dtype=torch.float64)
+    real_txt = base[:, :4] + 30.0 * torch.randn(16, 4, generator=gen, dtype=torch.float64)
+    syn = [0.01 * torch.randn(64, d, generator=gen, dtype=torch.float64) for d in (6, 4)]
+    xr, yr, xs, ys = (t.to(torch.float16).to(device) for t in (base, real_txt, *syn))
+    xs.requires_grad_()
+    ys.requires_grad_()
+    ref_loss, ref_grads, _ = float64_loss_and_grads((xr, yr, xs, ys), 1.0, 0.0)
+    assert ref_loss.item() < 3e38 and (ref_loss.sqrt() > 65504)  # D beyond fp16, the loss within fp32
+    assert all(g.abs().max() < 6e4 for g in ref_grads[2:])  # gradients that fit fp16
+    loss = covmatch_loss(xr, yr, xs, ys, backend=backend, form="cov")
+    grads = torch.autograd.grad(loss, (xs, ys))
+    assert torch.isfinite(loss)
+    for g, ref in zip(grads, ref_grads[2:]):
+        assert torch.isfinite(g).all()
+        assert relative_error(g.cpu(), ref) < 4e-3
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_cancellation_large_mean_weak_correlation(backend, dtype, device):
+    """Features whose means are ten standard deviations from zero and whose columns are nearly uncorrelated:
+    the covariance is a small difference of large products. Loss and gradients stay within the dtype's budget
+    of the float64 reference (the centring is exact or a rank-one correction, never a cancellation in fp16)."""
+    gen = torch.Generator().manual_seed(5)
+    inputs = []
+    for n, d in ((96, 40), (96, 24), (48, 40), (48, 24)):
+        signs = torch.randint(0, 2, (d,), generator=gen, dtype=torch.float64) * 2 - 1
+        t = 10.0 * signs + torch.randn(n, d, generator=gen, dtype=torch.float64)
+        inputs.append(t.to(dtype).to(device).requires_grad_())
+    corr = torch.corrcoef(torch.cat([inputs[0], inputs[1]], 1).detach().double().cpu().t())[:40, 40:]
+    assert corr.abs().mean() < 0.15  # weakly correlated
+    check_against_reference(inputs, backend, "cov", 1.5, 0.1, dtype)

@@ -206,13 +206,14 @@ def test_cached_constants_are_made_once_and_usable_by_autograd():
 
 @pytest.mark.parametrize(
     "form,lam,most_launches,most_ops",
-    [("cov", 0.0, 4, 0), ("cov", 0.1, 4, 0), ("gram", 0.0, 4, 10), ("gram", 0.1, 4, 21)],
+    [("cov", 0.0, 5, 0), ("cov", 0.1, 5, 0), ("gram", 0.0, 4, 10), ("gram", 0.1, 4, 21)],
 )
 def test_fused_path_launches_little(form, lam, most_launches, most_ops):
     """At the paper's shape the loss is launch-bound, so every launch costs about what a kernel does: one
-    forward + backward of the synthetic side in the covariance form is four Triton launches (column means,
-    D, the final reduction, both gradients) and no torch op at any lam (the eager formula: 58, see
-    bench_host.py); the Gram form adds torch ops around its kernels."""
+    forward + backward of the synthetic side in the covariance form is five Triton launches (column
+    statistics, D, the final reduction, one per gradient; a split-K reduction per gradient where the output
+    tiles do not fill the GPU) and no torch op at any lam (the eager formula: 58, see bench_host.py); the Gram
+    form adds torch ops around its kernels."""
     real_img, real_txt, syn_img, syn_txt = _four(n_real=6, n_syn=5, d_img=7, d_txt=3)
     syn_img.requires_grad_()
     syn_txt.requires_grad_()
@@ -229,7 +230,7 @@ def test_fused_path_launches_little(form, lam, most_launches, most_ops):
     assert len(launches) <= most_launches, [r.name for r in launches]
     assert len(ops) <= most_ops, sorted(ops)
     if form == "cov":
-        assert len(launches) + len(ops) <= 4
+        assert len(launches) + len(ops) <= 5
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])

@@ -7,16 +7,18 @@ and its backward (both gradients of a side in one GEMM launch), ``gram`` the Gra
 """
 
 from ._launch import LaunchRecord, TileConfig, interpreter_enabled, recorded_launches, target_arch, tuned_configs
-from .covariance import CovarianceForward, covariance_forward, covariance_grads
+from .covariance import CovarianceForward, CovariancePlan, covariance_forward, covariance_grads, covariance_plan
 from .gram import GramForward, gram_forward, gram_grad
 
 __all__ = [
     "CovarianceForward",
+    "CovariancePlan",
     "GramForward",
     "TileConfig",
     "LaunchRecord",
     "covariance_forward",
     "covariance_grads",
+    "covariance_plan",
     "gram_forward",
     "gram_grad",
     "interpreter_enabled",

@@ -8,12 +8,15 @@ overridable through ``COVMATCH_BACKEND``) and the algebraic form (covariance or 
 from __future__ import annotations
 
 import os
+from typing import Dict, Optional, Tuple
 
 import torch
 
+from covmatch.constants import cached_constant
+
 from .forms import choose_form
 from .torch_backend import covmatch_loss_torch, cross_covariance_torch, mean_gap_torch
-from .triton_backend import covmatch_loss_triton, triton_unavailable_reason
+from .triton_backend import EagerFusedLoss, FusedCall, covmatch_loss_triton, triton_unavailable_reason
 from .validation import check_covmatch_inputs, check_features, check_hyperparameters, check_pair
 
 __all__ = [
@@ -22,6 +25,7 @@ __all__ = [
     "cross_covariance",
     "mean_matching_loss",
     "covmatch_loss",
+    "covmatch_loss_with_grads",
     "loss_flops",
     "resolve_backend",
 ]
@@ -112,12 +116,6 @@ def mean_matching_loss(real: torch.Tensor, syn: torch.Tensor) -> torch.Tensor:
         return mean_gap_torch(real, syn)
 
 
-def _name_in_profiles() -> bool:
-    """Whether to mark the call with ``record_function``: while a profiler records (so that profiles name
-    it), in eager mode (under torch.compile the marker would be dropped, with a warning)."""
-    return not torch.compiler.is_compiling() and torch.autograd._profiler_enabled()
-
-
 def covmatch_loss(
     real_img: torch.Tensor,
     real_txt: torch.Tensor,
@@ -136,13 +134,137 @@ def covmatch_loss(
     fp32 tensor. ``backend``: 'torch', 'triton' or 'auto'. ``form``: 'cov', 'gram' or 'auto' (the
     cheaper one for this shape; both give the same value up to rounding).
     """
-    n_real, n_syn, d_img, d_txt = check_covmatch_inputs(real_img, real_txt, syn_img, syn_txt)
+    inputs = (real_img, real_txt, syn_img, syn_txt)
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+        return _traced_loss(inputs, rho, lam, backend, form)
+    grad_on = torch.is_grad_enabled()
+    try:
+        needs = (grad_on and real_img.requires_grad, grad_on and real_txt.requires_grad,
+                 grad_on and syn_img.requires_grad, grad_on and syn_txt.requires_grad)  # fmt: skip
+    except AttributeError:  # not tensors: the checks say which argument
+        check_covmatch_inputs(*inputs)
+        raise
+    call = _planned_call(inputs, rho, lam, backend, form, needs)
+    if torch.autograd._profiler_enabled():  # a named range in profiles (not under torch.compile: checked above)
+        with torch.profiler.record_function("covmatch_loss"):
+            return call(*inputs)
+    return call(*inputs)
+
+
+def covmatch_loss_with_grads(
+    real_img: torch.Tensor,
+    real_txt: torch.Tensor,
+    syn_img: torch.Tensor,
+    syn_txt: torch.Tensor,
+    *,
+    rho: float = 1.0,
+    lam: float = 0.0,
+    backend: str = "auto",
+    form: str = "auto",
+    grad_scale: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(loss, dL/dsyn_img, dL/dsyn_txt)`` without autograd: for callers that apply the feature gradients
+    themselves (chunked re-encoding, GradCache-style training). The gradients are multiplied by
+    ``grad_scale`` (a 0-dim tensor, read on the device; default 1) and come back in the synthetic inputs'
+    dtypes; the loss is as ``covmatch_loss`` returns it, unscaled. Nothing here records an autograd graph.
+    """
+    check_covmatch_inputs(real_img, real_txt, syn_img, syn_txt)
+    inputs = (real_img.detach(), real_txt.detach(), syn_img.detach(), syn_txt.detach())
+    call = _planned_call(inputs, rho, lam, backend, form, (False, False, True, True))
+    with torch.no_grad():
+        if isinstance(call, _FusedEager):
+            seed = grad_scale if grad_scale is not None else _one(syn_img.device)
+            seed = seed if seed.dtype == torch.float32 else seed.to(torch.float32)
+            loss, aux = call.fused.forward(*inputs)
+            _, _, grad_img, grad_txt = call.fused.backward(inputs, aux, seed.reshape(()))
+            return loss, grad_img, grad_txt
+    leaves = (*inputs[:2], inputs[2].requires_grad_(), inputs[3].requires_grad_())
+    with torch.enable_grad():
+        loss = call(*leaves)
+        grad_img, grad_txt = torch.autograd.grad(loss, leaves[2:])
+    if grad_scale is not None:
+        grad_img, grad_txt = grad_img * grad_scale, grad_txt * grad_scale
+    return loss.detach(), grad_img, grad_txt
+
+
+def _one(device: torch.device) -> torch.Tensor:
+    return cached_constant(("one_fp32",), device, lambda: torch.ones((), dtype=torch.float32, device=device))
+
+
+# ---------------------------------------------------------------------------------------- planned calls
+#
+# A call signature (shapes, dtypes, devices, which inputs need a gradient, rho, lam, backend, form, the
+# COVMATCH_BACKEND and TF32 settings) is validated and resolved once; later calls with the same signature go
+# straight to the planned implementation (host cost per call: benchmarks/bench_host.py).
+
+
+class _TorchCall:
+    __slots__ = ("rho", "lam", "form")
+
+    def __init__(self, rho: float, lam: float, form: str) -> None:
+        self.rho, self.lam, self.form = rho, lam, form
+
+    def __call__(self, real_img, real_txt, syn_img, syn_txt) -> torch.Tensor:
+        return covmatch_loss_torch(real_img, real_txt, syn_img, syn_txt, self.rho, self.lam, self.form)
+
+
+class _FusedEager:
+    __slots__ = ("fused", "differentiable")
+
+    def __init__(self, fused: FusedCall) -> None:
+        self.fused = fused
+        self.differentiable = any(fused.needs)
+
+    def __call__(self, real_img, real_txt, syn_img, syn_txt) -> torch.Tensor:
+        if self.differentiable:
+            return EagerFusedLoss.apply(self.fused, real_img, real_txt, syn_img, syn_txt)
+        return self.fused.forward(real_img, real_txt, syn_img, syn_txt)[0]
+
+
+_CALLS: Dict[tuple, object] = {}
+_MAX_CALLS = 1024
+
+
+def _planned_call(inputs, rho, lam, backend: str, form: str, needs):
+    """The implementation for this call signature: made (inputs validated, backend and form resolved) on the
+    signature's first call, looked up after."""
+    try:
+        real_img, real_txt, syn_img, syn_txt = inputs
+        key = (real_img.shape, real_txt.shape, syn_img.shape, syn_txt.shape,
+               real_img.dtype, real_txt.dtype, syn_img.dtype, syn_txt.dtype,
+               real_img.device, real_txt.device, syn_img.device, syn_txt.device,
+               needs, rho, lam, rho.__class__, lam.__class__, backend, form,
+               os.environ.get("COVMATCH_BACKEND") if backend == "auto" else None,
+               torch.backends.cuda.matmul.allow_tf32)  # fmt: skip
+        call = _CALLS.get(key)
+    except (AttributeError, TypeError):  # not tensors, or unhashable arguments: the checks below say which
+        key, call = None, None
+    if call is None:
+        call = _make_call(inputs, rho, lam, backend, form, needs)
+        if key is not None:
+            if len(_CALLS) >= _MAX_CALLS:
+                _CALLS.clear()
+            _CALLS[key] = call
+    return call
+
+
+def _make_call(inputs, rho, lam, backend: str, form: str, needs):
+    n_real, n_syn, d_img, d_txt = check_covmatch_inputs(*inputs)
     check_hyperparameters(rho, lam)
-    dtypes = (real_img.dtype, real_txt.dtype, syn_img.dtype, syn_txt.dtype)
-    resolved = resolve_backend(backend, real_img.device, dtypes, loss_flops(n_real, n_syn, d_img, d_txt))
+    dtypes = tuple(t.dtype for t in inputs)
+    resolved = resolve_backend(backend, inputs[0].device, dtypes, loss_flops(n_real, n_syn, d_img, d_txt))
+    resolved_form = choose_form(form, n_real, n_syn, d_img, d_txt)
+    if resolved == "triton":
+        return _FusedEager(FusedCall(inputs, float(rho), float(lam), resolved_form, needs))
+    return _TorchCall(rho, lam, resolved_form)
+
+
+def _traced_loss(inputs, rho, lam, backend: str, form: str) -> torch.Tensor:
+    """The loss under torch.compile tracing or a torch.func transform: the library op (or the torch formula)."""
+    n_real, n_syn, d_img, d_txt = check_covmatch_inputs(*inputs)
+    check_hyperparameters(rho, lam)
+    dtypes = tuple(t.dtype for t in inputs)
+    resolved = resolve_backend(backend, inputs[0].device, dtypes, loss_flops(n_real, n_syn, d_img, d_txt))
     resolved_form = choose_form(form, n_real, n_syn, d_img, d_txt)
     impl = covmatch_loss_triton if resolved == "triton" else covmatch_loss_torch
-    if _name_in_profiles():
-        with torch.profiler.record_function("covmatch_loss"):
-            return impl(real_img, real_txt, syn_img, syn_txt, rho, lam, resolved_form)
-    return impl(real_img, real_txt, syn_img, syn_txt, rho, lam, resolved_form)
+    return impl(*inputs, rho, lam, resolved_form)

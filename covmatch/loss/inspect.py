@@ -5,11 +5,15 @@
 Runs one forward + backward of the fused loss (synthetic side differentiated, as distillation calls it) on
 meta tensors, through the same host code a GPU call runs: the launches it records are exactly the kernels,
 grids and tile configurations that call would launch for that architecture (``target_arch``). Each is
-compiled ahead of time with Triton for ``--arch`` (its ``.ptx`` written into ``--dump``) and assembled with
-the ``ptxas`` Triton ships, and one line per launch gives its name, grid, tile configuration, registers,
+compiled ahead of time with Triton for ``--arch`` (its ``.ptx`` and ``.cubin`` written into ``--dump``) and
+assembled with the ``ptxas`` Triton ships, and one line per launch gives its name, grid, tile configuration, registers,
 spill bytes, shared memory, tensor-core instructions (``wgmma.mma_async`` on sm_90, ``mma.sync`` on
-sm_80), fp32 FMAs, FLOPs and bytes moved. The last line is ``launches: N``: every device launch of the
-call, torch ops included (autograd's seed gradient of ``backward()``, the caller's, is left out).
+sm_80), fp32 FMAs, FLOPs and bytes moved, what ptxas warns about (``ptxas-warnings=``; e.g. C7515,
+tensor-core instructions serialised) and, read from the SASS (``nvdisasm``, shipped with Triton), the
+K-loop: instructions per iteration of each loop that issues tensor-core instructions, with the CUDA-core
+FMAs (``FFMA``) and the synchronous global loads (``LDG``) among them (``kloop=instructions/FFMA/LDG``).
+The last line is ``launches: N``: every device launch of the call, torch ops included (autograd's seed
+gradient of ``backward()``, the caller's, is left out).
 
 Needs Triton >= 3.3 (its ``tt.divisibility`` attribute format) and no GPU. It lives in the loss package, above
 the kernels, because it runs the loss's host code to learn what a call launches.
@@ -33,7 +37,7 @@ from covmatch.kernels import interpreter_enabled
 from covmatch.kernels._launch import DispatchedOps, LaunchRecord, recorded_launches, target_arch
 
 from .forms import choose_form
-from .triton_backend import HOST_FUNCTIONS
+from .triton_backend import FusedCall
 
 __all__ = ["KernelReport", "inspect_call", "main"]
 
@@ -42,6 +46,19 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _SIGNATURE_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.int32: "i32",
                      torch.int64: "i64", torch.float64: "fp64"}  # fmt: skip
 TENSOR_CORE_PATTERNS = {(9, 0): r"\bwgmma\.mma_async\b", (8, 0): r"\bmma\.sync\b"}
+SASS_TENSOR_CORE = {(9, 0): ("HGMMA",), (8, 0): ("HMMA",)}
+# sm_90 and sm_80 allow at most this much shared memory per block (227 KB and 163 KB)
+MAX_SHARED_BYTES = {(9, 0): 232_448, (8, 0): 166_912}
+
+
+@dataclass
+class KLoop:
+    """One loop of the SASS that issues tensor-core instructions: what one of its iterations executes."""
+
+    instructions: int
+    tensor_core: int
+    ffma: int
+    global_loads: int
 
 
 @dataclass
@@ -59,11 +76,15 @@ class KernelReport:
     flops: float
     bytes_moved: float
     ptx: Path
+    ptxas_warnings: List[str]
+    kloops: List[KLoop]
 
     def line(self) -> str:
+        loops = ",".join(f"{k.instructions}/{k.ffma}/{k.global_loads}" for k in self.kloops) or "-"
         return (f"{self.name:22s} grid={'x'.join(map(str, self.grid)):9s} tile={self.tile:22s} "
                 f"regs={self.registers:3d} spills={self.spill_bytes}B smem={self.shared_bytes}B "
                 f"tensor-core={self.tensor_core_instructions} fp32-fma={self.fp32_fmas} "
+                f"ptxas-warnings={len(self.ptxas_warnings)} kloop={loops} "
                 f"flops={self.flops:.3g} bytes={self.bytes_moved:.3g}")  # fmt: skip
 
 
@@ -83,13 +104,13 @@ def record_call(
         features(n_syn, dim_x),
         features(n_syn, dim_y),
     )
-    forward, backward = HOST_FUNCTIONS[choose_form(form, n_real, n_syn, dim_x, dim_y)]
     inputs, needs = (real_x, real_y, syn_x, syn_y), [False, False, True, True]
-    # the op's forward and backward host functions (on meta tensors its registered fake would run instead)
     seed = torch.ones((), device="meta")  # the caller's backward() makes this
     with target_arch(capability), recorded_launches() as launches, DispatchedOps() as ops:
-        loss, aux = forward(*inputs, rho, lam, needs)
-        backward(inputs, aux, seed, rho, lam, needs)
+        # the eager path's host functions (on meta tensors the op's registered fake would run instead)
+        call = FusedCall(inputs, rho, lam, choose_form(form, n_real, n_syn, dim_x, dim_y), needs)
+        loss, aux = call.forward(*inputs)
+        call.backward(inputs, aux, seed)
     return list(launches), list(ops.ops)
 
 
@@ -122,20 +143,68 @@ def _signature(record: LaunchRecord):
     return signature, constants, attrs
 
 
-def _ptxas(ptx: Path, capability: Tuple[int, int]) -> Tuple[int, int]:
-    """(registers, spill bytes) from Triton's ptxas for the launch's kernel."""
+def _nvidia_tool(name: str) -> str:
+    """Triton's copy of a CUDA tool (``ptxas``, ``nvdisasm``), else one on PATH."""
     import triton
 
-    ptxas = os.environ.get("TRITON_PTXAS_PATH") or str(Path(triton.__file__).parent / "backends/nvidia/bin/ptxas")
-    if not Path(ptxas).is_file():
-        ptxas = shutil.which("ptxas") or ptxas
+    env = os.environ.get(f"TRITON_{name.upper()}_PATH")
+    shipped = Path(triton.__file__).parent / "backends/nvidia/bin" / name
+    if env:
+        return env
+    return str(shipped) if shipped.is_file() else (shutil.which(name) or str(shipped))
+
+
+def _ptxas(ptx: Path, capability: Tuple[int, int]) -> Tuple[int, int, List[str], Path]:
+    """(registers, spill bytes, performance warnings, cubin) from Triton's ptxas for the launch's kernel."""
     arch = f"sm_{capability[0]}{capability[1]}" + ("a" if capability[0] >= 9 else "")
-    run = subprocess.run([ptxas, f"-arch={arch}", "-v", str(ptx), "-o", "/dev/null"], capture_output=True, text=True)
+    cubin = ptx.with_suffix(".cubin")
+    run = subprocess.run([_nvidia_tool("ptxas"), f"-arch={arch}", "-v", str(ptx), "-o", str(cubin)],
+                         capture_output=True, text=True)  # fmt: skip
     if run.returncode != 0:
         raise RuntimeError(f"ptxas failed on {ptx}: {run.stderr.strip().splitlines()[-1:]}")
     registers = max((int(m) for m in re.findall(r"Used (\d+) registers", run.stderr)), default=0)
     spills = sum(int(m) for m in re.findall(r"(\d+) bytes spill (?:stores|loads)", run.stderr))
-    return registers, spills
+    warnings = [line.strip() for line in run.stderr.splitlines()
+                if re.search(r"\(C\d{4}\)|[Ww]arning|Performance", line)]  # fmt: skip
+    return registers, spills, warnings, cubin
+
+
+_SASS_LINE = re.compile(r"^\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9]*)[^;]*;")
+_SASS_BRANCH = re.compile(r"\bBRA\b.*`\((\.L\w+)\)")
+_SASS_LABEL = re.compile(r"^(\.L\w+):")
+
+
+def sass_kloops(sass: str, tensor_core_ops: Sequence[str]) -> List[KLoop]:
+    """The loops of a SASS listing (a label and a later branch back to it) that issue tensor-core
+    instructions, each as the counts of one iteration."""
+    opcodes: List[str] = []
+    labels = {}
+    loops = []
+    for line in sass.splitlines():
+        label = _SASS_LABEL.match(line.strip())
+        if label:
+            labels[label.group(1)] = len(opcodes)
+            continue
+        found = _SASS_LINE.match(line)
+        if not found:
+            continue
+        opcodes.append(found.group(1))
+        branch = _SASS_BRANCH.search(line)
+        if branch and branch.group(1) in labels:  # a backward branch closes a loop
+            loops.append(opcodes[labels[branch.group(1)] :])
+    out = []
+    for body in loops:
+        tensor_core = sum(op in tensor_core_ops for op in body)
+        if tensor_core:
+            out.append(KLoop(len(body), tensor_core, body.count("FFMA"), body.count("LDG")))
+    return out
+
+
+def _sass(cubin: Path) -> str:
+    run = subprocess.run([_nvidia_tool("nvdisasm"), "-c", str(cubin)], capture_output=True, text=True)
+    if run.returncode != 0:
+        raise RuntimeError(f"nvdisasm failed on {cubin}: {run.stderr.strip().splitlines()[-1:]}")
+    return run.stdout
 
 
 def compile_launch(record: LaunchRecord, capability: Tuple[int, int], ptx_path: Path) -> KernelReport:
@@ -151,13 +220,14 @@ def compile_launch(record: LaunchRecord, capability: Tuple[int, int], ptx_path: 
     compiled = triton.compile(source, target=target, options=options)
     ptx = compiled.asm["ptx"]
     ptx_path.write_text(ptx)
-    registers, spills = _ptxas(ptx_path, capability)
+    registers, spills, warnings, cubin = _ptxas(ptx_path, capability)
+    kloops = sass_kloops(_sass(cubin), SASS_TENSOR_CORE[capability])
     c = record.config
     tile = f"{c.block_m}x{c.block_n}x{c.block_k} w{c.num_warps} s{c.num_stages}"
     return KernelReport(
         record.name, record.grid, tile, registers, spills, int(compiled.metadata.shared),
         len(re.findall(TENSOR_CORE_PATTERNS[capability], ptx)), len(re.findall(r"\bfma\.rn\.f32\b", ptx)),
-        record.flops, record.bytes_moved, ptx_path,
+        record.flops, record.bytes_moved, ptx_path, warnings, kloops,
     )  # fmt: skip
 
 

@@ -15,8 +15,8 @@ from .forms import gram_row_weights
 from .torch_backend import covmatch_loss_torch
 
 __all__ = [
-    "HOST_FUNCTIONS", "FusedLossFunction", "covmatch_loss_triton", "fused_loss", "fused_loss_backward",
-    "triton_unavailable_reason",
+    "HOST_FUNCTIONS", "EagerFusedLoss", "FusedCall", "FusedLossFunction", "covmatch_loss_triton", "fused_loss",
+    "fused_loss_backward", "triton_unavailable_reason",
 ]  # fmt: skip
 
 
@@ -72,44 +72,46 @@ def _row_bias(lam: float, beta: float, gap: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------- covariance form
 
 
+def _covariance_plan(inputs, rho: float, lam: float, needs):
+    real_img, real_txt, syn_img, _ = inputs
+    dtypes = tuple(t.dtype for t in inputs)
+    return _kernels().covariance_plan(real_img.shape[0], syn_img.shape[0], real_img.shape[1], real_txt.shape[1],
+                                      dtypes, real_img.device, rho, lam, tuple(needs))  # fmt: skip
+
+
+def _contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.is_contiguous() else t.contiguous()
+
+
 def covariance_form_forward(real_img, real_txt, syn_img, syn_txt, rho: float, lam: float, needs):
-    """(loss, [D, column means]) of the covariance form; D (empty when no gradient is needed) is what
-    the backward multiplies by."""
-    out = _kernels().covariance_forward(real_img, real_txt, syn_img, syn_txt, rho, lam, store_diff=any(needs))
-    diff = out.diff if out.diff is not None else _empty(real_img)
-    return out.loss, [diff, out.mean_x, out.mean_y]
+    """(loss, [D, the forward's workspace]) of the covariance form: what the backward reads (D empty when no
+    gradient is needed). Inputs are copied once when not contiguous. What the op returns must be a function of
+    its inputs and not alias: the workspace starts as zeros and the loss is a copy (the eager path,
+    ``FusedCall``, skips both)."""
+    inputs = tuple(_contiguous(t) for t in (real_img, real_txt, syn_img, syn_txt))
+    out = _covariance_plan(inputs, rho, lam, needs).forward(*inputs, zeroed=True)
+    return out.loss.clone(), [out.diff if out.diff is not None else _empty(real_img), out.workspace]
 
 
 def covariance_form_backward(inputs, aux, grad, rho, lam, needs) -> list:
-    """Gradients of the four inputs (None where not needed), one launch per side that needs any:
-    alpha = 2 rho / (n_T - 1) on the real side, -2 / (n_S - 1) on the synthetic side; beta is the mean
-    term's 2 lam / n with the same signs (docs/design.md, *Gradients*)."""
-    real_img, real_txt, syn_img, syn_txt = inputs
-    diff, mean_x, mean_y = aux
-    n_real, n_syn = real_img.shape[0], syn_img.shape[0]
-    dtypes = [t.dtype for t in inputs]
+    """Gradients of the four inputs (None where not needed): one launch per gradient (two with split-K)."""
+    inputs = tuple(_contiguous(t) for t in inputs)
+    plan = _covariance_plan(inputs, rho, lam, needs)
+    fwd = _kernels().CovarianceForward(None, *aux)
     grads = [None, None, None, None]
-    sides = ((0, real_img, real_txt, 2.0 * rho / (n_real - 1), 2.0 * lam / n_real),
-             (1, syn_img, syn_txt, -2.0 / (n_syn - 1), -2.0 * lam / n_syn))  # fmt: skip
-    for side, x, y, alpha, beta in sides:
-        need_x, need_y = needs[2 * side], needs[2 * side + 1]
-        if need_x or need_y:
-            grads[2 * side], grads[2 * side + 1] = _kernels().covariance_grads(
-                side,
-                x,
-                y,
-                mean_x,
-                mean_y,
-                diff,
-                grad,
-                alpha,
-                beta,
-                need_x,
-                need_y,
-                dtypes[2 * side],
-                dtypes[2 * side + 1],
-            )
+    for side in (0, 1):
+        if needs[2 * side] or needs[2 * side + 1]:
+            grads[2 * side], grads[2 * side + 1] = plan.grads(side, inputs[2 * side], inputs[2 * side + 1], fwd, grad)
     return grads
+
+
+def _covariance_aux_fake(real_img, real_txt, syn_img, syn_txt, rho, lam, needs) -> list:
+    """Empty tensors shaped like ``covariance_form_forward``'s aux (for the op's fake implementation)."""
+    dtypes = (real_img.dtype, real_txt.dtype, syn_img.dtype, syn_txt.dtype)
+    (n_real, dim_x), (n_syn, dim_y) = real_img.shape, syn_txt.shape  # sizes may be symbolic: no plan cache
+    plan = _kernels().CovariancePlan(n_real, n_syn, dim_x, dim_y, dtypes, real_img.device, rho, lam, tuple(needs))
+    diff = real_img.new_empty((dim_x, dim_y), dtype=plan.diff_dtype) if plan.store_diff else _empty(real_img)
+    return [diff, real_img.new_empty((plan.workspace_size,), dtype=torch.float32)]
 
 
 # ---------------------------------------------------------------------------------------- Gram form
@@ -205,9 +207,7 @@ def _fused_loss_fake(real_img, real_txt, syn_img, syn_txt, rho, lam, form, needs
     loss = real_img.new_empty((), **f32)
     means = [real_img.new_empty((2, dim_x), **f32), real_img.new_empty((2, dim_y), **f32)]
     if form == "cov":
-        d_dtype = _kernels().covariance.diff_dtype(*(t.dtype for t in (real_img, real_txt, syn_img, syn_txt)))
-        diff = real_img.new_empty((dim_x, dim_y), dtype=d_dtype) if any(needs) else _empty(real_img)
-        return [loss, diff, *means]
+        return [loss, *_covariance_aux_fake(real_img, real_txt, syn_img, syn_txt, rho, lam, needs)]
     n = n_real + n_syn
     z_x = real_img.new_empty((n, dim_x), dtype=torch.promote_types(real_img.dtype, syn_img.dtype))
     z_y = real_img.new_empty((n, dim_y), dtype=torch.promote_types(real_txt.dtype, syn_txt.dtype))
@@ -303,3 +303,64 @@ def covmatch_loss_triton(
     grad_on = torch.is_grad_enabled()
     needs = [grad_on and t.requires_grad for t in (real_img, real_txt, syn_img, syn_txt)]
     return FusedLossFunction.apply(real_img, real_txt, syn_img, syn_txt, float(rho), float(lam), form, needs)[0]
+
+
+# ---------------------------------------------------------------------------------------- the eager path
+#
+# In eager mode (no torch.compile tracing, no torch.func transform) a call skips both library ops: a plain
+# autograd.Function calls the host functions of a ``FusedCall`` planned once per call signature, so its host
+# cost is its allocations and launches (benchmarks/bench_host.py).
+
+
+class FusedCall:
+    """The fused path for one call signature (shapes, dtypes, device, rho, lam, form, which gradients): the
+    covariance form's kernel plan is made once, here; the Gram form runs its host functions."""
+
+    __slots__ = ("form", "rho", "lam", "needs", "plan")
+
+    def __init__(self, inputs, rho: float, lam: float, form: str, needs) -> None:
+        self.form, self.rho, self.lam, self.needs = form, float(rho), float(lam), list(needs)
+        self.plan = _covariance_plan(inputs, rho, lam, needs) if form == "cov" else None
+
+    def forward(self, real_img, real_txt, syn_img, syn_txt):
+        """(loss, the tensors the backward reads besides the inputs)."""
+        if self.plan is not None:
+            inputs = (_contiguous(real_img), _contiguous(real_txt), _contiguous(syn_img), _contiguous(syn_txt))
+            out = self.plan.forward(*inputs)
+            return out.loss, (out.diff, out.workspace)
+        return gram_form_forward(real_img, real_txt, syn_img, syn_txt, self.rho, self.lam, self.needs)
+
+    def backward(self, inputs, aux, grad: torch.Tensor) -> list:
+        """The four input gradients (None where not needed) from the inputs and ``forward``'s aux."""
+        if self.plan is None:
+            return gram_form_backward(inputs, list(aux), grad, self.rho, self.lam, self.needs)
+        fwd = _kernels().CovarianceForward(None, *aux)
+        grads = [None, None, None, None]
+        needs = self.needs
+        for side in (0, 1):
+            if needs[2 * side] or needs[2 * side + 1]:
+                x, y = _contiguous(inputs[2 * side]), _contiguous(inputs[2 * side + 1])
+                grads[2 * side], grads[2 * side + 1] = self.plan.grads(side, x, y, fwd, grad)
+        return grads
+
+
+class EagerFusedLoss(torch.autograd.Function):
+    """Autograd over a ``FusedCall`` (old-style: no signature binding per call); under create_graph=True the
+    gradient comes from the differentiable torch formula."""
+
+    @staticmethod
+    def forward(ctx, call: FusedCall, real_img, real_txt, syn_img, syn_txt):
+        loss, aux = call.forward(real_img, real_txt, syn_img, syn_txt)
+        ctx.call = call
+        ctx.save_for_backward(real_img, real_txt, syn_img, syn_txt, *aux)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad):
+        call = ctx.call
+        saved = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            grads = _differentiable_grads(saved[:4], grad, call.rho, call.lam, call.form, call.needs)
+        else:
+            grads = call.backward(saved[:4], saved[4:], grad if grad.dtype == torch.float32 else grad.to(torch.float32))
+        return (None, *grads)
