@@ -38,8 +38,8 @@ else:
 # the target shapes: torch.compile (whose compile time is paid per shape, dtype and pass) and each of the
 # fused kernel's two forms forced (``triton`` is form="auto", which picks the one with fewer FLOPs)
 HEADLINE_SHAPES = {"smoke-a", "paper", "square-4096-N=10000"}
-IMPLS = ["triton", "torch", "eager", "compiled", "triton-cov", "triton-gram"]
-HEADLINE_ONLY = {"compiled", "triton-cov", "triton-gram"}
+IMPLS = ["triton", "torch", "eager", "compiled", "triton-cov", "triton-gram", "hybrid"]
+HEADLINE_ONLY = {"compiled", "triton-cov", "triton-gram", "hybrid"}
 RHO, LAM = 2.0, 0.1
 
 
@@ -56,7 +56,7 @@ def _compiled():
 
 
 def make_loss_fn(impl: str):
-    if impl in ("triton", "torch"):
+    if impl in ("triton", "torch", "hybrid"):
         return lambda *xs: covmatch_loss(*xs, rho=RHO, lam=LAM, backend=impl)
     if impl.startswith("triton-"):
         return lambda *xs: covmatch_loss(*xs, rho=RHO, lam=LAM, backend="triton", form=impl.split("-", 1)[1])
@@ -122,6 +122,8 @@ def _cases():
                     continue
                 if impl.startswith("triton") and SMOKE and dtype == torch.bfloat16:
                     continue  # the interpreter has no bf16 tl.dot
+                if impl == "hybrid" and dtype == torch.float32:
+                    continue  # the large-shape path takes half-precision features only
                 for backward in (True, False):
                     cases.append((_priority(shape[0], backward, impl), shape, dtype, impl, backward))
     cases.sort(key=lambda case: case[0])  # stable: shapes, dtypes and impls keep their order within a rank

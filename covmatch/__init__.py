@@ -6,12 +6,13 @@ by the modules that need it, and Triton only when the fused backend is first use
 
 from ._version import __version__
 from .eval.metrics import retrieval_recall
-from .loss import CovMatchLoss, covmatch_loss, cross_covariance, mean_matching_loss
+from .loss import CovMatchLoss, covmatch_loss, covmatch_loss_with_grads, cross_covariance, mean_matching_loss
 
 __all__ = [
     "CovMatchLoss",
     "__version__",
     "covmatch_loss",
+    "covmatch_loss_with_grads",
     "cross_covariance",
     "mean_matching_loss",
     "retrieval_recall",

@@ -33,11 +33,11 @@ from pathlib import Path
 import torch
 from covmatch.loss.inspect import ARCHS, DTYPES, inspect_call
 out = []
-for arch, dtype, shape, tf32 in json.loads(sys.argv[1]):
+for arch, dtype, shape, tf32, *backend in json.loads(sys.argv[1]):
     torch.backends.cuda.matmul.allow_tf32 = tf32
-    dump = Path(sys.argv[2]) / f"{arch}-{dtype}-{'x'.join(map(str, shape))}-{tf32}"
-    reports, ops = inspect_call(tuple(shape), DTYPES[dtype], ARCHS[arch], dump)
-    out.append({"case": [arch, dtype, shape, tf32], "ops": ops, "ptx": sorted(p.name for p in dump.iterdir()),
+    dump = Path(sys.argv[2]) / f"{arch}-{dtype}-{'x'.join(map(str, shape))}-{tf32}-{backend}"
+    reports, ops = inspect_call(tuple(shape), DTYPES[dtype], ARCHS[arch], dump, backend=(backend or ["triton"])[0])
+    out.append({"case": [arch, dtype, shape, tf32, *backend], "ops": ops, "ptx": sorted(p.name for p in dump.iterdir()),
                 "kernels": [{"name": r.name, "tc": r.tensor_core_instructions, "spills": r.spill_bytes,
                              "regs": r.registers, "smem": r.shared_bytes, "grid": list(r.grid),
                              "warnings": r.ptxas_warnings, "kloops": [vars(k) for k in r.kloops]}
@@ -48,13 +48,14 @@ print(json.dumps(out))
 HALF_CASES = [[arch, dtype, list(shape), False] for arch in ("sm_90", "sm_80") for dtype in ("bf16", "fp16")
               for shape in (PAPER, LARGE)]  # fmt: skip
 FP32_CASES = [["sm_80", "fp32", list(PAPER), False], ["sm_80", "fp32", list(PAPER), True]]
+HYBRID_CASES = [["sm_90", dtype, list(LARGE), False, "hybrid"] for dtype in ("bf16", "fp16")]
 
 
 @pytest.fixture(scope="module")
 def inspected(tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    cases = HALF_CASES + FP32_CASES
+    cases = HALF_CASES + FP32_CASES + HYBRID_CASES
     dump = tmp_path_factory.mktemp("inspect")
     run = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(cases), str(dump)], capture_output=True,
                          text=True, env=env, cwd=REPO, timeout=900)  # fmt: skip
@@ -90,6 +91,20 @@ def test_fp32_uses_tf32_tensor_cores_exactly_when_torch_allows_it(inspected):
     products = [k for k in ieee if k["name"] in MATRIX_PRODUCT_KERNELS]
     assert products and all(k["tc"] == 0 for k in products)  # allow_tf32 off (torch's default): exact fp32
     assert all(k["tc"] > 0 for k in tf32 if k["name"] in MATRIX_PRODUCT_KERNELS)
+
+
+@pytest.mark.parametrize("case", HYBRID_CASES, ids=lambda c: f"{c[0]}-{c[1]}")
+def test_large_shape_path_is_four_gemms_and_clean_epilogues(inspected, case):
+    """The hybrid path at the large shape: the four products are torch matmuls (cuBLAS), the rest four
+    bandwidth-bound Triton kernels (column statistics, D's epilogue, the final reduction, one epilogue per
+    gradient) that compile without warnings or spills."""
+    result = inspected[json.dumps(case)]
+    assert result["ops"] == ["mm"] * 4, result["ops"]
+    names = [k["name"] for k in result["kernels"]]
+    assert names == ["_column_stats_kernel", "_hybrid_diff_kernel", "_finish_kernel", "_grad_reduce_kernel",
+                     "_grad_reduce_kernel"], names  # fmt: skip
+    for k in result["kernels"]:
+        assert k["spills"] == 0 and k["warnings"] == [] and k["smem"] <= 232_448, k
 
 
 def test_command_line(tmp_path):

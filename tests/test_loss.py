@@ -317,3 +317,36 @@ def test_cancellation_large_mean_weak_correlation(backend, dtype, device):
     corr = torch.corrcoef(torch.cat([inputs[0], inputs[1]], 1).detach().double().cpu().t())[:40, 40:]
     assert corr.abs().mean() < 0.15  # weakly correlated
     check_against_reference(inputs, backend, "cov", 1.5, 0.1, dtype)
+
+
+HYBRID_SHAPES = [(2, 2, 1, 1), (3, 127, 7, 64), (130, 67, 300, 70), (1000, 3, 64, 7)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", HYBRID_SHAPES, ids=str)
+def test_hybrid_backend_matches_float64(shape, dtype, device):
+    """The large-shape path (cuBLAS products with fp32 output, the fused kernels' epilogues) against float64:
+    loss and all four gradients, with and without the mean term."""
+    inputs = make_features(shape, dtype, device)
+    for rho, lam in HYPER[:2]:
+        check_against_reference(inputs, "hybrid", "cov", rho, lam, dtype)
+
+
+def test_hybrid_backend_choice_and_refusals(device):
+    """'auto' takes the hybrid path only for large half-precision CUDA calls in the covariance form; 'hybrid'
+    refuses fp32 and mixed dtypes, and the Gram form, in one line each."""
+    from covmatch.loss import resolve_backend
+
+    cuda = torch.device("cuda")
+    pytest.importorskip("triton")
+    bf16 = (torch.bfloat16,) * 4
+    assert resolve_backend("auto", cuda, bf16, flops=3.4e11) == "hybrid"
+    assert resolve_backend("auto", cuda, bf16, flops=3.2e9) == "triton"
+    assert resolve_backend("auto", cuda, (torch.float32,) * 4, flops=3.4e11) != "hybrid"
+    assert resolve_backend("auto", cuda, (torch.bfloat16,) * 3 + (torch.float16,), flops=3.4e11) == "triton"
+    xr, yr, xs, ys = make_features((5, 4, 3, 2), torch.float32, device)
+    with pytest.raises(TypeError, match="backend='hybrid' takes float16 or bfloat16 features"):
+        covmatch_loss(xr, yr, xs, ys, backend="hybrid")
+    half = [t.detach().half() for t in (xr, yr, xs, ys)]
+    with pytest.raises(ValueError, match="backend='hybrid' is the covariance form"):
+        covmatch_loss(*half, backend="hybrid", form="gram")

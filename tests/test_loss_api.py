@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from covmatch import CovMatchLoss, covmatch_loss, cross_covariance, mean_matching_loss
+from covmatch import CovMatchLoss, covmatch_loss, covmatch_loss_with_grads, cross_covariance, mean_matching_loss
 from covmatch.loss import resolve_backend
 
 from .host_cost import count_dispatched_ops, no_kernel_launches
@@ -81,7 +81,8 @@ def test_backend_auto_on_cuda_sends_large_exact_fp32_calls_to_torch(monkeypatch)
         matmul.allow_tf32 = False
         assert resolve_backend("auto", cuda, fp32, large) == "torch"
         assert resolve_backend("auto", cuda, fp32, paper) == "triton"  # host-bound: fewer launches win
-        assert resolve_backend("auto", cuda, bf16, large) == "triton"  # tensor cores on both paths
+        assert resolve_backend("auto", cuda, bf16, large) == "hybrid"  # cuBLAS products, fused epilogues
+        assert resolve_backend("auto", cuda, bf16, paper) == "triton"
         mixed = (torch.bfloat16, torch.bfloat16, torch.float32, torch.float32)
         assert resolve_backend("auto", cuda, mixed, large) == "triton"
         assert resolve_backend("triton", cuda, fp32, large) == "triton"  # an explicit backend is kept
@@ -307,3 +308,25 @@ def test_without_library_ops_the_fused_path_still_runs(monkeypatch):
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(torch.autograd.grad(loss, xs)[0], torch.autograd.grad(expected, xs)[0])
     assert "fused_loss_test" in triton_backend._OP_UNAVAILABLE
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("form", ["cov", "gram"])
+def test_loss_with_grads_equals_autograd_and_keeps_no_graph(backend, form):
+    """``covmatch_loss_with_grads`` (chunked and GradCache-style callers): the loss and the synthetic
+    gradients autograd gives, times ``grad_scale`` (read on the device), and no graph attached."""
+    real_img, real_txt, syn_img, syn_txt = _small()
+    syn = [syn_img.clone().requires_grad_(), syn_txt.clone().requires_grad_()]
+    expected = covmatch_loss(real_img, real_txt, *syn, rho=2.0, lam=0.1, backend="torch", form=form)
+    expected_grads = torch.autograd.grad(expected, syn)
+    scale = torch.tensor(3.0)
+    loss, grad_img, grad_txt = covmatch_loss_with_grads(
+        real_img, real_txt, syn_img, syn_txt, rho=2.0, lam=0.1, backend=backend, form=form, grad_scale=scale
+    )
+    torch.testing.assert_close(loss, expected.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad_img, 3.0 * expected_grads[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad_txt, 3.0 * expected_grads[1], rtol=1e-5, atol=1e-6)
+    assert not (loss.requires_grad or grad_img.requires_grad or grad_txt.requires_grad)
+    assert grad_img.dtype == syn_img.dtype and grad_img.shape == syn_img.shape
+    with pytest.raises(TypeError, match="syn_txt must be a torch.Tensor"):
+        covmatch_loss_with_grads(real_img, real_txt, syn_img, [1.0], backend=backend)

@@ -16,7 +16,7 @@ from typing import Iterator, Optional, Tuple, Union
 
 import torch
 
-from covmatch.loss import covmatch_loss, cross_covariance, mean_matching_loss
+from covmatch.loss import covmatch_loss, covmatch_loss_with_grads, cross_covariance, mean_matching_loss
 
 from .augment import affine_resample
 from .distributed import Ranks, sum_over_ranks
@@ -48,6 +48,15 @@ class LossParts:
     total: torch.Tensor
     cov: torch.Tensor
     mean: torch.Tensor
+
+
+@dataclass
+class FeatureGrads:
+    """Loss parts and the gradients of the scaled total with respect to the synthetic image and text features."""
+
+    parts: LossParts
+    image: torch.Tensor
+    text: torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -191,6 +200,29 @@ class DistillObjective:
         )
         return self._scaled(cov, mean)
 
+    def loss_and_grads(self, syn: Features, grad_scale: Optional[torch.Tensor] = None) -> FeatureGrads:
+        """The loss parts and d(total * grad_scale)/d(synthetic features), no autograd graph kept: the
+        covariance term through ``covmatch_loss_with_grads``, the mean term (through the projections) by
+        autograd."""
+        scale = _product(self.scale, grad_scale)
+        cov, grad_img, grad_txt = covmatch_loss_with_grads(
+            self.real.image, self.real.text, syn.image, syn.text, rho=self.rho, lam=0.0, backend=self.backend,
+            grad_scale=scale,
+        )  # fmt: skip
+        if not self.lam:
+            total, cov, mean = self._scaled(cov, None)
+            return FeatureGrads(LossParts(total, cov, mean), grad_img, grad_txt)
+        image, text = syn.image.detach().requires_grad_(), syn.text.detach().requires_grad_()
+        real_img, real_txt = self._real_proj
+        with torch.enable_grad():
+            mean = mean_matching_loss(real_img, self.model.image_proj(image)) + mean_matching_loss(
+                real_txt, self.model.text_proj(text)
+            )
+            weight = self.lam if scale is None else self.lam * scale
+            mean_img, mean_txt = torch.autograd.grad(mean * weight, (image, text))
+        total, cov, mean = self._scaled(cov, mean.detach())
+        return FeatureGrads(LossParts(total, cov, mean), grad_img + mean_img, grad_txt + mean_txt)
+
 
 class ShardedObjective(DistillObjective):
     """The same loss when the real and synthetic batches are split over ranks (docs/design.md, *Sharded form*).
@@ -254,6 +286,24 @@ class ShardedObjective(DistillObjective):
         real_img, real_txt = self._real_means
         return self._scaled(cov, (real_img - mean_img).pow(2).sum() + (real_txt - mean_txt).pow(2).sum())
 
+    def loss_and_grads(self, syn: Features, grad_scale: Optional[torch.Tensor] = None) -> FeatureGrads:
+        """As ``DistillObjective.loss_and_grads``, by autograd through the all-reduced sums."""
+        return _grads_by_autograd(self, syn, grad_scale)
+
+
+def _product(a: Optional[torch.Tensor], b: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    if a is None:
+        return b
+    return a if b is None else a * b
+
+
+def _grads_by_autograd(objective, syn: Features, grad_scale: Optional[torch.Tensor]) -> FeatureGrads:
+    image, text = syn.image.detach().requires_grad_(), syn.text.detach().requires_grad_()
+    with torch.enable_grad():
+        total, cov, mean = objective(Features(image, text))
+        grad_img, grad_txt = torch.autograd.grad(total if grad_scale is None else total * grad_scale, (image, text))
+    return FeatureGrads(LossParts(total.detach(), cov.detach(), mean.detach()), grad_img, grad_txt)
+
 
 def make_objective(
     model,
@@ -302,10 +352,8 @@ def synthetic_backward(
                     f = encode_synthetic(model, batch.chunk(slice(start, start + chunk)))
                 images.append(full_precision(f.image))
                 texts.append(full_precision(f.text))
-        image = torch.cat(images).requires_grad_(True)
-        text = torch.cat(texts).requires_grad_(True)
-        total, cov, mean = objective(Features(image, text))
-        grad_image, grad_text = torch.autograd.grad(total * scale, [image, text])
+        found = objective.loss_and_grads(Features(torch.cat(images), torch.cat(texts)), loss_scale)
+        grad_image, grad_text = found.image, found.text
 
         # Pass 2: re-encode chunk by chunk with autograd; backpropagate the feature gradients.
         for start in range(0, len(batch), chunk):
@@ -319,4 +367,4 @@ def synthetic_backward(
                     grads.append(g.to(out.dtype))
             if outputs:
                 torch.autograd.backward(outputs, grads)
-        return LossParts(total.detach(), cov.detach(), mean.detach())
+        return found.parts

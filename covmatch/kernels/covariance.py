@@ -53,7 +53,7 @@ from ._launch import (
 
 __all__ = [
     "CORRECTION_BLOCK", "CovarianceForward", "CovariancePlan", "covariance_forward", "covariance_grads",
-    "covariance_plan", "diff_dtype",
+    "covariance_plan", "diff_dtype", "mm_fp32",
 ]  # fmt: skip
 
 # Granularity of the backward's correction partials: one partial row per 64 rows (or columns) of D, whatever
@@ -212,8 +212,6 @@ def _cov_diff_kernel(
     mask_n = offs_n < dim_y
     mean_x_ptr = ws_ptr + mean_x_off
     mean_y_ptr = ws_ptr + mean_y_off
-    corr_x_ptr = ws_ptr + corr_x_off
-    corr_y_ptr = ws_ptr + corr_y_off
     n_real_f = n_real.to(tl.float32)
     n_syn_f = n_syn.to(tl.float32)
     c_real = rho / (n_real_f - 1.0)
@@ -232,7 +230,29 @@ def _cov_diff_kernel(
         offs_m, offs_n, mask_m, mask_n, SYN_CENTRE, SYN_DOT, PRECISION, BLOCK_K,
     )  # fmt: skip
     diff = acc * (-c_syn)
+    _diff_epilogue(
+        diff, ws_ptr, diff_ptr, pid_m, pid_n, offs_m, offs_n, mask_m, mask_n, n_real_f, n_syn_f, c_real, c_syn, rho,
+        dim_x, dim_y, n_blocks, corr_x_side, corr_y_side, mean_x_off, mean_y_off, squares_off, corr_x_off, corr_y_off,
+        scale_off, partial_off, STORE_DIFF, CORR_REAL, CORR_SYN, SCALE_DIFF, SQUARES_BLOCK, REAL_CENTRE, SYN_CENTRE,
+        BLOCK_M, BLOCK_N,
+    )  # fmt: skip
 
+
+@triton.jit
+def _diff_epilogue(
+    diff, ws_ptr, diff_ptr, pid_m, pid_n, offs_m, offs_n, mask_m, mask_n, n_real_f, n_syn_f, c_real, c_syn, rho,
+    dim_x, dim_y, n_blocks, corr_x_side, corr_y_side, mean_x_off, mean_y_off, squares_off, corr_x_off, corr_y_off,
+    scale_off, partial_off,
+    STORE_DIFF: tl.constexpr, CORR_REAL: tl.constexpr, CORR_SYN: tl.constexpr, SCALE_DIFF: tl.constexpr,
+    SQUARES_BLOCK: tl.constexpr, REAL_CENTRE: tl.constexpr, SYN_CENTRE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """From a tile of c_real P_T - c_syn P_S (P a product, centred or not): the centring, the tile's sum of
+    squares, s * D stored, and the backward's correction partials."""
+    mean_x_ptr = ws_ptr + mean_x_off
+    mean_y_ptr = ws_ptr + mean_y_off
+    corr_x_ptr = ws_ptr + corr_x_off
+    corr_y_ptr = ws_ptr + corr_y_off
     # Centring of uncentred (half-precision) products: sum (x - mu)(y - mu)^T = sum x y^T - n mu_x mu_y^T.
     if not REAL_CENTRE:
         mu_xr = tl.load(mean_x_ptr + offs_m, mask=mask_m, other=0.0)
@@ -263,6 +283,40 @@ def _cov_diff_kernel(
             _store_corrections(stored.to(tl.float32), corr_x_ptr + corr_x_side, corr_y_ptr + corr_y_side,
                                mean_x_ptr + dim_x, mean_y_ptr + dim_y, pid_m, pid_n,
                                offs_m, offs_n, mask_m, mask_n, dim_x, dim_y, BLOCK_M, BLOCK_N)  # fmt: skip
+
+
+@triton.jit
+def _hybrid_diff_kernel(
+    real_prod_ptr, syn_prod_ptr, ws_ptr, diff_ptr,
+    n_real, n_syn, dim_x, dim_y, n_blocks, corr_x_side, corr_y_side,
+    mean_x_off, mean_y_off, squares_off, corr_x_off, corr_y_off, scale_off, partial_off,
+    rho,
+    STORE_DIFF: tl.constexpr, CORR_REAL: tl.constexpr, CORR_SYN: tl.constexpr, SCALE_DIFF: tl.constexpr,
+    SQUARES_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """The large-shape path's epilogue: D from the uncentred fp32 products X_T^T Y_T and X_S^T Y_S (cuBLAS'),
+    then everything ``_cov_diff_kernel`` does after its mainloop. Bandwidth-bound: 2 fp32 reads, 1 write."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < dim_x
+    mask_n = offs_n < dim_y
+    n_real_f = n_real.to(tl.float32)
+    n_syn_f = n_syn.to(tl.float32)
+    c_real = rho / (n_real_f - 1.0)
+    c_syn = 1.0 / (n_syn_f - 1.0)
+    offs = offs_m.to(tl.int64)[:, None] * dim_y + offs_n[None, :]
+    mask = mask_m[:, None] & mask_n[None, :]
+    diff = c_real * tl.load(real_prod_ptr + offs, mask=mask, other=0.0) - c_syn * tl.load(
+        syn_prod_ptr + offs, mask=mask, other=0.0
+    )
+    _diff_epilogue(
+        diff, ws_ptr, diff_ptr, pid_m, pid_n, offs_m, offs_n, mask_m, mask_n, n_real_f, n_syn_f, c_real, c_syn, rho,
+        dim_x, dim_y, n_blocks, corr_x_side, corr_y_side, mean_x_off, mean_y_off, squares_off, corr_x_off, corr_y_off,
+        scale_off, partial_off, STORE_DIFF, CORR_REAL, CORR_SYN, SCALE_DIFF, SQUARES_BLOCK, False, False,
+        BLOCK_M, BLOCK_N,
+    )  # fmt: skip
 
 
 @triton.jit
@@ -507,7 +561,9 @@ class CovariancePlan:
     """
 
     def __init__(self, n_real: int, n_syn: int, dim_x: int, dim_y: int, dtypes: Tuple[torch.dtype, ...],
-                 device: torch.device, rho: float, lam: float, needs: Tuple[bool, ...]) -> None:  # fmt: skip
+                 device: torch.device, rho: float, lam: float, needs: Tuple[bool, ...],
+                 hybrid: bool = False) -> None:  # fmt: skip
+        self.hybrid = hybrid
         self.n_real, self.n_syn, self.dim_x, self.dim_y = n_real, n_syn, dim_x, dim_y
         self.dtypes, self.device, self.rho, self.lam, self.needs = dtypes, device, float(rho), float(lam), needs
         self.real_dot = dot_operand_dtype(dtypes[0], dtypes[1])
@@ -522,7 +578,10 @@ class CovariancePlan:
         self.n_mean_partials = 2 * self.n_blocks
         self.rows_x, self.rows_y = correction_rows(dim_y), correction_rows(dim_x)
         kind = "fp32" if tl.float32 in (self.real_dot, self.syn_dot) else "half"
-        self.diff_configs = (_INTERPRETER_CONFIG,) if interpreter_enabled() else _DIFF_CONFIGS[kind]
+        if hybrid:
+            self.diff_configs = (_HYBRID_TILE,)
+        else:
+            self.diff_configs = (_INTERPRETER_CONFIG,) if interpreter_enabled() else _DIFF_CONFIGS[kind]
         most_tiles = max(cdiv(dim_x, c.block_m) * cdiv(dim_y, c.block_n) for c in self.diff_configs)
         corrected = any(self.corr_sides)
         sizes = (("out", 3), ("scale", 1), ("mean_x", 2 * dim_x), ("mean_y", 2 * dim_y),
@@ -581,6 +640,9 @@ class CovariancePlan:
                      REAL_DOT=self.real_dot, SYN_DOT=self.syn_dot, PRECISION=self.precision,
                      BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k),
                 config)  # fmt: skip
+        if self.hybrid:
+            hybrid_keys = ("STORE_DIFF", "CORR_REAL", "CORR_SYN", "SCALE_DIFF", "SQUARES_BLOCK", "BLOCK_M", "BLOCK_N")
+            diff = (diff[0], diff[1], {k: diff[2][k] for k in hybrid_keys}, config)
         finish = (at["partials"], self.n_mean_partials, grid[0] * grid[1], self.lam, at["out"])
         elements = (n_real + n_syn) * (dim_x + dim_y)
         item = self.dtypes[0].itemsize
@@ -601,8 +663,14 @@ class CovariancePlan:
         )
         grid, scalars, constexprs, config = diff_launch
         diff_arg = ws if diff is None else diff
-        launch_kernel(_cov_diff_kernel, grid, (real_x, real_y, syn_x, syn_y, ws, diff_arg, *scalars),
-                      constexprs, config, flops=costs[2], bytes_moved=costs[3])  # fmt: skip
+        if self.hybrid:  # the products through cuBLAS (fp32 out), the rest in one bandwidth-bound epilogue
+            real_prod, syn_prod = mm_fp32(real_x.t(), real_y), mm_fp32(syn_x.t(), syn_y)
+            launch_kernel(_hybrid_diff_kernel, grid, (real_prod, syn_prod, ws, diff_arg, *scalars), constexprs,
+                          config, flops=2.0 * self.dim_x * self.dim_y,
+                          bytes_moved=float(self.dim_x * self.dim_y * (8 + self.diff_dtype.itemsize)))  # fmt: skip
+        else:
+            launch_kernel(_cov_diff_kernel, grid, (real_x, real_y, syn_x, syn_y, ws, diff_arg, *scalars),
+                          constexprs, config, flops=costs[2], bytes_moved=costs[3])  # fmt: skip
         launch_kernel(_finish_kernel, (1,), (ws, *finish), _FINISH_KWARGS, _FINISH_CONFIG,
                       flops=float(finish[2]), bytes_moved=float(4 * (finish[1] + finish[2])))  # fmt: skip
         return CovarianceForward(ws[0], diff, ws)
@@ -624,11 +692,11 @@ class CovariancePlan:
             return cdiv(n_rows, c.block_m) * cdiv(n_cols, c.block_n)
 
         key = (n_rows, n_cols, n_inner, str(dot), self.precision, which)
-        config = choose_config("covmatch_cov_grad", key, configs, None, programs)
+        config = _HYBRID_TILE if self.hybrid else choose_config("covmatch_cov_grad", key, configs, None, programs)
         tiles_n = cdiv(n_cols, config.block_n)
         tiles = cdiv(n_rows, config.block_m) * tiles_n
-        split = split_k(tiles, n_inner, config.block_k, sm_count())
-        chunk = cdiv(cdiv(n_inner, split), config.block_k) * config.block_k
+        split = 1 if self.hybrid else split_k(tiles, n_inner, config.block_k, sm_count())
+        chunk = n_inner if self.hybrid else cdiv(cdiv(n_inner, split), config.block_k) * config.block_k
         diff_cfg = self.diff_config()
         at = self.layout
         if which == 0:  # dL/dX sums the partials over D's column tiles; B = D^T
@@ -652,7 +720,7 @@ class CovariancePlan:
             config=config,
             reduce_grid=(tiles,),
             reduce_scalars=(n_rows, n_cols, corr_rows, tiles_n, corr_off, gap_off, at["scale"], alpha, beta),
-            reduce_constexprs=dict(SPLIT=split, CORRECT=not centre, SCALED=self.scaled,
+            reduce_constexprs=dict(SPLIT=split, CORRECT=self.hybrid or not centre, SCALED=self.scaled,
                                    BLOCK_M=config.block_m, BLOCK_N=config.block_n),
             reduce_config=TileConfig(config.block_m, config.block_n, 0, num_warps=4, num_stages=1),
             flops=2.0 * n_rows * n_cols * n_inner,
@@ -676,6 +744,16 @@ class CovariancePlan:
             a = y if which == 0 else x
             grad = torch.empty(a.shape[0], self.dim_x if which == 0 else self.dim_y,
                                dtype=self.dtypes[2 * side + which], device=self.device)  # fmt: skip
+            if self.hybrid:  # the product through cuBLAS (fp32 out), then the split-K fix-up's epilogue
+                product = mm_fp32(a, fwd.diff.t() if which == 0 else fwd.diff)
+                args = (product, fwd.workspace, grad_scale, grad, *plan.reduce_scalars)
+                launch_kernel(
+                    _grad_reduce_kernel, plan.reduce_grid, args, plan.reduce_constexprs, plan.reduce_config,
+                    flops=float(3 * grad.numel()),
+                    bytes_moved=float(4 * product.numel() + grad.numel() * grad.element_size()),
+                )  # fmt: skip
+                out[which] = grad
+                continue
             ws = fwd.workspace
             if plan.split > 1:
                 ws = torch.empty((plan.split, a.shape[0], grad.shape[1]), dtype=torch.float32, device=self.device)
@@ -693,22 +771,42 @@ class CovariancePlan:
 
 
 _FINISH_KWARGS = dict(BLOCK=_FINISH_BLOCK)
+# The large-shape path's epilogue tiles (bandwidth-bound; a multiple of CORRECTION_BLOCK both ways).
+_HYBRID_TILE = TileConfig(64, 128, 0, num_warps=4, num_stages=1)
+_MM_OUT_DTYPE: Dict[str, bool] = {}
+
+
+def mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b with an fp32 result: cuBLAS's half-precision GEMM with fp32 output (``out_dtype``, CUDA, recent
+    torch), else the GEMM of the operands upcast to fp32 (the same products: half values are exact in fp32
+    and in TF32)."""
+    if a.dtype == torch.float32 and b.dtype == torch.float32:
+        return a @ b
+    kind = a.device.type
+    if _MM_OUT_DTYPE.get(kind, kind in ("cuda", "meta")):  # meta: what a CUDA call would dispatch (inspection)
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except (TypeError, RuntimeError, NotImplementedError):  # a torch or a device without the overload
+            _MM_OUT_DTYPE[kind] = False
+    return torch.mm(a.float(), b.float())
 _PLANS: Dict[Hashable, CovariancePlan] = {}
 _MAX_PLANS = 1024
 
 
 def covariance_plan(
     n_real: int, n_syn: int, dim_x: int, dim_y: int, dtypes: Tuple[torch.dtype, ...], device: torch.device,
-    rho: float, lam: float, needs: Tuple[bool, ...],
+    rho: float, lam: float, needs: Tuple[bool, ...], hybrid: bool = False,
 ) -> CovariancePlan:  # fmt: skip
-    """The cached plan of one call signature (the dot precision, which follows torch's TF32 setting, included)."""
+    """The cached plan of one call signature (the dot precision, which follows torch's TF32 setting, included);
+    ``hybrid``: the products through cuBLAS, the rest in the kernels' epilogues (the large-shape path)."""
     key = (n_real, n_syn, dim_x, dim_y, dtypes, device, float(rho), float(lam), tuple(needs),
-           fp32_dot_precision())  # fmt: skip
+           fp32_dot_precision(), hybrid)  # fmt: skip
     plan = _PLANS.get(key)
     if plan is None:
         if len(_PLANS) >= _MAX_PLANS:
             _PLANS.clear()
-        plan = _PLANS[key] = CovariancePlan(n_real, n_syn, dim_x, dim_y, dtypes, device, rho, lam, tuple(needs))
+        plan = _PLANS[key] = CovariancePlan(n_real, n_syn, dim_x, dim_y, dtypes, device, rho, lam, tuple(needs),
+                                            hybrid)  # fmt: skip
     return plan
 
 

@@ -30,7 +30,7 @@ __all__ = [
     "resolve_backend",
 ]
 
-BACKENDS = ("auto", "torch", "triton")
+BACKENDS = ("auto", "torch", "triton", "hybrid")
 
 
 def _interpreter_on() -> bool:
@@ -42,6 +42,13 @@ def _interpreter_on() -> bool:
 # TFLOP/s at 128 + 10,000 rows, 4096 x 4096), while below ~2e10 FLOPs both paths are bound by host time and the
 # fused one's fewer launches win (benchmarks/results/gpu/loss.csv).
 FP32_TORCH_MIN_FLOPS = 2e10
+# Under 'auto', half-precision CUDA calls (one dtype for all four inputs, covariance form) of at least this many
+# FLOPs take the hybrid path: its four products are cuBLAS GEMMs with fp32 output, the rest the fused kernels'
+# epilogues (a bandwidth-bound pass over D and one over each gradient). On an H200 the all-Triton kernels took
+# 4.99 ms at 128 + 10,000 rows, 4096 x 4096, bf16 (3.4e11 FLOPs) against a 1.35 ms cuBLAS floor for the same
+# four GEMMs, and were host-bound at the paper's shape (3.2e9 FLOPs), where fewer launches win
+# (benchmarks/results/gpu/loss.csv); the boundary sits between the two measured shapes.
+HYBRID_MIN_FLOPS = 2e10
 
 
 def loss_flops(n_real: int, n_syn: int, d_img: int, d_txt: int, backward: bool = True) -> float:
@@ -56,7 +63,9 @@ def resolve_backend(backend: str, device: torch.device, dtypes=(), flops: float 
 
     'auto' means: ``COVMATCH_BACKEND`` when set, else triton for CUDA tensors when triton imports,
     else torch. fp64 inputs always use the torch reference under 'auto', and so do large exact-fp32 calls
-    on CUDA (every input fp32, TF32 off, ``flops`` >= ``FP32_TORCH_MIN_FLOPS``), where cuBLAS is faster.
+    on CUDA (every input fp32, TF32 off, ``flops`` >= ``FP32_TORCH_MIN_FLOPS``), where cuBLAS is faster;
+    large half-precision calls (``flops`` >= ``HYBRID_MIN_FLOPS``, one half dtype) take 'hybrid' (cuBLAS
+    products, fused epilogues; covariance form). 'hybrid' needs what 'triton' needs and fp16 or bf16 inputs.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -74,22 +83,33 @@ def resolve_backend(backend: str, device: torch.device, dtypes=(), flops: float 
         exact_fp32 = bool(dtypes) and all(d == torch.float32 for d in dtypes)
         if exact_fp32 and not torch.backends.cuda.matmul.allow_tf32 and flops >= FP32_TORCH_MIN_FLOPS:
             return "torch"
+        if _one_half_dtype(dtypes) and flops >= HYBRID_MIN_FLOPS:
+            return "hybrid"
         return "triton"
-    if backend == "triton":
+    if backend == "hybrid" and not _one_half_dtype(dtypes):
+        raise TypeError(
+            "backend='hybrid' takes float16 or bfloat16 features, one dtype for all four; got "
+            f"{', '.join(str(d).removeprefix('torch.') for d in dtypes)} (use 'triton' or 'torch')"
+        )
+    if backend in ("triton", "hybrid"):
         reason = triton_unavailable_reason()
         if reason is not None:
-            raise RuntimeError(f"backend='triton' needs Triton, which does not import here ({reason})")
+            raise RuntimeError(f"backend={backend!r} needs Triton, which does not import here ({reason})")
         if device.type == "cpu" and not _interpreter_on():
             raise RuntimeError(
-                "backend='triton' got CPU tensors: Triton kernels run on CUDA tensors, or on CPU tensors only "
+                f"backend={backend!r} got CPU tensors: Triton kernels run on CUDA tensors, or on CPU tensors only "
                 "under its interpreter (set TRITON_INTERPRET=1 before triton is imported); use backend='torch' "
                 "on CPU"
             )
         if device.type not in ("cpu", "cuda"):
-            raise RuntimeError(f"backend='triton' supports CUDA (or interpreted CPU) tensors, got {device}")
+            raise RuntimeError(f"backend={backend!r} supports CUDA (or interpreted CPU) tensors, got {device}")
         if torch.float64 in dtypes:
             raise TypeError("backend='triton' supports float32, float16 and bfloat16 inputs; float64 is torch-only")
     return backend
+
+
+def _one_half_dtype(dtypes) -> bool:
+    return bool(dtypes) and dtypes[0] in (torch.float16, torch.bfloat16) and all(d == dtypes[0] for d in dtypes)
 
 
 def cross_covariance(x: torch.Tensor, y: torch.Tensor, *, unbiased: bool = True) -> torch.Tensor:
@@ -131,8 +151,9 @@ def covmatch_loss(
 
     Inputs are [n, d] feature matrices (image and text features of the same n pairs per set; n >= 2),
     in fp16, bf16 or fp32 (real and synthetic may differ); accumulation is fp32 and the result a 0-dim
-    fp32 tensor. ``backend``: 'torch', 'triton' or 'auto'. ``form``: 'cov', 'gram' or 'auto' (the
-    cheaper one for this shape; both give the same value up to rounding).
+    fp32 tensor. ``backend``: 'torch', 'triton', 'hybrid' (large half-precision shapes: cuBLAS products,
+    fused epilogues) or 'auto'. ``form``: 'cov', 'gram' or 'auto' (the cheaper one for this shape; both give
+    the same value up to rounding).
     """
     inputs = (real_img, real_txt, syn_img, syn_txt)
     if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
@@ -252,11 +273,24 @@ def _make_call(inputs, rho, lam, backend: str, form: str, needs):
     n_real, n_syn, d_img, d_txt = check_covmatch_inputs(*inputs)
     check_hyperparameters(rho, lam)
     dtypes = tuple(t.dtype for t in inputs)
-    resolved = resolve_backend(backend, inputs[0].device, dtypes, loss_flops(n_real, n_syn, d_img, d_txt))
-    resolved_form = choose_form(form, n_real, n_syn, d_img, d_txt)
-    if resolved == "triton":
+    resolved, resolved_form = _resolve(inputs, backend, form, dtypes, n_real, n_syn, d_img, d_txt)
+    if resolved in ("triton", "hybrid"):
         return _FusedEager(FusedCall(inputs, float(rho), float(lam), resolved_form, needs))
     return _TorchCall(rho, lam, resolved_form)
+
+
+def _resolve(inputs, backend: str, form: str, dtypes, n_real: int, n_syn: int, d_img: int, d_txt: int):
+    """(backend, form): 'hybrid' runs the covariance form as form 'hybrid'; 'auto' picks it only where the
+    covariance form is the cheaper one."""
+    resolved_form = choose_form(form, n_real, n_syn, d_img, d_txt)
+    resolved = resolve_backend(backend, inputs[0].device, dtypes, loss_flops(n_real, n_syn, d_img, d_txt))
+    if resolved == "hybrid":
+        if backend == "hybrid" and form == "gram":
+            raise ValueError("backend='hybrid' is the covariance form: pass form='cov' or 'auto', not 'gram'")
+        if resolved_form == "gram":  # 'auto' at a shape where the Gram form is cheaper: the fused Gram kernels
+            return "triton", resolved_form
+        return "hybrid", "hybrid"
+    return resolved, resolved_form
 
 
 def _traced_loss(inputs, rho, lam, backend: str, form: str) -> torch.Tensor:
@@ -264,7 +298,6 @@ def _traced_loss(inputs, rho, lam, backend: str, form: str) -> torch.Tensor:
     n_real, n_syn, d_img, d_txt = check_covmatch_inputs(*inputs)
     check_hyperparameters(rho, lam)
     dtypes = tuple(t.dtype for t in inputs)
-    resolved = resolve_backend(backend, inputs[0].device, dtypes, loss_flops(n_real, n_syn, d_img, d_txt))
-    resolved_form = choose_form(form, n_real, n_syn, d_img, d_txt)
-    impl = covmatch_loss_triton if resolved == "triton" else covmatch_loss_torch
+    resolved, resolved_form = _resolve(inputs, backend, form, dtypes, n_real, n_syn, d_img, d_txt)
+    impl = covmatch_loss_triton if resolved in ("triton", "hybrid") else covmatch_loss_torch
     return impl(*inputs, rho, lam, resolved_form)

@@ -90,9 +90,10 @@ class KernelReport:
 
 def record_call(
     shape: Tuple[int, int, int, int], dtype: torch.dtype, capability: Tuple[int, int], *,
-    rho: float = 2.0, lam: float = 0.1, form: str = "auto",
+    rho: float = 2.0, lam: float = 0.1, form: str = "auto", backend: str = "triton",
 ) -> Tuple[List[LaunchRecord], List[str]]:  # fmt: skip
-    """The Triton launches and the launching torch ops of one forward + synthetic-side backward."""
+    """The Triton launches and the launching torch ops of one forward + synthetic-side backward, through the
+    fused kernels (``backend`` 'triton') or the large-shape path ('hybrid': its GEMMs are the torch ops)."""
     n_real, n_syn, dim_x, dim_y = shape
 
     def features(n: int, d: int) -> torch.Tensor:
@@ -108,7 +109,8 @@ def record_call(
     seed = torch.ones((), device="meta")  # the caller's backward() makes this
     with target_arch(capability), recorded_launches() as launches, DispatchedOps() as ops:
         # the eager path's host functions (on meta tensors the op's registered fake would run instead)
-        call = FusedCall(inputs, rho, lam, choose_form(form, n_real, n_syn, dim_x, dim_y), needs)
+        resolved = "hybrid" if backend == "hybrid" else choose_form(form, n_real, n_syn, dim_x, dim_y)
+        call = FusedCall(inputs, rho, lam, resolved, needs)
         loss, aux = call.forward(*inputs)
         call.backward(inputs, aux, seed)
     return list(launches), list(ops.ops)
@@ -260,11 +262,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--shape", type=_shape, default=(128, 256, 2304, 768), help="n_real,n_syn,d_img,d_txt")
     p.add_argument("--lam", type=float, default=0.1, help="mean-term weight of the call")
     p.add_argument("--form", choices=("auto", "cov", "gram"), default="auto", help="algebraic form")
+    p.add_argument("--backend", choices=("triton", "hybrid"), default="triton",
+                   help="the fused kernels, or the large-shape path (cuBLAS products, fused epilogues)")  # fmt: skip
     p.add_argument("--dump", type=Path, required=True, help="folder for one .ptx per launch")
     args = p.parse_args(argv)
     try:
         reports, torch_ops = inspect_call(args.shape, DTYPES[args.dtype], ARCHS[args.arch], args.dump,
-                                          lam=args.lam, form=args.form)  # fmt: skip
+                                          lam=args.lam, form=args.form, backend=args.backend)  # fmt: skip
     except (RuntimeError, ImportError) as err:
         print(f"{p.prog}: error: {err}", file=sys.stderr)
         return 2

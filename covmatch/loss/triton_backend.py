@@ -72,31 +72,32 @@ def _row_bias(lam: float, beta: float, gap: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------- covariance form
 
 
-def _covariance_plan(inputs, rho: float, lam: float, needs):
+def _covariance_plan(inputs, rho: float, lam: float, needs, hybrid: bool = False):
     real_img, real_txt, syn_img, _ = inputs
     dtypes = tuple(t.dtype for t in inputs)
     return _kernels().covariance_plan(real_img.shape[0], syn_img.shape[0], real_img.shape[1], real_txt.shape[1],
-                                      dtypes, real_img.device, rho, lam, tuple(needs))  # fmt: skip
+                                      dtypes, real_img.device, rho, lam, tuple(needs), hybrid)  # fmt: skip
 
 
 def _contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.is_contiguous() else t.contiguous()
 
 
-def covariance_form_forward(real_img, real_txt, syn_img, syn_txt, rho: float, lam: float, needs):
+def covariance_form_forward(real_img, real_txt, syn_img, syn_txt, rho: float, lam: float, needs,
+                            hybrid: bool = False):  # fmt: skip
     """(loss, [D, the forward's workspace]) of the covariance form: what the backward reads (D empty when no
     gradient is needed). Inputs are copied once when not contiguous. What the op returns must be a function of
     its inputs and not alias: the workspace starts as zeros and the loss is a copy (the eager path,
     ``FusedCall``, skips both)."""
     inputs = tuple(_contiguous(t) for t in (real_img, real_txt, syn_img, syn_txt))
-    out = _covariance_plan(inputs, rho, lam, needs).forward(*inputs, zeroed=True)
+    out = _covariance_plan(inputs, rho, lam, needs, hybrid).forward(*inputs, zeroed=True)
     return out.loss.clone(), [out.diff if out.diff is not None else _empty(real_img), out.workspace]
 
 
-def covariance_form_backward(inputs, aux, grad, rho, lam, needs) -> list:
+def covariance_form_backward(inputs, aux, grad, rho, lam, needs, hybrid: bool = False) -> list:
     """Gradients of the four inputs (None where not needed): one launch per gradient (two with split-K)."""
     inputs = tuple(_contiguous(t) for t in inputs)
-    plan = _covariance_plan(inputs, rho, lam, needs)
+    plan = _covariance_plan(inputs, rho, lam, needs, hybrid)
     fwd = _kernels().CovarianceForward(None, *aux)
     grads = [None, None, None, None]
     for side in (0, 1):
@@ -105,11 +106,21 @@ def covariance_form_backward(inputs, aux, grad, rho, lam, needs) -> list:
     return grads
 
 
-def _covariance_aux_fake(real_img, real_txt, syn_img, syn_txt, rho, lam, needs) -> list:
+def hybrid_form_forward(real_img, real_txt, syn_img, syn_txt, rho: float, lam: float, needs):
+    """The covariance form with its products through cuBLAS (the large-shape path)."""
+    return covariance_form_forward(real_img, real_txt, syn_img, syn_txt, rho, lam, needs, hybrid=True)
+
+
+def hybrid_form_backward(inputs, aux, grad, rho, lam, needs) -> list:
+    return covariance_form_backward(inputs, aux, grad, rho, lam, needs, hybrid=True)
+
+
+def _covariance_aux_fake(real_img, real_txt, syn_img, syn_txt, rho, lam, needs, hybrid: bool = False) -> list:
     """Empty tensors shaped like ``covariance_form_forward``'s aux (for the op's fake implementation)."""
     dtypes = (real_img.dtype, real_txt.dtype, syn_img.dtype, syn_txt.dtype)
     (n_real, dim_x), (n_syn, dim_y) = real_img.shape, syn_txt.shape  # sizes may be symbolic: no plan cache
-    plan = _kernels().CovariancePlan(n_real, n_syn, dim_x, dim_y, dtypes, real_img.device, rho, lam, tuple(needs))
+    plan = _kernels().CovariancePlan(n_real, n_syn, dim_x, dim_y, dtypes, real_img.device, rho, lam, tuple(needs),
+                                     hybrid)  # fmt: skip
     diff = real_img.new_empty((dim_x, dim_y), dtype=plan.diff_dtype) if plan.store_diff else _empty(real_img)
     return [diff, real_img.new_empty((plan.workspace_size,), dtype=torch.float32)]
 
@@ -174,6 +185,7 @@ def gram_form_backward(inputs, aux, grad, rho, lam, needs) -> list:
 # form -> (forward, backward) host functions: what the op runs, and what covmatch.loss.inspect records
 HOST_FUNCTIONS = {
     "cov": (covariance_form_forward, covariance_form_backward),
+    "hybrid": (hybrid_form_forward, hybrid_form_backward),
     "gram": (gram_form_forward, gram_form_backward),
 }
 
@@ -206,8 +218,8 @@ def _fused_loss_fake(real_img, real_txt, syn_img, syn_txt, rho, lam, form, needs
     f32 = dict(dtype=torch.float32)
     loss = real_img.new_empty((), **f32)
     means = [real_img.new_empty((2, dim_x), **f32), real_img.new_empty((2, dim_y), **f32)]
-    if form == "cov":
-        return [loss, *_covariance_aux_fake(real_img, real_txt, syn_img, syn_txt, rho, lam, needs)]
+    if form in ("cov", "hybrid"):
+        return [loss, *_covariance_aux_fake(real_img, real_txt, syn_img, syn_txt, rho, lam, needs, form == "hybrid")]
     n = n_real + n_syn
     z_x = real_img.new_empty((n, dim_x), dtype=torch.promote_types(real_img.dtype, syn_img.dtype))
     z_y = real_img.new_empty((n, dim_y), dtype=torch.promote_types(real_txt.dtype, syn_txt.dtype))
@@ -314,13 +326,15 @@ def covmatch_loss_triton(
 
 class FusedCall:
     """The fused path for one call signature (shapes, dtypes, device, rho, lam, form, which gradients): the
-    covariance form's kernel plan is made once, here; the Gram form runs its host functions."""
+    covariance form's kernel plan ('cov', or 'hybrid': its products through cuBLAS) is made once, here; the
+    Gram form runs its host functions."""
 
     __slots__ = ("form", "rho", "lam", "needs", "plan")
 
     def __init__(self, inputs, rho: float, lam: float, form: str, needs) -> None:
         self.form, self.rho, self.lam, self.needs = form, float(rho), float(lam), list(needs)
-        self.plan = _covariance_plan(inputs, rho, lam, needs) if form == "cov" else None
+        covariance = form in ("cov", "hybrid")
+        self.plan = _covariance_plan(inputs, rho, lam, needs, form == "hybrid") if covariance else None
 
     def forward(self, real_img, real_txt, syn_img, syn_txt):
         """(loss, the tensors the backward reads besides the inputs)."""
