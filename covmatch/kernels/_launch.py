@@ -20,7 +20,7 @@ import contextlib
 import os
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Hashable, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Hashable, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import triton
@@ -42,6 +42,7 @@ __all__ = [
     "NO_LAUNCH_OPS",
     "DispatchedOps",
     "launch_kernel",
+    "PreboundLaunch",
     "recorded_launches",
     "target_arch",
     "sm_count",
@@ -127,9 +128,9 @@ class DispatchedOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@dataclass
-class LaunchRecord:
-    """One kernel launch as a host function would issue it (what ``recorded_launches`` collects)."""
+class LaunchRecord(NamedTuple):
+    """One kernel launch as a host function would issue it (what ``recorded_launches`` collects; a tuple,
+    cheap to make, since host time is measured with launches recorded instead of run)."""
 
     kernel: object  # the @triton.jit function
     grid: Tuple[int, ...]
@@ -157,6 +158,57 @@ def launch_kernel(
         _RECORDERS[-1].append(LaunchRecord(kernel, tuple(grid), args, constexprs, config, flops, bytes_moved))
         return
     kernel[grid](*args, **constexprs, num_warps=config.num_warps, num_stages=config.num_stages)
+
+
+# Triton >= 3.4 (``triton.knobs``): a compiled kernel's launcher takes the grid, the stream, the kernel's handles
+# and every argument in signature order, constexprs included, which is how ``JITFunction.run`` calls it.
+_PREBIND = hasattr(triton, "knobs") and not _INTERPRETER
+
+
+def _alignment(args: tuple) -> tuple:
+    return tuple(a.data_ptr() % 16 == 0 for a in args if isinstance(a, torch.Tensor))
+
+
+class PreboundLaunch:
+    """One launch site whose grid, constexprs and configuration are fixed (a plan's). The first launch goes
+    through ``kernel[grid]`` (argument binding, specialisation, compilation or cache lookup); later launches
+    call the compiled kernel's launcher directly, skipping all of that, as long as the tensor arguments'
+    16-byte alignment (part of the specialisation; integer arguments are the plan's, fixed) matches the first
+    launch's and no launch or pre-run hook is installed. Anything else goes through ``kernel[grid]`` again.
+    Inside ``recorded_launches()`` a call records instead, like ``launch_kernel``."""
+
+    __slots__ = ("kernel", "grid", "grid3", "constexprs", "config", "constexpr_values", "compiled", "aligned")
+
+    def __init__(self, kernel, grid: Tuple[int, ...], constexprs: dict, config: TileConfig) -> None:
+        self.kernel, self.grid, self.constexprs, self.config = kernel, tuple(grid), constexprs, config
+        self.grid3 = (*self.grid, 1, 1)[:3]
+        names = getattr(kernel, "arg_names", None) or getattr(getattr(kernel, "fn", None), "arg_names", [])
+        self.constexpr_values = tuple(constexprs[name] for name in names if name in constexprs)
+        self.compiled = None
+        self.aligned: Optional[tuple] = None
+
+    def __call__(self, args: tuple, flops: float = 0.0, bytes_moved: float = 0.0) -> None:
+        if _RECORDERS:
+            _RECORDERS[-1].append(LaunchRecord(self.kernel, self.grid, args, self.constexprs, self.config, flops,
+                                               bytes_moved))  # fmt: skip
+            return
+        compiled = self.compiled
+        if compiled is not None and _no_hooks(self.kernel) and _alignment(args) == self.aligned:
+            driver = triton.runtime.driver.active
+            stream = driver.get_current_stream(driver.get_current_device())
+            compiled.run(*self.grid3, stream, compiled.function, compiled.packed_metadata, None, None, None,
+                         *args, *self.constexpr_values)  # fmt: skip
+            return
+        config = self.config
+        result = self.kernel[self.grid](*args, **self.constexprs, num_warps=config.num_warps,
+                                        num_stages=config.num_stages)  # fmt: skip
+        if _PREBIND and compiled is None and hasattr(result, "packed_metadata"):
+            self.compiled, self.aligned = result, _alignment(args)
+
+
+def _no_hooks(kernel) -> bool:
+    runtime = triton.knobs.runtime
+    return runtime.launch_enter_hook is None and runtime.launch_exit_hook is None and not kernel.pre_run_hooks
 
 
 @contextlib.contextmanager

@@ -40,6 +40,7 @@ import triton
 import triton.language as tl
 
 from ._launch import (
+    PreboundLaunch,
     TileConfig,
     bench,
     cdiv,
@@ -47,7 +48,6 @@ from ._launch import (
     dot_operand_dtype,
     fp32_dot_precision,
     interpreter_enabled,
-    launch_kernel,
     sm_count,
 )
 
@@ -532,18 +532,28 @@ def _aligned(n: int) -> int:
 
 
 @dataclass
-class _GradLaunch:
-    """One gradient's launch, fixed per plan: grid, scalar arguments, constexprs, split-K and its reduction."""
+class _ForwardLaunches:
+    """The forward's three launches, fixed per plan, with their scalar arguments and (FLOPs, bytes) costs."""
 
-    grid: Tuple[int, ...]
+    stats: PreboundLaunch
+    stats_scalars: tuple
+    diff: PreboundLaunch
+    diff_scalars: tuple
+    finish: PreboundLaunch
+    finish_scalars: tuple
+    costs: tuple
+
+
+@dataclass
+class _GradLaunch:
+    """One gradient's launch, fixed per plan: the GEMM and (split-K or hybrid) its reduction, with their scalar
+    arguments and costs."""
+
     split: int
+    launch: Optional[PreboundLaunch]
     scalars: tuple
-    constexprs: dict
-    config: TileConfig
-    reduce_grid: Tuple[int, ...]
+    reduce: PreboundLaunch
     reduce_scalars: tuple
-    reduce_constexprs: dict
-    reduce_config: TileConfig
     flops: float
     bytes_moved: float
 
@@ -595,7 +605,7 @@ class CovariancePlan:
             offset += _aligned(size)
         self.workspace_size = offset
         self._diff_config: Optional[TileConfig] = None
-        self._forward_launch: Optional[tuple] = None
+        self._forward_launch: Optional[_ForwardLaunches] = None
         self._grads: Dict[Tuple[int, int], _GradLaunch] = {}
 
     # ------------------------------------------------------------------ forward
@@ -619,13 +629,13 @@ class CovariancePlan:
         inputs = (real_x, real_y, syn_x, syn_y)
         if self._forward_launch is None:
             self._forward_launch = self._forward_arguments(self.diff_config(inputs))
-        return self._run_forward(inputs, *self._forward_launch, zeroed=zeroed)
+        return self._run_forward(inputs, self._forward_launch, zeroed=zeroed)
 
     def _forward(self, inputs, config: TileConfig) -> CovarianceForward:
-        return self._run_forward(inputs, *self._forward_arguments(config))
+        return self._run_forward(inputs, self._forward_arguments(config))
 
-    def _forward_arguments(self, config: TileConfig) -> tuple:
-        """Grids, scalar arguments and constexprs of launches 1-3 for a D tile configuration."""
+    def _forward_arguments(self, config: TileConfig) -> _ForwardLaunches:
+        """Launches 1-3 (grids, constexprs) and their scalar arguments for a D tile configuration."""
         n_real, n_syn, dim_x, dim_y, at = self.n_real, self.n_syn, self.dim_x, self.dim_y, self.layout
         grid = (cdiv(dim_x, config.block_m), cdiv(dim_y, config.block_n))
         stats = ((n_real, n_syn, dim_x, dim_y, at["mean_x"], at["mean_y"], at["partials"], at["squares"]),
@@ -640,39 +650,44 @@ class CovariancePlan:
                      REAL_DOT=self.real_dot, SYN_DOT=self.syn_dot, PRECISION=self.precision,
                      BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k),
                 config)  # fmt: skip
+        diff_kernel = _cov_diff_kernel
         if self.hybrid:
+            diff_kernel = _hybrid_diff_kernel
             hybrid_keys = ("STORE_DIFF", "CORR_REAL", "CORR_SYN", "SCALE_DIFF", "SQUARES_BLOCK", "BLOCK_M", "BLOCK_N")
             diff = (diff[0], diff[1], {k: diff[2][k] for k in hybrid_keys}, config)
         finish = (at["partials"], self.n_mean_partials, grid[0] * grid[1], self.lam, at["out"])
         elements = (n_real + n_syn) * (dim_x + dim_y)
         item = self.dtypes[0].itemsize
-        costs = (float(elements), float(elements * item), 2.0 * (n_real + n_syn) * dim_x * dim_y,
-                 float(elements * item + (dim_x * dim_y * self.diff_dtype.itemsize if self.store_diff else 0)),
-                 )  # fmt: skip
-        return stats, diff, finish, costs
+        d_bytes = dim_x * dim_y * self.diff_dtype.itemsize if self.store_diff else 0
+        products = 2.0 * (n_real + n_syn) * dim_x * dim_y
+        return _ForwardLaunches(
+            stats=PreboundLaunch(_column_stats_kernel, (self.n_blocks, 2), stats[1], _MEANS_CONFIG),
+            stats_scalars=stats[0],
+            diff=PreboundLaunch(diff_kernel, grid, diff[2], config),
+            diff_scalars=diff[1],
+            finish=PreboundLaunch(_finish_kernel, (1,), _FINISH_KWARGS, _FINISH_CONFIG),
+            finish_scalars=finish,
+            costs=(float(elements), float(elements * item),
+                   2.0 * dim_x * dim_y if self.hybrid else products,
+                   float(dim_x * dim_y * 8 + d_bytes) if self.hybrid else float(elements * item + d_bytes),
+                   float(finish[2]), float(4 * (finish[1] + finish[2]))),
+        )  # fmt: skip
 
-    def _run_forward(self, inputs, stats, diff_launch, finish, costs, zeroed: bool = False) -> CovarianceForward:
+    def _run_forward(self, inputs, launches: _ForwardLaunches, zeroed: bool = False) -> CovarianceForward:
         real_x, real_y, syn_x, syn_y = inputs
+        costs = launches.costs
         ws = (torch.zeros if zeroed else torch.empty)(self.workspace_size, dtype=torch.float32, device=self.device)
-        launch_kernel(_column_stats_kernel, (self.n_blocks, 2), (real_x, real_y, syn_x, syn_y, ws, *stats[0]),
-                      stats[1], _MEANS_CONFIG, flops=costs[0], bytes_moved=costs[1])  # fmt: skip
-        diff = (
-            torch.empty((self.dim_x, self.dim_y), dtype=self.diff_dtype, device=self.device)
-            if self.store_diff
-            else None
-        )
-        grid, scalars, constexprs, config = diff_launch
+        launches.stats((real_x, real_y, syn_x, syn_y, ws, *launches.stats_scalars), costs[0], costs[1])
+        diff = None
+        if self.store_diff:
+            diff = torch.empty((self.dim_x, self.dim_y), dtype=self.diff_dtype, device=self.device)
         diff_arg = ws if diff is None else diff
         if self.hybrid:  # the products through cuBLAS (fp32 out), the rest in one bandwidth-bound epilogue
             real_prod, syn_prod = mm_fp32(real_x.t(), real_y), mm_fp32(syn_x.t(), syn_y)
-            launch_kernel(_hybrid_diff_kernel, grid, (real_prod, syn_prod, ws, diff_arg, *scalars), constexprs,
-                          config, flops=2.0 * self.dim_x * self.dim_y,
-                          bytes_moved=float(self.dim_x * self.dim_y * (8 + self.diff_dtype.itemsize)))  # fmt: skip
+            launches.diff((real_prod, syn_prod, ws, diff_arg, *launches.diff_scalars), costs[2], costs[3])
         else:
-            launch_kernel(_cov_diff_kernel, grid, (real_x, real_y, syn_x, syn_y, ws, diff_arg, *scalars),
-                          constexprs, config, flops=costs[2], bytes_moved=costs[3])  # fmt: skip
-        launch_kernel(_finish_kernel, (1,), (ws, *finish), _FINISH_KWARGS, _FINISH_CONFIG,
-                      flops=float(finish[2]), bytes_moved=float(4 * (finish[1] + finish[2])))  # fmt: skip
+            launches.diff((real_x, real_y, syn_x, syn_y, ws, diff_arg, *launches.diff_scalars), costs[2], costs[3])
+        launches.finish((ws, *launches.finish_scalars), costs[4], costs[5])
         return CovarianceForward(ws[0], diff, ws)
 
     # ------------------------------------------------------------------ backward
@@ -710,19 +725,26 @@ class CovariancePlan:
         alpha = 2.0 * self.rho / (n_rows - 1) if side == 0 else -2.0 / (n_rows - 1)
         beta = 2.0 * self.lam / n_rows if side == 0 else -2.0 * self.lam / n_rows
         centre = dot == tl.float32
+        gemm = None
+        if not self.hybrid:
+            gemm = PreboundLaunch(
+                _cov_grad_kernel, (split * tiles,),
+                dict(SPLIT=split, CENTRE_ON_LOAD=centre, SCALED=self.scaled, DOT_DTYPE=dot, PRECISION=self.precision,
+                     GROUP_M=_GROUP_M, BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k),
+                config,
+            )  # fmt: skip
+        reduce = PreboundLaunch(
+            _grad_reduce_kernel, (tiles,),
+            dict(SPLIT=split, CORRECT=self.hybrid or not centre, SCALED=self.scaled,
+                 BLOCK_M=config.block_m, BLOCK_N=config.block_n),
+            TileConfig(config.block_m, config.block_n, 0, num_warps=4, num_stages=1),
+        )  # fmt: skip
         launch = _GradLaunch(
-            grid=(split * tiles,), split=split,
+            split=split, launch=gemm,
             scalars=(n_rows, n_inner, n_cols, corr_rows, tiles, tiles_n, chunk, mean_a_off, corr_off, gap_off,
                      at["scale"], stride_bk, stride_bc, alpha, beta),
-            constexprs=dict(SPLIT=split, CENTRE_ON_LOAD=centre, SCALED=self.scaled, DOT_DTYPE=dot,
-                            PRECISION=self.precision, GROUP_M=_GROUP_M,
-                            BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k),
-            config=config,
-            reduce_grid=(tiles,),
+            reduce=reduce,
             reduce_scalars=(n_rows, n_cols, corr_rows, tiles_n, corr_off, gap_off, at["scale"], alpha, beta),
-            reduce_constexprs=dict(SPLIT=split, CORRECT=self.hybrid or not centre, SCALED=self.scaled,
-                                   BLOCK_M=config.block_m, BLOCK_N=config.block_n),
-            reduce_config=TileConfig(config.block_m, config.block_n, 0, num_warps=4, num_stages=1),
             flops=2.0 * n_rows * n_cols * n_inner,
             bytes_moved=float(n_rows * (n_inner * other.itemsize + n_cols * self.dtypes[2 * side + which].itemsize)
                               + n_cols * n_inner * self.diff_dtype.itemsize),
@@ -746,26 +768,17 @@ class CovariancePlan:
                                dtype=self.dtypes[2 * side + which], device=self.device)  # fmt: skip
             if self.hybrid:  # the product through cuBLAS (fp32 out), then the split-K fix-up's epilogue
                 product = mm_fp32(a, fwd.diff.t() if which == 0 else fwd.diff)
-                args = (product, fwd.workspace, grad_scale, grad, *plan.reduce_scalars)
-                launch_kernel(
-                    _grad_reduce_kernel, plan.reduce_grid, args, plan.reduce_constexprs, plan.reduce_config,
-                    flops=float(3 * grad.numel()),
-                    bytes_moved=float(4 * product.numel() + grad.numel() * grad.element_size()),
-                )  # fmt: skip
+                plan.reduce((product, fwd.workspace, grad_scale, grad, *plan.reduce_scalars), float(3 * grad.numel()),
+                            float(4 * product.numel() + grad.numel() * grad.element_size()))  # fmt: skip
                 out[which] = grad
                 continue
             ws = fwd.workspace
             if plan.split > 1:
                 ws = torch.empty((plan.split, a.shape[0], grad.shape[1]), dtype=torch.float32, device=self.device)
-            args = (a, fwd.diff, fwd.workspace, grad_scale, grad, ws, *plan.scalars)
-            launch_kernel(_cov_grad_kernel, plan.grid, args,
-                          plan.constexprs, plan.config, flops=plan.flops, bytes_moved=plan.bytes_moved)  # fmt: skip
+            plan.launch((a, fwd.diff, fwd.workspace, grad_scale, grad, ws, *plan.scalars), plan.flops, plan.bytes_moved)
             if plan.split > 1:
-                launch_kernel(
-                    _grad_reduce_kernel, plan.reduce_grid, (ws, fwd.workspace, grad_scale, grad, *plan.reduce_scalars),
-                    plan.reduce_constexprs, plan.reduce_config,
-                    flops=float(ws.numel()), bytes_moved=float(4 * (ws.numel() + grad.numel())),
-                )  # fmt: skip
+                plan.reduce((ws, fwd.workspace, grad_scale, grad, *plan.reduce_scalars), float(ws.numel()),
+                            float(4 * (ws.numel() + grad.numel())))  # fmt: skip
             out[which] = grad
         return out[0], out[1]
 

@@ -16,7 +16,13 @@ from covmatch.constants import cached_constant
 
 from .forms import choose_form
 from .torch_backend import covmatch_loss_torch, cross_covariance_torch, mean_gap_torch
-from .triton_backend import EagerFusedLoss, FusedCall, covmatch_loss_triton, triton_unavailable_reason
+from .triton_backend import (
+    EagerFusedLoss,
+    EagerSyntheticLoss,
+    FusedCall,
+    covmatch_loss_triton,
+    triton_unavailable_reason,
+)
 from .validation import check_covmatch_inputs, check_features, check_hyperparameters, check_pair
 
 __all__ = [
@@ -230,15 +236,23 @@ class _TorchCall:
 
 
 class _FusedEager:
-    __slots__ = ("fused", "differentiable")
+    __slots__ = ("fused", "function")
 
     def __init__(self, fused: FusedCall) -> None:
         self.fused = fused
-        self.differentiable = any(fused.needs)
+        needs = fused.needs
+        self.function = None
+        if needs[2] or needs[3]:
+            self.function = EagerSyntheticLoss if not (needs[0] or needs[1]) else EagerFusedLoss
+        elif needs[0] or needs[1]:
+            self.function = EagerFusedLoss
 
     def __call__(self, real_img, real_txt, syn_img, syn_txt) -> torch.Tensor:
-        if self.differentiable:
-            return EagerFusedLoss.apply(self.fused, real_img, real_txt, syn_img, syn_txt)
+        function = self.function
+        if function is EagerSyntheticLoss:
+            return function.apply(self.fused, (real_img, real_txt), syn_img, syn_txt)
+        if function is EagerFusedLoss:
+            return function.apply(self.fused, real_img, real_txt, syn_img, syn_txt)
         return self.fused.forward(real_img, real_txt, syn_img, syn_txt)[0]
 
 

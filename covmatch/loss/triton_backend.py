@@ -15,8 +15,8 @@ from .forms import gram_row_weights
 from .torch_backend import covmatch_loss_torch
 
 __all__ = [
-    "HOST_FUNCTIONS", "EagerFusedLoss", "FusedCall", "FusedLossFunction", "covmatch_loss_triton", "fused_loss",
-    "fused_loss_backward", "triton_unavailable_reason",
+    "HOST_FUNCTIONS", "EagerFusedLoss", "EagerSyntheticLoss", "FusedCall", "FusedLossFunction",
+    "covmatch_loss_triton", "fused_loss", "fused_loss_backward", "triton_unavailable_reason",
 ]  # fmt: skip
 
 
@@ -378,3 +378,26 @@ class EagerFusedLoss(torch.autograd.Function):
         else:
             grads = call.backward(saved[:4], saved[4:], grad if grad.dtype == torch.float32 else grad.to(torch.float32))
         return (None, *grads)
+
+
+class EagerSyntheticLoss(torch.autograd.Function):
+    """``EagerFusedLoss`` when only the synthetic features need a gradient (distillation's case): the real pair,
+    which needs none, rides along outside autograd's inputs, so the node has two inputs, not four."""
+
+    @staticmethod
+    def forward(ctx, call: FusedCall, real: Tuple[torch.Tensor, torch.Tensor], syn_img, syn_txt):
+        loss, aux = call.forward(real[0], real[1], syn_img, syn_txt)
+        ctx.call, ctx.real = call, real
+        ctx.save_for_backward(syn_img, syn_txt, *aux)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad):
+        call = ctx.call
+        syn_img, syn_txt, *aux = ctx.saved_tensors
+        inputs = (*ctx.real, syn_img, syn_txt)
+        if torch.is_grad_enabled():
+            grads = _differentiable_grads(inputs, grad, call.rho, call.lam, call.form, call.needs)
+        else:
+            grads = call.backward(inputs, aux, grad if grad.dtype == torch.float32 else grad.to(torch.float32))
+        return None, None, grads[2], grads[3]
