@@ -172,9 +172,10 @@ def _alignment(args: tuple) -> tuple:
 class PreboundLaunch:
     """One launch site whose grid, constexprs and configuration are fixed (a plan's). The first launch goes
     through ``kernel[grid]`` (argument binding, specialisation, compilation or cache lookup); later launches
-    call the compiled kernel's launcher directly, skipping all of that, as long as the tensor arguments'
-    16-byte alignment (part of the specialisation; integer arguments are the plan's, fixed) matches the first
-    launch's and no launch or pre-run hook is installed. Anything else goes through ``kernel[grid]`` again.
+    call the compiled kernel's launcher directly, as ``JITFunction.run`` does once it has found the kernel
+    (launch hooks and launch metadata included), skipping the binding and the cache lookup, as long as the
+    tensor arguments' 16-byte alignment (part of the specialisation; integer arguments are the plan's, fixed)
+    matches the first launch's and the kernel has no pre-run hook. Anything else goes through ``kernel[grid]``.
     Inside ``recorded_launches()`` a call records instead, like ``launch_kernel``."""
 
     __slots__ = ("kernel", "grid", "grid3", "constexprs", "config", "constexpr_values", "compiled", "aligned")
@@ -193,11 +194,14 @@ class PreboundLaunch:
                                                bytes_moved))  # fmt: skip
             return
         compiled = self.compiled
-        if compiled is not None and _no_hooks(self.kernel) and _alignment(args) == self.aligned:
-            driver = triton.runtime.driver.active
-            stream = driver.get_current_stream(driver.get_current_device())
-            compiled.run(*self.grid3, stream, compiled.function, compiled.packed_metadata, None, None, None,
-                         *args, *self.constexpr_values)  # fmt: skip
+        if compiled is not None and not self.kernel.pre_run_hooks and _alignment(args) == self.aligned:
+            # what JITFunction.run does once it has found the compiled kernel
+            stream = _current_stream()
+            every = (*args, *self.constexpr_values)
+            runtime = triton.knobs.runtime
+            compiled.run(*self.grid3, stream, compiled.function, compiled.packed_metadata,
+                         compiled.launch_metadata(self.grid, stream, *every), runtime.launch_enter_hook,
+                         runtime.launch_exit_hook, *every)  # fmt: skip
             return
         config = self.config
         result = self.kernel[self.grid](*args, **self.constexprs, num_warps=config.num_warps,
@@ -206,9 +210,9 @@ class PreboundLaunch:
             self.compiled, self.aligned = result, _alignment(args)
 
 
-def _no_hooks(kernel) -> bool:
-    runtime = triton.knobs.runtime
-    return runtime.launch_enter_hook is None and runtime.launch_exit_hook is None and not kernel.pre_run_hooks
+def _current_stream():
+    driver = triton.runtime.driver.active
+    return driver.get_current_stream(driver.get_current_device())
 
 
 @contextlib.contextmanager
