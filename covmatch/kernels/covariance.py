@@ -550,6 +550,7 @@ class _GradLaunch:
     arguments and costs."""
 
     split: int
+    shape: tuple  # (rows, columns, dtype) of the gradient
     launch: Optional[PreboundLaunch]
     scalars: tuple
     reduce: PreboundLaunch
@@ -680,7 +681,7 @@ class CovariancePlan:
         launches.stats((real_x, real_y, syn_x, syn_y, ws, *launches.stats_scalars), costs[0], costs[1])
         diff = None
         if self.store_diff:
-            diff = torch.empty((self.dim_x, self.dim_y), dtype=self.diff_dtype, device=self.device)
+            diff = torch.empty(self.dim_x, self.dim_y, dtype=self.diff_dtype, device=self.device)
         diff_arg = ws if diff is None else diff
         if self.hybrid:  # the products through cuBLAS (fp32 out), the rest in one bandwidth-bound epilogue
             real_prod, syn_prod = mm_fp32(real_x.t(), real_y), mm_fp32(syn_x.t(), syn_y)
@@ -740,7 +741,7 @@ class CovariancePlan:
             TileConfig(config.block_m, config.block_n, 0, num_warps=4, num_stages=1),
         )  # fmt: skip
         launch = _GradLaunch(
-            split=split, launch=gemm,
+            split=split, shape=(n_rows, n_cols, self.dtypes[2 * side + which]), launch=gemm,
             scalars=(n_rows, n_inner, n_cols, corr_rows, tiles, tiles_n, chunk, mean_a_off, corr_off, gap_off,
                      at["scale"], stride_bk, stride_bc, alpha, beta),
             reduce=reduce,
@@ -752,32 +753,32 @@ class CovariancePlan:
         self._grads[(side, which)] = launch
         return launch
 
-    def grads(self, side: int, x, y, fwd: CovarianceForward, grad_scale: torch.Tensor):
+    def grads(self, side: int, x, y, diff: torch.Tensor, workspace: torch.Tensor, grad_scale: torch.Tensor):
         """dL/dX and dL/dY of one side (None where the plan needs none), one launch each (two with split-K):
         ``grad_scale * (alpha (Y - 1 mu_Y^T) D^T + beta (mu_XT - mu_XS))`` and the same with X and D, alpha
         = 2 rho / (n_T - 1) real and -2 / (n_S - 1) synthetic, beta the mean term's 2 lam / n with the same
-        signs (docs/design.md, *Gradients*). ``x``, ``y`` contiguous; ``grad_scale`` a 0-dim fp32 tensor read
-        on the device."""
+        signs (docs/design.md, *Gradients*). ``x``, ``y`` contiguous; ``diff`` and ``workspace`` the forward's
+        (``CovarianceForward``); ``grad_scale`` a 0-dim fp32 tensor read on the device."""
         out = [None, None]
         for which in (0, 1):
             if not self.needs[2 * side + which]:
                 continue
             plan = self._grad_launch(side, which)
             a = y if which == 0 else x
-            grad = torch.empty(a.shape[0], self.dim_x if which == 0 else self.dim_y,
-                               dtype=self.dtypes[2 * side + which], device=self.device)  # fmt: skip
+            n_rows, n_cols, dtype = plan.shape
+            grad = torch.empty(n_rows, n_cols, dtype=dtype, device=self.device)
             if self.hybrid:  # the product through cuBLAS (fp32 out), then the split-K fix-up's epilogue
-                product = mm_fp32(a, fwd.diff.t() if which == 0 else fwd.diff)
-                plan.reduce((product, fwd.workspace, grad_scale, grad, *plan.reduce_scalars), float(3 * grad.numel()),
+                product = mm_fp32(a, diff.t() if which == 0 else diff)
+                plan.reduce((product, workspace, grad_scale, grad, *plan.reduce_scalars), float(3 * grad.numel()),
                             float(4 * product.numel() + grad.numel() * grad.element_size()))  # fmt: skip
                 out[which] = grad
                 continue
-            ws = fwd.workspace
+            ws = workspace
             if plan.split > 1:
-                ws = torch.empty((plan.split, a.shape[0], grad.shape[1]), dtype=torch.float32, device=self.device)
-            plan.launch((a, fwd.diff, fwd.workspace, grad_scale, grad, ws, *plan.scalars), plan.flops, plan.bytes_moved)
+                ws = torch.empty(plan.split, n_rows, n_cols, dtype=torch.float32, device=self.device)
+            plan.launch((a, diff, workspace, grad_scale, grad, ws, *plan.scalars), plan.flops, plan.bytes_moved)
             if plan.split > 1:
-                plan.reduce((ws, fwd.workspace, grad_scale, grad, *plan.reduce_scalars), float(ws.numel()),
+                plan.reduce((ws, workspace, grad_scale, grad, *plan.reduce_scalars), float(ws.numel()),
                             float(4 * (ws.numel() + grad.numel())))  # fmt: skip
             out[which] = grad
         return out[0], out[1]
@@ -843,7 +844,7 @@ def covariance_forward(
 
 def covariance_grads(plan: CovariancePlan, side: int, x, y, fwd: CovarianceForward, grad_scale: torch.Tensor):
     """dL/dX and dL/dY of one side through ``plan`` (see ``CovariancePlan.grads``)."""
-    return plan.grads(side, x, y, fwd, grad_scale)
+    return plan.grads(side, x, y, fwd.diff, fwd.workspace, grad_scale)
 
 
 def split_k(programs: int, inner: int, block_k: int, sms: int) -> int:

@@ -98,11 +98,10 @@ def covariance_form_backward(inputs, aux, grad, rho, lam, needs, hybrid: bool = 
     """Gradients of the four inputs (None where not needed): one launch per gradient (two with split-K)."""
     inputs = tuple(_contiguous(t) for t in inputs)
     plan = _covariance_plan(inputs, rho, lam, needs, hybrid)
-    fwd = _kernels().CovarianceForward(None, *aux)
     grads = [None, None, None, None]
     for side in (0, 1):
         if needs[2 * side] or needs[2 * side + 1]:
-            grads[2 * side], grads[2 * side + 1] = plan.grads(side, inputs[2 * side], inputs[2 * side + 1], fwd, grad)
+            grads[2 * side], grads[2 * side + 1] = plan.grads(side, inputs[2 * side], inputs[2 * side + 1], *aux, grad)
     return grads
 
 
@@ -348,13 +347,13 @@ class FusedCall:
         """The four input gradients (None where not needed) from the inputs and ``forward``'s aux."""
         if self.plan is None:
             return gram_form_backward(inputs, list(aux), grad, self.rho, self.lam, self.needs)
-        fwd = _kernels().CovarianceForward(None, *aux)
+        diff, workspace = aux
         grads = [None, None, None, None]
         needs = self.needs
         for side in (0, 1):
             if needs[2 * side] or needs[2 * side + 1]:
                 x, y = _contiguous(inputs[2 * side]), _contiguous(inputs[2 * side + 1])
-                grads[2 * side], grads[2 * side + 1] = self.plan.grads(side, x, y, fwd, grad)
+                grads[2 * side], grads[2 * side + 1] = self.plan.grads(side, x, y, diff, workspace, grad)
         return grads
 
 
