@@ -76,8 +76,9 @@ def _preset(name: str, syn_batch: int, **overrides):
 
 
 def _distiller(
-    precision: str, grad_ckpt: bool, chunk, syn_batch: int, zero: int = 0, base=None, channels_last: bool = False
-) -> Distiller:
+    precision: str, grad_ckpt: bool, chunk, syn_batch: int, zero: int = 0, base=None, channels_last: bool = False,
+    compile_mode: str = "eager",
+) -> Distiller:  # fmt: skip
     base = dict(base or BASE)
     preset = _preset(base.pop("name"), syn_batch, **base)
     config = DistillConfig(
@@ -88,6 +89,8 @@ def _distiller(
         channels_last=channels_last,
         syn_chunk=chunk,
         zero=zero,
+        compile=compile_mode != "eager",
+        cuda_graphs=compile_mode == "cuda-graphs",
         progress=False,
     )
     return Distiller(config, log=lambda _msg: None)
@@ -223,6 +226,7 @@ def _step_row(d: Distiller, precision, grad_ckpt, chunk, syn_batch, timing, peak
         "channels_last": d.config.channels_last,
         "syn_chunk": chunk or 0,
         "zero": zero,
+        "compile": "cuda-graphs" if d.config.cuda_graphs else ("compile" if d.config.compile else "eager"),
         "syn_batch": syn_batch,
         "real_batch": d.config.preset.real_batch,
         "s_per_it": timing["median_ms"] / 1e3,
@@ -250,12 +254,14 @@ def _full_case(
     *,
     base=None,
     channels_last: bool = False,
+    compile_mode: str = "eager",
     table="step",
     iterations=None,
     **extra,
 ) -> None:
     """Time one configuration, count its FLOPs, attribute its time to the loss, append the row to ``table``."""
-    d = _distiller(precision, grad_ckpt, chunk, syn_batch, base=base, channels_last=channels_last)
+    d = _distiller(precision, grad_ckpt, chunk, syn_batch, base=base, channels_last=channels_last,
+                   compile_mode=compile_mode)  # fmt: skip
     timing, peak, batch = _measure(d, iterations=iterations or MEASURED_ITERATIONS)
     flops = _model_flops(d, batch)
     loss_s = _loss_time_isolated(d, syn_batch, precision, repeats=1 if SMOKE else 10)
@@ -293,6 +299,13 @@ def test_step_headline():
 def test_step_headline_channels_last():
     """The headline case with ``--channels-last`` (NHWC convolutions), the first lever if it misses."""
     _full_case(*HEADLINE, channels_last=True)
+
+
+@pytest.mark.skipif(SMOKE, reason="compiling the encoders takes minutes on a CPU (benchmarks/compiled_structure.py)")
+@pytest.mark.parametrize("compile_mode", ["compile", "cuda-graphs"])
+def test_step_headline_compiled(compile_mode):
+    """The headline case with ``--compile``, and with ``--compile --cuda-graphs``."""
+    _full_case(*HEADLINE, compile_mode=compile_mode)
 
 
 @pytest.mark.parametrize("syn_batch", SYN_SWEEP)

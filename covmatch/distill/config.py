@@ -147,6 +147,14 @@ class DistillConfig(CommonSettings):
         0.0, group=SPEED, range=at_least(0.0), help="online model: max gradient norm (0: no clipping)"
     )
     loss_backend: str = setting("auto", group=SPEED, choices=LOSS_BACKENDS, help="covmatch_loss backend")
+    compile: bool = setting(
+        False, group=SPEED,
+        help="torch.compile both encoders (forward and backward, the synthetic pass to pixels and token embeddings)",
+    )  # fmt: skip
+    cuda_graphs: bool = setting(
+        False, group=SPEED,
+        help="with --compile: capture the compiled encoders in CUDA graphs (mode reduce-overhead; CUDA only)",
+    )  # fmt: skip
     grid_every_save: bool = True  # an image grid with each checkpoint (the tests turn it off)
 
     def __post_init__(self) -> None:
@@ -187,6 +195,15 @@ class DistillConfig(CommonSettings):
                 "deepspeed_config needs zero 1, 2 or 3 (0 is plain PyTorch)",
                 field="deepspeed_config",
                 mentions=("zero",),
+            )
+        if self.compile and self.zero:
+            raise ConfigError(
+                "compile does not work with zero: DeepSpeed wraps and partitions the model it would compile; "
+                "drop one", field="compile", mentions=("zero",),
+            )  # fmt: skip
+        if self.cuda_graphs and not self.compile:
+            raise ConfigError(
+                "cuda_graphs captures the compiled encoders: add compile", field="cuda_graphs", mentions=("compile",)
             )
         if self.resume and self.overwrite:
             raise ConfigError(

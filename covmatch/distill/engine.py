@@ -28,6 +28,7 @@ from covmatch.visualize import nearest_token_ids
 
 from . import checkpoint as ckpt
 from .augment import affine_resample
+from .compilation import compile_encoders, compiled_graphs
 from .config import DistillConfig
 from .distributed import build_ds_config, launched_world_size, load_ds_config, setup_processes
 from .objective import make_objective
@@ -59,6 +60,8 @@ class Distiller:
         try:
             if config.precision == "fp16" and config.zero > 0 and self.device.type != "cuda":
                 raise ConfigError("--fp16 with DeepSpeed needs a CUDA GPU; on CPU use --bf16 or full precision")
+            if config.cuda_graphs and self.device.type != "cuda":
+                raise ConfigError(f"--cuda-graphs needs a CUDA device; this run is on {self.device}")
             self.autocast = autocast_for(self.device, config.precision)
             if self.device.type == "cuda":  # every batch has the same shapes: let cuDNN pick its fastest kernels
                 torch.backends.cudnn.benchmark = True
@@ -133,6 +136,8 @@ class Distiller:
             model.image.set_channels_last(True)
         if config.frozen_text:
             model.text.requires_grad_(False)
+        if config.compile:
+            compile_encoders(model, cuda_graphs=config.cuda_graphs)
         return model
 
     @property
@@ -345,6 +350,8 @@ class Distiller:
             if log_now:
                 now = time.perf_counter()
                 record = summarise(metrics, t, (now - tick) / len(pending), self.device)
+                if cfg.compile:
+                    record["compiled_graphs"] = compiled_graphs()
                 self._warn_if_one_modality_stands_still(record)
                 pending, tick = [], now
                 progress.set_postfix(postfix(record), refresh=False)

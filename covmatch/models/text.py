@@ -148,7 +148,7 @@ class TextEncoder(nn.Module):
 
     def encode_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Features of real captions, through the same ``inputs_embeds`` path as synthetic ones."""
-        return self.forward(self.embed(input_ids), attention_mask)
+        return self(self.embed(input_ids), attention_mask)  # through __call__: a compiled module compiles this too
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         # transformers 5 renamed gradient_checkpointing_* to activation_checkpointing_*; support both.

@@ -1,0 +1,117 @@
+"""What ``--compile`` changes in one distillation iteration, measured on the CPU in one run: kernels per iteration
+(eager: the aten ops that launch work; compiled: inductor's generated kernels plus the aten ops called around
+and from them, the extern GEMMs and convolutions included) and host time per iteration, eager against compiled.
+
+    python -m benchmarks.compiled_structure                    # the paper architecture at shrunk widths, bf16
+    python -m benchmarks.compiled_structure --preset tiny --precision fp32 --iterations 5
+
+The paper architecture keeps its depth and op sequence (NFNet-L0, a 12-layer BERT) at shrunk widths (64 px
+images, hidden size 128) so that a CPU iteration is short; both counts come from one profiler method
+(``torch.profiler`` events: inductor's kernels by name, aten ops that launch work and are not nested in another
+aten op), so eager and compiled are counted alike. On a GPU inductor emits Triton kernels, not C++ ones, and
+fuses by similar rules: expect similar counts, not equal ones. The last line is ``kernels: EAGER -> COMPILED``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from typing import Optional, Sequence
+
+os.environ.setdefault("COVMATCH_BENCH_SMOKE", "1")  # counting runs on the CPU, whatever the machine has
+
+import torch  # noqa: E402
+
+from covmatch.distill import DistillConfig, Distiller  # noqa: E402
+from covmatch.distill.compilation import compiled_graphs  # noqa: E402
+from covmatch.kernels._launch import NO_LAUNCH_OPS  # noqa: E402
+
+from .bench_step import PAPER, _device_batches, _preset  # noqa: E402
+from .count_launches import VIEW_OPS  # noqa: E402
+
+SHRUNK_BERT = (("hidden_size", 128), ("num_hidden_layers", 12), ("num_attention_heads", 2), ("intermediate_size", 512))
+SHRUNK = dict(PAPER, image_size=64, proj_dim=256, text_config_overrides=SHRUNK_BERT)
+NOT_LAUNCHING = NO_LAUNCH_OPS | VIEW_OPS | {"empty_strided", "resize_", "set_", "copy_"} - {"copy_"}
+
+
+def build(preset_name: str, precision: str, compile: bool, batches: int) -> Distiller:
+    base = dict(SHRUNK) if preset_name == "paper" else {"name": preset_name}
+    base.update(real_batch=batches, online="real", reset_every=1_000)
+    name = base.pop("name")
+    preset = _preset(name, batches, **base)
+    config = DistillConfig(preset=preset, device="cpu", precision=precision, compile=compile, progress=False)
+    return Distiller(config, log=lambda _msg: None)
+
+
+def kernels_of(prof) -> dict:
+    """Inductor kernels and launching top-level aten ops among a profile's events."""
+    inductor, aten = 0, 0
+    for event in prof.events():
+        name = event.name
+        if "cpp_fused" in name or name.startswith("triton_"):  # graph_K_cpp_fused_... on the CPU
+            inductor += 1
+            continue
+        if not name.startswith("aten::") or name[6:] in NOT_LAUNCHING:
+            continue
+        parent, nested = event.cpu_parent, False
+        while parent is not None:
+            if parent.name.startswith("aten::") or "cpp_fused" in parent.name:
+                nested = True
+                break
+            parent = parent.cpu_parent
+        aten += not nested
+    return {"inductor": inductor, "aten": aten, "total": inductor + aten}
+
+
+def measure(preset_name: str, precision: str, compile: bool, iterations: int, batches: int) -> dict:
+    import torch._inductor.config as inductor_config
+
+    inductor_config.cpp.enable_kernel_profile = True  # inductor's C++ kernels as named profiler events
+    d = build(preset_name, precision, compile, batches)
+    steps = _device_batches(d, 0, iterations + 3)
+    start = time.perf_counter()
+    for batch in steps[:2]:  # warm-up: compilation, if any
+        d.step(*batch)
+    warmup = time.perf_counter() - start
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        d.step(*steps[2])
+    times = []
+    for batch in steps[3:]:
+        start = time.perf_counter()
+        d.step(*batch)
+        times.append(time.perf_counter() - start)
+    return {"kernels": kernels_of(prof), "seconds": statistics.median(times), "warmup": warmup}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.compiled_structure", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument("--preset", default="paper", help="paper (its architecture at shrunk widths) or a preset")
+    parser.add_argument("--precision", default="bf16", choices=("fp32", "bf16"))
+    parser.add_argument("--iterations", type=int, default=5, help="timed iterations after the profiled one")
+    parser.add_argument("--batch", type=int, default=4, help="real and synthetic batch")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    results = {}
+    for compile in (False, True):
+        results[compile] = measure(args.preset, args.precision, compile, args.iterations, args.batch)
+        r = results[compile]
+        k = r["kernels"]
+        label = "compiled" if compile else "eager"
+        print(f"{label:9s} kernels per iteration {k['total']:5d} (inductor {k['inductor']}, aten {k['aten']}); "
+              f"{r['seconds'] * 1e3:.1f} ms per iteration (median of {args.iterations}); "
+              f"warm-up {r['warmup']:.0f} s")  # fmt: skip
+    print(f"compiled graphs: {compiled_graphs()}")
+    eager, compiled = results[False], results[True]
+    print(f"host time per iteration: {eager['seconds'] * 1e3:.1f} -> {compiled['seconds'] * 1e3:.1f} ms "
+          f"({eager['seconds'] / compiled['seconds']:.2f}x)")  # fmt: skip
+    print(f"kernels: {eager['kernels']['total']} -> {compiled['kernels']['total']}")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

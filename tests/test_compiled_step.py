@@ -1,0 +1,103 @@
+"""``--compile`` on CPU (inductor) and what ``--cuda-graphs`` needs of a step, checked without a GPU.
+
+The compiled run's synthetic set equals the eager run's (inductor's random numbers replaced by eager's, so
+dropout draws the same masks), the compiled graphs stop growing after the first iterations, and the refusals
+are one line each. A step is capturable only if every ordinary iteration dispatches the same ops on the same
+shapes (the allocations a CUDA graph replays) and creates no tensor from host data.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from covmatch.distill import DistillConfig, Distiller
+from covmatch.distill.cli import main as distill_main
+from covmatch.distill.compilation import GRAPH_LIMIT, compiled_graphs
+from covmatch.presets import get_preset
+
+
+def _distiller(**overrides) -> Distiller:
+    preset = get_preset("tiny", online="real", reset_every=2, iterations=4)
+    return Distiller(DistillConfig(preset=preset, device="cpu", progress=False, **overrides), log=lambda _m: None)
+
+
+def _run(d: Distiller, iterations: int, graphs: list) -> None:
+    for real, online in zip(d.real_batches(0, iterations), d.online_batches(0, iterations)):
+        d.step(real, online)
+        graphs.append(compiled_graphs())
+
+
+@pytest.mark.slow
+def test_compiled_set_equals_eager_and_graphs_are_bounded(monkeypatch):
+    import torch._inductor.config as inductor_config
+
+    monkeypatch.setattr(inductor_config, "fallback_random", True)
+    torch.manual_seed(0)
+    eager = _distiller()
+    initial = eager.synthetic.images.detach().clone()
+    _run(eager, 4, [])
+    assert not torch.equal(eager.synthetic.images, initial)  # the set moved
+    torch.manual_seed(0)
+    compiled = _distiller(compile=True)
+    before = compiled_graphs()
+    graphs: list = []
+    _run(compiled, 4, graphs)  # resets at 0 and 2: every kind of iteration twice
+    new = [g - before for g in graphs]
+    assert 0 < new[-1] <= 2 * GRAPH_LIMIT and new[1] == new[-1], new  # nothing compiled after iteration 1
+    for name in ("images", "text_embeds"):
+        a, b = getattr(eager.synthetic, name), getattr(compiled.synthetic, name)
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5 * a.abs().max().item())
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--compile", "--zero", "1"], "--compile does not work with --zero"),
+        (["--cuda-graphs"], "--cuda-graphs captures the compiled encoders: add --compile"),
+        (["--compile", "--cuda-graphs", "--device", "cpu"], "--cuda-graphs needs a CUDA device"),
+    ],
+)
+def test_compile_refusals_are_one_line(tmp_path, capsys, argv, message):
+    code = distill_main(["--preset", "tiny", "--out", str(tmp_path / "run"), "--no-progress", *argv])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "run" / "synthetic.safetensors").exists()
+
+
+class DispatchedShapes(TorchDispatchMode):
+    """(op, output shapes and dtypes) of every op dispatched, and the ops that make tensors from host data
+    (a Python number wrapped for an op, ``scalar_tensor``, is not one: CUDA ops take it as a scalar)."""
+
+    HOST_DATA = {"lift_fresh", "lift_fresh_copy"}  # torch.tensor(data): a host buffer copied to the device
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list = []
+        self.from_host: list = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        if name in self.HOST_DATA:
+            self.from_host.append(name)
+        flat = out if isinstance(out, (tuple, list)) else (out,)
+        self.ops.append((name, tuple((tuple(t.shape), t.dtype) for t in flat if isinstance(t, torch.Tensor))))
+        return out
+
+
+def test_ordinary_iterations_are_capturable():
+    """Iterations 1 and 2 (neither resets) dispatch the same ops on the same shapes, and no step makes a tensor
+    from host data: what a CUDA graph of the step needs besides no host syncs (tests/test_step_structure.py)."""
+    preset = get_preset("tiny", online="real", reset_every=10, iterations=4)
+    d = Distiller(DistillConfig(preset=preset, device="cpu", progress=False), log=lambda _m: None)
+    batches = list(zip(d.real_batches(0, 3), d.online_batches(0, 3)))
+    d.step(*batches[0])
+    seen = []
+    for real, online in batches[1:]:
+        with DispatchedShapes() as mode:
+            d.step(real, online)
+        seen.append(mode)
+    assert seen[0].ops == seen[1].ops
+    assert seen[0].from_host == [] and seen[1].from_host == []
