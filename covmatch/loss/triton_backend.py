@@ -381,22 +381,21 @@ class EagerFusedLoss(torch.autograd.Function):
 
 class EagerSyntheticLoss(torch.autograd.Function):
     """``EagerFusedLoss`` when only the synthetic features need a gradient (distillation's case): the real pair,
-    which needs none, rides along outside autograd's inputs, so the node has two inputs, not four."""
+    which needs none, is not an input of the autograd node (two inputs, not four), but is saved like one."""
 
     @staticmethod
     def forward(ctx, call: FusedCall, real: Tuple[torch.Tensor, torch.Tensor], syn_img, syn_txt):
         loss, aux = call.forward(real[0], real[1], syn_img, syn_txt)
-        ctx.call, ctx.real = call, real
-        ctx.save_for_backward(syn_img, syn_txt, *aux)
+        ctx.call = call
+        ctx.save_for_backward(real[0], real[1], syn_img, syn_txt, *aux)
         return loss
 
     @staticmethod
     def backward(ctx, grad):
         call = ctx.call
-        syn_img, syn_txt, *aux = ctx.saved_tensors
-        inputs = (*ctx.real, syn_img, syn_txt)
+        saved = ctx.saved_tensors
         if torch.is_grad_enabled():
-            grads = _differentiable_grads(inputs, grad, call.rho, call.lam, call.form, call.needs)
+            grads = _differentiable_grads(saved[:4], grad, call.rho, call.lam, call.form, call.needs)
         else:
-            grads = call.backward(inputs, aux, grad if grad.dtype == torch.float32 else grad.to(torch.float32))
+            grads = call.backward(saved[:4], saved[4:], grad if grad.dtype == torch.float32 else grad.to(torch.float32))
         return None, None, grads[2], grads[3]
