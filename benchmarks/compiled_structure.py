@@ -15,6 +15,7 @@ fuses by similar rules: expect similar counts, not equal ones. The last line is 
 from __future__ import annotations
 
 import argparse
+import collections
 import os
 import statistics
 import sys
@@ -47,8 +48,9 @@ def build(preset_name: str, precision: str, compile: bool, batches: int) -> Dist
 
 
 def kernels_of(prof) -> dict:
-    """Inductor kernels and launching top-level aten ops among a profile's events."""
+    """Inductor kernels and launching top-level aten ops among a profile's events (with the most common ops)."""
     inductor, aten = 0, 0
+    names: collections.Counter = collections.Counter()
     for event in prof.events():
         name = event.name
         if "cpp_fused" in name or name.startswith("triton_"):  # graph_K_cpp_fused_... on the CPU
@@ -62,8 +64,10 @@ def kernels_of(prof) -> dict:
                 nested = True
                 break
             parent = parent.cpu_parent
-        aten += not nested
-    return {"inductor": inductor, "aten": aten, "total": inductor + aten}
+        if not nested:
+            aten += 1
+            names[name[6:]] += 1
+    return {"inductor": inductor, "aten": aten, "total": inductor + aten, "top": names.most_common(6)}
 
 
 def measure(preset_name: str, precision: str, compile: bool, iterations: int, batches: int) -> dict:
@@ -105,6 +109,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"{label:9s} kernels per iteration {k['total']:5d} (inductor {k['inductor']}, aten {k['aten']}); "
               f"{r['seconds'] * 1e3:.1f} ms per iteration (median of {args.iterations}); "
               f"warm-up {r['warmup']:.0f} s")  # fmt: skip
+        print(f"          most common aten ops: {', '.join(f'{n} {c}' for n, c in k['top'])}")
     print(f"compiled graphs: {compiled_graphs()}")
     eager, compiled = results[False], results[True]
     print(f"host time per iteration: {eager['seconds'] * 1e3:.1f} -> {compiled['seconds'] * 1e3:.1f} ms "

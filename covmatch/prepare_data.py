@@ -20,6 +20,7 @@ from covmatch._version import __version__
 from covmatch.cli_args import OneLineArgumentParser, add_preset_flags, preset_overrides
 from covmatch.data.build import build_source
 from covmatch.data.cache import build_cache, cache_bytes, cache_side
+from covmatch.data.generated import GENERATED_DATASETS
 from covmatch.data.sources import SPLITS
 from covmatch.errors import EXIT_BAD_INPUT, ConfigError, CovMatchError, one_line
 from covmatch.presets import PRESETS, get_preset
@@ -74,7 +75,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             preset, ann_root=args.ann_root, image_root=args.image_root, data_dir=args.data_dir, seed=args.data_seed
         )
         side = cache_side(preset.image_size, augment=preset.train_augment)
-        workers = resolved_workers(args.workers, decodes_files=preset.dataset != "shapes")
+        workers = resolved_workers(args.workers, decodes_files=preset.dataset not in GENERATED_DATASETS)
 
         def bar(total: int, desc: str):
             return tqdm(total=total, desc=desc, unit="img", disable=args.no_progress, leave=False)

@@ -29,11 +29,11 @@ class Preset:
     name: str
     # data
     dataset: str = setting(
-        "shapes", group=DATA, choices=("shapes", "karpathy", "hf"),
-        help="embedded shapes, Karpathy JSON (--ann-root) or a local HF dataset (--data-dir)",
+        "shapes", group=DATA, choices=("shapes", "glyphs", "karpathy", "hf"),
+        help="embedded shapes or glyph scenes, Karpathy JSON (--ann-root) or a local HF dataset (--data-dir)",
     )  # fmt: skip
-    shapes_train_images: int = setting(10_000, range=at_least(2), help="train images of the embedded dataset")
-    shapes_eval_images: int = setting(1_000, range=at_least(1), help="val and test images of the embedded dataset")
+    shapes_train_images: int = setting(10_000, range=at_least(2), help="train images of an embedded dataset")
+    shapes_eval_images: int = setting(1_000, range=at_least(1), help="val and test images of an embedded dataset")
     image_size: int = setting(224, group=ENCODERS, range=at_least(8, " pixels"), help="input resolution in pixels")
     train_augment: bool = setting(
         True, group=DATA, help="random resized crops (half the area to all of it) of the images the models train on"

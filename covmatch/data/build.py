@@ -12,6 +12,8 @@ from covmatch.errors import ConfigError
 
 from .captions import tokenize_captions
 from .datasets import CLIP_MEAN, CLIP_STD, ImageDataset, PairDataset, image_transform
+from .generated import GENERATED_DATASETS
+from .glyphs import GlyphsSource
 from .hf import HFSource
 from .shapes import ShapesSource
 from .sources import ImageTextSource, KarpathySource
@@ -29,11 +31,12 @@ def build_source(
     validate: bool = False,
     seed: int = 0,
 ) -> ImageTextSource:
-    """The preset's dataset, or ``dataset``: "shapes" (embedded, drawn with ``seed``), "karpathy" (``ann_root``
-    and ``image_root``) or "hf" (a local Hugging Face dataset in ``data_dir``)."""
+    """The preset's dataset, or ``dataset``: "shapes" or "glyphs" (embedded, drawn with ``seed``), "karpathy"
+    (``ann_root`` and ``image_root``) or "hf" (a local Hugging Face dataset in ``data_dir``)."""
     kind = dataset or preset.dataset
-    if kind == "shapes":
-        return ShapesSource(
+    if kind in GENERATED_DATASETS:
+        generated = ShapesSource if kind == "shapes" else GlyphsSource
+        return generated(
             seed,
             num_train_images=preset.shapes_train_images,
             num_val_images=preset.shapes_eval_images,
@@ -48,7 +51,7 @@ def build_source(
         if data_dir is None:
             raise ConfigError("--dataset hf needs --data-dir DIR (a save_to_disk folder or an imagefolder)")
         return HFSource(data_dir, max_words=preset.max_words, validate=validate)
-    raise ConfigError(f"unknown dataset {kind!r}; choose 'shapes', 'karpathy' or 'hf'")
+    raise ConfigError(f"unknown dataset {kind!r}; choose 'shapes', 'glyphs', 'karpathy' or 'hf'")
 
 
 def build_train_dataset(source: ImageTextSource, tokenizer, preset, *, augment: bool) -> PairDataset:

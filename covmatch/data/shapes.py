@@ -9,19 +9,16 @@ leave room for distillation to matter: 100 random pairs cover little of what the
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Dict, List, Sequence, Tuple
 
-import torch
 from PIL import Image, ImageDraw
 
 from covmatch._version import __version__
 
 from .captions import preprocess_caption
-from .sources import SPLITS, ImageTextSource, RetrievalSplit
+from .generated import GeneratedSource
 
 __all__ = ["ShapeSpec", "Scene", "ShapesSource", "COLOURS", "SHAPES"]
 
@@ -143,7 +140,7 @@ def _draw(draw: ImageDraw.ImageDraw, o: ShapeSpec, size_px: int) -> None:
         draw.rectangle([cx - t, cy - r, cx + t, cy + r], fill=fill)
 
 
-class ShapesSource(ImageTextSource):
+class ShapesSource(GeneratedSource):
     """The generated dataset (deterministic from ``seed``); images rendered at ``render_size`` pixels."""
 
     name = "shapes"
@@ -157,16 +154,11 @@ class ShapesSource(ImageTextSource):
         num_test_images: int = 1_000,
         render_size: int = 64,
     ) -> None:
+        super().__init__({"train": num_train_images, "val": num_val_images, "test": num_test_images})
         self.seed = seed
         self.render_size = render_size
-        self.sizes = {"train": num_train_images, "val": num_val_images, "test": num_test_images}
-        self._scenes: Dict[str, List[Scene]] = {}
-        self._captions: Dict[str, List[List[str]]] = {}
-        self._by_key: Dict[str, Scene] = {}
 
-    def _generate(self, split: str) -> None:
-        if split in self._scenes:
-            return
+    def _make_split(self, split: str) -> Tuple[List[Scene], List[List[str]]]:
         rng = random.Random(f"covmatch-shapes/{self.seed}/{split}")
         scenes, captions = [], []
         for i in range(self.sizes[split]):
@@ -184,39 +176,15 @@ class ShapesSource(ImageTextSource):
             scene = Scene(f"shapes/{split}/{i:06d}.png", rng.choice(tuple(BACKGROUNDS)), tuple(objects))
             scenes.append(scene)
             captions.append(_captions(scene, rng))
-            self._by_key[scene.key] = scene
-        self._scenes[split] = scenes
-        self._captions[split] = captions
+        return scenes, captions
 
     def label(self, key: str) -> str:
         """The scene's class for class-balanced sampling: colour and shape of its first object."""
-        for split in SPLITS:
-            self._generate(split)
-            if key in self._by_key:
-                first = self._by_key[key].objects[0]
-                return f"{first.colour} {first.shape}"
-        raise KeyError(key)
-
-    def scenes(self, split: str) -> List[Scene]:
-        self._generate(split)
-        return self._scenes[split]
-
-    def train_pairs(self) -> List[Tuple[str, str]]:
-        self._generate("train")
-        return [(s.key, c) for s, caps in zip(self._scenes["train"], self._captions["train"]) for c in caps]
-
-    def retrieval_split(self, split: str) -> RetrievalSplit:
-        self._generate(split)
-        scenes, caps = self._scenes[split], self._captions[split]
-        owner = [i for i, c in enumerate(caps) for _ in c]
-        return RetrievalSplit(
-            tuple(s.key for s in scenes), tuple(x for c in caps for x in c), torch.tensor(owner, dtype=torch.long)
-        )
+        first = self.scene(key).objects[0]
+        return f"{first.colour} {first.shape}"
 
     def load_image(self, key: str) -> Image.Image:
-        split = key.split("/")[1]
-        self._generate(split)
-        scene = self._by_key[key]
+        scene = self.scene(key)
         # Render at 2x and downsample: smooth edges at small sizes.
         big = 2 * self.render_size
         img = Image.new("RGB", (big, big), BACKGROUNDS[scene.background])
@@ -229,22 +197,3 @@ class ShapesSource(ImageTextSource):
         """Generated from a seed: the seed, the split sizes, the render size and the generator's version."""
         return {"seed": self.seed, "sizes": dict(self.sizes), "render_size": self.render_size,
                 "generator": __version__}  # fmt: skip
-
-    def export_karpathy(self, out_dir: Path) -> Tuple[Path, Path]:
-        """Write the dataset in Karpathy/BLIP format (PNG images + JSON), for inspection or other tools."""
-        out_dir = Path(out_dir)
-        ann_root, image_root = out_dir / "annotations", out_dir / "images"
-        ann_root.mkdir(parents=True, exist_ok=True)
-        for split in SPLITS:
-            self._generate(split)
-            entries = []
-            for scene, caps in zip(self._scenes[split], self._captions[split]):
-                path = image_root / scene.key
-                path.parent.mkdir(parents=True, exist_ok=True)
-                self.load_image(scene.key).save(path)
-                if split == "train":
-                    entries += [{"image": scene.key, "caption": c, "image_id": scene.key} for c in caps]
-                else:
-                    entries.append({"image": scene.key, "caption": caps})
-            (ann_root / f"shapes_{split}.json").write_text(json.dumps(entries, indent=1))
-        return ann_root, image_root

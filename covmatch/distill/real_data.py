@@ -18,6 +18,7 @@ from covmatch.data.build import build_source, build_train_dataset, with_train_tr
 from covmatch.data.cache import CachedSource, DecodedCache, cache_side
 from covmatch.data.datasets import CLIP_MEAN, CLIP_STD, PairDataset
 from covmatch.data.device_transform import crop_resize_normalize, resize_normalize
+from covmatch.data.generated import GENERATED_DATASETS
 from covmatch.data.sources import pairs_by_image
 from covmatch.errors import ConfigError
 from covmatch.settings import resolved_workers
@@ -81,7 +82,7 @@ class RealData:
                 sampler, crop=(cfg.seed, stream, cfg.preset.flip) if augment else None,
                 pin=self.device.type == "cuda",
             )  # fmt: skip
-        workers = resolved_workers(cfg.workers, decodes_files=cfg.preset.dataset != "shapes")
+        workers = resolved_workers(cfg.workers, decodes_files=cfg.preset.dataset not in GENERATED_DATASETS)
         return DataLoader(
             dataset,
             batch_sampler=sampler,

@@ -11,6 +11,7 @@ from typing import Callable, Optional
 from covmatch._version import __version__
 from covmatch.data.build import build_retrieval_data, build_source
 from covmatch.data.cache import CachedSource, DecodedCache, cache_side
+from covmatch.data.generated import GENERATED_DATASETS
 from covmatch.devices import resolve_device
 from covmatch.errors import ConfigError
 from covmatch.models import build_dual_encoder
@@ -48,7 +49,7 @@ def resolve_data_seed(config: EvalConfig, syn: Optional[SyntheticSet]) -> int:
     """The embedded dataset's draw to evaluate on: the one the set was distilled from (a set made before
     ``data_seed`` existed drew its data with its ``seed``), unless ``data_seed`` says otherwise, which is
     refused without ``allow_data_seed_mismatch``. Karpathy data has no draw."""
-    if syn is None or config.preset.dataset != "shapes":
+    if syn is None or config.preset.dataset not in GENERATED_DATASETS:
         return config.data_seed if config.data_seed is not None else 0
     meta = syn.metadata
     distilled = meta.get("data_seed", (meta.get("hyperparameters") or {}).get("seed", 0))
@@ -92,7 +93,8 @@ def evaluate(config: EvalConfig, *, log: Callable[[str], None] = _stderr) -> dic
         )
         side = cache_side(preset.image_size, augment=preset.train_augment)
         source = CachedSource(source, DecodedCache.open(config.data_cache, source, side=side, splits=list(needed)))
-    workers = resolved_workers(config.workers, decodes_files=preset.dataset != "shapes" and config.data_cache is None)
+    decodes_files = preset.dataset not in GENERATED_DATASETS and config.data_cache is None
+    workers = resolved_workers(config.workers, decodes_files=decodes_files)
     start = time.perf_counter()
     extra = {}
     frozen_text = config.frozen_text

@@ -803,6 +803,8 @@ def mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         except (TypeError, RuntimeError, NotImplementedError):  # a torch or a device without the overload
             _MM_OUT_DTYPE[kind] = False
     return torch.mm(a.float(), b.float())
+
+
 _PLANS: Dict[Hashable, CovariancePlan] = {}
 _MAX_PLANS = 1024
 

@@ -1,0 +1,66 @@
+"""The glyph-scene dataset: its concepts (named DejaVu Sans glyphs, disjoint sets for the benchmark and for
+pretraining three encoder families), its scenes (2-4 distinct concepts, Zipf-skewed in train, uniform in
+val/test), captions that name what is drawn, and deterministic rendering."""
+
+from __future__ import annotations
+
+import statistics
+
+import numpy as np
+import pytest
+
+from covmatch.data import GlyphsSource
+from covmatch.data.glyphs import CONCEPT_SETS, MAX_NAME_WORDS, concept_frequencies, concept_sets, glyph_vocabulary
+
+pytest.importorskip("matplotlib")
+
+
+def test_concepts_are_named_glyphs_in_disjoint_sets():
+    vocabulary = glyph_vocabulary()
+    names = [g.name for g in vocabulary]
+    assert len(names) == len(set(names)) >= sum(CONCEPT_SETS.values())
+    assert all(1 <= len(n.split()) <= MAX_NAME_WORDS for n in names)
+    assert "snowman" in names and "alpha" in names and not any(" black " in f" {n} " for n in names)
+    sets = concept_sets()
+    assert {k: len(v) for k, v in sets.items()} == CONCEPT_SETS
+    seen = [g for glyphs in sets.values() for g in glyphs]
+    assert len(seen) == len(set(seen))  # disjoint
+
+
+def test_scenes_captions_and_skew():
+    source = GlyphsSource(3, num_train_images=3000, num_val_images=600, num_test_images=10)
+    for scene, captions in zip(source.scenes("val")[:50], source._captions["val"][:50]):
+        names = [o.glyph.name for o in scene.objects]
+        assert 2 <= len(names) <= 4 and len(set(names)) == len(names)
+        assert len(captions) == len(set(captions)) == 5
+        assert all(any(n in c for n in names) for c in captions)  # every caption names something drawn
+        assert len({o.cell for o in scene.objects}) == len({o.colour for o in scene.objects}) == len(names)
+    train = sorted(concept_frequencies(source, "train").values(), reverse=True)
+    val = sorted(concept_frequencies(source, "val").values(), reverse=True)
+    assert train[0] > 8 * statistics.median(train)  # Zipf-skewed: a few concepts common, most rare
+    assert val[0] < 3 * statistics.median(val)  # uniform
+    assert len(source.train_pairs()) == 5 * 3000
+    split = source.retrieval_split("test")
+    assert len(split.image_keys) == 10 and len(split.captions) == 50
+
+
+def test_rendering_is_deterministic_and_shows_the_glyphs():
+    a = GlyphsSource(1, num_train_images=5, num_val_images=2, num_test_images=2, render_size=64)
+    b = GlyphsSource(1, num_train_images=5, num_val_images=2, num_test_images=2, render_size=64)
+    key = a.scenes("train")[0].key
+    img = np.asarray(a.load_image(key))
+    assert img.shape == (64, 64, 3) and np.array_equal(img, np.asarray(b.load_image(key)))
+    assert img.std() > 10  # glyphs on a background, not a flat image
+    other = GlyphsSource(2, num_train_images=5, num_val_images=2, num_test_images=2)
+    assert [s.objects for s in other.scenes("train")] != [s.objects for s in a.scenes("train")]
+    assert a.fingerprint([key])["concepts"] == "benchmark"
+    assert set(a.concepts_of(key)) == {o.glyph.name for o in a.scene(key).objects}
+
+
+def test_pretraining_sets_show_only_their_concepts():
+    benchmark = {g.name for g in concept_sets()["benchmark"]}
+    source = GlyphsSource(0, num_train_images=200, num_val_images=2, num_test_images=2, concepts="pretrain_b")
+    shown = {o.glyph.name for s in source.scenes("train") for o in s.objects}
+    assert shown <= {g.name for g in concept_sets()["pretrain_b"]} and not shown & benchmark
+    with pytest.raises(ValueError, match="concepts must be one of"):
+        GlyphsSource(0, concepts="everything")
