@@ -7,9 +7,10 @@ and from them, the extern GEMMs and convolutions included) and host time per ite
 
 The paper architecture keeps its depth and op sequence (NFNet-L0, a 12-layer BERT) at shrunk widths (64 px
 images, hidden size 128) so that a CPU iteration is short; both counts come from one profiler method
-(``torch.profiler`` events: inductor's kernels by name, aten ops that launch work and are not nested in another
-aten op), so eager and compiled are counted alike. On a GPU inductor emits Triton kernels, not C++ ones, and
-fuses by similar rules: expect similar counts, not equal ones. The last line is ``kernels: EAGER -> COMPILED``.
+(``torch.profiler`` events: inductor's kernels by name, and the lowest aten ops that do work, a composite op's
+callees counted once each, views and allocations not at all), so eager and compiled are counted alike. On a
+GPU inductor emits Triton kernels, not C++ ones, and fuses by similar rules: expect similar counts, not equal
+ones. The last line is ``kernels: EAGER -> COMPILED``.
 """
 
 from __future__ import annotations
@@ -35,7 +36,10 @@ from .count_launches import VIEW_OPS  # noqa: E402
 
 SHRUNK_BERT = (("hidden_size", 128), ("num_hidden_layers", 12), ("num_attention_heads", 2), ("intermediate_size", 512))
 SHRUNK = dict(PAPER, image_size=64, proj_dim=256, text_config_overrides=SHRUNK_BERT)
-NOT_LAUNCHING = NO_LAUNCH_OPS | VIEW_OPS | {"empty_strided", "resize_", "set_", "copy_"} - {"copy_"}
+# besides views and allocations: ops that launch nothing themselves, and composites that are no-ops when nothing
+# runs below them (a reshape that is a view, a cast to the dtype a tensor has)
+NOT_LAUNCHING = NO_LAUNCH_OPS | VIEW_OPS | {"resize_", "set_", "as_strided_", "resolve_conj", "resolve_neg",
+                                            "reshape", "contiguous", "to", "flatten", "type_as", "view_as"}  # fmt: skip
 
 
 def build(preset_name: str, precision: str, compile: bool, batches: int) -> Distiller:
@@ -47,27 +51,44 @@ def build(preset_name: str, precision: str, compile: bool, batches: int) -> Dist
     return Distiller(config, log=lambda _msg: None)
 
 
+def _is_kernel(event) -> bool:
+    return "cpp_fused" in event.name or event.name.startswith("triton_")  # graph_K_cpp_fused_... on the CPU
+
+
+def _launches(event, names: collections.Counter) -> int:
+    """Kernels an aten op runs: those of the ops below it, or itself when none below it launches (a view, an
+    allocation or a conjugation check launches nothing). A ``_foreach_`` op is one launch: on a GPU it is one
+    multi-tensor kernel (a few for hundreds of tensors), on the CPU a loop of per-tensor ops."""
+    if event.name.startswith("aten::_foreach_"):
+        names[event.name[6:]] += 1
+        return 1
+    below = sum(_launches(c, names) for c in event.cpu_children if c.name.startswith("aten::"))
+    if below or event.name[6:] in NOT_LAUNCHING:
+        return below
+    names[event.name[6:]] += 1
+    return 1
+
+
 def kernels_of(prof) -> dict:
-    """Inductor kernels and launching top-level aten ops among a profile's events (with the most common ops)."""
+    """Kernels in a profile: inductor's generated kernels, and the lowest aten ops that do work (the ops of a
+    composite counted once each, views and allocations not at all), with the most common of those."""
     inductor, aten = 0, 0
     names: collections.Counter = collections.Counter()
     for event in prof.events():
-        name = event.name
-        if "cpp_fused" in name or name.startswith("triton_"):  # graph_K_cpp_fused_... on the CPU
+        if _is_kernel(event):
             inductor += 1
-            continue
-        if not name.startswith("aten::") or name[6:] in NOT_LAUNCHING:
-            continue
-        parent, nested = event.cpu_parent, False
-        while parent is not None:
-            if parent.name.startswith("aten::") or "cpp_fused" in parent.name:
-                nested = True
-                break
-            parent = parent.cpu_parent
-        if not nested:
-            aten += 1
-            names[name[6:]] += 1
+        elif event.name.startswith("aten::") and not _under_aten(event):
+            aten += _launches(event, names)
     return {"inductor": inductor, "aten": aten, "total": inductor + aten, "top": names.most_common(6)}
+
+
+def _under_aten(event) -> bool:
+    parent = event.cpu_parent
+    while parent is not None:
+        if parent.name.startswith("aten::"):
+            return True
+        parent = parent.cpu_parent
+    return False
 
 
 def measure(preset_name: str, precision: str, compile: bool, iterations: int, batches: int) -> dict:
