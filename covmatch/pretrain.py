@@ -1,11 +1,14 @@
-"""A pretrained image encoder for the embedded dataset, made locally (no PyPI package ships timm weights).
+"""Pretrained image encoders for the embedded datasets, made locally (no PyPI package ships timm weights).
 
-The analogue of ImageNet pretraining for the ``demo`` preset: the image encoder learns to recognise which
-coloured shapes a scene contains (35-way multi-label classification) on a *disjoint* generated split
-(its own seed, never the distillation or evaluation data), with no text involved, so image and text
-encoders start unaligned as in the paper. The weights are cached as safetensors and reused.
+The analogue of ImageNet pretraining, with no text involved, so image and text encoders start unaligned as in
+the paper. Shapes (the ``demo`` preset): the encoder learns which coloured shapes a scene contains (35-way
+multi-label classification) on a *disjoint* generated split (its own seed, never the distillation or evaluation
+data). Glyph scenes: each encoder family learns which glyphs a scene shows over a concept set of its own,
+disjoint from the benchmark's and from the other families' (``FAMILY_CONCEPTS``), so its features are generic
+visual features, not the benchmark's labels. The weights are cached as safetensors and reused.
 
     python -m covmatch.pretrain --out ~/.cache/covmatch/shapes-test_nfnet-32.safetensors
+    python -m covmatch.pretrain --dataset glyphs --encoder test_resnet --image-size 64
 """
 
 from __future__ import annotations
@@ -23,15 +26,19 @@ from safetensors.torch import save
 from tqdm.auto import tqdm
 
 from covmatch.data.datasets import CLIP_MEAN, CLIP_STD, image_transform
+from covmatch.data.glyphs import GlyphsSource
 from covmatch.data.shapes import COLOURS, SHAPES, ShapesSource
 from covmatch.errors import ConfigError
-from covmatch.models import SHAPES_PRETRAINED, ImageEncoder
+from covmatch.models import GLYPHS_PRETRAINED, SHAPES_PRETRAINED, ImageEncoder
 from covmatch.presets import parse_model_kwargs
 from covmatch.synthetic import atomic_write_bytes
 
 __all__ = [
+    "FAMILY_CONCEPTS",
     "PRETRAIN_SEED",
     "default_cache_path",
+    "encoder_family",
+    "pretrain_glyphs_encoder",
     "pretrain_shapes_encoder",
     "ensure_pretrained",
     "resolve_image_weights",
@@ -39,6 +46,8 @@ __all__ = [
 
 PRETRAIN_SEED = 90_210  # the pretraining split's seed: disjoint from every seed the commands use by default
 _LABELS = [(c, s) for c in COLOURS for s in SHAPES]
+# glyph scenes: the concept set each image-encoder family is pretrained on (timm names containing the family)
+FAMILY_CONCEPTS = {"nfnet": "pretrain_a", "resnet": "pretrain_b", "vit": "pretrain_c"}
 
 
 def _kwargs_tag(model_kwargs: Optional[Mapping[str, object]]) -> str:
@@ -49,10 +58,23 @@ def _kwargs_tag(model_kwargs: Optional[Mapping[str, object]]) -> str:
     return "-" + re.sub(r"[^A-Za-z0-9_.,=+-]", "_", text)
 
 
-def default_cache_path(encoder: str, image_size: int, model_kwargs: Optional[Mapping[str, object]] = None) -> Path:
+def encoder_family(encoder: str) -> str:
+    """The family of a timm image encoder among FAMILY_CONCEPTS' (its concept set on glyph scenes)."""
+    for family in FAMILY_CONCEPTS:
+        if family in encoder:
+            return family
+    raise ConfigError(
+        f"image encoder {encoder!r}: glyph-scene pretraining knows the families {', '.join(FAMILY_CONCEPTS)} "
+        "(one disjoint concept set each); pick an encoder of one of them"
+    )
+
+
+def default_cache_path(
+    encoder: str, image_size: int, model_kwargs: Optional[Mapping[str, object]] = None, dataset: str = "shapes"
+) -> Path:
     """Where the pretrained weights of ``encoder`` (built with ``model_kwargs``) at ``image_size`` are cached."""
     root = Path(os.environ.get("COVMATCH_CACHE", Path.home() / ".cache" / "covmatch"))
-    return root / f"shapes-pretrained-{encoder}{_kwargs_tag(model_kwargs)}-{image_size}px.safetensors"
+    return root / f"{dataset}-pretrained-{encoder}{_kwargs_tag(model_kwargs)}-{image_size}px.safetensors"
 
 
 def _labels(scene) -> torch.Tensor:
@@ -79,13 +101,50 @@ def pretrain_shapes_encoder(
     torch.manual_seed(PRETRAIN_SEED)
     source = ShapesSource(PRETRAIN_SEED, num_train_images=num_images, render_size=max(64, image_size))
     scenes = source.scenes("train")
+    labels = torch.stack([_labels(s) for s in scenes])
+    return _train_recognition(source, scenes, labels, encoder, image_size, out, steps=steps, batch_size=batch_size,
+                              lr=lr, progress=progress, model_kwargs=model_kwargs, meta={})  # fmt: skip
+
+
+def pretrain_glyphs_encoder(
+    encoder: str,
+    image_size: int,
+    out: Path,
+    *,
+    steps: int = 600,
+    batch_size: int = 128,
+    num_images: int = 8_000,
+    lr: float = 2e-3,
+    progress: bool = True,
+    model_kwargs: Optional[Mapping[str, object]] = None,
+) -> Path:
+    """Train ``encoder`` to recognise which glyphs of its family's concept set (FAMILY_CONCEPTS, disjoint from
+    the benchmark's) a scene shows, multi-label, on scenes of those glyphs only; save safetensors."""
+    concepts = FAMILY_CONCEPTS[encoder_family(encoder)]
+    torch.manual_seed(PRETRAIN_SEED)
+    source = GlyphsSource(PRETRAIN_SEED, num_train_images=num_images, render_size=max(64, image_size),
+                          concepts=concepts)  # fmt: skip
+    scenes = source.scenes("train")
+    index = {g: i for i, g in enumerate(source.glyphs)}
+    labels = torch.zeros(len(scenes), len(index))
+    for row, scene in enumerate(scenes):
+        for o in scene.objects:
+            labels[row, index[o.glyph]] = 1.0
+    return _train_recognition(source, scenes, labels, encoder, image_size, out, steps=steps, batch_size=batch_size,
+                              lr=lr, progress=progress, model_kwargs=model_kwargs,
+                              meta={"dataset": "glyphs", "concepts": concepts})  # fmt: skip
+
+
+def _train_recognition(source, scenes, labels, encoder, image_size, out, *, steps, batch_size, lr, progress,
+                       model_kwargs, meta) -> Path:  # fmt: skip
+    """Multi-label recognition of ``labels`` [scenes, classes] from the rendered scenes; the encoder's weights
+    (not the head's) saved atomically as safetensors with what made them."""
     transform = image_transform(image_size, train=False, mean=CLIP_MEAN, std=CLIP_STD)
     pixels = torch.stack(
         [transform(source.load_image(s.key)) for s in tqdm(scenes, desc="render", disable=not progress)]
     )
-    labels = torch.stack([_labels(s) for s in scenes])
     model = ImageEncoder.create(encoder, image_size=image_size, model_kwargs=model_kwargs)
-    head = torch.nn.Linear(model.feature_dim, len(_LABELS))
+    head = torch.nn.Linear(model.feature_dim, labels.shape[1])
     params = list(model.parameters()) + list(head.parameters())
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
@@ -103,21 +162,28 @@ def pretrain_shapes_encoder(
     out.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous() for k, v in model.model.state_dict().items()}
     meta = {"encoder": encoder, "image_size": str(image_size), "seed": str(PRETRAIN_SEED), "steps": str(steps),
-            "model_kwargs": repr(dict(model_kwargs or {}))}  # fmt: skip
+            "model_kwargs": repr(dict(model_kwargs or {})), **meta}  # fmt: skip
     atomic_write_bytes(out, save(state, metadata=meta))
     return out
 
 
+_PRETRAINERS = {"shapes": pretrain_shapes_encoder, "glyphs": pretrain_glyphs_encoder}
+_WEIGHTS_DATASETS = {SHAPES_PRETRAINED: "shapes", GLYPHS_PRETRAINED: "glyphs"}
+
+
 def ensure_pretrained(
-    encoder: str, image_size: int, *, progress: bool = True, model_kwargs: Optional[Mapping[str, object]] = None
-) -> Path:
-    """The cached pretrained weights for ``encoder`` at ``image_size``, made on first use (about a minute)."""
-    path = default_cache_path(encoder, image_size, model_kwargs)
+    encoder: str, image_size: int, *, progress: bool = True, model_kwargs: Optional[Mapping[str, object]] = None,
+    dataset: str = "shapes",
+) -> Path:  # fmt: skip
+    """The cached weights of ``encoder`` at ``image_size`` pretrained for ``dataset`` ("shapes" or "glyphs"),
+    made on first use (a minute or two)."""
+    path = default_cache_path(encoder, image_size, model_kwargs, dataset)
     if not path.is_file():
-        print(
-            f"covmatch: pretraining {encoder} at {image_size} px on a disjoint shapes split -> {path}", file=sys.stderr
-        )
-        pretrain_shapes_encoder(encoder, image_size, path, progress=progress, model_kwargs=model_kwargs)
+        if dataset == "glyphs":
+            encoder_family(encoder)  # an unknown family: one clear error before anything is rendered
+        print(f"covmatch: pretraining {encoder} at {image_size} px on a disjoint {dataset} split -> {path}",
+              file=sys.stderr)  # fmt: skip
+        _PRETRAINERS[dataset](encoder, image_size, path, progress=progress, model_kwargs=model_kwargs)
     return path
 
 
@@ -129,19 +195,22 @@ def resolve_image_weights(
     progress: bool = True,
     model_kwargs: Optional[Mapping[str, object]] = None,
 ) -> Optional[str]:
-    """What the image-encoder factory loads: ``weights`` as given, except "shapes-pretrained", which becomes
-    the file of weights pretrained for ``encoder`` (built with ``model_kwargs``) at ``image_size`` (made on
-    first use, with progress bars unless ``progress`` is off)."""
-    if weights == SHAPES_PRETRAINED:
-        return str(ensure_pretrained(encoder, image_size, progress=progress, model_kwargs=model_kwargs))
+    """What the image-encoder factory loads: ``weights`` as given, except "shapes-pretrained" and
+    "glyphs-pretrained", which become the file of weights pretrained for ``encoder`` (built with
+    ``model_kwargs``) at ``image_size`` (made on first use, with progress bars unless ``progress`` is off)."""
+    if weights in _WEIGHTS_DATASETS:
+        path = ensure_pretrained(encoder, image_size, progress=progress, model_kwargs=model_kwargs,
+                                 dataset=_WEIGHTS_DATASETS[weights])  # fmt: skip
+        return str(path)
     return weights
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m covmatch.pretrain", description=__doc__.splitlines()[0])
+    parser.add_argument("--dataset", choices=sorted(_PRETRAINERS), default="shapes", help="embedded dataset")
     parser.add_argument("--encoder", default="test_nfnet", help="timm image encoder")
     parser.add_argument("--image-size", type=int, default=32, help="input resolution")
-    parser.add_argument("--steps", type=int, default=400, help="optimisation steps")
+    parser.add_argument("--steps", type=int, default=None, help="optimisation steps (default: the dataset's)")
     parser.add_argument(
         "--image-encoder-kwargs", default="", help="timm.create_model keyword arguments, 'key=value, ...'"
     )
@@ -149,10 +218,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         kwargs = parse_model_kwargs(args.image_encoder_kwargs, "--image-encoder-kwargs")
+        if args.dataset == "glyphs":
+            encoder_family(args.encoder)
     except ConfigError as err:
         parser.exit(2, f"{parser.prog}: error: {err}\n")
-    out = args.out or default_cache_path(args.encoder, args.image_size, kwargs)
-    print(pretrain_shapes_encoder(args.encoder, args.image_size, out, steps=args.steps, model_kwargs=kwargs))
+    out = args.out or default_cache_path(args.encoder, args.image_size, kwargs, args.dataset)
+    steps = {} if args.steps is None else {"steps": args.steps}
+    print(_PRETRAINERS[args.dataset](args.encoder, args.image_size, out, model_kwargs=kwargs, **steps))
     return 0
 
 

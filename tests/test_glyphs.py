@@ -64,3 +64,25 @@ def test_pretraining_sets_show_only_their_concepts():
     assert shown <= {g.name for g in concept_sets()["pretrain_b"]} and not shown & benchmark
     with pytest.raises(ValueError, match="concepts must be one of"):
         GlyphsSource(0, concepts="everything")
+
+
+def test_each_encoder_family_pretrains_on_its_own_concepts(tmp_path, monkeypatch, capsys):
+    """Glyph-scene pretraining: the family picks the concept set (disjoint from the benchmark's), the weights
+    record it and load into the encoder; an encoder of no known family is refused in one line."""
+    from safetensors import safe_open
+
+    from covmatch.models import ImageEncoder
+    from covmatch.pretrain import FAMILY_CONCEPTS, default_cache_path, encoder_family, main, pretrain_glyphs_encoder
+
+    assert [encoder_family(e) for e in ("test_nfnet", "test_resnet", "test_vit")] == list(FAMILY_CONCEPTS)
+    assert len(set(FAMILY_CONCEPTS.values())) == 3 and "benchmark" not in FAMILY_CONCEPTS.values()
+    out = pretrain_glyphs_encoder("test_resnet", 32, tmp_path / "w.safetensors", steps=2, batch_size=4,
+                                  num_images=12, progress=False)  # fmt: skip
+    with safe_open(str(out), "pt") as f:
+        assert f.metadata()["concepts"] == "pretrain_b" and f.metadata()["dataset"] == "glyphs"
+    ImageEncoder.create("test_resnet", image_size=32, weights=str(out))
+    monkeypatch.setenv("COVMATCH_CACHE", str(tmp_path))
+    assert default_cache_path("test_vit", 64, dataset="glyphs").name == "glyphs-pretrained-test_vit-64px.safetensors"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--dataset", "glyphs", "--encoder", "test_efficientnet"])
+    assert exit_info.value.code == 2 and "knows the families nfnet, resnet, vit" in capsys.readouterr().err

@@ -1,12 +1,14 @@
 """Encoders and the dual-encoder model (timm image encoders, transformers text encoders)."""
 
 from .dual import DualEncoder, Projection, info_nce
-from .image import SHAPES_PRETRAINED, ImageEncoder
+from .image import GLYPHS_PRETRAINED, LOCALLY_PRETRAINED, SHAPES_PRETRAINED, ImageEncoder
 from .text import PACKAGED_TEXT_ENCODERS, TextEncoder, resolve_text_encoder_path
 from .weights import load_weights_into, read_state_dict
 
 __all__ = [
     "PACKAGED_TEXT_ENCODERS",
+    "GLYPHS_PRETRAINED",
+    "LOCALLY_PRETRAINED",
     "SHAPES_PRETRAINED",
     "DualEncoder",
     "ImageEncoder",

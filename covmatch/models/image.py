@@ -12,9 +12,12 @@ from covmatch.errors import ConfigError
 
 from .weights import load_weights_into
 
-__all__ = ["ImageEncoder", "SHAPES_PRETRAINED"]
+__all__ = ["GLYPHS_PRETRAINED", "ImageEncoder", "LOCALLY_PRETRAINED", "SHAPES_PRETRAINED"]
 
-SHAPES_PRETRAINED = "shapes-pretrained"  # the embedded data's locally pretrained weights (covmatch.pretrain)
+# the embedded datasets' locally pretrained weights (covmatch.pretrain), by name
+SHAPES_PRETRAINED = "shapes-pretrained"
+GLYPHS_PRETRAINED = "glyphs-pretrained"
+LOCALLY_PRETRAINED = (SHAPES_PRETRAINED, GLYPHS_PRETRAINED)
 
 
 def _cached_hub_file(model: nn.Module) -> Path:
@@ -57,8 +60,9 @@ class ImageEncoder(nn.Module):
         model_kwargs: Optional[Mapping[str, object]] = None,
     ) -> ImageEncoder:
         """Build ``name`` from timm with ``model_kwargs`` (e.g. ``patch_size``). ``weights``: None (random
-        init), a local file, or "cache" (the local HF cache). The embedded data's "shapes-pretrained" weights
-        are made by ``covmatch.pretrain`` and reach this factory as a file (``resolve_image_weights``)."""
+        init), a local file, or "cache" (the local HF cache). The embedded data's "shapes-pretrained" and
+        "glyphs-pretrained" weights are made by ``covmatch.pretrain`` and reach this factory as a file
+        (``resolve_image_weights``)."""
         import timm
 
         if not timm.is_model(name):
@@ -73,9 +77,9 @@ class ImageEncoder(nn.Module):
             if not kwargs:
                 raise
             raise ConfigError(f"timm model {name!r} does not take --image-encoder-kwargs {kwargs}: {err}") from None
-        if weights == SHAPES_PRETRAINED:
+        if weights in LOCALLY_PRETRAINED:
             raise ConfigError(
-                f"image weights {SHAPES_PRETRAINED!r} name weights made by covmatch.pretrain: resolve them to a "
+                f"image weights {weights!r} name weights made by covmatch.pretrain: resolve them to a "
                 "file first (covmatch.pretrain.resolve_image_weights)"
             )
         if weights:
