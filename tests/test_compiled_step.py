@@ -30,10 +30,14 @@ def _run(d: Distiller, iterations: int, graphs: list) -> None:
 
 
 @pytest.mark.slow
-def test_compiled_set_equals_eager_and_graphs_are_bounded(monkeypatch):
+def test_compiled_set_equals_eager_and_graphs_are_bounded():
     import torch._inductor.config as inductor_config
 
-    monkeypatch.setattr(inductor_config, "fallback_random", True)
+    with inductor_config.patch(fallback_random=True):
+        _compare_compiled_with_eager()
+
+
+def _compare_compiled_with_eager() -> None:
     torch.manual_seed(0)
     eager = _distiller()
     initial = eager.synthetic.images.detach().clone()
