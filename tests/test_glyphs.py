@@ -86,3 +86,14 @@ def test_each_encoder_family_pretrains_on_its_own_concepts(tmp_path, monkeypatch
     with pytest.raises(SystemExit) as exit_info:
         main(["--dataset", "glyphs", "--encoder", "test_efficientnet"])
     assert exit_info.value.code == 2 and "knows the families nfnet, resnet, vit" in capsys.readouterr().err
+
+
+def test_energy_directions_counts_singular_directions():
+    import torch
+
+    from experiments.glyph_benchmark.spectrum import energy_directions
+
+    cov = torch.diag(torch.tensor([3.0, 2.0, 1.0, 0.0]))  # energies 9, 4, 1: 64 %, 93 %, 100 % cumulated
+    assert energy_directions(cov, (0.5, 0.9, 0.95)) == {"50pct": 1, "90pct": 2, "95pct": 3}
+    rotated = torch.linalg.qr(torch.randn(4, 4))[0] @ cov
+    assert energy_directions(rotated, (0.95,)) == {"95pct": 3}
