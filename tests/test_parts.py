@@ -107,12 +107,11 @@ def test_help_shows_real_defaults_per_preset_and_readable_metavars():
     eval_help = " ".join(eval_parser().format_help().split())
     for text in (distill_help, eval_help):
         assert "default: None" not in text and "LR_IMG" not in text and "EVAL_EPOCHS" not in text
-    assert "--image-size N input resolution in pixels (default: paper 224, demo 32, tiny 16)" in distill_help
+    assert "--image-size N input resolution in pixels (default: paper 224, demo 32, glyphs 64, tiny 16)" in distill_help
     assert "--syn-momentum X SGD momentum of the synthetic set (default: 0.5)" in distill_help
-    assert "--online {real,synthetic,fixed}" in distill_help and "(default: paper real, demo fixed, tiny real)" in (
-        distill_help
-    )
-    assert "--epochs N training epochs (default: paper 100, demo 100, tiny 2)" in eval_help
+    online_default = "(default: paper real, demo fixed, glyphs fixed, tiny real)"
+    assert "--online {real,synthetic,fixed}" in distill_help and online_default in distill_help
+    assert "--epochs N training epochs (default: paper 100, demo 100, glyphs 100, tiny 2)" in eval_help
 
 
 def test_evaluation_protocol_numbers_come_from_the_preset_only():
