@@ -97,3 +97,21 @@ def test_energy_directions_counts_singular_directions():
     assert energy_directions(cov, (0.5, 0.9, 0.95)) == {"50pct": 1, "90pct": 2, "95pct": 3}
     rotated = torch.linalg.qr(torch.randn(4, 4))[0] @ cov
     assert energy_directions(rotated, (0.95,)) == {"95pct": 3}
+
+
+def test_whitening_leaves_the_canonical_correlations():
+    import torch
+
+    from experiments.glyph_benchmark.spectrum import whitened
+
+    gen = torch.Generator().manual_seed(0)
+    shared = torch.randn(20_000, 2, generator=gen, dtype=torch.float64)
+    x = torch.cat([shared, torch.randn(20_000, 3, generator=gen, dtype=torch.float64)], 1) * torch.tensor(
+        [10.0, 0.1, 1.0, 1.0, 1.0], dtype=torch.float64
+    )  # one shared direction with a large variance, one with a tiny one
+    y = torch.cat([shared + 0.5 * torch.randn(20_000, 2, generator=gen, dtype=torch.float64),
+                   torch.randn(20_000, 2, generator=gen, dtype=torch.float64)], 1)  # fmt: skip
+    correlations = torch.linalg.svdvals(whitened(x, y, ridge=0.0))
+    expected = 1 / (1 + 0.25) ** 0.5  # corr(s, s + 0.5 e) for unit-variance s, e
+    assert torch.allclose(correlations[:2], torch.full((2,), expected, dtype=torch.float64), atol=0.02)
+    assert correlations[2:].max() < 0.05

@@ -7,7 +7,11 @@ must reach 100 before any method is judged on it; the shapes benchmark's was abo
 C = cov(image features, text features) over every train pair (each image with each of its captions), at the
 preset's encoders as distillation starts (pretrained image encoder, text encoder, no projections: what
 ``covmatch_loss`` matches). Energy is the sum of squared singular values; "directions for p" is the fewest
-singular directions whose energy reaches p of it. Resumable: a finished dataset's entry is kept.
+singular directions whose energy reaches p of it. Also reported, the same count after whitening each side
+(the canonical correlations, squared), and how many canonical correlations exceed the largest one of the same
+features with the captions shuffled across images (chance, at this many pairs and dimensions): whether the
+energy sits in a few directions because the features vary most along them, or because image and text share
+only a few. Resumable: a finished dataset's entry is kept.
 """
 
 from __future__ import annotations
@@ -60,7 +64,32 @@ def spectrum(dataset: str, *, progress: bool = True) -> dict:
     x, y = image[owner].double(), text.double()  # every (image, caption) pair
     cov = (x - x.mean(0)).t() @ (y - y.mean(0)) / (x.shape[0] - 1)
     return {"preset": preset.name, "pairs": int(x.shape[0]), "image_dim": int(x.shape[1]),
-            "text_dim": int(y.shape[1]), "directions": energy_directions(cov)}  # fmt: skip
+            "text_dim": int(y.shape[1]), "directions": energy_directions(cov),
+            "whitened_directions": energy_directions(whitened(x, y)), **shared_directions(x, y)}  # fmt: skip
+
+
+def shared_directions(x: torch.Tensor, y: torch.Tensor) -> Dict[str, float]:
+    """Canonical correlations above chance: above the largest one with ``y``'s rows shuffled."""
+    correlations = torch.linalg.svdvals(whitened(x, y))
+    shuffled = y[torch.randperm(y.shape[0], generator=torch.Generator().manual_seed(0))]
+    chance = float(torch.linalg.svdvals(whitened(x, shuffled)).max())
+    return {"canonical_correlations_above_chance": int((correlations > chance).sum()), "chance_correlation": chance,
+            "top_canonical_correlations": [round(float(c), 3) for c in correlations[:5]]}  # fmt: skip
+
+
+def whitened(x: torch.Tensor, y: torch.Tensor, ridge: float = 1e-4) -> torch.Tensor:
+    """The cross-covariance of the two sides after whitening each (ridge-regularised by ``ridge`` times the mean
+    variance): its singular values are the canonical correlations."""
+    x, y = x - x.mean(0), y - y.mean(0)
+    n = x.shape[0] - 1
+
+    def inverse_root(a: torch.Tensor) -> torch.Tensor:
+        cov = a.t() @ a / n
+        cov = cov + ridge * cov.diagonal().mean() * torch.eye(cov.shape[0], dtype=cov.dtype)
+        values, vectors = torch.linalg.eigh(cov)
+        return vectors @ torch.diag(values.rsqrt()) @ vectors.t()
+
+    return inverse_root(x) @ (x.t() @ y / n) @ inverse_root(y)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -71,7 +100,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     found = json.loads(args.out.read_text()) if args.out.is_file() else {}
     for dataset in args.datasets:
-        if dataset not in found:
+        if "canonical_correlations_above_chance" not in found.get(dataset, {}):
             found[dataset] = spectrum(dataset)
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(found, indent=1) + "\n")
