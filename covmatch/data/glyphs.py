@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Sequence, Tuple
 
-import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from covmatch._version import __version__
@@ -323,14 +322,3 @@ def concept_frequencies(source: GlyphsSource, split: str = "train") -> Dict[str,
         for o in scene.objects:
             counts[o.glyph.name] += 1
     return counts
-
-
-def scene_concept_matrix(source: GlyphsSource, split: str) -> torch.Tensor:
-    """[scenes, concepts] 0/1 matrix of which concept each scene shows (concepts in ``source.glyphs`` order)."""
-    index = {g: i for i, g in enumerate(source.glyphs)}
-    scenes = source.scenes(split)
-    out = torch.zeros(len(scenes), len(index), dtype=torch.bool)
-    for row, scene in enumerate(scenes):
-        for o in scene.objects:
-            out[row, index[o.glyph]] = True
-    return out

@@ -52,8 +52,7 @@ from ._launch import (
 )
 
 __all__ = [
-    "CORRECTION_BLOCK", "CovarianceForward", "CovariancePlan", "covariance_forward", "covariance_grads",
-    "covariance_plan", "diff_dtype", "mm_fp32",
+    "CORRECTION_BLOCK", "CovarianceForward", "CovariancePlan", "covariance_plan", "diff_dtype", "mm_fp32",
 ]  # fmt: skip
 
 # Granularity of the backward's correction partials: one partial row per 64 rows (or columns) of D, whatever
@@ -824,29 +823,6 @@ def covariance_plan(
         plan = _PLANS[key] = CovariancePlan(n_real, n_syn, dim_x, dim_y, dtypes, device, rho, lam, tuple(needs),
                                             hybrid)  # fmt: skip
     return plan
-
-
-def _contiguous(t: torch.Tensor) -> torch.Tensor:
-    return t if t.is_contiguous() else t.contiguous()
-
-
-def covariance_forward(
-    real_x: torch.Tensor, real_y: torch.Tensor, syn_x: torch.Tensor, syn_y: torch.Tensor, rho: float, lam: float,
-    store_diff: bool,
-) -> CovarianceForward:  # fmt: skip
-    """Fused forward of ||rho*C(real) - C(syn)||_F^2 + lam * (mean gaps): three launches (column statistics, D
-    and its partial sums, the deterministic final reduction). Inputs are validated 2-D tensors (copied once
-    when not contiguous); ``store_diff`` keeps what a synthetic-side backward needs."""
-    inputs = tuple(_contiguous(t) for t in (real_x, real_y, syn_x, syn_y))
-    needs = (False, False, store_diff, store_diff)
-    plan = covariance_plan(real_x.shape[0], syn_x.shape[0], real_x.shape[1], real_y.shape[1],
-                           tuple(t.dtype for t in inputs), real_x.device, rho, lam, needs)  # fmt: skip
-    return plan.forward(*inputs)
-
-
-def covariance_grads(plan: CovariancePlan, side: int, x, y, fwd: CovarianceForward, grad_scale: torch.Tensor):
-    """dL/dX and dL/dY of one side through ``plan`` (see ``CovariancePlan.grads``)."""
-    return plan.grads(side, x, y, fwd.diff, fwd.workspace, grad_scale)
 
 
 def split_k(programs: int, inner: int, block_k: int, sms: int) -> int:

@@ -284,13 +284,18 @@ def _planned_call(inputs, rho, lam, backend: str, form: str, needs):
 
 
 def _make_call(inputs, rho, lam, backend: str, form: str, needs):
-    n_real, n_syn, d_img, d_txt = check_covmatch_inputs(*inputs)
-    check_hyperparameters(rho, lam)
-    dtypes = tuple(t.dtype for t in inputs)
-    resolved, resolved_form = _resolve(inputs, backend, form, dtypes, n_real, n_syn, d_img, d_txt)
+    resolved, resolved_form = _checked_resolution(inputs, rho, lam, backend, form)
     if resolved in ("triton", "hybrid"):
         return _FusedEager(FusedCall(inputs, float(rho), float(lam), resolved_form, needs))
     return _TorchCall(rho, lam, resolved_form)
+
+
+def _checked_resolution(inputs, rho, lam, backend: str, form: str):
+    """Inputs and hyperparameters checked (one clear error), then (backend, form) resolved for them."""
+    n_real, n_syn, d_img, d_txt = check_covmatch_inputs(*inputs)
+    check_hyperparameters(rho, lam)
+    dtypes = tuple(t.dtype for t in inputs)
+    return _resolve(inputs, backend, form, dtypes, n_real, n_syn, d_img, d_txt)
 
 
 def _resolve(inputs, backend: str, form: str, dtypes, n_real: int, n_syn: int, d_img: int, d_txt: int):
@@ -309,9 +314,6 @@ def _resolve(inputs, backend: str, form: str, dtypes, n_real: int, n_syn: int, d
 
 def _traced_loss(inputs, rho, lam, backend: str, form: str) -> torch.Tensor:
     """The loss under torch.compile tracing or a torch.func transform: the library op (or the torch formula)."""
-    n_real, n_syn, d_img, d_txt = check_covmatch_inputs(*inputs)
-    check_hyperparameters(rho, lam)
-    dtypes = tuple(t.dtype for t in inputs)
-    resolved, resolved_form = _resolve(inputs, backend, form, dtypes, n_real, n_syn, d_img, d_txt)
+    resolved, resolved_form = _checked_resolution(inputs, rho, lam, backend, form)
     impl = covmatch_loss_triton if resolved in ("triton", "hybrid") else covmatch_loss_torch
     return impl(*inputs, rho, lam, resolved_form)

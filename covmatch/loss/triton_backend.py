@@ -356,6 +356,13 @@ class FusedCall:
                 grads[2 * side], grads[2 * side + 1] = self.plan.grads(side, x, y, diff, workspace, grad)
         return grads
 
+    def saved_backward(self, saved, grad: torch.Tensor) -> list:
+        """The four input gradients from what an autograd node saved (the inputs, then ``forward``'s aux): the
+        kernels', or under create_graph=True the differentiable torch formula's."""
+        if torch.is_grad_enabled():
+            return _differentiable_grads(saved[:4], grad, self.rho, self.lam, self.form, self.needs)
+        return self.backward(saved[:4], saved[4:], grad if grad.dtype == torch.float32 else grad.to(torch.float32))
+
 
 class EagerFusedLoss(torch.autograd.Function):
     """Autograd over a ``FusedCall`` (old-style: no signature binding per call); under create_graph=True the
@@ -370,13 +377,7 @@ class EagerFusedLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        call = ctx.call
-        saved = ctx.saved_tensors
-        if torch.is_grad_enabled():
-            grads = _differentiable_grads(saved[:4], grad, call.rho, call.lam, call.form, call.needs)
-        else:
-            grads = call.backward(saved[:4], saved[4:], grad if grad.dtype == torch.float32 else grad.to(torch.float32))
-        return (None, *grads)
+        return (None, *ctx.call.saved_backward(ctx.saved_tensors, grad))
 
 
 class EagerSyntheticLoss(torch.autograd.Function):
@@ -392,10 +393,5 @@ class EagerSyntheticLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        call = ctx.call
-        saved = ctx.saved_tensors
-        if torch.is_grad_enabled():
-            grads = _differentiable_grads(saved[:4], grad, call.rho, call.lam, call.form, call.needs)
-        else:
-            grads = call.backward(saved[:4], saved[4:], grad if grad.dtype == torch.float32 else grad.to(torch.float32))
+        grads = ctx.call.saved_backward(ctx.saved_tensors, grad)
         return None, None, grads[2], grads[3]
