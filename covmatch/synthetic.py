@@ -30,6 +30,7 @@ __all__ = [
     "init_synthetic_set",
     "pick_balanced_pairs",
     "pick_initial_pairs",
+    "real_pairs_set",
     "synthetic_metadata",
 ]
 
@@ -301,18 +302,26 @@ def init_synthetic_set(dataset, model, preset, num_pairs: int, seed: int, init: 
     """N real pairs of ``dataset`` (a PairDataset) as the starting synthetic set, drawn at random or, with
     ``init="balanced"``, balanced over its classes: pixels through the evaluation transform, captions through
     the text encoder's input-embedding table (docs/design.md, *Algorithm 1 as implemented*)."""
-    from covmatch.data.datasets import CLIP_MEAN, CLIP_STD, image_transform  # optional data stack
-
     if init not in INIT_METHODS:
         raise ConfigError(f"--init must be one of {', '.join(INIT_METHODS)}, got {init!r}")
     if init == "balanced":
         picks = pick_balanced_pairs(dataset, num_pairs, seed)
     else:
         picks = pick_initial_pairs(dataset.pairs, num_pairs, seed)
+    return real_pairs_set(dataset, model, preset, picks, init_seed=seed, init=init)
+
+
+def real_pairs_set(dataset, model, preset, picks: Sequence[int], **metadata: Any) -> SyntheticSet:
+    """The pairs ``picks`` of ``dataset`` (a PairDataset) as a synthetic set at iteration 0: pixels through the
+    evaluation transform, captions through the text encoder's input-embedding table; ``metadata`` added to the
+    set's (how the pairs were chosen)."""
+    from covmatch.data.datasets import CLIP_MEAN, CLIP_STD, image_transform  # optional data stack
+
+    picks = list(picks)
     transform = image_transform(preset.image_size, train=False, mean=CLIP_MEAN, std=CLIP_STD)
     images = torch.stack([transform(dataset.source.load_image(dataset.pairs[i][0])) for i in picks])
-    metadata = synthetic_metadata(preset, model)
-    metadata.update({"init_seed": seed, "init": init, "init_pairs": picks, "iteration": 0})
+    info = synthetic_metadata(preset, model)
+    info.update({**metadata, "init_pairs": picks, "iteration": 0})
     return SyntheticSet.from_real(
-        images, dataset.input_ids[picks], dataset.attention_mask[picks], model.text.embedding_table, metadata
+        images, dataset.input_ids[picks], dataset.attention_mask[picks], model.text.embedding_table, info
     )

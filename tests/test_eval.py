@@ -11,8 +11,9 @@ import torch
 
 from covmatch import retrieval_recall
 from covmatch.distill.cli import main as distill_main
+from covmatch.errors import ConfigError
 from covmatch.eval.cli import main as eval_main
-from covmatch.eval.coresets import herding, k_center, select_coreset
+from covmatch.eval.coresets import concept_cover, herding, k_center, select_coreset
 from covmatch.models.text import resolve_text_encoder_path
 from covmatch.presets import get_preset
 
@@ -85,6 +86,23 @@ def test_herding_and_kcenter():
     assert random_picks == select_coreset("random", pairs, 4, seed=3)
     assert len({pairs[i][0] for i in random_picks}) == 4
     assert select_coreset("full", pairs, 4, seed=0) == list(range(20))
+
+
+def test_concept_cover_shows_every_concept_before_any_twice():
+    # 12 images: concepts a..f, two common ones ("a", "b") on most images, the rare ones on one image each
+    concepts = [("a", "b"), ("a",), ("b",), ("a", "c"), ("b", "d"), ("a", "b"), ("e",), ("a", "f"), ("a",),
+                ("b",), ("a", "b"), ("b", "c", "d")]  # fmt: skip
+    picks = concept_cover(concepts, 4, seed=0)
+    assert len(set(picks)) == 4 and set().union(*(concepts[i] for i in picks)) == set("abcdef")
+    assert picks[0] == 11  # the most new concepts first
+    again = concept_cover(concepts, 8, seed=0)
+    assert again[:4] == picks and len(set(again)) == 8  # then a second cover, of what is left
+    assert concept_cover(concepts, 30, seed=1)[:12] and len(concept_cover(concepts, 30, seed=1)) == 12
+    pairs = [(f"img{i}", f"cap{i}") for i in range(12)]
+    chosen = select_coreset("cover", pairs, 4, seed=0, concepts=lambda key: concepts[int(key[3:])])
+    assert set().union(*(concepts[i] for i in chosen)) == set("abcdef")
+    with pytest.raises(ConfigError, match="--coreset cover needs the concepts"):
+        select_coreset("cover", pairs, 4, seed=0)
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,15 @@ import numpy as np
 import pytest
 
 from covmatch.data import GlyphsSource
-from covmatch.data.glyphs import CONCEPT_SETS, MAX_NAME_WORDS, concept_frequencies, concept_sets, glyph_vocabulary
+from covmatch.data.glyphs import (
+    BACKGROUNDS,
+    CONCEPT_SETS,
+    GLYPH_COLOURS,
+    MAX_NAME_WORDS,
+    concept_frequencies,
+    concept_sets,
+    glyph_vocabulary,
+)
 
 pytest.importorskip("matplotlib")
 
@@ -33,7 +41,8 @@ def test_scenes_captions_and_skew():
         names = [o.glyph.name for o in scene.objects]
         assert 2 <= len(names) <= 4 and len(set(names)) == len(names)
         assert len(captions) == len(set(captions)) == 5
-        assert all(any(n in c for n in names) for c in captions)  # every caption names something drawn
+        assert all(all(n in c for n in names) for c in captions)  # every caption names every glyph drawn
+        assert not {w for c in captions for w in c.split()} & {*GLYPH_COLOURS, *BACKGROUNDS}  # and nothing else
         assert len({o.cell for o in scene.objects}) == len({o.colour for o in scene.objects}) == len(names)
     train = sorted(concept_frequencies(source, "train").values(), reverse=True)
     val = sorted(concept_frequencies(source, "val").values(), reverse=True)
@@ -82,7 +91,7 @@ def test_each_encoder_family_pretrains_on_its_own_concepts(tmp_path, monkeypatch
         assert f.metadata()["concepts"] == "pretrain_b" and f.metadata()["dataset"] == "glyphs"
     ImageEncoder.create("test_resnet", image_size=32, weights=str(out))
     monkeypatch.setenv("COVMATCH_CACHE", str(tmp_path))
-    assert default_cache_path("test_vit", 64, dataset="glyphs").name == "glyphs-pretrained-test_vit-64px.safetensors"
+    assert default_cache_path("test_vit", 64, dataset="glyphs").name == "glyphs-v2-pretrained-test_vit-64px.safetensors"
     with pytest.raises(SystemExit) as exit_info:
         main(["--dataset", "glyphs", "--encoder", "test_efficientnet"])
     assert exit_info.value.code == 2 and "knows the families nfnet, resnet, vit" in capsys.readouterr().err
@@ -115,3 +124,67 @@ def test_whitening_leaves_the_canonical_correlations():
     expected = 1 / (1 + 0.25) ** 0.5  # corr(s, s + 0.5 e) for unit-variance s, e
     assert torch.allclose(correlations[:2], torch.full((2,), expected, dtype=torch.float64), atol=0.02)
     assert correlations[2:].max() < 0.05
+
+
+def test_acceptance_checks_what_is_measured_and_says_what_is_missing(tmp_path, monkeypatch):
+    import json
+
+    from experiments.glyph_benchmark import acceptance as acc
+
+    monkeypatch.setattr(acc, "RESULTS", tmp_path)
+
+    def result(run, mean):
+        run.out.mkdir(parents=True)
+        (run.out / "results.json").write_text(json.dumps({"runs": [{"mean": mean}]}))
+
+    for i, run in enumerate(acc.coreset_runs("random")):
+        result(run, 10.0 + (i % 2))  # mean 10.4
+    first = acc.acceptance()["checks"]
+    assert first["full_over_random"]["passed"] is None and "not all done" in first["full_over_random"]["missing"]
+    result(acc.full_data_run(), 41.6)
+    for run in acc.coreset_runs("cover"):
+        result(run, 26.0)
+    for run in acc.coreset_runs("random", "test_resnet") + acc.coreset_runs("random", "test_vit"):
+        result(run, 9.0 if "resnet" in run.name else 6.24)
+    (tmp_path / "spectrum.json").write_text(json.dumps({"glyphs": {"directions": {"95pct": 120}}}))
+    linear = {"linear_model": {"mean": 30.0}, "probe": {"mean": 40.0}, "linear_model_over_probe": 0.75}
+    (tmp_path / "linear_model.json").write_text(json.dumps({"glyphs": linear}))
+    found = acc.acceptance()
+    checks = found["checks"]
+    assert checks["full_over_random"]["value"] == pytest.approx(4.0) and checks["full_over_random"]["passed"]
+    assert checks["full_over_cover"]["value"] == pytest.approx(1.6) and checks["full_over_cover"]["passed"]
+    assert checks["directions_for_95pct_energy"]["passed"] and checks["linear_model_over_probe"]["passed"]
+    assert checks["unseen_over_distilling_random"]["value"] == pytest.approx(0.6)  # the ViT's, the smaller
+    assert checks["unseen_over_distilling_random"]["passed"] is False
+    assert checks["reference_over_cover"]["passed"] is None
+    assert (found["measured"], found["passed"], found["accepted"]) == (5, 4, False)
+    acc.write_report(found)
+    assert json.loads((tmp_path / "acceptance.json").read_text())["passed"] == 4
+    assert "| `unseen_over_distilling_random` |" in (tmp_path / "acceptance.md").read_text()
+
+
+def test_reference_set_stages_learn_through_the_unrolled_training_and_realise_features():
+    import torch
+
+    from covmatch.models import build_dual_encoder
+    from covmatch.presets import get_preset
+    from experiments.glyph_benchmark.reference_set import learn_features, realise, unrolled_training_loss
+
+    preset = get_preset("tiny")
+    model = build_dual_encoder(preset).eval().requires_grad_(False)
+    gen = torch.Generator().manual_seed(0)
+    x_real = torch.randn(64, model.image.feature_dim, generator=gen)
+    y_real = x_real @ torch.randn(model.image.feature_dim, model.text.feature_dim, generator=gen)
+    xs = x_real[:8].clone().requires_grad_(True)
+    ys = torch.randn(8, model.text.feature_dim, generator=gen).requires_grad_(True)
+    loss = unrolled_training_loss(model, preset, xs, ys, x_real, y_real, torch.Generator().manual_seed(1))
+    loss.backward()  # through every epoch of the projections' training
+    assert torch.isfinite(loss) and xs.grad.abs().sum() > 0 and ys.grad.abs().sum() > 0
+    learnt_x, learnt_y, history = learn_features(model, preset, xs.detach(), ys.detach(), x_real, y_real, steps=3,
+                                                 progress=False)  # fmt: skip
+    assert len(history) == 3 and not torch.equal(learnt_x, xs.detach())
+    mixing = torch.randn(6, 4, generator=gen)
+    target = torch.randn(5, 6, generator=gen) @ mixing
+    value, before, after = realise(lambda v: v @ mixing, torch.randn(5, 6, generator=gen), target, steps=300,
+                                   progress=False)  # fmt: skip
+    assert after < 0.05 * before

@@ -183,6 +183,10 @@ class ShapesSource(GeneratedSource):
         first = self.scene(key).objects[0]
         return f"{first.colour} {first.shape}"
 
+    def concepts_of(self, key: str) -> Tuple[str, ...]:
+        """The colour-shape combinations a scene shows (for concept-cover selections)."""
+        return tuple(f"{o.colour} {o.shape}" for o in self.scene(key).objects)
+
     def load_image(self, key: str) -> Image.Image:
         scene = self.scene(key)
         # Render at 2x and downsample: smooth edges at small sizes.

@@ -18,7 +18,7 @@ __all__ = ["EvalConfig", "WHAT", "PROTOCOL", "SPLITS", "TRAINED", "RESAMPLED"]
 WHAT, PROTOCOL = "what to evaluate", "evaluation"  # --help groups of covmatch-eval's own flags
 SPLITS = ("test", "val")
 TRAINED = ("all", "projections")
-RESAMPLED = ("random", "balanced")  # coresets drawn anew for each evaluation run
+RESAMPLED = ("random", "balanced", "cover")  # coresets drawn anew for each evaluation run
 
 
 @dataclass

@@ -1,5 +1,6 @@
 """Coreset baselines: N real pairs chosen at random, at random balanced over classes (data with labels, such
-as the embedded dataset), by herding, or by k-center, or the full split.
+as the embedded datasets), as a greedy cover of the concepts the images show (data that names them, such as
+the embedded datasets), by herding, or by k-center, or the full split.
 
 Herding and k-center work in the pretrained encoders' feature space, each pair represented by its
 L2-normalised image feature concatenated with its L2-normalised text feature. Candidates are one caption
@@ -16,9 +17,28 @@ import torch.nn.functional as F
 from covmatch.data.sampling import candidate_pairs, class_balanced, class_balanced_pairs
 from covmatch.errors import ConfigError
 
-__all__ = ["CORESETS", "candidate_pairs", "class_balanced", "herding", "k_center", "select_coreset"]
+__all__ = ["CORESETS", "candidate_pairs", "class_balanced", "concept_cover", "herding", "k_center", "select_coreset"]
 
-CORESETS = ("random", "balanced", "herding", "kcenter", "full")
+CORESETS = ("random", "balanced", "cover", "herding", "kcenter", "full")
+
+
+def concept_cover(concepts: Sequence[Sequence[str]], n: int, seed: int) -> List[int]:
+    """Greedy concept cover: each pick shows the most concepts that no pick shows yet (ties broken in a seeded
+    random order); once every concept is shown the cover starts over, so picks beyond one cover show every
+    concept again, rare ones included."""
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(concepts), generator=gen).tolist()
+    shown: set = set()
+    picks: List[int] = []
+    while len(picks) < n and order:
+        best = max(order, key=lambda i: len(set(concepts[i]) - shown))
+        if shown and not set(concepts[best]) - shown:
+            shown = set()  # every concept shown: start the next cover
+            continue
+        picks.append(best)
+        order.remove(best)
+        shown.update(concepts[best])
+    return picks
 
 
 def herding(features: torch.Tensor, n: int) -> List[int]:
@@ -62,10 +82,11 @@ def select_coreset(
     seed: int,
     encode=None,
     label: Optional[Callable[[str], str]] = None,
+    concepts: Optional[Callable[[str], Sequence[str]]] = None,
 ) -> List[int]:
     """Indices into ``pairs`` for a coreset of ``n`` pairs. ``encode(indices) -> [len, d]`` pair features
     (needed by herding and k-center) comes from the pretrained encoders; ``label(image key)`` gives the
-    class that ``balanced`` balances over."""
+    class that ``balanced`` balances over, ``concepts(image key)`` the concepts that ``cover`` covers."""
     if method not in CORESETS:
         raise ConfigError(f"unknown coreset {method!r}; choose one of {', '.join(CORESETS)}")
     if method == "full":
@@ -78,6 +99,11 @@ def select_coreset(
         return [candidates[i] for i in torch.randperm(len(candidates), generator=gen)[:n].tolist()]
     if method == "balanced":
         return class_balanced_pairs(pairs, candidates, n, seed, label, "--coreset balanced")
+    if method == "cover":
+        if concepts is None:
+            raise ConfigError("--coreset cover needs the concepts each image shows: the embedded datasets name them")
+        picks = concept_cover([concepts(pairs[i][0]) for i in candidates], n, seed)
+        return [candidates[i] for i in picks]
     feats = encode(candidates)
     picks = herding(feats, n) if method == "herding" else k_center(feats, n, seed)
     return [candidates[i] for i in picks]

@@ -114,5 +114,6 @@ def coreset_train_set(
             model, dataset, source, indices, device, image_size=preset.image_size, seed=seed, progress=progress
         )
 
-    indices = select_coreset(method, dataset.pairs, n, seed, encode=encode, label=getattr(source, "label", None))
+    indices = select_coreset(method, dataset.pairs, n, seed, encode=encode, label=getattr(source, "label", None),
+                             concepts=getattr(source, "concepts_of", None))  # fmt: skip
     return indices, RealTrainSet(dataset, indices, workers=workers)

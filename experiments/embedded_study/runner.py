@@ -14,17 +14,18 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from . import jobs as study_jobs
 from .design import choose_config, job_list
 
 
-def _record(job, seconds: float, lane: int, rc: int) -> None:
-    study_jobs.ROOT.mkdir(parents=True, exist_ok=True)
+def _record(job, seconds: float, lane: int, rc: int, root: Path) -> None:
+    root.mkdir(parents=True, exist_ok=True)
     entry = {"job": job.name, "kind": type(job).__name__.lower(), "seconds": round(seconds, 1), "lane": lane,
              "rc": rc, "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}  # fmt: skip
-    with open(study_jobs.ROOT / "jobs.jsonl", "a") as f:
+    with open(root / "jobs.jsonl", "a") as f:
         f.write(json.dumps(entry) + "\n")
 
 
@@ -47,10 +48,16 @@ def _lane_env() -> Dict[str, str]:
 
 
 def run_jobs(
-    jobs: List, lanes: int, hours: Optional[float] = None, dry_run: bool = False, cores: Optional[List[int]] = None
+    jobs: List,
+    lanes: int,
+    hours: Optional[float] = None,
+    dry_run: bool = False,
+    cores: Optional[List[int]] = None,
+    root: Optional[Path] = None,
 ) -> int:
     """Run the jobs not yet done, ``lanes`` at a time, each pinned to its own core (lane k to ``cores[k]``,
-    default core k); return how many failed.
+    default core k); return how many failed. Logs go to ``root``/logs and wall times to ``root``/jobs.jsonl
+    (default: the study's results folder).
 
     A job starts once the distillation it reads is done (and is dropped if that failed); none starts after
     ``hours``. Stopping the study (SIGTERM, Ctrl-C) stops its jobs: distillations resume from checkpoints.
@@ -61,7 +68,8 @@ def run_jobs(
         for job in pending:
             print(" ".join(job.command()))
         return 0
-    (study_jobs.ROOT / "logs").mkdir(parents=True, exist_ok=True)
+    root = study_jobs.ROOT if root is None else root
+    (root / "logs").mkdir(parents=True, exist_ok=True)
     deadline = time.time() + hours * 3600 if hours else None
     cores = list(cores) if cores else list(range(lanes))
     pin = shutil.which("taskset") is not None and max(cores) < (os.cpu_count() or 1)
@@ -81,12 +89,10 @@ def run_jobs(
                 continue
             del running[lane]
             seconds = time.time() - start
-            _record(job, seconds, lane, proc.returncode)
+            _record(job, seconds, lane, proc.returncode, root)
             if proc.returncode != 0 or not job.done():
                 failed.append(job.name)
-                print(
-                    f"study: {job.name} FAILED (exit {proc.returncode}); log: {study_jobs.ROOT / 'logs' / job.name}.log"
-                )
+                print(f"study: {job.name} FAILED (exit {proc.returncode}); log: {root / 'logs' / job.name}.log")
             else:
                 print(f"study: {job.name} done in {seconds:.0f} s", flush=True)
         pending = [j for j in pending if not set(j.requires()) & set(failed)]
@@ -100,7 +106,7 @@ def run_jobs(
             job = ready[0]
             pending.remove(job)
             command = (["taskset", "-c", str(cores[lane])] if pin else []) + job.command()
-            with open(study_jobs.ROOT / "logs" / f"{job.name}.log", "a") as log:
+            with open(root / "logs" / f"{job.name}.log", "a") as log:
                 proc = subprocess.Popen(
                     command, stdout=log, stderr=subprocess.STDOUT, env=_lane_env(), cwd=study_jobs.REPO
                 )
