@@ -36,9 +36,8 @@ from covmatch.distill.engine import Distiller
 from covmatch.distill.streams import stream_generator
 from covmatch.errors import EXIT_BAD_INPUT, CheckpointError, CovMatchError, one_line
 from covmatch.loss import cross_covariance
-from covmatch.models import build_dual_encoder
 from covmatch.presets import Preset
-from covmatch.pretrain import resolve_image_weights
+from covmatch.pretrain import pretrained_dual_encoder
 from covmatch.synthetic import SyntheticSet, atomic_write_bytes
 
 __all__ = ["run_config", "encode_pairs", "feature_stability", "match_errors", "movement", "analyze", "main"]
@@ -207,10 +206,7 @@ def analyze(run: Path, out: Path, *, real_pairs: int, other_encoders: Sequence[t
         model_preset = dataclasses.replace(
             preset, image_encoder=name, image_weights=weights, image_encoder_kwargs=kwargs
         )
-        resolved = resolve_image_weights(
-            name, preset.image_size, weights, model_kwargs=model_preset.image_model_kwargs()
-        )
-        model = build_dual_encoder(model_preset, image_weights=resolved).to(device).eval()
+        model = pretrained_dual_encoder(model_preset).to(device).eval()
         data = build_train_dataset(source, model.text.tokenizer, preset, augment=False)
         order = torch.randperm(len(data), generator=torch.Generator().manual_seed(123))[:real_pairs].tolist()
         real_image, real_text = encode_pairs(model, data, order, device)

@@ -68,6 +68,11 @@ class Preset:
     text_random_init: bool = setting(False, help="build the text encoder's architecture without its weights")
     text_config_overrides: Tuple[Tuple[str, int], ...] = setting((), help="text encoder config fields to override")
     text_pooling: str = setting("cls", group=ENCODERS, choices=("cls", "mean"), help="[CLS] output or masked mean")
+    whiten_features: bool = setting(
+        False, group=ENCODERS,
+        help="end each encoder with a fixed whitening of its features, fitted on unpaired images and captions "
+        "generated from another seed (embedded datasets only)",
+    )  # fmt: skip
     seq_len: int = setting(
         32, group=ENCODERS, range=at_least(2, " (room for the [CLS] and [SEP] tokens)"), help="caption length in tokens"
     )
@@ -158,6 +163,13 @@ class Preset:
         """Every field in its range and among its choices (numbers finite), as one ConfigError naming the field."""
         check_settings(self)
         parse_model_kwargs(self.image_encoder_kwargs, "image_encoder_kwargs")
+        if self.whiten_features and self.dataset not in ("shapes", "glyphs"):
+            raise ConfigError(
+                f"whiten_features fits its whitening on data generated from another seed: only the embedded "
+                f"datasets (shapes, glyphs) have that, not dataset {self.dataset}",
+                field="whiten_features",
+                mentions=("dataset",),
+            )
 
     def image_model_kwargs(self) -> Dict[str, object]:
         """``image_encoder_kwargs`` as the keyword arguments timm.create_model receives."""
@@ -261,6 +273,7 @@ PRESETS = {
         dataset="glyphs",
         image_size=64,  # glyphs a fifth of the image high: about 20 px at 64 px
         image_weights="glyphs-pretrained",  # pretrained on its family's glyph concepts, disjoint from the scenes'
+        whiten_features=True,  # raw features put the cross-covariance's energy in a few directions
         seq_len=32,
         notes="Embedded glyph scenes (many concepts, Zipf-skewed), a tiny NFNet at 64 px and one MiniLM layer; "
         "its settings are the demo's until tuned on val.",

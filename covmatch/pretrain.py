@@ -14,6 +14,8 @@ visual features, not the benchmark's labels. The weights are cached as safetenso
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import os
 import re
 import sys
@@ -22,14 +24,23 @@ from typing import Mapping, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save
+from safetensors.torch import load_file, save
 from tqdm.auto import tqdm
 
+from covmatch.data.build import build_retrieval_data, build_source
 from covmatch.data.datasets import CLIP_MEAN, CLIP_STD, image_transform
 from covmatch.data.glyphs import GlyphsSource
 from covmatch.data.shapes import COLOURS, SHAPES, ShapesSource
 from covmatch.errors import ConfigError
-from covmatch.models import GLYPHS_PRETRAINED, SHAPES_PRETRAINED, ImageEncoder
+from covmatch.models import (
+    GLYPHS_PRETRAINED,
+    SHAPES_PRETRAINED,
+    DualEncoder,
+    FeatureWhitening,
+    ImageEncoder,
+    build_dual_encoder,
+    whitening_statistics,
+)
 from covmatch.presets import parse_model_kwargs
 from covmatch.synthetic import atomic_write_bytes
 
@@ -42,6 +53,9 @@ __all__ = [
     "pretrain_shapes_encoder",
     "ensure_pretrained",
     "resolve_image_weights",
+    "encoder_features",
+    "ensure_whitening",
+    "pretrained_dual_encoder",
 ]
 
 PRETRAIN_SEED = 90_210  # the pretraining split's seed: disjoint from every seed the commands use by default
@@ -213,6 +227,76 @@ def resolve_image_weights(
                                  dataset=_WEIGHTS_DATASETS[weights])  # fmt: skip
         return str(path)
     return weights
+
+
+# --whiten-features: the whitening is fitted on this many train images (and their captions, unpaired) of the
+# embedded dataset generated from its own seed, disjoint from every seed the commands use by default
+WHITENING_SEED = 31_337
+WHITENING_IMAGES = 4_000
+
+
+@torch.no_grad()
+def encoder_features(model: DualEncoder, data, *, batch_size: int = 256, progress: bool = True):
+    """Image and caption features of a RetrievalData split at the encoders (no projections), fp32, in eval mode."""
+    was_training = model.training
+    model.eval()
+    images = [model.image(torch.stack([data.images[j] for j in range(i, min(i + batch_size, len(data.images)))]))
+              for i in tqdm(range(0, len(data.images), batch_size), desc="images", disable=not progress)]  # fmt: skip
+    ids, mask = data.input_ids, data.attention_mask
+    starts = tqdm(range(0, ids.shape[0], batch_size), desc="captions", disable=not progress)
+    texts = [model.text.encode_ids(ids[i : i + batch_size], mask[i : i + batch_size]) for i in starts]
+    model.train(was_training)
+    return torch.cat(images).float(), torch.cat(texts).float()
+
+
+def _whitening_path(model: DualEncoder, preset) -> Path:
+    """The cache file of the whitening of ``model``'s encoders (their weights, hashed) on ``preset``'s data."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        if name.startswith(("image.", "text.")):
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    recipe = {"dataset": preset.dataset, "seed": WHITENING_SEED, "images": WHITENING_IMAGES,
+              "image_size": preset.image_size, "seq_len": preset.seq_len, "max_words": preset.max_words}  # fmt: skip
+    digest.update(json.dumps(recipe, sort_keys=True).encode())
+    root = Path(os.environ.get("COVMATCH_CACHE", Path.home() / ".cache" / "covmatch"))
+    return root / f"whitening-{preset.dataset}-{digest.hexdigest()[:20]}.safetensors"
+
+
+def ensure_whitening(model: DualEncoder, preset, *, progress: bool = True) -> Path:
+    """The cached whitening statistics of ``model``'s encoders (before any whitening) for ``preset``'s embedded
+    dataset, fitted on first use: image features of WHITENING_IMAGES train images generated from WHITENING_SEED,
+    caption features of their captions, each side on its own (no pairing is used)."""
+    path = _whitening_path(model, preset)
+    if path.is_file():
+        return path
+    print(f"covmatch: fitting the feature whitening on {WHITENING_IMAGES} unpaired {preset.dataset} images and "
+          f"their captions (seed {WHITENING_SEED}) -> {path}", file=sys.stderr)  # fmt: skip
+    source = build_source(preset.replace(shapes_train_images=WHITENING_IMAGES), seed=WHITENING_SEED)
+    data = build_retrieval_data(source, "train", model.text.tokenizer, preset)
+    with torch.random.fork_rng(devices=[]):  # fitting on first use or reading the cache: the same later draws
+        images, captions = encoder_features(model, data, progress=progress)
+    tensors = {}
+    for side, features in (("image", images), ("text", captions)):
+        tensors[f"{side}.mean"], tensors[f"{side}.matrix"] = whitening_statistics(features)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, save(tensors, metadata={"dataset": preset.dataset, "seed": str(WHITENING_SEED)}))
+    return path
+
+
+def pretrained_dual_encoder(preset, *, progress: bool = True) -> DualEncoder:
+    """The dual encoder ``preset`` describes, as every command starts from it: image weights resolved (locally
+    pretrained ones made on first use) and, with ``whiten_features``, each encoder ended by its fixed feature
+    whitening (fitted on first use), part of the 'pretrained' state that resets return to."""
+    weights = resolve_image_weights(preset.image_encoder, preset.image_size, preset.image_weights, progress=progress,
+                                    model_kwargs=preset.image_model_kwargs())  # fmt: skip
+    model = build_dual_encoder(preset, image_weights=weights)
+    if preset.whiten_features:
+        statistics = load_file(str(ensure_whitening(model, preset, progress=progress)))
+        model.image.whitening = FeatureWhitening(statistics["image.mean"], statistics["image.matrix"])
+        model.text.whitening = FeatureWhitening(statistics["text.mean"], statistics["text.matrix"])
+        model.snapshot_pretrained()
+    return model
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -24,7 +24,7 @@ from covmatch.presets import get_preset
 
 def test_every_preset_flag_field_has_a_flag_that_sets_it(tmp_path):
     values = {"dataset": "shapes", "text_pooling": "mean", "learnable_temperature": True, "normalize_loss": True,
-              "train_augment": True, "flip": True,
+              "train_augment": True, "flip": True, "whiten_features": True,
               "image_weights": "cache", "image_encoder": "test_vit", "image_encoder_kwargs": "patch_size=8",
               "text_encoder": "all-MiniLM-L6-v2"}  # fmt: skip
     argv = ["--preset", "tiny", "--out", str(tmp_path / "o")]

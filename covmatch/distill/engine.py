@@ -21,8 +21,7 @@ import torch
 import torch.distributed as dist
 
 from covmatch.errors import ConfigError, DivergedError
-from covmatch.models import build_dual_encoder
-from covmatch.pretrain import resolve_image_weights
+from covmatch.pretrain import pretrained_dual_encoder
 from covmatch.synthetic import SyntheticSet, init_synthetic_set
 from covmatch.visualize import nearest_token_ids
 
@@ -121,14 +120,7 @@ class Distiller:
     def _build_model(self):
         """Pretrained encoders and random projections, with the memory and ablation switches applied."""
         config, preset = self.config, self.config.preset
-        weights = resolve_image_weights(
-            preset.image_encoder,
-            preset.image_size,
-            preset.image_weights,
-            progress=self.config.progress,
-            model_kwargs=preset.image_model_kwargs(),
-        )
-        model = build_dual_encoder(preset, image_weights=weights).to(self.device)
+        model = pretrained_dual_encoder(preset, progress=self.config.progress).to(self.device)
         if config.grad_checkpointing:
             model.image.set_grad_checkpointing(True)
             model.text.set_grad_checkpointing(True)

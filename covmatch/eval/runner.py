@@ -14,8 +14,7 @@ from covmatch.data.cache import CachedSource, DecodedCache, cache_side
 from covmatch.data.generated import GENERATED_DATASETS
 from covmatch.devices import resolve_device
 from covmatch.errors import ConfigError
-from covmatch.models import build_dual_encoder
-from covmatch.pretrain import resolve_image_weights
+from covmatch.pretrain import pretrained_dual_encoder
 from covmatch.settings import resolved_workers
 from covmatch.synthetic import SyntheticSet
 from covmatch.visualize import nearest_tokens, save_image_grid
@@ -74,14 +73,7 @@ def evaluate(config: EvalConfig, *, log: Callable[[str], None] = _stderr) -> dic
     device = resolve_device(config.device)
     syn = load_synthetic_for(config.synthetic, preset) if config.synthetic is not None else None  # fails fast
     data_seed = resolve_data_seed(config, syn)
-    weights = resolve_image_weights(
-        preset.image_encoder,
-        preset.image_size,
-        preset.image_weights,
-        progress=config.progress,
-        model_kwargs=preset.image_model_kwargs(),
-    )
-    model = build_dual_encoder(preset, image_weights=weights)
+    model = pretrained_dual_encoder(preset, progress=config.progress)
     source = build_source(
         preset, ann_root=config.ann_root, image_root=config.image_root, data_dir=config.data_dir, seed=data_seed
     )

@@ -4,6 +4,7 @@ from .dual import DualEncoder, Projection, info_nce
 from .image import GLYPHS_PRETRAINED, LOCALLY_PRETRAINED, SHAPES_PRETRAINED, ImageEncoder
 from .text import PACKAGED_TEXT_ENCODERS, TextEncoder, resolve_text_encoder_path
 from .weights import load_weights_into, read_state_dict
+from .whitening import FeatureWhitening, whitening_statistics
 
 __all__ = [
     "PACKAGED_TEXT_ENCODERS",
@@ -11,6 +12,7 @@ __all__ = [
     "LOCALLY_PRETRAINED",
     "SHAPES_PRETRAINED",
     "DualEncoder",
+    "FeatureWhitening",
     "ImageEncoder",
     "Projection",
     "TextEncoder",
@@ -19,6 +21,7 @@ __all__ = [
     "load_weights_into",
     "read_state_dict",
     "resolve_text_encoder_path",
+    "whitening_statistics",
 ]
 
 

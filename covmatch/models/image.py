@@ -49,6 +49,7 @@ class ImageEncoder(nn.Module):
         self.model_kwargs = dict(model_kwargs or {})
         self.feature_dim = int(model.num_features)
         self.channels_last = False
+        self.whitening: Optional[nn.Module] = None  # a FeatureWhitening with --whiten-features
 
     @classmethod
     def create(
@@ -103,4 +104,5 @@ class ImageEncoder(nn.Module):
         pixels = pixels.to(next(self.model.parameters()).dtype)
         if self.channels_last:
             pixels = pixels.contiguous(memory_format=torch.channels_last)
-        return self.model(pixels)
+        features = self.model(pixels)
+        return features if self.whitening is None else self.whitening(features)

@@ -59,6 +59,7 @@ class TextEncoder(nn.Module):
         self.pooling = pooling
         self.feature_dim = int(model.config.hidden_size)
         self.embed_dim = int(model.get_input_embeddings().weight.shape[1])
+        self.whitening: Optional[nn.Module] = None  # a FeatureWhitening with --whiten-features
         pooler = getattr(model, "pooler", None)
         if isinstance(pooler, nn.Module):  # BERT's pooled output is unused here: skip its matmul, keep its weights
             pooler.forward = _no_pooled_output
@@ -127,9 +128,11 @@ class TextEncoder(nn.Module):
         mask = self._attention_bias(attention_mask, inputs_embeds.dtype)
         hidden = self.model(inputs_embeds=inputs_embeds, attention_mask=mask).last_hidden_state
         if self.pooling == "cls":
-            return hidden[:, 0]
-        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+            features = hidden[:, 0]
+        else:
+            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+            features = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+        return features if self.whitening is None else self.whitening(features)
 
     def _attention_bias(self, attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """The padding mask as the 4-D mask the attention kernel takes, [n, 1, L, L]: transformers uses a 4-D mask

@@ -27,11 +27,10 @@ from tqdm.auto import tqdm
 
 from covmatch.data.build import build_retrieval_data, build_source
 from covmatch.eval.metrics import retrieval_recall
-from covmatch.models import build_dual_encoder
 from covmatch.presets import get_preset
-from covmatch.pretrain import resolve_image_weights
+from covmatch.pretrain import encoder_features, pretrained_dual_encoder
 
-from .spectrum import PRESETS, RESULTS, encoder_features
+from .spectrum import PRESETS, RESULTS
 
 PROBE_EPOCHS = 10
 PROBE_SEED = 0
@@ -66,8 +65,7 @@ def train_probe(model, x: torch.Tensor, y: torch.Tensor, preset, *, epochs: int 
 
 def linear_model_and_probe(dataset: str, *, progress: bool = True) -> dict:
     preset = get_preset(PRESETS[dataset])
-    weights = resolve_image_weights(preset.image_encoder, preset.image_size, preset.image_weights, progress=progress)
-    model = build_dual_encoder(preset, image_weights=weights).eval()
+    model = pretrained_dual_encoder(preset, progress=progress).eval()
     source = build_source(preset)
     train = build_retrieval_data(source, "train", model.text.tokenizer, preset)
     val = build_retrieval_data(source, "val", model.text.tokenizer, preset)

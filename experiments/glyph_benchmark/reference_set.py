@@ -29,13 +29,12 @@ from tqdm.auto import tqdm
 
 from covmatch.data.build import build_retrieval_data, build_source, build_train_dataset
 from covmatch.eval.coresets import select_coreset
-from covmatch.models import build_dual_encoder
 from covmatch.models.dual import info_nce
 from covmatch.presets import get_preset
-from covmatch.pretrain import resolve_image_weights
+from covmatch.pretrain import encoder_features, pretrained_dual_encoder
 from covmatch.synthetic import real_pairs_set
 
-from .spectrum import RESULTS, encoder_features
+from .spectrum import RESULTS
 
 NUM_PAIRS = 100
 SEED = 0
@@ -118,8 +117,7 @@ def realise(encode, start: torch.Tensor, target: torch.Tensor, *, steps: int = R
 
 def build_reference(out: Path, *, progress: bool = True) -> dict:
     preset = get_preset("glyphs")
-    weights = resolve_image_weights(preset.image_encoder, preset.image_size, preset.image_weights, progress=progress)
-    model = build_dual_encoder(preset, image_weights=weights).eval()
+    model = pretrained_dual_encoder(preset, progress=progress).eval()
     model.requires_grad_(False)
     source = build_source(preset)
     train = build_retrieval_data(source, "train", model.text.tokenizer, preset)

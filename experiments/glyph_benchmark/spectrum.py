@@ -23,13 +23,10 @@ from pathlib import Path
 from typing import Dict, Optional, Sequence
 
 import torch
-from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from covmatch.data.build import build_retrieval_data, build_source
-from covmatch.models import build_dual_encoder
 from covmatch.presets import get_preset
-from covmatch.pretrain import resolve_image_weights
+from covmatch.pretrain import encoder_features, pretrained_dual_encoder
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PRESETS = {"glyphs": "glyphs", "shapes": "demo"}
@@ -42,21 +39,9 @@ def energy_directions(cov: torch.Tensor, shares=(0.9, 0.95, 0.99)) -> Dict[str, 
     return {f"{round(share * 100)}pct": int((cumulative < share).sum()) + 1 for share in shares}
 
 
-@torch.no_grad()
-def encoder_features(model, data, *, batch_size: int = 256, progress: bool = True):
-    """Image and caption features of a split at the encoders (no projections), in fp32."""
-    loader = DataLoader(data.images, batch_size=batch_size)
-    images = [model.image(pixels) for pixels in tqdm(loader, desc="images", disable=not progress)]
-    starts = tqdm(range(0, data.input_ids.shape[0], batch_size), desc="captions", disable=not progress)
-    ids, mask = data.input_ids, data.attention_mask
-    texts = [model.text.encode_ids(ids[i : i + batch_size], mask[i : i + batch_size]) for i in starts]
-    return torch.cat(images).float(), torch.cat(texts).float()
-
-
 def spectrum(dataset: str, *, progress: bool = True) -> dict:
     preset = get_preset(PRESETS[dataset])
-    weights = resolve_image_weights(preset.image_encoder, preset.image_size, preset.image_weights, progress=progress)
-    model = build_dual_encoder(preset, image_weights=weights).eval()
+    model = pretrained_dual_encoder(preset, progress=progress).eval()
     source = build_source(preset)
     data = build_retrieval_data(source, "train", model.text.tokenizer, preset)  # eval transform, 5 captions each
     image, text = encoder_features(model, data, progress=progress)
