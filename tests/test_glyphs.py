@@ -83,7 +83,7 @@ def test_each_encoder_family_pretrains_on_its_own_concepts(tmp_path, monkeypatch
     from covmatch.models import ImageEncoder
     from covmatch.pretrain import FAMILY_CONCEPTS, default_cache_path, encoder_family, main, pretrain_glyphs_encoder
 
-    assert [encoder_family(e) for e in ("test_nfnet", "test_resnet", "test_vit")] == list(FAMILY_CONCEPTS)
+    assert [encoder_family(e) for e in ("test_nfnet", "test_resnet", "test_efficientnet")] == list(FAMILY_CONCEPTS)
     assert len(set(FAMILY_CONCEPTS.values())) == 3 and "benchmark" not in FAMILY_CONCEPTS.values()
     out = pretrain_glyphs_encoder("test_resnet", 32, tmp_path / "w.safetensors", steps=2, batch_size=4,
                                   num_images=12, progress=False)  # fmt: skip
@@ -93,8 +93,8 @@ def test_each_encoder_family_pretrains_on_its_own_concepts(tmp_path, monkeypatch
     monkeypatch.setenv("COVMATCH_CACHE", str(tmp_path))
     assert default_cache_path("test_vit", 64, dataset="glyphs").name == "glyphs-v2-pretrained-test_vit-64px.safetensors"
     with pytest.raises(SystemExit) as exit_info:
-        main(["--dataset", "glyphs", "--encoder", "test_efficientnet"])
-    assert exit_info.value.code == 2 and "knows the families nfnet, resnet, vit" in capsys.readouterr().err
+        main(["--dataset", "glyphs", "--encoder", "test_vit"])
+    assert exit_info.value.code == 2 and "knows the families nfnet, resnet, efficientnet" in capsys.readouterr().err
 
 
 def test_energy_directions_counts_singular_directions():
@@ -144,7 +144,7 @@ def test_acceptance_checks_what_is_measured_and_says_what_is_missing(tmp_path, m
     result(acc.full_data_run(), 41.6)
     for run in acc.coreset_runs("cover"):
         result(run, 26.0)
-    for run in acc.coreset_runs("random", "test_resnet") + acc.coreset_runs("random", "test_vit"):
+    for run in acc.coreset_runs("random", "test_resnet") + acc.coreset_runs("random", "test_efficientnet"):
         result(run, 9.0 if "resnet" in run.name else 6.24)
     (tmp_path / "spectrum.json").write_text(json.dumps({"glyphs": {"directions": {"95pct": 120}}}))
     linear = {"linear_model": {"mean": 30.0}, "probe": {"mean": 40.0}, "linear_model_over_probe": 0.75}
@@ -154,7 +154,7 @@ def test_acceptance_checks_what_is_measured_and_says_what_is_missing(tmp_path, m
     assert checks["full_over_random"]["value"] == pytest.approx(4.0) and checks["full_over_random"]["passed"]
     assert checks["full_over_cover"]["value"] == pytest.approx(1.6) and checks["full_over_cover"]["passed"]
     assert checks["directions_for_95pct_energy"]["passed"] and checks["linear_model_over_probe"]["passed"]
-    assert checks["unseen_over_distilling_random"]["value"] == pytest.approx(0.6)  # the ViT's, the smaller
+    assert checks["unseen_over_distilling_random"]["value"] == pytest.approx(0.6)  # EfficientNet's, the smaller
     assert checks["unseen_over_distilling_random"]["passed"] is False
     assert checks["reference_over_cover"]["passed"] is None
     assert (found["measured"], found["passed"], found["accepted"]) == (5, 4, False)

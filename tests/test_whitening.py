@@ -56,6 +56,8 @@ def test_whitened_encoders_are_white_on_their_fitting_data_cached_and_restored(t
         values = torch.linalg.eigvalsh(torch.cov(features.double().t()))
         assert values.max() < 1.01 and values[-10:].min() > 0.5  # white, up to the ridge's shrinkage
     assert {"image.whitening.weight", "text.whitening.bias"} <= set(model.pretrained_state())
+    counter = get_preset("tiny").replace(image_encoder="test_resnet")  # batch norms count batches in 0-d buffers
+    assert pretrain._whitening_path(pretrain.pretrained_dual_encoder(counter, progress=False), counter).name
     with torch.no_grad():
         model.image.whitening.weight.add_(1.0)
     model.reset(torch.Generator().manual_seed(1))

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Tuple
 
+from covmatch.eval.coresets import CORESETS
+
 # where everything goes; COVMATCH_STUDY_ROOT moves it (tests, a second checkout)
 ROOT = Path(os.environ.get("COVMATCH_STUDY_ROOT") or Path(__file__).resolve().parent / "results")
 REPO = Path(__file__).resolve().parents[2]
@@ -106,7 +108,7 @@ class Evaluate:
         return ROOT / "evals" / self.name
 
     def is_coreset(self) -> bool:
-        return self.source in ("random", "balanced", "herding", "kcenter", "full")
+        return self.source in CORESETS
 
     def command(self) -> List[str]:
         if self.is_coreset():
