@@ -46,6 +46,7 @@ from covmatch.synthetic import atomic_write_bytes
 
 __all__ = [
     "FAMILY_CONCEPTS",
+    "GLYPH_PRETRAIN_STEPS",
     "PRETRAIN_SEED",
     "default_cache_path",
     "encoder_family",
@@ -60,12 +61,16 @@ __all__ = [
 
 PRETRAIN_SEED = 90_210  # the pretraining split's seed: disjoint from every seed the commands use by default
 _LABELS = [(c, s) for c in COLOURS for s in SHAPES]
-# the pretraining recipe of each dataset, as cache file names carry it (glyphs v2: one-glyph scenes, softmax)
-_RECIPES = {"shapes": "shapes", "glyphs": "glyphs-v2"}
+# the pretraining recipe of each dataset, as cache file names carry it (glyphs v3: one-glyph scenes, softmax,
+# steps per family)
+_RECIPES = {"shapes": "shapes", "glyphs": "glyphs-v3"}
 # glyph scenes: the concept set each image-encoder family is pretrained on (timm names containing the family)
 # (a tiny ViT, test_vit, was the third family first: it barely learns glyphs from these data in 1,200 steps, final
 # loss 4.03 against 5.16 for guessing, and 100 random pairs then train it to chance-level retrieval)
 FAMILY_CONCEPTS = {"nfnet": "pretrain_a", "resnet": "pretrain_b", "efficientnet": "pretrain_c"}
+# optimisation steps of each family's glyph pretraining: EfficientNet learns slowest (final loss 1.07 after 1,200
+# steps, NFNet 0.06, ResNet 0.29)
+GLYPH_PRETRAIN_STEPS = {"nfnet": 1_200, "resnet": 1_200, "efficientnet": 3_000}
 
 
 def _kwargs_tag(model_kwargs: Optional[Mapping[str, object]]) -> str:
@@ -130,7 +135,7 @@ def pretrain_glyphs_encoder(
     image_size: int,
     out: Path,
     *,
-    steps: int = 1_200,
+    steps: Optional[int] = None,
     batch_size: int = 128,
     num_images: int = 12_000,
     lr: float = 2e-3,
@@ -138,11 +143,14 @@ def pretrain_glyphs_encoder(
     model_kwargs: Optional[Mapping[str, object]] = None,
 ) -> Path:
     """Train ``encoder`` to name the glyph of one-glyph scenes among its family's concept set (FAMILY_CONCEPTS,
-    disjoint from the benchmark's), a softmax classification; save safetensors.
+    disjoint from the benchmark's), a softmax classification, for ``steps`` (default: the family's in
+    GLYPH_PRETRAIN_STEPS); save safetensors.
 
     One glyph per scene, not the benchmark's 2-4: naming one of 175 glyphs is learnt in a few hundred steps,
     while recognising which glyphs a crowded scene holds (multi-label) had barely started after 600."""
-    concepts = FAMILY_CONCEPTS[encoder_family(encoder)]
+    family = encoder_family(encoder)
+    concepts = FAMILY_CONCEPTS[family]
+    steps = GLYPH_PRETRAIN_STEPS[family] if steps is None else steps
     torch.manual_seed(PRETRAIN_SEED)
     source = GlyphsSource(PRETRAIN_SEED, num_train_images=num_images, render_size=max(64, image_size),
                           concepts=concepts, objects_per_scene=(1,), zipf_exponent=0.0)  # fmt: skip
@@ -201,8 +209,8 @@ def ensure_pretrained(
     dataset: str = "shapes",
 ) -> Path:  # fmt: skip
     """The cached weights of ``encoder`` at ``image_size`` pretrained for ``dataset`` ("shapes" or "glyphs"),
-    made on first use (on 2 CPU cores about a minute for shapes at 32 px, a quarter of an hour for glyph scenes
-    at 64 px)."""
+    made on first use (on 2 CPU cores about a minute for shapes at 32 px, 2-7 minutes per encoder for glyph
+    scenes at 64 px)."""
     path = default_cache_path(encoder, image_size, model_kwargs, dataset)
     if not path.is_file():
         if dataset == "glyphs":
@@ -306,7 +314,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--dataset", choices=sorted(_PRETRAINERS), default="shapes", help="embedded dataset")
     parser.add_argument("--encoder", default="test_nfnet", help="timm image encoder")
     parser.add_argument("--image-size", type=int, default=32, help="input resolution")
-    parser.add_argument("--steps", type=int, default=None, help="optimisation steps (default: the dataset's)")
+    parser.add_argument(
+        "--steps", type=int, default=None, help="optimisation steps (default: the dataset's; for glyphs the family's)"
+    )
     parser.add_argument(
         "--image-encoder-kwargs", default="", help="timm.create_model keyword arguments, 'key=value, ...'"
     )

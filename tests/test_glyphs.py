@@ -91,7 +91,7 @@ def test_each_encoder_family_pretrains_on_its_own_concepts(tmp_path, monkeypatch
         assert f.metadata()["concepts"] == "pretrain_b" and f.metadata()["dataset"] == "glyphs"
     ImageEncoder.create("test_resnet", image_size=32, weights=str(out))
     monkeypatch.setenv("COVMATCH_CACHE", str(tmp_path))
-    assert default_cache_path("test_vit", 64, dataset="glyphs").name == "glyphs-v2-pretrained-test_vit-64px.safetensors"
+    assert default_cache_path("test_vit", 64, dataset="glyphs").name == "glyphs-v3-pretrained-test_vit-64px.safetensors"
     with pytest.raises(SystemExit) as exit_info:
         main(["--dataset", "glyphs", "--encoder", "test_vit"])
     assert exit_info.value.code == 2 and "knows the families nfnet, resnet, efficientnet" in capsys.readouterr().err
