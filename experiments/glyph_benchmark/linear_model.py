@@ -16,10 +16,7 @@ Resumable: a finished dataset's entry is kept.
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
-from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
@@ -27,10 +24,11 @@ from tqdm.auto import tqdm
 
 from covmatch.data.build import build_retrieval_data, build_source
 from covmatch.eval.metrics import retrieval_recall
+from covmatch.loss import cross_covariance
 from covmatch.presets import get_preset
 from covmatch.pretrain import encoder_features, pretrained_dual_encoder
 
-from .spectrum import PRESETS, RESULTS
+from .spectrum import PRESETS, resumable_main
 
 PROBE_EPOCHS = 10
 PROBE_SEED = 0
@@ -72,7 +70,7 @@ def linear_model_and_probe(dataset: str, *, progress: bool = True) -> dict:
     image, text = encoder_features(model, train, progress=progress)
     x, y = image[train.text_to_image], text  # every (image, caption) pair
     mean_x, mean_y = x.double().mean(0), y.double().mean(0)
-    cov = (x.double() - mean_x).t() @ (y.double() - mean_y) / (x.shape[0] - 1)
+    cov = cross_covariance(x.double(), y.double())
     val_image, val_text = encoder_features(model, val, progress=progress)
     linear = retrieval_recall(*linear_model_embeddings(val_image, val_text, mean_x, mean_y, cov), val.text_to_image)
     heads = model.head_parameters()  # the temperature among them if the preset learns it
@@ -88,19 +86,7 @@ def linear_model_and_probe(dataset: str, *, progress: bool = True) -> dict:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m experiments.glyph_benchmark.linear_model",
-                                     description=__doc__.splitlines()[0])  # fmt: skip
-    parser.add_argument("--out", type=Path, default=RESULTS / "linear_model.json")
-    parser.add_argument("--datasets", nargs="+", default=list(PRESETS), choices=list(PRESETS))
-    args = parser.parse_args(argv)
-    found = json.loads(args.out.read_text()) if args.out.is_file() else {}
-    for dataset in args.datasets:
-        if dataset not in found:
-            found[dataset] = linear_model_and_probe(dataset)
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(json.dumps(found, indent=1) + "\n")
-        print(dataset, json.dumps(found[dataset]))
-    return 0
+    return resumable_main(argv, "linear_model", linear_model_and_probe)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -20,11 +20,13 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Dict, Optional, Sequence
+from typing import Callable, Dict, Optional, Sequence
 
 import torch
 
 from covmatch.data.build import build_retrieval_data, build_source
+from covmatch.loss import cross_covariance
+from covmatch.models import whitening_statistics
 from covmatch.presets import get_preset
 from covmatch.pretrain import encoder_features, pretrained_dual_encoder
 
@@ -47,7 +49,7 @@ def spectrum(dataset: str, *, progress: bool = True) -> dict:
     image, text = encoder_features(model, data, progress=progress)
     owner = data.text_to_image
     x, y = image[owner].double(), text.double()  # every (image, caption) pair
-    cov = (x - x.mean(0)).t() @ (y - y.mean(0)) / (x.shape[0] - 1)
+    cov = cross_covariance(x, y)
     return {"preset": preset.name, "pairs": int(x.shape[0]), "image_dim": int(x.shape[1]),
             "text_dim": int(y.shape[1]), "directions": energy_directions(cov),
             "whitened_directions": energy_directions(whitened(x, y)), **shared_directions(x, y)}  # fmt: skip
@@ -63,34 +65,34 @@ def shared_directions(x: torch.Tensor, y: torch.Tensor) -> Dict[str, float]:
 
 
 def whitened(x: torch.Tensor, y: torch.Tensor, ridge: float = 1e-4) -> torch.Tensor:
-    """The cross-covariance of the two sides after whitening each (ridge-regularised by ``ridge`` times the mean
-    variance): its singular values are the canonical correlations."""
-    x, y = x - x.mean(0), y - y.mean(0)
-    n = x.shape[0] - 1
-
-    def inverse_root(a: torch.Tensor) -> torch.Tensor:
-        cov = a.t() @ a / n
-        cov = cov + ridge * cov.diagonal().mean() * torch.eye(cov.shape[0], dtype=cov.dtype)
-        values, vectors = torch.linalg.eigh(cov)
-        return vectors @ torch.diag(values.rsqrt()) @ vectors.t()
-
-    return inverse_root(x) @ (x.t() @ y / n) @ inverse_root(y)
+    """The cross-covariance of the two sides after whitening each (``--whiten-features``' statistics with this
+    ``ridge``): its singular values are the canonical correlations."""
+    _, root_x = whitening_statistics(x, ridge)
+    _, root_y = whitening_statistics(y, ridge)
+    return root_x @ cross_covariance(x.double(), y.double()) @ root_y
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m experiments.glyph_benchmark.spectrum",
-                                     description=__doc__.splitlines()[0])  # fmt: skip
-    parser.add_argument("--out", type=Path, default=RESULTS / "spectrum.json")
+def resumable_main(argv: Optional[Sequence[str]], module: str, measure: Callable[[str], dict]) -> int:
+    """``python -m experiments.glyph_benchmark.MODULE``: ``measure(dataset)`` for each dataset not yet in
+    results/MODULE.json (each written as soon as it is measured), then every entry printed."""
+    doc = sys.modules[measure.__module__].__doc__ or ""
+    parser = argparse.ArgumentParser(prog=f"python -m experiments.glyph_benchmark.{module}",
+                                     description=doc.splitlines()[0])  # fmt: skip
+    parser.add_argument("--out", type=Path, default=RESULTS / f"{module}.json")
     parser.add_argument("--datasets", nargs="+", default=list(PRESETS), choices=list(PRESETS))
     args = parser.parse_args(argv)
     found = json.loads(args.out.read_text()) if args.out.is_file() else {}
     for dataset in args.datasets:
-        if "canonical_correlations_above_chance" not in found.get(dataset, {}):
-            found[dataset] = spectrum(dataset)
+        if dataset not in found:
+            found[dataset] = measure(dataset)
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(found, indent=1) + "\n")
-        print(dataset, found[dataset])
+        print(dataset, json.dumps(found[dataset]))
     return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    return resumable_main(argv, "spectrum", spectrum)
 
 
 if __name__ == "__main__":  # pragma: no cover
