@@ -118,6 +118,11 @@ class Preset:
         False, group=HYPERPARAMETERS,
         help="divide each loss term by its real-data magnitude (scale-free; not in the paper)",
     )  # fmt: skip
+    relative_steps: bool = setting(
+        False, group=HYPERPARAMETERS,
+        help="scale each modality's gradient to its tensor's norm, so --lr-img and --lr-txt are relative step sizes "
+        "(balances pixels against caption embeddings; not in the paper)",
+    )  # fmt: skip
     reset_every: int = setting(
         50, metavar="K", group=HYPERPARAMETERS, range=at_least(1), help="reset the online model every K iterations"
     )

@@ -24,7 +24,7 @@ from covmatch.presets import get_preset
 
 def test_every_preset_flag_field_has_a_flag_that_sets_it(tmp_path):
     values = {"dataset": "shapes", "text_pooling": "mean", "learnable_temperature": True, "normalize_loss": True,
-              "train_augment": True, "flip": True, "whiten_features": True,
+              "train_augment": True, "flip": True, "whiten_features": True, "relative_steps": True,
               "image_weights": "cache", "image_encoder": "test_vit", "image_encoder_kwargs": "patch_size=8",
               "text_encoder": "all-MiniLM-L6-v2"}  # fmt: skip
     argv = ["--preset", "tiny", "--out", str(tmp_path / "o")]
@@ -182,3 +182,14 @@ def test_scaled_step_skips_an_overflow_and_halves_the_scale():
     assert float(step()) == 0.0 and torch.allclose(w.detach(), torch.full((3,), 0.9))
     plain = ScaledStep(opt, torch.device("cpu"), enabled=False, ranks=Ranks())
     assert plain.loss_scale() is None
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_scaled_step_rescales_the_unscaled_gradients_just_before_the_step(enabled):
+    w = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.SGD([w], lr=0.1)
+    step = ScaledStep(opt, torch.device("cpu"), enabled=enabled, ranks=Ranks())
+    seen = []
+    (w.sum() * (step.loss_scale() if enabled else 1.0)).backward()
+    step(rescale=lambda: (seen.append(w.grad.clone()), w.grad.mul_(2.0)))
+    assert torch.equal(seen[0], torch.ones(3)) and torch.allclose(w.detach(), torch.full((3,), 0.8))

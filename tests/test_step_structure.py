@@ -109,3 +109,20 @@ def test_each_modalitys_relative_step_is_logged_and_a_standstill_is_warned_once(
     steps = modality_steps(tmp_path / "still")
     assert steps["ratio"] > 30 and steps["images"]["mean"] < steps["captions"]["mean"]
     assert modality_steps(tmp_path / "nowhere") is None
+
+
+@pytest.mark.parametrize("precision", [(), ("--bf16",)], ids=["fp32", "bf16"])
+def test_relative_steps_move_each_modality_by_its_learning_rate(tmp_path, precision):
+    """With --relative-steps each gradient is scaled to its tensor's norm, so the first step (momentum buffer =
+    gradient) moves each modality by its learning rate, whatever the loss."""
+    from covmatch.distill.cli import main as distill_main
+
+    out = tmp_path / "run"
+    argv = ["--preset", "tiny", "--device", "cpu", "--no-progress", "--iterations", "1", "--log-every", "1",
+            "--relative-steps", "--lr-img", "0.002", "--lr-txt", "0.03", "--out", str(out), *precision]  # fmt: skip
+    assert distill_main(argv) == 0
+    (record,) = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert record["skipped_steps"] == 0
+    # the log divides by the size after the step, the rescaling by the size before it (within a step's size)
+    assert record["rel_step_images"] == pytest.approx(0.002, rel=0.002)
+    assert record["rel_step_captions"] == pytest.approx(0.03, rel=0.03)

@@ -370,7 +370,8 @@ class Distiller:
         self.log(
             f"covmatch: warning: per step the images move {images:.2g} of their norm and the caption embeddings "
             f"{captions:.2g} ({max(images, captions) / min(images, captions):.0f}x apart): the {slow} are barely "
-            f"distilled; consider a larger {flag} (covmatch analyze reports this over the run)"
+            f"distilled; consider a larger {flag}{'' if self.config.preset.relative_steps else ' or --relative-steps'} "
+            "(covmatch analyze reports this over the run)"
         )
 
     def _stop_if_diverged(

@@ -47,17 +47,22 @@ class ScaledStep:
             return None
         return self.scaler.scale(torch.ones((), device=self.device))  # also initialises the scale
 
-    def __call__(self, clip_norm: float = 0.0) -> torch.Tensor:
+    def __call__(self, clip_norm: float = 0.0, rescale: Optional[Callable[[], None]] = None) -> torch.Tensor:
+        """``rescale``, if given, changes the unscaled (and clipped) gradients in place just before the step."""
         params = [p for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
         if not self.enabled:
             if clip_norm > 0:
                 torch.nn.utils.clip_grad_norm_(params, clip_norm)
+            if rescale is not None:
+                rescale()
             self.optimizer.step()
             return torch.zeros((), device=self.device)
         overflow = self._overflow_on_any_rank(params)
         self.scaler.unscale_(self.optimizer)  # records the (now shared) overflow; the step below skips on it
         if clip_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, clip_norm)
+        if rescale is not None:
+            rescale()
         self.scaler.step(self.optimizer)
         self.scaler.update()
         return overflow

@@ -90,9 +90,32 @@ class SyntheticParameters:
 
     def step(self) -> torch.Tensor:
         """The SGD step (skipped on every rank when a gradient overflowed in fp16); 1.0 if skipped."""
-        skipped = self.scaled_step()
+        rescale = self._relative_gradients if self.settings.preset.relative_steps else None
+        skipped = self.scaled_step(rescale=rescale)
         self.skipped = self.skipped + skipped
         return skipped
+
+    def _attended(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """The part of a learnt tensor that counts for its size: token embeddings where the mask attends."""
+        if name != "text_embeds":
+            return tensor
+        return tensor * self.attention_mask.unsqueeze(-1).to(tensor.dtype)
+
+    @torch.no_grad()
+    def _relative_gradients(self) -> None:
+        """``relative_steps``: each modality's gradient scaled to the norm of its tensor (both over every rank's
+        shard), so that a momentum-free step moves it by its learning rate times its size; a zero gradient stays
+        zero. One all-reduce, no host sync."""
+        groups = [g for g in self.optimizer.param_groups if g["params"][0].grad is not None]
+        squares = []
+        for group in groups:
+            tensor = group["params"][0]
+            squares += [tensor.grad.float().pow(2).sum(), self._attended(group["name"], tensor.float()).pow(2).sum()]
+        (totals,) = self.ranks.all_reduce_sum([torch.stack(squares)])
+        for i, group in enumerate(groups):
+            grad = group["params"][0].grad
+            scale = totals[2 * i + 1].sqrt() / totals[2 * i].sqrt().clamp_min(1e-30)
+            grad.mul_(scale.to(grad.dtype))
 
     @torch.no_grad()
     def relative_steps(self, skipped: torch.Tensor) -> Dict[str, torch.Tensor]:
@@ -107,10 +130,8 @@ class SyntheticParameters:
             if buffer is None:  # no step taken yet (a first step skipped for an fp16 overflow)
                 out[name] = torch.zeros((), device=self.device)
                 continue
-            delta, value = buffer.float(), tensor.detach().float()
-            if group["name"] == "text_embeds":
-                attended = self.attention_mask.unsqueeze(-1).to(value.dtype)
-                delta, value = delta * attended, value * attended
+            delta = self._attended(group["name"], buffer.float())
+            value = self._attended(group["name"], tensor.detach().float())
             out[name] = group["lr"] * delta.norm() / value.norm().clamp_min(1e-12) * (1.0 - skipped)
         return out
 
