@@ -144,7 +144,7 @@ def test_acceptance_checks_what_is_measured_and_says_what_is_missing(tmp_path, m
     result(acc.full_data_run(), 41.6)
     for run in acc.coreset_runs("cover"):
         result(run, 26.0)
-    for run in acc.coreset_runs("random", "test_resnet") + acc.coreset_runs("random", "test_efficientnet"):
+    for run in acc.coreset_runs("random", "test_resnet") + acc.coreset_runs("random", "test_efficientnet-os16"):
         result(run, 9.0 if "resnet" in run.name else 6.24)
     (tmp_path / "spectrum.json").write_text(json.dumps({"glyphs": {"directions": {"95pct": 120}}}))
     linear = {"linear_model": {"mean": 30.0}, "probe": {"mean": 40.0}, "linear_model_over_probe": 0.75}
@@ -188,3 +188,91 @@ def test_reference_set_stages_learn_through_the_unrolled_training_and_realise_fe
     value, before, after = realise(lambda v: v @ mixing, torch.randn(5, 6, generator=gen), target, steps=300,
                                    progress=False)  # fmt: skip
     assert after < 0.05 * before
+
+
+@pytest.fixture
+def methods_root(tmp_path, monkeypatch):
+    from experiments.glyph_benchmark import methods
+
+    monkeypatch.setattr(methods, "ROOT", tmp_path)
+    return methods
+
+
+def _scored(run, mean: float) -> None:
+    import json
+
+    run.out.mkdir(parents=True)
+    (run.out / "results.json").write_text(json.dumps({"runs": [{"mean": mean}]}))
+
+
+def _score_tune_stage(methods, best: dict) -> None:
+    """Every tune run scored: iteration 0 at 6, the others at 7, the fixed regime's ``best`` candidate at 9
+    and the paper regime's at 10 (the better regime)."""
+    winners = {best["fixed"]: 9.0, best["paper"]: 10.0}
+    for job in methods.tune_jobs():
+        if isinstance(job, methods.MethodEvaluate):
+            name = job.source.split("/")[0].removeprefix("tune-")
+            _scored(job, 6.0 if job.source.endswith("/initial") else winners.get(name, 7.0))
+
+
+def test_methods_final_stage_waits_for_val_and_takes_each_regimes_best(methods_root):
+    methods = methods_root
+    assert methods.choose("fixed") is None and methods.final_rows() == {}
+    names = [job.name for job in methods.job_list()]
+    assert not any(n.startswith("test-") for n in names)
+    assert all(job.split == "val" for job in methods.tune_jobs() if isinstance(job, methods.MethodEvaluate))
+    _score_tune_stage(methods, {"fixed": "fixed-lr300", "paper": "paper-slow-lr300"})
+    assert methods.choose("fixed") == "fixed-lr300" and methods.best_regime() == "paper"
+    rows = methods.final_rows()
+    assert all(run.split == "test" for runs in rows.values() for run in runs)
+    assert len(rows["paper"]) == len(rows["initial"]) == len(rows["fixed"]) == 9
+    assert rows["paper"][0].source == "tune-paper-slow-lr300"  # seed 0: the tune stage's set
+    assert {run.source for run in rows["fixed"]} == {"tune-fixed-lr300", "fixed-lr300-s1", "fixed-lr300-s2"}
+    assert "paper@test_resnet" in rows and "paper@text6" in rows and "fixed@text6" not in rows
+    assert len(rows["random"]) == 5 and rows["reference"][0].set_path().name == "reference"
+    assert [run.num_pairs for run in rows["random/n500"]] == [500] * 3
+
+
+def test_every_planned_methods_command_is_accepted_by_the_commands_it_runs(methods_root):
+    from covmatch.distill.cli import build_parser as distill_parser
+    from covmatch.distill.cli import config_from_args
+    from covmatch.eval.cli import build_parser as eval_parser
+
+    methods = methods_root
+    _score_tune_stage(methods, {"fixed": "fixed-rel0.001", "paper": "paper-lr300"})
+    jobs = methods.job_list()
+    names = [job.name for job in jobs]
+    assert len(names) == len(set(names))
+    seen = set()
+    for job in jobs:
+        assert set(job.requires()) <= seen, job.name  # what a job reads comes before it
+        seen.add(job.name)
+        argv = job.command()[3:]
+        if isinstance(job, methods.GlyphDistill):
+            config = config_from_args(distill_parser().parse_args(argv))
+            config.preset.check()
+            assert config.preset.relative_steps == ("rel" in job.name)
+        elif isinstance(job, methods.MethodEvaluate):
+            eval_parser().parse_args(argv)
+        else:
+            assert job.command()[2] in ("covmatch.pretrain", "experiments.glyph_benchmark.reference_set")
+    text6 = next(job for job in jobs if job.name.endswith("-text6"))
+    assert text6.command()[-2:] == ["--text-layers", "6"]
+
+
+def test_methods_report_pairs_each_set_with_its_iteration_0_set(methods_root):
+    methods = methods_root
+    _score_tune_stage(methods, {"fixed": "fixed-lr30", "paper": "paper-lr300"})
+    rows = methods.final_rows()
+    for i, (run, initial) in enumerate(zip(rows["paper"], rows["initial"])):
+        _scored(run, 12.0 + i)
+        _scored(initial, 10.0)
+    result = methods.report()
+    assert result["tune"]["fixed-lr30"]["minus_initial"] == {"mean": 3.0, "std": 0.0, "positive": 3, "pairs": 3}
+    paper = result["final"]["paper"]
+    assert paper["row"]["mean"] == pytest.approx(16.0) and paper["minus_initial"]["positive"] == 9
+    assert paper["minus_initial"]["mean"] == pytest.approx(6.0)
+    assert result["final"]["random"]["row"] is None
+    methods.write_report(result)
+    text = (methods.ROOT / "methods.md").read_text()
+    assert "| paper | 16.00 ± 2.74 | +6.00 ± 2.74 (9/9 positive) |" in text and "| random | not run |" in text
