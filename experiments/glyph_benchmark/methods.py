@@ -252,16 +252,22 @@ def final_rows() -> Dict[str, List[MethodEvaluate]]:
 
 
 def job_list() -> List:
+    """The tune stage, then (once it is scored) the final stage row by row, each distillation just before the
+    first evaluation that reads it."""
     jobs: List = [Pretrain(DISTILLING_ENCODER), *tune_jobs()]
     rows = final_rows()
-    if rows:
-        best = best_regime()
-        sets = [*chosen_sets(best).values()] + [*chosen_sets(best, LARGE_N).values()]
-        other = [r for r in TUNE_CANDIDATES if r != best]
-        sets += [job for regime in other for job in chosen_sets(regime).values()]
-        jobs += [Pretrain(encoder) for encoder in UNSEEN_ENCODERS] + [ReferenceTensors()]
-        jobs += [job for job in dict.fromkeys(sets) if job.name not in {j.name for j in jobs}]
-        jobs += [run for runs in rows.values() for run in runs]
+    if not rows:
+        return jobs
+    jobs += [Pretrain(encoder) for encoder in UNSEEN_ENCODERS] + [ReferenceTensors()]
+    distills = {job.name: job for regime in TUNE_CANDIDATES for job in chosen_sets(regime).values()}
+    distills.update({job.name: job for job in chosen_sets(best_regime(), LARGE_N).values()})
+    planned = {job.name for job in jobs}
+    for run in (run for runs in rows.values() for run in runs):
+        for name in run.requires():
+            if name in distills and name not in planned:
+                jobs.append(distills[name])
+                planned.add(name)
+        jobs.append(run)
     return jobs
 
 
