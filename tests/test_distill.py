@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -323,6 +324,17 @@ def test_auto_resume_starts_an_empty_out_and_continues_a_run(tmp_path, capsys):
     assert "resumed from" in capsys.readouterr().err
     assert SyntheticSet.load(out).metadata["iteration"] == 4
     assert [json.loads(line)["iteration"] for line in (out / "log.jsonl").read_text().splitlines()] == [2, 4]
+
+
+def test_auto_resume_starts_over_a_run_stopped_before_its_first_checkpoint(tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["--preset", "tiny", "--out", str(out), "--save-every", "2", "--no-progress", "--auto-resume"]
+    assert main([*argv, "--iterations", "2"]) == 0
+    shutil.rmtree(out / "checkpoints")
+    (out / "synthetic.safetensors").unlink()  # what a run killed before its first save leaves: iteration 0's files
+    assert main([*argv, "--iterations", "2"]) == 0
+    assert "resumed" not in capsys.readouterr().err and SyntheticSet.load(out).metadata["iteration"] == 2
+    assert [json.loads(line)["iteration"] for line in (out / "log.jsonl").read_text().splitlines()] == [2]
 
 
 def test_diverging_run_stops_in_one_line_and_keeps_the_last_good_state(tmp_path, capsys, monkeypatch):

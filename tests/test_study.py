@@ -168,7 +168,7 @@ def test_a_set_without_its_tensors_is_redistilled_only_for_evaluations_still_to_
     (run.out / "synthetic.json").write_text(json.dumps({"iteration": run.iterations}))  # tensors not committed
     assert not run.done()
     assert run in design.job_list("final", ["6"])
-    # --auto-resume refuses run files without a checkpoint: the clone's record is distilled over from scratch
+    # the clone's record is distilled over from scratch
     assert "--overwrite" in run.command() and "--auto-resume" not in run.command()
     (run.out / "checkpoints").mkdir()
     (run.out / "checkpoints" / "step-100.pt").write_bytes(b"")  # a rerun cut short here resumes instead

@@ -169,7 +169,7 @@ def _check_like(saved, current, where: str, prefix: str) -> None:
 
 
 def resume_latest(
-    distiller, directory: Path, *, required: bool = True, log: Callable[[str], None] = print
+    distiller, directory: Path, *, required: bool = True, log: Callable[[str], None] = print, flag: str = "--resume"
 ) -> Optional[Path]:
     """Apply the newest valid checkpoint in ``directory`` (older ones are tried when newer ones are bad).
 
@@ -198,5 +198,5 @@ def resume_latest(
             f"no checkpoint in {directory} can be resumed ({'; '.join(problems)}); nothing was changed"
         )
     if required:
-        raise CheckpointError(f"--resume: {directory} holds no checkpoint; nothing was changed")
+        raise CheckpointError(f"{flag}: {directory} holds no checkpoint; nothing was changed")
     return None

@@ -81,8 +81,10 @@ class DistillConfig(CommonSettings):
         False, group=RUN, help="continue from the newest valid checkpoint in --out (refused if none)"
     )
     auto_resume: bool = setting(
-        False, group=RUN, help="resume when --out holds a run, start when it is empty or missing (preemptible jobs)"
-    )
+        False, group=RUN,
+        help="resume when --out holds a run, start when it is empty, missing or stopped before its first checkpoint "
+        "(preemptible jobs)",
+    )  # fmt: skip
     overwrite: bool = setting(False, group=RUN, help="start over in an existing --out (removes its run files)")
     report_to: Tuple[str, ...] = setting(
         (), group=RUN, metavar="tensorboard,wandb",

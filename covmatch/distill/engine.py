@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from covmatch.errors import ConfigError, DivergedError
 from covmatch.pretrain import pretrained_dual_encoder
-from covmatch.synthetic import SyntheticSet, init_synthetic_set
+from covmatch.synthetic import SYNTHETIC_TENSORS, SyntheticSet, init_synthetic_set
 from covmatch.visualize import nearest_token_ids
 
 from . import checkpoint as ckpt
@@ -302,9 +302,11 @@ class Distiller:
         cfg = self.config
         out = Path(cfg.out) if cfg.out is not None else None
         if out is not None and (cfg.resume or cfg.auto_resume):
-            has_run_files = any((out / name).exists() for name in ckpt.RUN_OUTPUTS)
-            required = cfg.resume or has_run_files
-            ckpt.resume_latest(self, out / ckpt.CHECKPOINT_DIR, required=required, log=self.log)
+            # --auto-resume starts over a run stopped before its first checkpoint (its files are iteration 0's),
+            # never one whose set is already there
+            required = cfg.resume or (out / SYNTHETIC_TENSORS).exists()
+            flag = "--resume" if cfg.resume else "--auto-resume"
+            ckpt.resume_latest(self, out / ckpt.CHECKPOINT_DIR, required=required, log=self.log, flag=flag)
         writer = (
             RunWriter(out, cfg, self.model.text.tokenizer, start=self.iteration)
             if out is not None and self.ranks.is_main

@@ -54,7 +54,7 @@ class Distill:
     def starts_over(self) -> bool:
         """Its record (config, log, synthetic.json: committed) is here but neither its tensors nor a checkpoint
         (a fresh clone: the large sets' tensors are not committed), so it is distilled again from iteration 0
-        with ``--overwrite``, which rewrites that record; ``--auto-resume`` would refuse it."""
+        with ``--overwrite``, which rewrites that record."""
         checkpoints = self.out / "checkpoints"  # covmatch-distill's checkpoint folder under --out
         return (
             (self.out / "synthetic.json").is_file()
