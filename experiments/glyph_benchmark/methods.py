@@ -388,16 +388,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print("final stage: planned once every tune candidate is scored on val")
         return 0
     if args.command == "run":
-        failed, planned = 0, -1
+        failed, finished = 0, None
         deadline = time.time() + args.hours * 3600 if args.hours else None
-        while True:  # the final stage's jobs appear once the tune stage is scored
+        while True:  # the final stage's jobs appear once the tune stage is scored; a failed job is tried once more
             jobs = job_list()
-            pending = [job for job in jobs if not job.done()]
+            done = {job.name for job in jobs if job.done()}
             hours = None if deadline is None else (deadline - time.time()) / 3600
-            if not pending or len(jobs) == planned or (hours is not None and hours <= 0):
+            if len(done) == len(jobs) or done == finished or (hours is not None and hours <= 0):
                 break
-            planned = len(jobs)
-            failed += run_jobs(jobs, args.lanes, hours=hours, cores=args.cores, root=ROOT)
+            finished = done
+            failed = run_jobs(jobs, args.lanes, hours=hours, cores=args.cores, root=ROOT)
             write_report(report())
         return 1 if failed else 0
     write_report(report())
