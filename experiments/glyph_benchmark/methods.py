@@ -62,6 +62,7 @@ TUNE_CANDIDATES: Dict[str, Dict[str, Tuple[str, ...]]] = {
         # --relative-steps: each modality's gradient scaled to its tensor's norm; the rates are relative steps
         "fixed-rel0.001": FIXED_RELATIVE + ("--lr-img", "0.001", "--lr-txt", "0.001"),
         "fixed-rel0.003": FIXED_RELATIVE + ("--lr-img", "0.003", "--lr-txt", "0.003"),
+        "fixed-rel0.01": FIXED_RELATIVE + ("--lr-img", "0.01", "--lr-txt", "0.01"),
     },
     "paper": {
         "paper-slow-lr300": PAPER + SLOW_ONLINE + ("--lr-img", "300"),
