@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# A first, untuned look at CovMatch on the glyph scenes (val only): one distillation with the glyphs preset's
-# settings (the demo's regime: fixed pretrained model, 150 iterations), its set and its iteration-0 set (random
+# A first, untuned look at CovMatch on the glyph scenes (val only): one distillation with the demo's settings
+# (its regime: fixed pretrained model; 150 iterations, lr_img 30), its set and its iteration-0 set (random
 # real pairs) evaluated 3 times each. Finished outputs are kept; run from the repository root.
 set -euo pipefail
 out=experiments/glyph_benchmark/results/first_look
 py=${PYTHON:-.venv/bin/python}
 if [ ! -f "$out/set/synthetic.safetensors" ]; then
-  $py -m covmatch.distill --preset glyphs --out "$out/set" --auto-resume --no-progress --seed 0 --save-every 50
+  $py -m covmatch.distill --preset glyphs --out "$out/set" --auto-resume --no-progress --seed 0 --save-every 50 \
+    --iterations 150 --lr-img 30
 fi
 for seed in 0 1 2; do
   pids=()
