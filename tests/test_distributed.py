@@ -238,3 +238,20 @@ def test_augmented_run_on_two_ranks_equals_one_process_with_the_union_batch(tmp_
     for key in ("images", "text_embeds"):
         a, b = getattr(sharded, key), getattr(single, key)
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-5 * float(b.abs().max())), (key, (a - b).abs().max())
+
+
+def test_relative_steps_on_two_ranks_equal_one_process_with_the_union_batch(tmp_path):
+    """--relative-steps: each modality's gradient norm and size are summed over the ranks' shards, so 2 ranks
+    scale their shards' gradients as one process scales the whole set's."""
+    out = tmp_path / "relative"
+    rates = ("--relative-steps", "--lr-img", "0.003", "--lr-txt", "0.003")
+    launch(*distill_argv(out, "--real-batch", "8", "--iterations", "6", "--online", "fixed", *rates))
+    sharded = SyntheticSet.load(out)
+    preset = get_preset("tiny", iterations=6, real_batch=16, relative_steps=True, lr_img=0.003, lr_txt=0.003)
+    d = Distiller(DistillConfig(preset=preset, online="fixed", progress=False, device="cpu"), log=lambda _m: None)
+    initial = d.synthetic_set()
+    single = d.run()
+    assert not torch.allclose(single.images, initial.images)
+    for key in ("images", "text_embeds"):
+        a, b = getattr(sharded, key), getattr(single, key)
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5 * float(b.abs().max())), (key, (a - b).abs().max())
