@@ -306,6 +306,14 @@ def write_report(result: dict) -> None:
     (RESULTS / "acceptance.md").write_text("\n".join(lines) + "\n")
 
 
+def print_plan(jobs: List) -> None:
+    """Every job, done or not, with its estimated single-core cost, and what is left."""
+    todo = [job for job in jobs if not job.done()]
+    for job in jobs:
+        print(f"{'done' if job.done() else 'todo'}  {job.cost() / 60:6.1f} min  {job.name}")
+    print(f"{len(jobs)} jobs, {len(todo)} to do: about {sum(j.cost() for j in todo) / 3600:.1f} CPU-hours")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m experiments.glyph_benchmark.acceptance",
                                      description=__doc__.splitlines()[0])  # fmt: skip
@@ -318,10 +326,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     jobs = job_list()
     if args.command == "plan":
-        todo = [job for job in jobs if not job.done()]
-        for job in jobs:
-            print(f"{'done' if job.done() else 'todo'}  {job.cost() / 60:6.1f} min  {job.name}")
-        print(f"{len(jobs)} jobs, {len(todo)} to do: about {sum(j.cost() for j in todo) / 3600:.1f} CPU-hours")
+        print_plan(jobs)
         return 0
     if args.command == "run":
         failed = run_jobs(jobs, args.lanes, hours=args.hours, root=RESULTS)

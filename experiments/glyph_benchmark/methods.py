@@ -34,7 +34,15 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from experiments.embedded_study.jobs import Distill
 from experiments.embedded_study.runner import run_jobs
 
-from .acceptance import DISTILLING_ENCODER, PRESET, UNSEEN_ENCODERS, GlyphEvaluate, Pretrain, Reference
+from .acceptance import (
+    DISTILLING_ENCODER,
+    PRESET,
+    UNSEEN_ENCODERS,
+    GlyphEvaluate,
+    Pretrain,
+    Reference,
+    print_plan,
+)
 from .spectrum import RESULTS
 
 ROOT = RESULTS / "methods"
@@ -388,13 +396,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     sub.add_parser("report", help="write methods.json and methods.md from what has finished")
     args = parser.parse_args(argv)
     if args.command == "plan":
-        jobs = job_list()
-        todo = [job for job in jobs if not job.done()]
-        for job in jobs:
-            print(f"{'done' if job.done() else 'todo'}  {job.cost() / 60:6.1f} min  {job.name}")
-        print(f"{len(jobs)} jobs, {len(todo)} to do: about {sum(j.cost() for j in todo) / 3600:.1f} CPU-hours")
-        if not final_rows():
-            print("final stage: planned once every tune candidate is scored on val")
+        print_plan(job_list())
+        if best_regime() is None:
+            print("each regime's test rows, transfer and N = 500: planned once its tune candidates are scored on val")
         return 0
     if args.command == "run":
         failed, finished = 0, None
