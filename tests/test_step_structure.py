@@ -111,7 +111,9 @@ def test_each_modalitys_relative_step_is_logged_and_a_standstill_is_warned_once(
     assert modality_steps(tmp_path / "nowhere") is None
 
 
-@pytest.mark.parametrize("precision", [(), ("--bf16",)], ids=["fp32", "bf16"])
+# bf16 at 32 px: at the tiny preset's 16 px NFNet's last stage is 1 x 1, where CPU bf16 convolution backward
+# (torch 2.14.1, oneDNN) intermittently returns NaN gradients
+@pytest.mark.parametrize("precision", [(), ("--bf16", "--image-size", "32")], ids=["fp32", "bf16"])
 def test_relative_steps_move_each_modality_by_its_learning_rate(tmp_path, precision):
     """With --relative-steps each gradient is scaled to its tensor's norm, so the first step (momentum buffer =
     gradient) moves each modality by its learning rate, whatever the loss."""
