@@ -256,7 +256,7 @@ def large_n_rows(regime: str) -> Dict[str, List[MethodEvaluate]]:
 def final_rows() -> Dict[str, List[MethodEvaluate]]:
     """Every test row planned so far, in the order they run: the coresets and the reference set at once (they
     need no tuning), a regime's sets once its candidates are scored (the iteration-0 row with the fixed regime,
-    whose distillations are the cheaper), transfer and N = 500 once both are."""
+    whose distillations are the cheaper), N = 500 and transfer once both are."""
     rows: Dict[str, List[MethodEvaluate]] = {}
     if choose("fixed") is not None:
         rows.update({**set_rows("fixed"), **initial_rows("fixed")})
@@ -265,7 +265,7 @@ def final_rows() -> Dict[str, List[MethodEvaluate]]:
         rows.update(set_rows("paper"))
     best = best_regime()
     if best is not None:
-        rows.update({**transfer_rows(best), **large_n_rows(best)})
+        rows.update({**large_n_rows(best), **transfer_rows(best)})
     return rows
 
 
