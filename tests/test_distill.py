@@ -25,6 +25,8 @@ from covmatch.errors import ConfigError
 from covmatch.presets import get_preset
 from covmatch.synthetic import SyntheticSet
 
+from .fixtures import BF16_TINY_IMAGE_SIZE
+
 
 def tiny_config(**overrides) -> DistillConfig:
     preset_fields = {k: overrides.pop(k) for k in list(overrides) if k in get_preset("tiny").to_dict()}
@@ -214,9 +216,7 @@ def test_chunked_activation_memory_is_flat_in_n():
         {"online": "fixed"},
         {"distill_mode": "images"},
         {"distill_mode": "texts"},
-        # 32 px: at the tiny preset's 16 px, NFNet's last stage is 1 x 1, where CPU bf16 convolution backward
-        # (torch 2.14.1, oneDNN) intermittently returns NaN gradients
-        {"precision": "bf16", "image_size": 32},
+        {"precision": "bf16", "image_size": BF16_TINY_IMAGE_SIZE},
         {"grad_checkpointing": True, "syn_chunk": 3},
         {"frozen_text": True, "text_features": True, "online": "synthetic", "syn_chunk": 5},
         {"proj_depth": 2, "learnable_temperature": True, "text_pooling": "mean"},

@@ -13,6 +13,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from covmatch.distill import DistillConfig, Distiller
 from covmatch.presets import get_preset
 
+from .fixtures import BF16_TINY_IMAGE_SIZE
+
 # the aten ops that copy a device value to the host (what .item(), bool(), .tolist() and friends run)
 VALUE_READS = {"_local_scalar_dense", "item", "is_nonzero", "equal", "allclose"}
 
@@ -111,9 +113,10 @@ def test_each_modalitys_relative_step_is_logged_and_a_standstill_is_warned_once(
     assert modality_steps(tmp_path / "nowhere") is None
 
 
-# bf16 at 32 px: at the tiny preset's 16 px NFNet's last stage is 1 x 1, where CPU bf16 convolution backward
-# (torch 2.14.1, oneDNN) intermittently returns NaN gradients
-@pytest.mark.parametrize("precision", [(), ("--bf16", "--image-size", "32")], ids=["fp32", "bf16"])
+BF16 = ("--bf16", "--image-size", str(BF16_TINY_IMAGE_SIZE))
+
+
+@pytest.mark.parametrize("precision", [(), BF16], ids=["fp32", "bf16"])
 def test_relative_steps_move_each_modality_by_its_learning_rate(tmp_path, precision):
     """With --relative-steps each gradient is scaled to its tensor's norm, so the first step (momentum buffer =
     gradient) moves each modality by its learning rate, whatever the loss."""
