@@ -25,6 +25,8 @@ from covmatch.errors import ConfigError
 from covmatch.presets import get_preset
 from covmatch.synthetic import SyntheticSet
 
+from .fixtures import BF16_TINY_IMAGE_SIZE
+
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("distributed_worker.py")
 deepspeed = pytest.importorskip("deepspeed")
@@ -176,7 +178,8 @@ def held_out_loss(d: Distiller, syn: SyntheticSet, batches) -> float:
 
 def test_zero2_bf16_run_resumes_and_refuses_another_world_size(tmp_path):
     out = tmp_path / "zero2"
-    launch(*distill_argv(out, "--zero", "2", "--bf16", "--iterations", "4", "--save-every", "2", "--log-every", "2"))
+    bf16 = ("--zero", "2", "--bf16", "--image-size", str(BF16_TINY_IMAGE_SIZE))
+    launch(*distill_argv(out, *bf16, "--iterations", "4", "--save-every", "2", "--log-every", "2"))
     syn = SyntheticSet.load(out)  # validates shapes, dtypes and metadata
     assert len(syn) == 8 and syn.metadata["iteration"] == 4
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
@@ -185,18 +188,19 @@ def test_zero2_bf16_run_resumes_and_refuses_another_world_size(tmp_path):
         "step_00000004.online",
         "step_00000004.pt",
     ]
-    output = launch(*distill_argv(out, "--zero", "2", "--bf16", "--iterations", "6", "--resume", "--log-every", "2"))
+    output = launch(*distill_argv(out, *bf16, "--iterations", "6", "--resume", "--log-every", "2"))
     assert "resumed from" in output and "(iteration 4)" in output
     final = SyntheticSet.load(out)
     assert final.metadata["iteration"] == 6
-    d = Distiller(DistillConfig(preset=get_preset("tiny"), progress=False, device="cpu"), log=lambda _m: None)
+    preset = get_preset("tiny", image_size=BF16_TINY_IMAGE_SIZE)
+    d = Distiller(DistillConfig(preset=preset, progress=False, device="cpu"), log=lambda _m: None)
     held_out = list(d.real_batches(100, 104))
     before, after = held_out_loss(d, d.synthetic_set(), held_out), held_out_loss(d, final, held_out)
     assert after < 0.99 * before, (before, after)  # with the online model training (reset every 3)
     assert [json.loads(line)["iteration"] for line in (out / "log.jsonl").read_text().splitlines()] == [2, 4, 6]
     # one process cannot continue a 2-process run: one clear line, exit 2, nothing overwritten
     before = (out / "synthetic.safetensors").read_bytes()
-    output = launch(*distill_argv(out, "--zero", "2", "--bf16", "--iterations", "8", "--resume"), nproc=1, expect=2)
+    output = launch(*distill_argv(out, *bf16, "--iterations", "8", "--resume"), nproc=1, expect=2)
     assert "written by a run with 2 process(es), this run has 1; resume with the same world size" in output
     assert (out / "synthetic.safetensors").read_bytes() == before
 
