@@ -55,6 +55,53 @@ def _compare_compiled_with_eager() -> None:
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5 * a.abs().max().item())
 
 
+# the tiny text encoder without dropout: eager and CUDA-graph runs then draw no random numbers in a step
+NO_DROPOUT = (("hidden_dropout_prob", 0.0), ("attention_probs_dropout_prob", 0.0))
+
+
+def _graphed_against_eager(device: str, **flags) -> None:
+    """Five iterations (resets at 0, 2, 4; fp32; ``--syn-chunk 4``, so a step holds encoder outputs across
+    encoder calls) eager and with ``flags``: the set moves the same way, every compiled graph is captured."""
+    from torch._dynamo.utils import counters
+
+    overrides = get_preset("tiny").text_config_overrides + NO_DROPOUT
+    preset = get_preset("tiny", online="real", reset_every=2, iterations=5, text_config_overrides=overrides)
+
+    def distil(**extra) -> tuple:
+        torch.manual_seed(0)
+        config = DistillConfig(preset=preset, device=device, syn_chunk=4, progress=False, **extra)
+        d = Distiller(config, log=lambda _m: None)
+        initial = {name: getattr(d.synthetic, name).detach().clone() for name in ("images", "text_embeds")}
+        _run(d, 5, [])
+        return d, initial
+
+    eager, initial = distil()
+    skipped = counters["inductor"]["cudagraph_skips"]
+    other, _ = distil(**flags)
+    assert counters["inductor"]["cudagraph_skips"] == skipped  # no graph fell back to launching kernel by kernel
+    for name, start in initial.items():
+        moved = getattr(eager.synthetic, name) - start
+        gap = getattr(other.synthetic, name) - getattr(eager.synthetic, name)
+        assert moved.norm() > 0 and gap.norm() <= 1e-3 * moved.norm(), (name, float(gap.norm() / moved.norm()))
+
+
+def test_each_graphed_step_begins_one_cuda_graph_iteration(monkeypatch):
+    """With --cuda-graphs every step marks, once and before its work, where its iteration of CUDA-graph replays
+    begins, so encoder outputs the step holds are not freed by its later encoder calls."""
+    d = _distiller()
+    d.config.cuda_graphs = True  # the marking alone: a CPU run cannot capture
+    marks: list = []
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(d.iteration))
+    for real, online in zip(d.real_batches(0, 3), d.online_batches(0, 3)):
+        d.step(real, online)
+    assert marks == [0, 1, 2]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (benchmarks/run_gpu.sh runs it)")
+def test_cuda_graphed_set_equals_eager_on_a_gpu():
+    _graphed_against_eager("cuda", compile=True, cuda_graphs=True)
+
+
 @pytest.mark.parametrize(
     "argv,message",
     [

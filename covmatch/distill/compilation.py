@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["GRAPH_LIMIT", "compile_encoders", "compiled_graphs"]
+__all__ = ["GRAPH_LIMIT", "begin_graphed_iteration", "compile_encoders", "compiled_graphs"]
 
 # Graphs per compiled encoder: an iteration needs at most six (online train, target eval, synthetic with frozen
 # parameters, times the synthetic chunk's ragged tail and the initial set's encoding); twice that for headroom.
@@ -30,6 +30,15 @@ def compile_encoders(model: torch.nn.Module, *, cuda_graphs: bool = False) -> No
     mode = "reduce-overhead" if cuda_graphs else None
     model.image.compile(mode=mode, dynamic=False)
     model.text.compile(mode=mode, dynamic=False)
+
+
+def begin_graphed_iteration() -> None:
+    """Start one iteration of CUDA-graph replays (``--cuda-graphs``): every output of the compiled encoders stays
+    valid until the next call. Left to its own rule, CUDA-graph trees start a new iteration at each encoder call
+    with no backward pending and free the earlier calls' outputs, among them features the step still holds: the
+    target batch's image features while its captions are encoded, the first ``--syn-chunk`` chunks' features
+    while the next are encoded (in fp32, where no cast copies them out)."""
+    torch.compiler.cudagraph_mark_step_begin()
 
 
 def compiled_graphs() -> int:

@@ -27,7 +27,7 @@ from covmatch.visualize import nearest_token_ids
 
 from . import checkpoint as ckpt
 from .augment import affine_resample
-from .compilation import compile_encoders, compiled_graphs
+from .compilation import begin_graphed_iteration, compile_encoders, compiled_graphs
 from .config import DistillConfig
 from .distributed import build_ds_config, launched_world_size, load_ds_config, setup_processes
 from .objective import make_objective
@@ -148,6 +148,8 @@ class Distiller:
         """Iteration t of Algorithm 1; ``real_batch`` (pixels, ids, mask, index) gives the covariance target,
         ``online_batch`` the online model's step (drawn from its own stream when None). Detached metrics."""
         cfg, t = self.config, self.iteration
+        if cfg.cuda_graphs:
+            begin_graphed_iteration()
         pixels, ids, mask = self._to_device(real_batch)
         pixels = self._augmented_target(pixels, t)
         reset = self._reset_due(t)
