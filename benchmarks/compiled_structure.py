@@ -71,21 +71,32 @@ def _launches(event, names: collections.Counter) -> int:
 
 def kernels_of(prof) -> dict:
     """Kernels in a profile: inductor's generated kernels, and the lowest aten ops that do work (the ops of a
-    composite counted once each, views and allocations not at all), with the most common of those."""
-    inductor, aten = 0, 0
+    composite counted once each, views and allocations not at all), with the most common of those; how many
+    of the aten ones ran outside the compiled graphs, and how many times a compiled graph was called."""
+    inductor, aten, outside, graph_calls = 0, 0, 0, 0
     names: collections.Counter = collections.Counter()
     for event in prof.events():
         if _is_kernel(event):
             inductor += 1
-        elif event.name.startswith("aten::") and not _under_aten(event):
-            aten += _launches(event, names)
-    return {"inductor": inductor, "aten": aten, "total": inductor + aten, "top": names.most_common(6)}
+        elif event.name.startswith(GRAPH_CALL):
+            graph_calls += 1
+        elif event.name.startswith("aten::") and not _has_ancestor(event, lambda name: name.startswith("aten::")):
+            launches = _launches(event, names)
+            aten += launches
+            if not _has_ancestor(event, lambda name: name.startswith(GRAPH_CALL)):
+                outside += launches
+    return {"inductor": inductor, "aten": aten, "total": inductor + aten, "top": names.most_common(6),
+            "outside": outside, "graph_calls": graph_calls}  # fmt: skip
 
 
-def _under_aten(event) -> bool:
+# the profiler range around each call of a compiled graph (forward or backward) at run time
+GRAPH_CALL = "## Call CompiledFxGraph"
+
+
+def _has_ancestor(event, test) -> bool:
     parent = event.cpu_parent
     while parent is not None:
-        if parent.name.startswith("aten::"):
+        if test(parent.name):
             return True
         parent = parent.cpu_parent
     return False
@@ -132,6 +143,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               f"warm-up {r['warmup']:.0f} s")  # fmt: skip
         print(f"          most common aten ops: {', '.join(f'{n} {c}' for n, c in k['top'])}")
     print(f"compiled graphs: {compiled_graphs()}")
+    k = results[True]["kernels"]
+    print(f"compiled  outside the compiled graphs {k['outside']} kernels, {k['graph_calls']} calls of compiled graphs; "
+          f"with --cuda-graphs each call is one graph launch: about {k['outside'] + k['graph_calls']} launches per "
+          "iteration (an estimate from this count; measured on a GPU by bench_step)")  # fmt: skip
     eager, compiled = results[False], results[True]
     print(f"host time per iteration: {eager['seconds'] * 1e3:.1f} -> {compiled['seconds'] * 1e3:.1f} ms "
           f"({eager['seconds'] / compiled['seconds']:.2f}x)")  # fmt: skip

@@ -78,6 +78,7 @@ def plot_step(out_dir: Path, results: Path) -> List[Path]:
             f"{' chunk' + r['syn_chunk'] if r['syn_chunk'] not in ('0', '') else ''}"
             f"{' zero' + r['zero'] if r.get('zero') not in (None, '', '0') else ''}"
             f"{' NHWC' if r.get('channels_last') == 'True' else ''}"
+            f"{' ' + r['compile'] if r.get('compile') not in (None, '', 'eager') else ''}"
             for r in step
         ]
         on_gpu = any(math.isfinite(number(r["peak_mem_gb"])) for r in step)

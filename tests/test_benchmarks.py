@@ -48,7 +48,11 @@ def test_summary_checks_every_target(tmp_path):
     for impl, ms in (("triton", 1.0), ("torch", 1.4), ("eager", 3.5), ("compiled", 1.2)):
         append_row("loss", _loss_row("paper", "bfloat16", impl, ms, 0.8), path=tmp_path / "loss.csv")
     append_row("loss", _loss_row("square-4096-N=10000", "bfloat16", "triton", 13.0, 10.0), path=tmp_path / "loss.csv")
-    append_row("step", _step_row("bf16", 0, 256, 0.08, 9.5), path=tmp_path / "step.csv")
+    append_row("step", _step_row("bf16", 0, 256, 0.08, 9.5, {"launches_per_it": 5000}), path=tmp_path / "step.csv")
+    append_row("step", _step_row("bf16", 0, 256, 0.2, 6.0, {"grad_checkpointing": True}), path=tmp_path / "step.csv")
+    for mode, seconds, busy, launches in (("compile", 0.07, 0.7, 1100), ("cuda-graphs", 0.05, 0.85, 150)):
+        extra = {"compile": mode, "gpu_busy_share": busy, "launches_per_it": launches}
+        append_row("step", _step_row("bf16", 0, 256, seconds, 9.0, extra), path=tmp_path / "step.csv")
     for n, peak, state in ((256, 4.0, 0.5), (4096, 11.2, 7.5)):
         extra = {"syn_state_gb": state, "peak_excl_syn_state_gb": peak - state}
         append_row("step_scaling", _step_row("bf16", 64, n, 0.1, peak, extra), path=tmp_path / "step_scaling.csv")
@@ -59,12 +63,17 @@ def test_summary_checks_every_target(tmp_path):
     assert targets["bfloat16: triton vs torch.compile"] == [" 1.2 ", " >= 1.5 ", " missed "]
     assert targets["bfloat16: triton / GEMM floor"] == [" 1.25 ", " <= 1.5 ", " met "]
     assert targets["bfloat16: triton / GEMM floor at square-4096-N=10000"] == [" 1.3 ", " <= 1.2 ", " missed "]
-    assert targets["bf16 iteration, s"] == [" 0.08 ", " <= 0.1 ", " met "]
+    assert targets["bf16 iteration, s (cuda-graphs)"] == [" 0.05 ", " <= 0.1 ", " met "]  # the fastest mode
+    assert targets["bf16 iteration, GPU busy (cuda-graphs)"] == [" 0.85 ", " >= 0.8 ", " met "]
     assert targets["bf16 iteration, peak GiB"] == [" 9.5 ", " <= 8.0 ", " missed "]
+    assert targets["bf16 iteration with checkpointing, peak GiB"] == [" 6 ", " <= 8.0 ", " met "]
+    assert targets["launches per iteration, --compile / eager"] == [" 0.22 ", " <= 0.2 ", " missed "]
+    assert targets["launches per iteration, --cuda-graphs / eager"] == [" 0.03 ", " <= 0.2 ", " met "]
     assert targets["--syn-chunk peak memory, batch 4096 / batch 256"] == [" 2.8 ", " <= 1.1 ", " missed "]
     assert targets["the same without the set's own storage, 4096 / 256"] == [" 1.06 ", " <= 1.1 ", " met "]
     assert "| 4096 | n/a | 11.2 | 7.5 | 3.7 | 0.1 |" in text
-    assert "| bf16 | False | 0 | 0 | False | 0.08 | 9.5 | 20 | 250 | 25.3% |" in text  # 250 / 989.5 TFLOP/s
+    # 250 TFLOP/s of 989.5
+    assert "| bf16 | False | 0 | 0 | False | eager | 0.08 | 9.5 | 20 | 250 | 25.3% | n/a | 5000 |" in text
 
     append_row("loss", _loss_row("paper", "float16", "eager", 3.0, 0.8), path=tmp_path / "loss.csv")
     targets = {line.split("|")[1].strip(): line.split("|")[4] for line in summarize(tmp_path).splitlines()
@@ -134,3 +143,22 @@ def test_count_launches_files_every_op_under_its_phase():
         assert sum(ordinary[phase].values()) > 0 and ordinary[phase] == reset[phase], phase
     assert "reset" not in ordinary and 0 < sum(reset["reset"].values()) < 20
     assert reset["reset"]["_foreach_copy_"] == 1 and reset["synthetic SGD step"]["_foreach_add_"] >= 1
+
+
+def test_compiled_structure_tells_compiled_kernels_from_eager_launches():
+    """benchmarks/compiled_structure.py's count: inductor's kernels, the calls of compiled graphs, and the
+    eager ops around them (what a CUDA-graph replay still launches one by one)."""
+    import torch
+    import torch._inductor.config as inductor_config
+
+    from benchmarks.compiled_structure import kernels_of
+
+    compiled = torch.compile(lambda x: (x.sin() + 1).cos() * x, dynamic=False)
+    x = torch.randn(64)
+    with inductor_config.patch({"cpp.enable_kernel_profile": True}):
+        compiled(x)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            (compiled(x) + 1).neg().sum()
+    counted = kernels_of(prof)
+    assert counted["graph_calls"] == 1 and counted["inductor"] >= 1  # one fused kernel for the compiled function
+    assert counted["outside"] == counted["aten"] == 3, counted  # add, neg, sum: eager
