@@ -1,6 +1,7 @@
 """What one distillation step asks of the host, counted on CPU: no reads of device values (each one stops the
 host until the GPU catches up), on ordinary and reset iterations alike; resets restore the model on its device
-in place; checkpoints at a reset boundary leave out the online model the next iteration resets."""
+in place; the online model's gradients are gone before the synthetic pass; checkpoints at a reset boundary
+leave out the online model the next iteration resets."""
 
 from __future__ import annotations
 
@@ -55,6 +56,24 @@ def test_a_step_reads_no_device_value(overrides):
         for real, online in batches:
             d.step(real, online)
     assert counter.reads == [], counter.reads
+
+
+def test_the_synthetic_pass_runs_without_the_online_models_gradients(monkeypatch):
+    """The online model's gradients are freed once its step is taken: the synthetic pass, usually the
+    iteration's largest graph, does not hold them in memory."""
+    d = _distiller()
+    params = [p for g in d.online.optimizer.param_groups for p in g["params"]]
+    held: list = []
+    synthetic_backward = d.synthetic.backward
+
+    def checked(*args, **kwargs):
+        held.append(sum(p.grad is not None for p in params))
+        return synthetic_backward(*args, **kwargs)
+
+    monkeypatch.setattr(d.synthetic, "backward", checked)
+    for real, online in zip(d.real_batches(0, 2), d.online_batches(0, 2)):
+        d.step(real, online)
+    assert held == [0, 0] and any(s.get("momentum_buffer") is not None for s in d.online.optimizer.state.values())
 
 
 def test_a_reset_restores_the_model_in_place_and_zeroes_momentum_without_a_new_optimizer():

@@ -80,12 +80,14 @@ class OnlineModel:
         return self.model(pixels, **text)
 
     def _backward_and_step(self, loss: torch.Tensor) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
         scale = self.scaled_step.loss_scale()
         (loss if scale is None else loss * scale).backward()
         if self.ranks.distributed:
             average_gradients([p for g in self.optimizer.param_groups for p in g["params"]], self.ranks)
         self.scaled_step(clip_norm=self.settings.grad_clip)
+        # spent: freed now rather than at the next step, so that they are not held through the synthetic pass,
+        # usually the iteration's largest graph (they are one fp32 copy of the trainable weights)
+        self.optimizer.zero_grad(set_to_none=True)
 
     def state_dict(self) -> dict:
         return {
