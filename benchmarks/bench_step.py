@@ -16,6 +16,7 @@ GPU run loses the least; every case appends its CSV row as soon as it is done.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import time
@@ -25,10 +26,11 @@ import pytest
 import torch
 
 from covmatch.distill import DistillConfig, Distiller
+from covmatch.distill.compilation import compiled_graphs
 from covmatch.loss import covmatch_loss
 from covmatch.presets import get_preset
 
-from .common import DEVICE, SMOKE, append_row, device_time_ms, peak_rss_gb, percentiles, synchronize
+from .common import DEVICE, SMOKE, append_row, device_time_ms, peak_rss_gb, percentiles, results_dir, synchronize
 
 # bert-base-uncased's shape on all-MiniLM-L6-v2's tokenizer (the same 30,522-token uncased vocabulary)
 BERT_BASE = (("hidden_size", 768), ("num_hidden_layers", 12), ("num_attention_heads", 12), ("intermediate_size", 3072))
@@ -141,6 +143,14 @@ def _synthetic_state_gb(d: Distiller) -> float:
     return total / 2**30
 
 
+def _run_eagerly():
+    """Compiled modules run their Python code, so that the counter sees every aten op (a replayed CUDA graph
+    dispatches none); ``torch.compiler.set_stance`` exists from torch 2.6, before it the count runs as the step
+    does."""
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    return set_stance("force_eager") if set_stance is not None else contextlib.nullcontext()
+
+
 def _model_flops(d: Distiller, batch: tuple) -> float:
     """Model FLOPs of one iteration, counted by ``FlopCounterMode``. They exclude the recomputation of
     checkpointing and of ``--syn-chunk``'s second pass (which the counter's module tracking cannot follow
@@ -149,12 +159,13 @@ def _model_flops(d: Distiller, batch: tuple) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
     ckpt, chunk = d.config.grad_checkpointing, d.config.syn_chunk
-    d.model.image.set_grad_checkpointing(False)
-    d.model.text.set_grad_checkpointing(False)
+    if ckpt:  # (switched only when on: the switch alone makes compiled encoders recompile)
+        d.model.image.set_grad_checkpointing(False)
+        d.model.text.set_grad_checkpointing(False)
     d.config.syn_chunk = None
     try:
         counter = FlopCounterMode(display=False)
-        with counter:
+        with _run_eagerly(), counter:
             d.step(*batch)
     finally:
         d.config.syn_chunk = chunk
@@ -176,7 +187,25 @@ LAUNCH_CALLS = frozenset({
 })  # fmt: skip
 
 
-def _profiled_shares(d: Distiller, batch: tuple) -> Tuple[float, float, float]:
+# the top of each profiled iteration, for run_gpu.sh's log (a temporary file: the run's files stay eight)
+PROFILE_TOPS = "step_profiles.tmp"
+
+
+def _record_profile_top(events, label: str, on_cuda: bool, rows: int = 15) -> None:
+    """Append the ops and kernels that took the most time in the profiled iteration (device time on CUDA, CPU
+    time on the CPU) under ``label`` to ``PROFILE_TOPS`` in the results directory."""
+    key = "self_device_time_total" if on_cuda else "self_cpu_time_total"
+    try:
+        table = events.table(sort_by=key, row_limit=rows, max_name_column_width=70)
+    except Exception as err:  # a table this torch cannot print must not cost the case its row
+        table = f"(no table: {type(err).__name__}: {err})"
+    path = results_dir() / PROFILE_TOPS
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        f.write(f"\n=== {label}: the {rows} ops and kernels with the most {key}\n{table}\n")
+
+
+def _profiled_shares(d: Distiller, batch: tuple, label: str = "") -> Tuple[float, float, float]:
     """From torch.profiler over one iteration: the share of it spent in covmatch_loss (its forward range plus
     the fused backward node; kernel time over all kernel time on CUDA, CPU time over the iteration's on CPU;
     with the torch backend the backward is many autograd nodes and only the forward range is attributed), and
@@ -191,6 +220,8 @@ def _profiled_shares(d: Distiller, batch: tuple) -> Tuple[float, float, float]:
             d.step(*batch)
         synchronize()
     events = prof.key_averages()
+    if label:
+        _record_profile_top(events, label, on_cuda)
     inclusive = ("device_time_total", "cuda_time_total") if on_cuda else ("cpu_time_total",)
     loss = sum(_event_time(e, *inclusive) for e in events if e.key == "covmatch_loss" or e.key.startswith("CovMatch"))
     if on_cuda:  # every kernel's own time
@@ -231,6 +262,10 @@ def _loss_time_isolated(d: Distiller, syn_batch: int, precision: str, repeats: i
     return percentiles(times)["median_ms"] / 1e3
 
 
+def _compile_mode(d: Distiller) -> str:
+    return "cuda-graphs" if d.config.cuda_graphs else ("compile" if d.config.compile else "eager")
+
+
 def _step_row(d: Distiller, precision, grad_ckpt, chunk, syn_batch, timing, peak, zero=0, **extra) -> dict:
     row = {
         "preset": d.config.preset.name,
@@ -239,7 +274,7 @@ def _step_row(d: Distiller, precision, grad_ckpt, chunk, syn_batch, timing, peak
         "channels_last": d.config.channels_last,
         "syn_chunk": chunk or 0,
         "zero": zero,
-        "compile": "cuda-graphs" if d.config.cuda_graphs else ("compile" if d.config.compile else "eager"),
+        "compile": _compile_mode(d),
         "syn_batch": syn_batch,
         "real_batch": d.config.preset.real_batch,
         "s_per_it": timing["median_ms"] / 1e3,
@@ -277,9 +312,13 @@ def _full_case(
     d = _distiller(precision, grad_ckpt, chunk, syn_batch, base=base, channels_last=channels_last,
                    compile_mode=compile_mode)  # fmt: skip
     timing, peak, batch = _measure(d, iterations=iterations or MEASURED_ITERATIONS)
-    flops = _model_flops(d, batch)
+    label = f"{_case_id(precision, grad_ckpt, chunk, syn_batch)} {_compile_mode(d)}"
+    label += " channels-last" if channels_last else ""
+    graphs = compiled_graphs()
+    loss_share, kernel_s, launches = _profiled_shares(d, batch, label)  # the step as timed, before the count
+    graphs_in_profile = compiled_graphs() - graphs  # 0 unless the profiled iteration compiled (then it is no proof)
+    flops = _model_flops(d, batch)  # may switch checkpointing off and on: compiled encoders then recompile
     loss_s = _loss_time_isolated(d, syn_batch, precision, repeats=1 if SMOKE else 10)
-    loss_share, kernel_s, launches = _profiled_shares(d, batch)
     seconds = timing["median_ms"] * 1e-3
     row = _step_row(
         d,
@@ -293,6 +332,7 @@ def _full_case(
         achieved_tflops=flops / seconds / 1e12,
         gpu_busy_share=kernel_s / seconds,  # kernel time of a profiled iteration over an unprofiled one's wall
         launches_per_it=launches,
+        graphs_compiled_in_profile=graphs_in_profile,
         loss_share_profiled=loss_share,
         loss_s_isolated=loss_s,
         loss_share_isolated=loss_s / seconds,

@@ -97,6 +97,7 @@ stage "3. distillation step (both batches on the device before the timer starts)
 COVMATCH_TRITON_AUTOTUNE=0 limited "$LIMIT_STEP" "$PY" -m pytest -q -p no:cacheprovider --tb=short -rfE benchmarks/bench_step.py "${BENCH_K[@]}"
 
 stage "4. plots and summary"
+if [ -f "$OUT/step_profiles.tmp" ]; then cat "$OUT/step_profiles.tmp"; fi  # each step case's top ops and kernels
 "$PY" -m benchmarks.plot "$OUT"
 "$PY" -m benchmarks.summarize "$OUT" | tee "$OUT/summary.md"
 rm -f "$OUT"/*.tmp

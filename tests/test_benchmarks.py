@@ -114,6 +114,7 @@ def test_run_gpu_script_in_smoke_mode(tmp_path):
     log = (out / "run_gpu.log").read_text()
     assert "2 passed" in log and "time limit" not in log and "=== done" in log
     assert "cache path (a reader thread" in log and "\nimages/s: " in log  # the data stage
+    assert "=== bf16-nockpt-nochunk-N8 eager: the 15 ops and kernels with the most self_cpu_time_total" in log
     summary = (out / "summary.md").read_text()
     assert "SMOKE MODE" in summary and "| triton-cov | 0.0 |" in summary
 

@@ -98,7 +98,8 @@ def test_each_graphed_step_begins_one_cuda_graph_iteration(monkeypatch):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (benchmarks/run_gpu.sh runs it)")
-def test_cuda_graphed_set_equals_eager_on_a_gpu():
+def test_cuda_graphed_set_equals_eager_on_a_gpu(monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # fp32 convolutions in fp32 in both runs
     _graphed_against_eager("cuda", compile=True, cuda_graphs=True)
 
 
