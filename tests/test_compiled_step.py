@@ -59,9 +59,10 @@ def _compare_compiled_with_eager() -> None:
 NO_DROPOUT = (("hidden_dropout_prob", 0.0), ("attention_probs_dropout_prob", 0.0))
 
 
-def _graphed_against_eager(device: str, **flags) -> None:
+def _against_eager(device: str, **flags) -> None:
     """Five iterations (resets at 0, 2, 4; fp32; ``--syn-chunk 4``, so a step holds encoder outputs across
-    encoder calls) eager and with ``flags``: the set moves the same way, every compiled graph is captured."""
+    encoder calls) eager and with ``flags``: the set moves the same way, and on a GPU every compiled graph is
+    captured."""
     from torch._dynamo.utils import counters
 
     overrides = get_preset("tiny").text_config_overrides + NO_DROPOUT
@@ -85,6 +86,13 @@ def _graphed_against_eager(device: str, **flags) -> None:
         assert moved.norm() > 0 and gap.norm() <= 1e-3 * moved.norm(), (name, float(gap.norm() / moved.norm()))
 
 
+@pytest.mark.slow
+def test_compiled_set_with_chunks_and_checkpointing_equals_eager():
+    """--compile with --syn-chunk (a no-grad pass over the chunks, then one with autograd per chunk) and
+    --grad-checkpointing (recomputed segments inside the compiled backward) distils the eager set."""
+    _against_eager("cpu", compile=True, grad_checkpointing=True)
+
+
 def test_each_graphed_step_begins_one_cuda_graph_iteration(monkeypatch):
     """With --cuda-graphs every step marks, once and before its work, where its iteration of CUDA-graph replays
     begins, so encoder outputs the step holds are not freed by its later encoder calls."""
@@ -100,7 +108,7 @@ def test_each_graphed_step_begins_one_cuda_graph_iteration(monkeypatch):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (benchmarks/run_gpu.sh runs it)")
 def test_cuda_graphed_set_equals_eager_on_a_gpu(monkeypatch):
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # fp32 convolutions in fp32 in both runs
-    _graphed_against_eager("cuda", compile=True, cuda_graphs=True)
+    _against_eager("cuda", compile=True, cuda_graphs=True)
 
 
 @pytest.mark.parametrize(
