@@ -14,8 +14,8 @@
 # Check the script itself on a CPU first (smoke mode: tiny shapes, the Triton interpreter, no timing claims):
 #   COVMATCH_BENCH_SMOKE=1 TRITON_INTERPRET=1 OUT=/tmp/gpu-smoke bash benchmarks/run_gpu.sh
 # RUN_GPU_TESTS_K / RUN_GPU_BENCH_K replace the pytest -k selections of the correctness and benchmark stages;
-# RUN_GPU_LIMITS="45 60 20 240 60 100" are the six stages' time limits in seconds (correctness of the kernels,
-# loss, host, step, data, CUDA graphs against eager; 0 skips a stage): 525 s in all, so that the whole script
+# RUN_GPU_LIMITS="45 45 20 220 50 120" are the six stages' time limits in seconds (correctness of the kernels,
+# loss, host, step, data, CUDA graphs against eager; 0 skips a stage): 500 s in all, so that the whole script
 # fits one 10-minute device call with its set-up;
 # RUN_GPU_AUTOTUNE=1 makes the loss stage time every tile configuration (COVMATCH_TRITON_AUTOTUNE=1; its
 # choices land in loss.csv's tile_configs) while the host and step stages keep the deterministic defaults.
@@ -40,9 +40,9 @@ limited() {  # limited SECONDS CMD...: run CMD, say in the log when the time lim
   return 0
 }
 
-read -r LIMIT_TESTS LIMIT_LOSS LIMIT_HOST LIMIT_STEP LIMIT_DATA LIMIT_GRAPHS <<<"${RUN_GPU_LIMITS:-45 60 20 240 60 100}"
-LIMIT_DATA="${LIMIT_DATA:-60}"
-LIMIT_GRAPHS="${LIMIT_GRAPHS:-100}"
+read -r LIMIT_TESTS LIMIT_LOSS LIMIT_HOST LIMIT_STEP LIMIT_DATA LIMIT_GRAPHS <<<"${RUN_GPU_LIMITS:-45 45 20 220 50 120}"
+LIMIT_DATA="${LIMIT_DATA:-50}"
+LIMIT_GRAPHS="${LIMIT_GRAPHS:-120}"
 if [ "${COVMATCH_BENCH_SMOKE:-auto}" = 1 ]; then
   DATA_ARGS=(--preset tiny --jpegs 24 --batches 2 --real-batch 8 --workers 0)
 else

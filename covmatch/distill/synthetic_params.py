@@ -34,9 +34,10 @@ class SyntheticParameters:
         self.text_features: Optional[torch.Tensor] = None
         if settings.text_features:
             # Prior work's regime: captions are learnt directly as features of the frozen text encoder,
-            # starting from those of the real captions.
+            # starting from those of the real captions (a copy: with --cuda-graphs the encoder's output lives in
+            # memory that its later replays reuse)
             with torch.no_grad():
-                self.text_features = text_encoder(self.text_embeds, self.attention_mask).float()
+                self.text_features = text_encoder(self.text_embeds, self.attention_mask).float().clone()
         p = settings.preset
         groups = []
         for name, tensor in self.learned().items():
