@@ -112,7 +112,10 @@ def test_each_graphed_step_begins_one_cuda_graph_iteration(monkeypatch):
 def test_cuda_graphed_set_equals_eager_on_a_gpu(monkeypatch, captions):
     """Learnt token embeddings, and learnt text features (taken from a graphed encoder's output at the start)."""
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # fp32 convolutions in fp32 in both runs
-    _against_eager("cuda", captions, compile=True, cuda_graphs=True)
+    try:
+        _against_eager("cuda", captions, compile=True, cuda_graphs=True)
+    finally:
+        torch._dynamo.reset()  # the graphs and their CUDA-graph memory, before the next case
 
 
 @pytest.mark.parametrize(
