@@ -205,12 +205,13 @@ def _record_profile_top(events, label: str, on_cuda: bool, rows: int = 15) -> No
         f.write(f"\n=== {label}: the {rows} ops and kernels with the most {key}\n{table}\n")
 
 
-def _profiled_shares(d: Distiller, batch: tuple, label: str = "") -> Tuple[float, float, float]:
+def _profiled_shares(d: Distiller, batch: tuple, label: str) -> Tuple[float, float, float]:
     """From torch.profiler over one iteration: the share of it spent in covmatch_loss (its forward range plus
     the fused backward node; kernel time over all kernel time on CUDA, CPU time over the iteration's on CPU;
     with the torch backend the backward is many autograd nodes and only the forward range is attributed), and
     on CUDA the seconds of all its kernels, which against the iteration's wall time tell whether the GPU or
-    the host is the bottleneck, and the host's launch calls (a replayed CUDA graph is one); NaN on CPU."""
+    the host is the bottleneck, and the host's launch calls (a replayed CUDA graph is one); NaN on CPU. Its
+    most expensive ops are recorded under ``label``."""
     on_cuda = DEVICE.type == "cuda"
     activities = [torch.profiler.ProfilerActivity.CPU]
     if on_cuda:
@@ -220,8 +221,7 @@ def _profiled_shares(d: Distiller, batch: tuple, label: str = "") -> Tuple[float
             d.step(*batch)
         synchronize()
     events = prof.key_averages()
-    if label:
-        _record_profile_top(events, label, on_cuda)
+    _record_profile_top(events, label, on_cuda)
     inclusive = ("device_time_total", "cuda_time_total") if on_cuda else ("cpu_time_total",)
     loss = sum(_event_time(e, *inclusive) for e in events if e.key == "covmatch_loss" or e.key.startswith("CovMatch"))
     if on_cuda:  # every kernel's own time

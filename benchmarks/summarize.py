@@ -216,7 +216,7 @@ def _headline_checks(step: List[Dict[str, str]]) -> List[Check]:
     eager_launches = number(eager.get("launches_per_it")) if eager else nan
     for mode in COMPILE_MODES[1:]:
         r = first[mode]
-        ratio = number(r.get("launches_per_it")) / eager_launches if r and eager else nan
+        ratio = number(r.get("launches_per_it")) / eager_launches if r else nan
         checks.append((f"launches per iteration, --{mode} / eager", ratio, 0.2, True))
     return checks
 

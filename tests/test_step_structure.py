@@ -43,7 +43,7 @@ def _distiller(**overrides) -> Distiller:
     "overrides",
     [
         {},
-        {"precision": "bf16", "image_size": 32},
+        {"precision": "bf16", "image_size": BF16_TINY_IMAGE_SIZE},
         {"syn_chunk": 3, "num_pairs": 12},
         {"normalize_loss": True, "frozen_text": True, "text_features": True},
     ],  # fmt: skip
