@@ -163,3 +163,103 @@ def test_compiled_structure_tells_compiled_kernels_from_eager_launches():
     counted = kernels_of(prof)
     assert counted["graph_calls"] == 1 and counted["inductor"] >= 1  # one fused kernel for the compiled function
     assert counted["outside"] == counted["aten"] == 3, counted  # add, neg, sum: eager
+
+
+GPU_WRAPPER = """
+triton_poi_fused_add_0 = async_compile.triton('triton_poi_fused_add_0', '''
+def triton_poi_fused_add_0(in_ptr0, xnumel):
+    tmp0.run(x)  # inside a Triton source: not a launch
+''')
+
+
+def partition_0(args):
+    primals_1, primals_2 = args
+    with torch.cuda._DeviceGuard(0):
+        # Topologically Sorted Source Nodes: [mm], Original ATen: [aten.mm]
+        extern_kernels.mm(primals_1, primals_2, out=buf0)
+        triton_poi_fused_add_0.run(buf0, 64, stream=raw_stream0)
+        buf1.zero_()
+        buf2 = torch.ops.aten._efficient_attention_forward.default(buf0, buf0, buf0)
+    return (buf0, )
+
+
+class Runner:
+    def __init__(self, partitions):
+        self.partitions = partitions
+
+    def call(self, args):
+        (buf0, ) = self.partitions[0](partition0_args)
+        buf3 = torch.ops.aten.nonzero.default(buf0)
+        (buf4, ) = self.partitions[1](partition1_args)
+        return (buf4, )
+"""
+
+
+def test_gpu_codegen_counts_the_launch_lines_of_a_wrapper():
+    """benchmarks/gpu_codegen.py reads inductor's GPU wrapper: Triton launches, library calls and aten fallbacks,
+    inside the partitions CUDA graphs capture or between them; a Triton kernel's own source is not a launch."""
+    from benchmarks.gpu_codegen import wrapper_launches
+
+    counted = wrapper_launches(GPU_WRAPPER)
+    assert counted.triton == 1 and counted.library == {"mm": 1}
+    assert counted.aten == {"zero_": 1, "_efficient_attention_forward": 1, "nonzero": 1}
+    assert counted.total == 5 and counted.partitions == 2 and counted.outside_partitions == 1
+
+
+@pytest.mark.slow
+def test_gpu_codegen_lowers_forward_and_backward_for_a_gpu_without_one():
+    """The fake-Hopper lowering end to end on a small model: a forward and a backward graph for cuda:0 with
+    Triton kernels and cuBLAS calls, counted once per call, no reason to skip CUDA graphs; the model itself ran
+    on the CPU and computed what eager does."""
+    import torch
+
+    from benchmarks.gpu_codegen import GpuCodegenBackend
+
+    torch.manual_seed(0)
+    layers = (torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.LayerNorm(64), torch.nn.Linear(64, 8))
+    model = torch.nn.Sequential(*layers)
+    x = torch.randn(16, 32)
+    backend = GpuCodegenBackend()
+    compiled = torch.compile(model, backend=backend, dynamic=False)
+    loss = compiled(x).square().mean()
+    loss.backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    model(x).square().mean().backward()
+    torch._dynamo.reset()
+    assert torch.allclose(loss, model(x).square().mean().detach(), atol=1e-6)
+    assert all(torch.allclose(a, p.grad, atol=1e-5) for a, p in zip(grads, model.parameters()))
+    kinds = [g.kind for g in backend.graphs]
+    assert kinds == ["forward", "backward"], kinds
+    for graph in backend.graphs:
+        assert graph.calls == 1 and graph.skip_reasons == [] and graph.launches.triton >= 1, graph
+        assert "cuda:0" in graph.source and "extern_kernels" in graph.source
+    assert sum(sum(graph.launches.library.values()) for graph in backend.graphs) >= 3  # GEMMs forward and back
+
+
+PTXAS_CHECK = """
+import json, torch
+from benchmarks.gpu_codegen import GpuCodegenBackend, ptxas_report
+backend = GpuCodegenBackend()
+model = torch.compile(torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.LayerNorm(64)),
+                      backend=backend)
+model(torch.randn(16, 32)).sum().backward()
+report = ptxas_report([graph.source for graph in backend.graphs])
+print(json.dumps({"kernels": report.kernels, "configurations": report.configurations,
+                  "registers": report.max_registers, "spilling": report.spilling}))
+"""
+
+
+@pytest.mark.slow
+def test_gpu_codegen_compiles_the_generated_kernels_for_sm_90():
+    """``--ptxas``: every generated Triton kernel compiles for sm_90 in each autotuning configuration, and ptxas
+    reports its registers (a process of its own: the tests run Triton in its interpreter, which compiles nothing)."""
+    import json
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", PTXAS_CHECK], capture_output=True, text=True, env=env,
+                          cwd=Path(__file__).resolve().parents[1], timeout=600, check=False)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["kernels"] >= 2 and report["configurations"] >= report["kernels"], report
+    assert report["registers"] > 0 and report["spilling"] == [], report

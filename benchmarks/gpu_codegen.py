@@ -1,0 +1,508 @@
+"""What inductor generates for a Hopper GPU (sm_90, 132 SMs: H100 or H200) from the compiled distillation step, on
+a machine without one: the Triton kernels and library calls in each compiled graph, how often an iteration calls
+each graph, and whether inductor would capture the graph in a CUDA graph (``--cuda-graphs``).
+
+    python -m benchmarks.gpu_codegen                    # the paper architecture at shrunk widths, bf16
+    python -m benchmarks.gpu_codegen --full-widths      # the paper's widths and 224 px images (slower)
+    python -m benchmarks.gpu_codegen --ptxas            # also compile every Triton kernel for sm_90, read ptxas -v
+    python -m benchmarks.gpu_codegen --option combo_kernels=True --write-code DIR  # try a setting, keep the code
+
+How: the step runs on the CPU with both encoders compiled by a backend that hands inductor each forward and
+backward graph twice: once as they are, to run here, and once with every input moved to a fake ``cuda:0`` (fake
+tensors; the device's properties and Triton's target are those of an sm_90 part). The second lowering runs
+inductor's CUDA code generation to its end (fusion, Triton sources, the wrapper that calls them and cuBLAS /
+cuDNN, the graph partitions CUDA graphs capture, the reasons to skip capturing) and its wrapper's launch lines are
+counted. Nothing runs on a GPU, and nothing here is timed.
+
+Limits: every graph input moves to the GPU, so a host tensor that reaches a graph on a real GPU is not seen
+(the GPU test of ``--cuda-graphs`` is); the aten graph is traced on the CPU, so an op chosen per device (the
+attention kernel behind ``scaled_dot_product_attention``) keeps its CPU variant, counted as one library call like
+its CUDA one; a library call counts as one launch (cuDNN's convolution backward may launch more); with no timings
+autotuning picks nothing, which changes kernel configurations, not their number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import copy
+import dataclasses
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import types
+from typing import Callable, Dict, Iterator, List, Optional, Sequence
+from unittest import mock
+
+os.environ.setdefault("COVMATCH_BENCH_SMOKE", "1")  # the step runs on the CPU, whatever the machine has
+
+import torch  # noqa: E402
+
+# an H100 SXM's properties as torch reports them (an H200 has the same SMs, registers and shared memory)
+HOPPER = types.SimpleNamespace(
+    name="NVIDIA H100 80GB HBM3 (fake)", major=9, minor=0, multi_processor_count=132, total_memory=80 * 2**30,
+    max_threads_per_multi_processor=2048, max_threads_per_block=1024, warp_size=32, regs_per_multiprocessor=65536,
+    shared_memory_per_block=49152, shared_memory_per_block_optin=232448, shared_memory_per_multiprocessor=233472,
+    L2_cache_size=50 * 2**20, gcnArchName="", uuid="fake", is_integrated=False,
+)  # fmt: skip
+
+
+@contextlib.contextmanager
+def fake_hopper() -> Iterator[None]:
+    """Inductor's CUDA code generation without a GPU: the queries it makes of the device (properties, capability,
+    current device and stream, RNG state) answered as for ``HOPPER``, Triton's active driver replaced by one that
+    only names the sm_90 target, and compiled kernels never loaded. Caches off, so nothing of it is reused later."""
+    import torch._inductor.config as inductor_config
+    import torch._inductor.scheduler as scheduler
+    from torch._dynamo import device_interface
+    from torch._inductor.runtime import triton_helpers, triton_heuristics
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime.driver import driver
+
+    class TargetOnlyDriver:
+        """What inductor asks of Triton's driver while generating and compiling code, for a device not present."""
+
+        utils = types.SimpleNamespace(
+            get_device_properties=lambda _device: {
+                "max_shared_mem": HOPPER.shared_memory_per_block_optin,
+                "max_num_regs": HOPPER.regs_per_multiprocessor,
+                "multiprocessor_count": HOPPER.multi_processor_count,
+                "warpSize": HOPPER.warp_size,
+            }
+        )
+
+        def get_current_target(self):
+            return GPUTarget("cuda", 90, 32)
+
+        def get_current_device(self) -> int:
+            return 0
+
+        def set_current_device(self, _device) -> None:
+            pass
+
+        def get_current_stream(self, _device=None) -> int:
+            return 0
+
+        def get_active_torch_device(self) -> torch.device:
+            return torch.device("cuda", 0)
+
+        def get_device_interface(self):
+            return torch.cuda
+
+    cuda = {
+        "is_available": lambda: True, "is_initialized": lambda: True, "device_count": lambda: 1,
+        "current_device": lambda: 0, "set_device": _no_op, "_exchange_device": lambda _i: 0,
+        "_maybe_exchange_device": lambda _i: 0, "get_device_properties": lambda _d=None: HOPPER,
+        "get_device_capability": lambda _d=None: (9, 0), "synchronize": _no_op,
+        "is_current_stream_capturing": lambda: False, "set_rng_state": _no_op,
+        "get_rng_state": lambda device="cuda": torch.zeros(16, dtype=torch.uint8),
+    }  # fmt: skip
+    interface = {
+        "current_device": lambda: 0, "device_count": lambda: 1, "is_available": lambda: True, "set_device": _no_op,
+        "get_compute_capability": lambda _d=None: 90, "get_device_properties": lambda _d=None: HOPPER,
+        "get_raw_stream": lambda _d=None: 0, "exchange_device": lambda _i: 0, "maybe_exchange_device": lambda _i: 0,
+        "synchronize": _no_op, "memory_allocated": lambda *_a: 0, "is_bf16_supported": lambda *_a, **_k: True,
+    }  # fmt: skip
+    previous_driver = driver._active
+    with contextlib.ExitStack() as stack:
+        for name, value in cuda.items():
+            stack.enter_context(mock.patch.object(torch.cuda, name, value))
+        for name, value in interface.items():
+            if hasattr(device_interface.CudaInterface, name):
+                stack.enter_context(mock.patch.object(device_interface.CudaInterface, name, staticmethod(value)))
+        stack.enter_context(mock.patch.dict(device_interface.caching_worker_device_properties, {"cuda": [HOPPER]}))
+        stack.enter_context(mock.patch.dict(device_interface.caching_worker_current_devices, {"cuda": 0}))
+        stack.enter_context(mock.patch.object(scheduler, "has_triton", lambda: True))
+        stack.enter_context(mock.patch.object(triton_helpers, "set_driver_to_gpu", _no_op))
+        stack.enter_context(mock.patch.object(triton_heuristics.CachingAutotuner, "_make_launchers", _no_op))
+        stack.enter_context(
+            inductor_config.patch({"fx_graph_cache": False, "force_disable_caches": True, "compile_threads": 1})
+        )
+        driver.set_active(TargetOnlyDriver())
+        stack.callback(setattr, driver, "_active", previous_driver)
+        stack.callback(_forget_the_fake_device)
+        yield
+
+
+def _no_op(*_args, **_kwargs) -> None:
+    return None
+
+
+def _forget_the_fake_device() -> None:
+    """Clear what torch cached of the fake device, so that later code in this process sees the machine as it is."""
+    import torch.utils._triton as torch_triton
+    from torch._inductor.runtime.hints import DeviceProperties
+
+    for cached in (torch_triton.has_triton, torch_triton.triton_backend, torch_triton.triton_hash_with_backend,
+                   DeviceProperties.create):  # fmt: skip
+        cached.cache_clear()
+
+
+# --- what a generated wrapper launches ---------------------------------------------------------------------------
+
+_TRITON_SOURCE = re.compile(r"'''.*?'''", re.DOTALL)  # the kernels' Triton sources, embedded in the wrapper
+_TRITON_LAUNCH = re.compile(r"^\s*(\w+)\.run\(")
+_EXTERN_CALL = re.compile(r"\bextern_kernels\.(\w+)\(")
+_ATEN_CALL = re.compile(r"\b(?:torch\.ops\.aten|aten)\.(\w+)(?:\.\w+)?\(")
+_BUFFER_OP = re.compile(r"\w\.(copy_|zero_|fill_)\(")
+_PARTITION_CALL = re.compile(r"\bself\.partitions\[\d+\]\(|\bpartition_\d+\(\w+_args\)")
+_FUNCTION = re.compile(r"^(\s*)def (\w+)\(")
+
+
+@dataclasses.dataclass
+class WrapperLaunches:
+    """Launches in one call of a generated wrapper: Triton kernels, library calls (cuBLAS, cuDNN, attention), aten
+    ops it falls back to; how many of them sit outside the graph partitions CUDA graphs capture, and how many
+    partitions one call replays."""
+
+    triton: int = 0
+    library: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    aten: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    partitions: int = 0
+    outside_partitions: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.triton + sum(self.library.values()) + sum(self.aten.values())
+
+
+def wrapper_launches(source: str) -> WrapperLaunches:
+    """Count the launch lines of a wrapper inductor generated for a GPU (the module ``output_code`` logs). Lines
+    in ``partition_K`` functions are captured by CUDA graphs; lines elsewhere (``call`` with no partitions, or
+    between partition calls) are launched one by one on every call."""
+    counts = WrapperLaunches()
+    code = _TRITON_SOURCE.sub("''", source)
+    has_partitions = re.search(r"^def partition_\d+\(", code, re.MULTILINE) is not None
+    function = None
+    for line in code.splitlines():
+        match = _FUNCTION.match(line)
+        if match:
+            function = match.group(2)
+            continue
+        if line and not line[0].isspace():
+            function = None
+        if function is None or line.lstrip().startswith("#"):
+            continue
+        in_partition = function.startswith("partition_")
+        if function == "call" and _PARTITION_CALL.search(line):
+            counts.partitions += 1
+            continue
+        if function not in ("call",) and not in_partition:
+            continue
+        launched = 0
+        if _TRITON_LAUNCH.match(line):
+            counts.triton += 1
+            launched = 1
+        elif (match := _EXTERN_CALL.search(line)) is not None:
+            counts.library[match.group(1)] += 1
+            launched = 1
+        elif (match := _ATEN_CALL.search(line)) is not None or (match := _BUFFER_OP.search(line)) is not None:
+            counts.aten[match.group(1)] += 1
+            launched = 1
+        if launched and has_partitions and not in_partition:
+            counts.outside_partitions += launched
+    if not has_partitions:  # one graph: the whole call is captured
+        counts.partitions = 1
+    return counts
+
+
+# --- the backend -------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class GraphRecord:
+    """One graph inductor compiled: what its GPU wrapper launches, why CUDA graphs would skip it, how many of its
+    inputs a CUDA graph copies in on each replay (those that are not parameters or buffers), its calls so far."""
+
+    name: str
+    kind: str  # forward, backward or inference
+    launches: WrapperLaunches
+    skip_reasons: List[str]
+    copied_inputs: int
+    source: str = dataclasses.field(repr=False, default="")
+    calls: int = 0
+
+
+class GpuCodegenBackend:
+    """A ``torch.compile`` backend: inductor for the CPU, plus the same graphs lowered for a fake sm_90 GPU, whose
+    launches and CUDA-graph decisions it records in ``graphs`` (Triton kernels generated, not compiled).
+    ``options`` are inductor settings for the GPU lowering alone (``{"combo_kernels": True}``, say)."""
+
+    def __init__(self, options: Optional[Dict[str, object]] = None) -> None:
+        self.graphs: List[GraphRecord] = []
+        self.options = dict(options or {})
+
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs):
+        import torch._functorch.config as functorch_config
+        from torch._inductor.compile_fx import compile_fx
+
+        with functorch_config.patch(enable_autograd_cache=False):  # a cached graph would skip the GPU lowering
+            return compile_fx(gm, example_inputs, inner_compile=self._inner_compile)
+
+    def _inner_compile(self, gm: torch.fx.GraphModule, example_inputs, **kwargs):
+        from torch._inductor.compile_fx import compile_fx_inner
+
+        record = self._lower_for_gpu(gm, example_inputs, kwargs)
+        compiled = compile_fx_inner(gm, example_inputs, **kwargs)
+        run = compiled.current_callable
+
+        def counted(inputs):
+            record.calls += 1
+            return run(inputs)
+
+        compiled.current_callable = counted
+        return compiled
+
+    def _lower_for_gpu(self, gm: torch.fx.GraphModule, example_inputs, kwargs) -> GraphRecord:
+        import torch._inductor.config as inductor_config
+        from torch._guards import TracingContext, detect_fake_mode
+        from torch._inductor import compile_fx as compile_fx_module
+        from torch._inductor import output_code
+        from torch._inductor.compile_fx import compile_fx_inner
+        from torch._inductor.cudagraph_utils import BoxedDeviceIndex
+        from torch._inductor.graph import GraphLowering
+        from torch._inductor.runtime import triton_heuristics
+        from torch._inductor.utils import BoxedBool
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        context = TracingContext.try_get()
+        fake_mode = (context.fake_mode if context is not None else None) or detect_fake_mode(example_inputs)
+        fake_mode = fake_mode or FakeTensorMode()
+        gpu_inputs = [_on_fake_gpu(t, fake_mode) for t in example_inputs]
+        sources: List[str] = []
+        reasons: List[str] = []
+        codegen = GraphLowering.codegen
+
+        def keep_source(graph, *args, **kw):
+            result = codegen(graph, *args, **kw)
+            code = result[0] if isinstance(result, tuple) else result
+            sources.append(getattr(code, "value", code))
+            return result
+
+        def keep_reason(message, *args, **kw) -> None:
+            reasons.append(str(message))
+
+        # its own CUDA-graph flag and forward device (the CPU compile shares the caller's)
+        gpu_kwargs = dict(kwargs, cudagraphs=BoxedBool(True), boxed_forward_device_index=BoxedDeviceIndex(0))
+        saved_strides = None if context is None or context.output_strides is None else list(context.output_strides)
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(fake_hopper())
+            stack.enter_context(inductor_config.patch(self.options))
+            stack.enter_context(mock.patch.object(GraphLowering, "codegen", keep_source))
+            stack.enter_context(mock.patch.object(triton_heuristics.CachingAutotuner, "precompile", _no_op))
+            # a skipped backward's wrapper tells the CUDA-graph manager at run time; nothing runs here
+            stack.enter_context(mock.patch.object(output_code, "maybe_handle_backward_generation", _no_op))
+            for module in (output_code, compile_fx_module):
+                if hasattr(module, "log_cudagraph_skip_and_bump_counter"):
+                    stack.enter_context(mock.patch.object(module, "log_cudagraph_skip_and_bump_counter", keep_reason))
+            try:
+                compile_fx_inner(_on_gpu_graph(gm), gpu_inputs, **gpu_kwargs)
+            finally:
+                if saved_strides is not None:  # the GPU lowering reports its output strides too; keep the CPU's
+                    context.output_strides[:] = saved_strides
+        if not sources:
+            raise RuntimeError("inductor generated no GPU wrapper for a graph (was it served from a cache?)")
+        kind = "backward" if kwargs.get("is_backward") else "inference" if kwargs.get("is_inference") else "forward"
+        static = set(kwargs.get("static_input_idxs") or ())
+        copied = sum(1 for i, t in enumerate(example_inputs) if isinstance(t, torch.Tensor) and i not in static)
+        record = GraphRecord(f"graph {len(self.graphs)}", kind, wrapper_launches(sources[-1]), reasons, copied,
+                             sources[-1])  # fmt: skip
+        self.graphs.append(record)
+        return record
+
+
+def _on_fake_gpu(tensor, fake_mode):
+    """A fake tensor on ``cuda:0`` with ``tensor``'s shape, strides and dtype (anything else unchanged)."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    if not isinstance(tensor, torch.Tensor):
+        return tensor
+    meta = torch.empty_strided(tensor.shape, tensor.stride(), dtype=tensor.dtype, device="meta")
+    return FakeTensor(fake_mode, meta, torch.device("cuda", 0))
+
+
+def _on_gpu_graph(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A copy of an aten graph whose ops that name the CPU as a device (factories, random seeds) name ``cuda:0``."""
+    from torch.fx.node import map_aggregate
+
+    def on_gpu(value):
+        is_cpu = isinstance(value, torch.device) and value.type == "cpu"
+        return torch.device("cuda", 0) if is_cpu else value
+
+    gpu = copy.deepcopy(gm)
+    for node in gpu.graph.nodes:
+        node.args = map_aggregate(node.args, on_gpu)
+        node.kwargs = map_aggregate(node.kwargs, on_gpu)
+    gpu.recompile()
+    return gpu
+
+
+# --- ptxas on the compiled kernels -------------------------------------------------------------------------------
+
+
+_KERNEL_SOURCE = re.compile(r"async_compile\.triton\('(\w+)', '''(.*?)'''", re.DOTALL)
+
+
+@dataclasses.dataclass
+class PtxasReport:
+    kernels: int = 0
+    configurations: int = 0
+    max_registers: int = 0
+    spilling: List[str] = dataclasses.field(default_factory=list)
+    warnings: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+
+
+def ptxas_report(wrappers: Sequence[str], ptxas: Optional[str] = None) -> PtxasReport:
+    """Compile every Triton kernel of the given GPU wrappers for sm_90, in each of its autotuning configurations,
+    and read ``ptxas -arch=sm_90a -v`` on its PTX: registers, spills, and the warnings ptxas prints."""
+    import torch._inductor.config as inductor_config
+    from torch._inductor.codecache import PyCodeCache
+
+    ptxas = ptxas or _triton_ptxas()
+    kernels = {source: name for wrapper in wrappers for name, source in _KERNEL_SOURCE.findall(wrapper)}
+    report = PtxasReport(kernels=len(kernels))
+    # the static launcher keeps only a cubin; Triton's own CompiledKernel keeps the PTX
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise RuntimeError("ptxas_report compiles Triton kernels: run it where TRITON_INTERPRET is not set")
+    static_launcher_off = inductor_config.patch(use_static_cuda_launcher=False)
+    with tempfile.TemporaryDirectory() as scratch, fake_hopper(), static_launcher_off:
+        for source, name in kernels.items():
+            autotuner = getattr(PyCodeCache.load(source), name)
+            for config in autotuner.configs:
+                kernel = autotuner._precompile_config(config).kernel
+                report.configurations += 1
+                path = os.path.join(scratch, "kernel.ptx")
+                with open(path, "w") as handle:
+                    handle.write(kernel.asm["ptx"])
+                done = subprocess.run([ptxas, "-arch=sm_90a", "-v", path, "-o", os.devnull], capture_output=True,
+                                      text=True, check=False)  # fmt: skip
+                text = done.stdout + done.stderr
+                for registers in re.findall(r"Used (\d+) registers", text):
+                    report.max_registers = max(report.max_registers, int(registers))
+                if any(int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", text)):
+                    report.spilling.append(f"{name} {config}")
+                for warning in re.findall(r"warning\s*:\s*(.*)", text):
+                    report.warnings[warning.strip()[:100]] += 1
+    return report
+
+
+def _triton_ptxas() -> str:
+    import triton
+
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+
+
+# --- the run -----------------------------------------------------------------------------------------------------
+
+
+def run_step(backend: GpuCodegenBackend, full_widths: bool, precision: str, batch: int) -> Dict[str, int]:
+    """Build the paper-architecture distiller with both encoders compiled by ``backend``, take two steps to compile
+    every graph, then count the graph calls of a third, profiled (the ops outside the graphs, as
+    ``compiled_structure`` counts them)."""
+    from covmatch.distill import DistillConfig, Distiller, engine
+
+    from .bench_step import PAPER, _device_batches, _preset
+    from .compiled_structure import SHRUNK, kernels_of
+
+    def compile_with_backend(model, *, cuda_graphs: bool = False) -> None:
+        for encoder in (model.image, model.text):
+            encoder.compile(backend=backend, dynamic=False)
+
+    base = dict(PAPER if full_widths else SHRUNK)
+    base.update(real_batch=batch, online="real", reset_every=1_000)
+    name = base.pop("name")
+    preset = _preset(name, batch, **base)
+    config = DistillConfig(preset=preset, device="cpu", precision=precision, compile=True, progress=False)
+    with mock.patch.object(engine, "compile_encoders", compile_with_backend):
+        distiller = Distiller(config, log=lambda _msg: None)
+    steps = _device_batches(distiller, 0, 3)
+    for step in steps[:2]:
+        distiller.step(*step)
+    for record in backend.graphs:
+        record.calls = 0
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        distiller.step(*steps[2])
+    counted = kernels_of(prof)
+    return {"outside": counted["outside"], "graph_calls": counted["graph_calls"]}
+
+
+def summarize(graphs: Sequence[GraphRecord], outside: int, print_line: Callable[[str], None] = print) -> Dict[str, int]:
+    """Print one line per graph and the launches per iteration: with ``--compile`` (every kernel and library call
+    of each graph call, plus the ops outside the graphs) and with ``--cuda-graphs`` (a replay per partition, the
+    launches outside partitions, a copy per non-static input, plus the ops outside the graphs)."""
+    compile_total, graphed_total = outside, outside
+    for record in graphs:
+        launches = record.launches
+        library = ", ".join(f"{n} {c}" for n, c in launches.library.most_common())
+        aten = ", ".join(f"{n} {c}" for n, c in launches.aten.most_common()) or "none"
+        skip = "; ".join(sorted(set(record.skip_reasons))) or "no"
+        print_line(f"{record.name:9s} {record.kind:9s} x{record.calls} per iteration: {launches.total} launches "
+                   f"(Triton {launches.triton}; library {library or 'none'}; aten {aten}); CUDA-graph partitions "
+                   f"{launches.partitions}, launches outside them {launches.outside_partitions}, inputs copied in "
+                   f"{record.copied_inputs}; CUDA graphs skipped: {skip}")  # fmt: skip
+        compile_total += record.calls * launches.total
+        if record.skip_reasons:
+            graphed_total += record.calls * launches.total
+        else:
+            graphed_total += record.calls * (launches.partitions + launches.outside_partitions + record.copied_inputs)
+    skipped = sum(1 for r in graphs if r.skip_reasons)
+    print_line(f"graphs: {len(graphs)} ({skipped} that CUDA graphs would skip); ops outside the graphs per "
+               f"iteration: {outside}")  # fmt: skip
+    print_line(f"launches per iteration on sm_90: --compile {compile_total}, --compile --cuda-graphs {graphed_total}")
+    return {"compile": compile_total, "cuda_graphs": graphed_total, "skipped": skipped}
+
+
+def _inductor_option(text: str):
+    """``NAME=VALUE`` as (name, value), the value read as a Python literal where it is one (True, 4, "x")."""
+    import ast
+
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise ValueError(f"--option {text!r}: expected NAME=VALUE")
+    try:
+        return name, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return name, value
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu_codegen", description=__doc__.splitlines()[0])
+    parser.add_argument("--full-widths", action="store_true", help="the paper's widths and 224 px (default: shrunk)")
+    parser.add_argument("--precision", default="bf16", choices=("fp32", "bf16"))
+    parser.add_argument("--batch", type=int, default=4, help="real and synthetic batch")
+    parser.add_argument("--ptxas", action="store_true", help="compile every Triton kernel for sm_90, run ptxas -v")
+    parser.add_argument("--write-code", metavar="DIR", help="write each graph's generated GPU module into DIR")
+    parser.add_argument("--option", action="append", default=[], metavar="NAME=VALUE",
+                        help="an inductor setting for the GPU lowering (combo_kernels=True); repeatable")  # fmt: skip
+    args = parser.parse_args(argv)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    try:
+        options = dict(_inductor_option(option) for option in args.option)
+        import torch._inductor.config as inductor_config
+
+        with inductor_config.patch(options):  # an unknown setting fails here, not halfway through the run
+            pass
+    except (ValueError, AttributeError) as error:
+        parser.error(f"--option: {error}")  # exits with 2
+    backend = GpuCodegenBackend(options)
+    counted = run_step(backend, args.full_widths, args.precision, args.batch)
+    summarize(backend.graphs, counted["outside"])
+    if args.write_code:
+        os.makedirs(args.write_code, exist_ok=True)
+        for i, record in enumerate(backend.graphs):
+            with open(os.path.join(args.write_code, f"graph_{i}_{record.kind}.py"), "w") as handle:
+                handle.write(record.source)
+    if args.ptxas:
+        report = ptxas_report([record.source for record in backend.graphs])
+        warnings = "; ".join(f"{w} ({n})" for w, n in report.warnings.most_common()) or "none"
+        print(f"ptxas -arch=sm_90a: {report.kernels} Triton kernels, {report.configurations} configurations, at most "
+              f"{report.max_registers} registers; spilling: {', '.join(report.spilling) or 'none'}; "
+              f"warnings: {warnings}")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
