@@ -41,6 +41,8 @@ os.environ.setdefault("COVMATCH_BENCH_SMOKE", "1")  # the step runs on the CPU, 
 
 import torch  # noqa: E402
 
+from .compiled_structure import GRAPH_CALL, SHRUNK, kernels_of  # noqa: E402
+
 # an H100 SXM's properties as torch reports them (an H200 has the same SMs, registers and shared memory)
 HOPPER = types.SimpleNamespace(
     name="NVIDIA H100 80GB HBM3 (fake)", major=9, minor=0, multi_processor_count=132, total_memory=80 * 2**30,
@@ -243,18 +245,21 @@ class GpuCodegenBackend:
             return compile_fx(gm, example_inputs, inner_compile=self._inner_compile)
 
     def _inner_compile(self, gm: torch.fx.GraphModule, example_inputs, **kwargs):
-        from torch._inductor.compile_fx import compile_fx_inner
-
+        """Lower the graph for the fake GPU, then return it to run eagerly here: the CPU has no use for inductor's
+        C++ code, whose compilation would take most of the run. Each call is counted and shows in a profile as a
+        compiled graph's call (what ``compiled_structure.kernels_of`` looks for)."""
         record = self._lower_for_gpu(gm, example_inputs, kwargs)
-        compiled = compile_fx_inner(gm, example_inputs, **kwargs)
-        run = compiled.current_callable
+        label = f"{GRAPH_CALL} ({record.name}, run eagerly)"
 
-        def counted(inputs):
+        def run_eagerly(inputs):
             record.calls += 1
-            return run(inputs)
+            arguments = list(inputs)
+            inputs.clear()  # the boxed convention: the callee owns the inputs
+            with torch.profiler.record_function(label):
+                return gm(*arguments)
 
-        compiled.current_callable = counted
-        return compiled
+        run_eagerly._boxed_call = True
+        return run_eagerly
 
     def _lower_for_gpu(self, gm: torch.fx.GraphModule, example_inputs, kwargs) -> GraphRecord:
         import torch._inductor.config as inductor_config
@@ -285,9 +290,9 @@ class GpuCodegenBackend:
         def keep_reason(message, *args, **kw) -> None:
             reasons.append(str(message))
 
-        # its own CUDA-graph flag and forward device (the CPU compile shares the caller's)
+        # CUDA graphs on, with a forward device of its own. The forward's output strides go to the tracing context as
+        # in a GPU run, so the backward is lowered for the layouts the GPU forward saves (channels-last, say).
         gpu_kwargs = dict(kwargs, cudagraphs=BoxedBool(True), boxed_forward_device_index=BoxedDeviceIndex(0))
-        saved_strides = None if context is None or context.output_strides is None else list(context.output_strides)
         with contextlib.ExitStack() as stack:
             stack.enter_context(fake_hopper())
             stack.enter_context(inductor_config.patch(self.options))
@@ -298,11 +303,7 @@ class GpuCodegenBackend:
             for module in (output_code, compile_fx_module):
                 if hasattr(module, "log_cudagraph_skip_and_bump_counter"):
                     stack.enter_context(mock.patch.object(module, "log_cudagraph_skip_and_bump_counter", keep_reason))
-            try:
-                compile_fx_inner(_on_gpu_graph(gm), gpu_inputs, **gpu_kwargs)
-            finally:
-                if saved_strides is not None:  # the GPU lowering reports its output strides too; keep the CPU's
-                    context.output_strides[:] = saved_strides
+            compile_fx_inner(_on_gpu_graph(gm), gpu_inputs, **gpu_kwargs)
         if not sources:
             raise RuntimeError("inductor generated no GPU wrapper for a graph (was it served from a cache?)")
         kind = "backward" if kwargs.get("is_backward") else "inference" if kwargs.get("is_inference") else "forward"
@@ -398,24 +399,27 @@ def _triton_ptxas() -> str:
 # --- the run -----------------------------------------------------------------------------------------------------
 
 
-def run_step(backend: GpuCodegenBackend, full_widths: bool, precision: str, batch: int) -> Dict[str, int]:
-    """Build the paper-architecture distiller with both encoders compiled by ``backend``, take two steps to compile
-    every graph, then count the graph calls of a third, profiled (the ops outside the graphs, as
-    ``compiled_structure`` counts them)."""
+def run_step(
+    backend: GpuCodegenBackend, *, preset_name: str = "paper", full_widths: bool = False, precision: str = "bf16",
+    batch: int = 4, syn_chunk: Optional[int] = None, grad_checkpointing: bool = False,
+) -> Dict[str, int]:  # fmt: skip
+    """Build a distiller (``paper``: its architecture at shrunk widths unless ``full_widths``; or another preset)
+    with both encoders compiled by ``backend``, take two steps to compile every graph, then count the graph calls
+    of a third, profiled, and the ops outside the graphs (as ``compiled_structure`` counts them)."""
     from covmatch.distill import DistillConfig, Distiller, engine
 
     from .bench_step import PAPER, _device_batches, _preset
-    from .compiled_structure import SHRUNK, kernels_of
 
     def compile_with_backend(model, *, cuda_graphs: bool = False) -> None:
         for encoder in (model.image, model.text):
             encoder.compile(backend=backend, dynamic=False)
 
-    base = dict(PAPER if full_widths else SHRUNK)
+    base = dict(PAPER if full_widths else SHRUNK) if preset_name == "paper" else {"name": preset_name}
     base.update(real_batch=batch, online="real", reset_every=1_000)
     name = base.pop("name")
     preset = _preset(name, batch, **base)
-    config = DistillConfig(preset=preset, device="cpu", precision=precision, compile=True, progress=False)
+    config = DistillConfig(preset=preset, device="cpu", precision=precision, compile=True, progress=False,
+                           syn_chunk=syn_chunk, grad_checkpointing=grad_checkpointing)  # fmt: skip
     with mock.patch.object(engine, "compile_encoders", compile_with_backend):
         distiller = Distiller(config, log=lambda _msg: None)
     steps = _device_batches(distiller, 0, 3)
@@ -470,9 +474,12 @@ def _inductor_option(text: str):
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu_codegen", description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="paper", help="paper (its architecture) or another preset")
     parser.add_argument("--full-widths", action="store_true", help="the paper's widths and 224 px (default: shrunk)")
     parser.add_argument("--precision", default="bf16", choices=("fp32", "bf16"))
     parser.add_argument("--batch", type=int, default=4, help="real and synthetic batch")
+    parser.add_argument("--syn-chunk", type=int, help="encode the synthetic batch this many pairs at a time")
+    parser.add_argument("--grad-checkpointing", action="store_true", help="activation checkpointing in both encoders")
     parser.add_argument("--ptxas", action="store_true", help="compile every Triton kernel for sm_90, run ptxas -v")
     parser.add_argument("--write-code", metavar="DIR", help="write each graph's generated GPU module into DIR")
     parser.add_argument("--option", action="append", default=[], metavar="NAME=VALUE",
@@ -488,7 +495,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (ValueError, AttributeError) as error:
         parser.error(f"--option: {error}")  # exits with 2
     backend = GpuCodegenBackend(options)
-    counted = run_step(backend, args.full_widths, args.precision, args.batch)
+    counted = run_step(
+        backend, preset_name=args.preset, full_widths=args.full_widths, precision=args.precision, batch=args.batch,
+        syn_chunk=args.syn_chunk, grad_checkpointing=args.grad_checkpointing,
+    )  # fmt: skip
     summarize(backend.graphs, counted["outside"])
     if args.write_code:
         os.makedirs(args.write_code, exist_ok=True)
