@@ -8,17 +8,18 @@ each graph, and whether inductor would capture the graph in a CUDA graph (``--cu
     python -m benchmarks.gpu_codegen --option combo_kernels=True --write-code DIR  # try a setting, keep the code
 
 How: the step runs on the CPU with both encoders compiled by a backend that hands inductor each forward and
-backward graph twice: once as they are, to run here, and once with every input moved to a fake ``cuda:0`` (fake
-tensors; the device's properties and Triton's target are those of an sm_90 part). The second lowering runs
-inductor's CUDA code generation to its end (fusion, Triton sources, the wrapper that calls them and cuBLAS /
-cuDNN, the graph partitions CUDA graphs capture, the reasons to skip capturing) and its wrapper's launch lines are
-counted. Nothing runs on a GPU, and nothing here is timed.
+backward graph AOTAutograd makes, with every input moved to a fake ``cuda:0`` (fake tensors; the device's
+properties and Triton's target are those of an sm_90 part), and then runs the graph itself eagerly on the CPU.
+Inductor's CUDA code generation runs to its end (fusion, Triton sources, the wrapper that calls them and cuBLAS /
+cuDNN, the graph partitions CUDA graphs capture, the reasons to skip capturing) and the wrapper's launch lines
+are counted. Nothing runs on a GPU, and nothing here is timed.
 
 Limits: every graph input moves to the GPU, so a host tensor that reaches a graph on a real GPU is not seen
 (the GPU test of ``--cuda-graphs`` is); the aten graph is traced on the CPU, so an op chosen per device (the
 attention kernel behind ``scaled_dot_product_attention``) keeps its CPU variant, counted as one library call like
 its CUDA one; a library call counts as one launch (cuDNN's convolution backward may launch more); with no timings
-autotuning picks nothing, which changes kernel configurations, not their number.
+autotuning picks nothing, which changes kernel configurations, not their number. The fake device leans on
+inductor's internals as of torch 2.14 (the version the tests pin): another version may need its patches adjusted.
 """
 
 from __future__ import annotations
@@ -151,7 +152,7 @@ _EXTERN_CALL = re.compile(r"\bextern_kernels\.(\w+)\(")
 _ATEN_CALL = re.compile(r"\b(?:torch\.ops\.aten|aten)\.(\w+)(?:\.\w+)?\(")
 _BUFFER_OP = re.compile(r"\w\.(copy_|zero_|fill_)\(")
 _PARTITION_CALL = re.compile(r"\bself\.partitions\[\d+\]\(|\bpartition_\d+\(\w+_args\)")
-_FUNCTION = re.compile(r"^(\s*)def (\w+)\(")
+_FUNCTION = re.compile(r"^\s*def (\w+)\(")
 
 
 @dataclasses.dataclass
@@ -182,7 +183,7 @@ def wrapper_launches(source: str) -> WrapperLaunches:
     for line in code.splitlines():
         match = _FUNCTION.match(line)
         if match:
-            function = match.group(2)
+            function = match.group(1)
             continue
         if line and not line[0].isspace():
             function = None
@@ -192,7 +193,7 @@ def wrapper_launches(source: str) -> WrapperLaunches:
         if function == "call" and _PARTITION_CALL.search(line):
             counts.partitions += 1
             continue
-        if function not in ("call",) and not in_partition:
+        if function != "call" and not in_partition:
             continue
         launched = 0
         if _TRITON_LAUNCH.match(line):
@@ -229,8 +230,9 @@ class GraphRecord:
 
 
 class GpuCodegenBackend:
-    """A ``torch.compile`` backend: inductor for the CPU, plus the same graphs lowered for a fake sm_90 GPU, whose
-    launches and CUDA-graph decisions it records in ``graphs`` (Triton kernels generated, not compiled).
+    """A ``torch.compile`` backend that lowers each graph for a fake sm_90 GPU, records what the generated code
+    launches and its CUDA-graph decisions in ``graphs`` (Triton kernels generated, not compiled), and runs the
+    graph eagerly on the CPU.
     ``options`` are inductor settings for the GPU lowering alone (``{"combo_kernels": True}``, say)."""
 
     def __init__(self, options: Optional[Dict[str, object]] = None) -> None:
@@ -494,6 +496,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             pass
     except (ValueError, AttributeError) as error:
         parser.error(f"--option: {error}")  # exits with 2
+    if args.write_code and os.path.isdir(args.write_code) and os.listdir(args.write_code):
+        parser.error(f"--write-code {args.write_code}: the directory is not empty; name a new one")  # exits with 2
     backend = GpuCodegenBackend(options)
     counted = run_step(
         backend, preset_name=args.preset, full_widths=args.full_widths, precision=args.precision, batch=args.batch,
