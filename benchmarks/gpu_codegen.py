@@ -5,6 +5,7 @@ each graph, and whether inductor would capture the graph in a CUDA graph (``--cu
     python -m benchmarks.gpu_codegen                    # the paper architecture at shrunk widths, bf16
     python -m benchmarks.gpu_codegen --full-widths      # the paper's widths and 224 px images (slower)
     python -m benchmarks.gpu_codegen --ptxas            # also compile every Triton kernel for sm_90, read ptxas -v
+    python -m benchmarks.gpu_codegen --traffic          # the Triton kernels' bytes per iteration at the paper's batches
     python -m benchmarks.gpu_codegen --option combo_kernels=True --write-code DIR  # try a setting, keep the code
 
 How: the step runs on the CPU with both encoders compiled by a backend that hands inductor each forward and
@@ -153,6 +154,8 @@ _ATEN_CALL = re.compile(r"\b(?:torch\.ops\.aten|aten)\.(\w+)(?:\.\w+)?\(")
 _BUFFER_OP = re.compile(r"\w\.(copy_|zero_|fill_)\(")
 _PARTITION_CALL = re.compile(r"\bself\.partitions\[\d+\]\(|\bpartition_\d+\(\w+_args\)")
 _FUNCTION = re.compile(r"^\s*def (\w+)\(")
+_KERNEL_SOURCE = re.compile(r"async_compile\.triton\('(\w+)', '''(.*?)'''", re.DOTALL)  # name, Triton source
+_KERNEL_TRAFFIC = re.compile(r"'kernel_num_gb': ([0-9.e+-]+)")  # in a kernel's inductor_meta (benchmark_kernel)
 
 
 @dataclasses.dataclass
@@ -166,6 +169,7 @@ class WrapperLaunches:
     aten: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     partitions: int = 0
     outside_partitions: int = 0
+    triton_gb: float = 0.0  # bytes the Triton launches read and write, by inductor's estimate (when it made one)
 
     @property
     def total(self) -> int:
@@ -177,6 +181,8 @@ def wrapper_launches(source: str) -> WrapperLaunches:
     in ``partition_K`` functions are captured by CUDA graphs; lines elsewhere (``call`` with no partitions, or
     between partition calls) are launched one by one on every call."""
     counts = WrapperLaunches()
+    traffic = {name: float(found.group(1)) for name, kernel in _KERNEL_SOURCE.findall(source)
+               if (found := _KERNEL_TRAFFIC.search(kernel)) is not None}  # fmt: skip
     code = _TRITON_SOURCE.sub("''", source)
     has_partitions = re.search(r"^def partition_\d+\(", code, re.MULTILINE) is not None
     function = None
@@ -196,8 +202,9 @@ def wrapper_launches(source: str) -> WrapperLaunches:
         if function != "call" and not in_partition:
             continue
         launched = 0
-        if _TRITON_LAUNCH.match(line):
+        if (match := _TRITON_LAUNCH.match(line)) is not None:
             counts.triton += 1
+            counts.triton_gb += traffic.get(match.group(1), 0.0)
             launched = 1
         elif (match := _EXTERN_CALL.search(line)) is not None:
             counts.library[match.group(1)] += 1
@@ -346,9 +353,6 @@ def _on_gpu_graph(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
 # --- ptxas on the compiled kernels -------------------------------------------------------------------------------
 
 
-_KERNEL_SOURCE = re.compile(r"async_compile\.triton\('(\w+)', '''(.*?)'''", re.DOTALL)
-
-
 @dataclasses.dataclass
 class PtxasReport:
     kernels: int = 0
@@ -403,11 +407,13 @@ def _triton_ptxas() -> str:
 
 def run_step(
     backend: GpuCodegenBackend, *, preset_name: str = "paper", full_widths: bool = False, precision: str = "bf16",
-    batch: int = 4, syn_chunk: Optional[int] = None, grad_checkpointing: bool = False,
+    batch: int = 4, syn_batch: Optional[int] = None, syn_chunk: Optional[int] = None,
+    grad_checkpointing: bool = False,
 ) -> Dict[str, int]:  # fmt: skip
-    """Build a distiller (``paper``: its architecture at shrunk widths unless ``full_widths``; or another preset)
-    with both encoders compiled by ``backend``, take two steps to compile every graph, then count the graph calls
-    of a third, profiled, and the ops outside the graphs (as ``compiled_structure`` counts them)."""
+    """Build a distiller (``paper``: its architecture at shrunk widths unless ``full_widths``; or another preset;
+    real batch ``batch``, synthetic batch ``syn_batch`` or the same) with both encoders compiled by ``backend``,
+    take two steps to compile every graph, then count the graph calls of a third, profiled, and the ops outside
+    the graphs (as ``compiled_structure`` counts them)."""
     from covmatch.distill import DistillConfig, Distiller, engine
 
     from .bench_step import PAPER, _device_batches, _preset
@@ -419,7 +425,7 @@ def run_step(
     base = dict(PAPER if full_widths else SHRUNK) if preset_name == "paper" else {"name": preset_name}
     base.update(real_batch=batch, online="real", reset_every=1_000)
     name = base.pop("name")
-    preset = _preset(name, batch, **base)
+    preset = _preset(name, syn_batch or batch, **base)
     config = DistillConfig(preset=preset, device="cpu", precision=precision, compile=True, progress=False,
                            syn_chunk=syn_chunk, grad_checkpointing=grad_checkpointing)  # fmt: skip
     with mock.patch.object(engine, "compile_encoders", compile_with_backend):
@@ -461,6 +467,28 @@ def summarize(graphs: Sequence[GraphRecord], outside: int, print_line: Callable[
     return {"compile": compile_total, "cuda_graphs": graphed_total, "skipped": skipped}
 
 
+# memory bandwidth, TB/s: H200 (HBM3e) and H100 SXM (HBM3)
+BANDWIDTH = {"H200": 4.8, "H100": 3.35}
+PAPER_BATCHES = (128, 256)  # real and synthetic batch of the paper's configuration
+
+
+def triton_traffic(step_options: Dict[str, object], inductor_options: Dict[str, object]) -> Dict[str, float]:
+    """GB the Triton kernels of one iteration read and write, by inductor's own estimate per kernel
+    (``benchmark_kernel``), at real / synthetic batches 2 / 4 and 4 / 8, extrapolated linearly to the paper's
+    128 / 256 (a kernel's traffic is its weights' plus its activations', linear in the batch). The library calls
+    (convolutions, GEMMs, attention) move bytes of their own, not counted here."""
+    measured = {}
+    for real in (2, 4):
+        backend = GpuCodegenBackend(dict(inductor_options, benchmark_kernel=True))
+        try:
+            run_step(backend, batch=real, syn_batch=2 * real, **step_options)
+        finally:
+            torch._dynamo.reset()
+        measured[real] = sum(record.calls * record.launches.triton_gb for record in backend.graphs)
+    per_pair = (measured[4] - measured[2]) / 2
+    return {"at 2/4": measured[2], "at 4/8": measured[4], "paper": measured[4] + per_pair * (PAPER_BATCHES[0] - 4)}
+
+
 def _inductor_option(text: str):
     """``NAME=VALUE`` as (name, value), the value read as a Python literal where it is one (True, 4, "x")."""
     import ast
@@ -474,7 +502,7 @@ def _inductor_option(text: str):
         return name, value
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu_codegen", description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="paper", help="paper (its architecture) or another preset")
     parser.add_argument("--full-widths", action="store_true", help="the paper's widths and 224 px (default: shrunk)")
@@ -483,9 +511,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--syn-chunk", type=int, help="encode the synthetic batch this many pairs at a time")
     parser.add_argument("--grad-checkpointing", action="store_true", help="activation checkpointing in both encoders")
     parser.add_argument("--ptxas", action="store_true", help="compile every Triton kernel for sm_90, run ptxas -v")
+    parser.add_argument("--traffic", action="store_true",
+                        help="the Triton kernels' memory traffic per iteration at the paper's batches")  # fmt: skip
     parser.add_argument("--write-code", metavar="DIR", help="write each graph's generated GPU module into DIR")
     parser.add_argument("--option", action="append", default=[], metavar="NAME=VALUE",
                         help="an inductor setting for the GPU lowering (combo_kernels=True); repeatable")  # fmt: skip
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     try:
@@ -509,6 +544,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for i, record in enumerate(backend.graphs):
             with open(os.path.join(args.write_code, f"graph_{i}_{record.kind}.py"), "w") as handle:
                 handle.write(record.source)
+    if args.traffic:
+        step_options = dict(preset_name=args.preset, full_widths=args.full_widths, precision=args.precision,
+                            syn_chunk=args.syn_chunk, grad_checkpointing=args.grad_checkpointing)  # fmt: skip
+        gb = triton_traffic(step_options, options)
+        at_paper = ", ".join(f"{gb['paper'] / tbps:.3g} ms at {card} {tbps} TB/s" for card, tbps in BANDWIDTH.items())
+        print(f"Triton kernels' memory traffic per iteration (inductor's estimate; library calls not counted): "
+              f"{gb['at 2/4']:.3g} GB at real / synthetic batches 2 / 4, {gb['at 4/8']:.3g} GB at 4 / 8, "
+              f"{gb['paper']:.3g} GB at {PAPER_BATCHES[0]} / {PAPER_BATCHES[1]} (linear): {at_paper}")  # fmt: skip
     if args.ptxas:
         report = ptxas_report([record.source for record in backend.graphs])
         warnings = "; ".join(f"{w} ({n})" for w, n in report.warnings.most_common()) or "none"

@@ -167,6 +167,7 @@ def test_compiled_structure_tells_compiled_kernels_from_eager_launches():
 
 GPU_WRAPPER = """
 triton_poi_fused_add_0 = async_compile.triton('triton_poi_fused_add_0', '''
+@triton_heuristics.pointwise(inductor_meta={'kernel_name': 'triton_poi_fused_add_0', 'kernel_num_gb': 0.25})
 def triton_poi_fused_add_0(in_ptr0, xnumel):
     tmp0.run(x)  # inside a Triton source: not a launch
 ''')
@@ -196,14 +197,16 @@ class Runner:
 
 
 def test_gpu_codegen_counts_the_launch_lines_of_a_wrapper():
-    """benchmarks/gpu_codegen.py reads inductor's GPU wrapper: Triton launches, library calls and aten fallbacks,
-    inside the partitions CUDA graphs capture or between them; a Triton kernel's own source is not a launch."""
+    """benchmarks/gpu_codegen.py reads inductor's GPU wrapper: Triton launches (with the traffic inductor estimates
+    for them), library calls and aten fallbacks, inside the partitions CUDA graphs capture or between them; a
+    Triton kernel's own source is not a launch."""
     from benchmarks.gpu_codegen import wrapper_launches
 
     counted = wrapper_launches(GPU_WRAPPER)
     assert counted.triton == 1 and counted.library == {"mm": 1}
     assert counted.aten == {"zero_": 1, "_efficient_attention_forward": 1, "nonzero": 1}
     assert counted.total == 5 and counted.partitions == 2 and counted.outside_partitions == 1
+    assert counted.triton_gb == 0.25  # the launched kernel's traffic, from its inductor_meta
 
 
 @pytest.mark.slow

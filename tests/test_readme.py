@@ -51,9 +51,10 @@ def test_readme_flags_exist(tool):
 
 
 def test_readme_inline_flags_exist():
-    from benchmarks.bench_data import build_parser as bench_data_parser  # the data benchmark's flags, quoted too
+    from benchmarks.bench_data import build_parser as bench_data_parser  # the benchmarks' flags, quoted too
+    from benchmarks.gpu_codegen import build_parser as gpu_codegen_parser
 
-    known = set().union(*(_known_flags(p()) for p in [*PARSERS.values(), bench_data_parser]))
+    known = set().union(*(_known_flags(p()) for p in [*PARSERS.values(), bench_data_parser, gpu_codegen_parser]))
     inline = set(re.findall(r"`(--[a-z][a-z0-9-]*)", README))
     assert inline and inline <= known, inline - known
 
