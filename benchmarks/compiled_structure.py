@@ -42,13 +42,20 @@ NOT_LAUNCHING = NO_LAUNCH_OPS | VIEW_OPS | {"resize_", "set_", "as_strided_", "r
                                             "reshape", "contiguous", "to", "flatten", "type_as", "view_as"}  # fmt: skip
 
 
-def build(preset_name: str, precision: str, compile: bool, batches: int) -> Distiller:
-    base = dict(SHRUNK) if preset_name == "paper" else {"name": preset_name}
+def build(
+    preset_name: str, precision: str, compile: bool, batches: int, *, syn_batch: Optional[int] = None,
+    full_widths: bool = False, **config: object,
+) -> Distiller:  # fmt: skip
+    """A CPU distiller with the online model on real data: ``paper`` is its architecture at shrunk widths (at its
+    own with ``full_widths``), another name a preset; real batch ``batches``, synthetic ``syn_batch`` or the same;
+    ``config``: more DistillConfig fields (syn_chunk, grad_checkpointing)."""
+    base = dict(PAPER if full_widths else SHRUNK) if preset_name == "paper" else {"name": preset_name}
     base.update(real_batch=batches, online="real", reset_every=1_000)
     name = base.pop("name")
-    preset = _preset(name, batches, **base)
-    config = DistillConfig(preset=preset, device="cpu", precision=precision, compile=compile, progress=False)
-    return Distiller(config, log=lambda _msg: None)
+    preset = _preset(name, syn_batch or batches, **base)
+    settings = DistillConfig(preset=preset, device="cpu", precision=precision, compile=compile, progress=False,
+                             **config)  # fmt: skip
+    return Distiller(settings, log=lambda _msg: None)
 
 
 def _is_kernel(event) -> bool:

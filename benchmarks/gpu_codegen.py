@@ -43,7 +43,7 @@ os.environ.setdefault("COVMATCH_BENCH_SMOKE", "1")  # the step runs on the CPU, 
 
 import torch  # noqa: E402
 
-from .compiled_structure import GRAPH_CALL, SHRUNK, kernels_of  # noqa: E402
+from .compiled_structure import GRAPH_CALL, build, kernels_of  # noqa: E402
 
 # an H100 SXM's properties as torch reports them (an H200 has the same SMs, registers and shared memory)
 HOPPER = types.SimpleNamespace(
@@ -368,12 +368,12 @@ def ptxas_report(wrappers: Sequence[str], ptxas: Optional[str] = None) -> PtxasR
     import torch._inductor.config as inductor_config
     from torch._inductor.codecache import PyCodeCache
 
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise RuntimeError("ptxas_report compiles Triton kernels: run it where TRITON_INTERPRET is not set")
     ptxas = ptxas or _triton_ptxas()
     kernels = {source: name for wrapper in wrappers for name, source in _KERNEL_SOURCE.findall(wrapper)}
     report = PtxasReport(kernels=len(kernels))
     # the static launcher keeps only a cubin; Triton's own CompiledKernel keeps the PTX
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        raise RuntimeError("ptxas_report compiles Triton kernels: run it where TRITON_INTERPRET is not set")
     static_launcher_off = inductor_config.patch(use_static_cuda_launcher=False)
     with tempfile.TemporaryDirectory() as scratch, fake_hopper(), static_launcher_off:
         for source, name in kernels.items():
@@ -414,22 +414,17 @@ def run_step(
     real batch ``batch``, synthetic batch ``syn_batch`` or the same) with both encoders compiled by ``backend``,
     take two steps to compile every graph, then count the graph calls of a third, profiled, and the ops outside
     the graphs (as ``compiled_structure`` counts them)."""
-    from covmatch.distill import DistillConfig, Distiller, engine
+    from covmatch.distill import engine
 
-    from .bench_step import PAPER, _device_batches, _preset
+    from .bench_step import _device_batches
 
     def compile_with_backend(model, *, cuda_graphs: bool = False) -> None:
         for encoder in (model.image, model.text):
             encoder.compile(backend=backend, dynamic=False)
 
-    base = dict(PAPER if full_widths else SHRUNK) if preset_name == "paper" else {"name": preset_name}
-    base.update(real_batch=batch, online="real", reset_every=1_000)
-    name = base.pop("name")
-    preset = _preset(name, syn_batch or batch, **base)
-    config = DistillConfig(preset=preset, device="cpu", precision=precision, compile=True, progress=False,
-                           syn_chunk=syn_chunk, grad_checkpointing=grad_checkpointing)  # fmt: skip
     with mock.patch.object(engine, "compile_encoders", compile_with_backend):
-        distiller = Distiller(config, log=lambda _msg: None)
+        distiller = build(preset_name, precision, True, batch, syn_batch=syn_batch, full_widths=full_widths,
+                          syn_chunk=syn_chunk, grad_checkpointing=grad_checkpointing)  # fmt: skip
     steps = _device_batches(distiller, 0, 3)
     for step in steps[:2]:
         distiller.step(*step)
