@@ -22,7 +22,8 @@ DISTILL = [
 ZERO = ["deepspeed>=0.14"]  # --zero 1-3 (not needed by the demo: deepspeed builds from source at install)
 DATA = ["datasets>=2.14"]  # --dataset hf, covmatch export --format hf read back
 LOGGING = ["tensorboard>=2.10", "wandb>=0.16"]  # --report-to
-DEV = ["pytest>=7.4", "pytest-benchmark>=4.0", "ruff>=0.4", "import-linter>=2.0"]
+# setuptools and wheel: the build requirements, for the packaging tests' wheel built without build isolation
+DEV = ["pytest>=7.4", "pytest-benchmark>=4.0", "ruff>=0.4", "import-linter>=2.0", "setuptools>=64", "wheel"]
 
 setup(
     name="covmatch",

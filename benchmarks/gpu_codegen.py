@@ -360,6 +360,7 @@ class PtxasReport:
     max_registers: int = 0
     spilling: List[str] = dataclasses.field(default_factory=list)
     warnings: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    ptxas: str = ""  # the ptxas that ran, with its release
 
 
 def ptxas_report(wrappers: Sequence[str], ptxas: Optional[str] = None) -> PtxasReport:
@@ -370,7 +371,6 @@ def ptxas_report(wrappers: Sequence[str], ptxas: Optional[str] = None) -> PtxasR
 
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise RuntimeError("ptxas_report compiles Triton kernels: run it where TRITON_INTERPRET is not set")
-    ptxas = ptxas or _triton_ptxas()
     kernels = {source: name for wrapper in wrappers for name, source in _KERNEL_SOURCE.findall(wrapper)}
     report = PtxasReport(kernels=len(kernels))
     # the static launcher keeps only a cubin; Triton's own CompiledKernel keeps the PTX
@@ -381,12 +381,19 @@ def ptxas_report(wrappers: Sequence[str], ptxas: Optional[str] = None) -> PtxasR
             for config in autotuner.configs:
                 kernel = autotuner._precompile_config(config).kernel
                 report.configurations += 1
+                if not report.ptxas:  # once a kernel compiled: inductor may have chosen the ptxas by then
+                    ptxas = ptxas or _triton_ptxas()
+                    release = subprocess.run([ptxas, "--version"], capture_output=True, text=True, check=False)
+                    found = re.search(r"release (\d+\.\d+)", release.stdout)
+                    report.ptxas = f"{ptxas} (release {found.group(1) if found else 'unknown'})"
                 path = os.path.join(scratch, "kernel.ptx")
                 with open(path, "w") as handle:
                     handle.write(kernel.asm["ptx"])
                 done = subprocess.run([ptxas, "-arch=sm_90a", "-v", path, "-o", os.devnull], capture_output=True,
                                       text=True, check=False)  # fmt: skip
                 text = done.stdout + done.stderr
+                if done.returncode != 0:
+                    raise RuntimeError(f"{ptxas} failed on {name} ({config}): {text.strip()[-500:]}")
                 for registers in re.findall(r"Used (\d+) registers", text):
                     report.max_registers = max(report.max_registers, int(registers))
                 if any(int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", text)):
@@ -397,9 +404,15 @@ def ptxas_report(wrappers: Sequence[str], ptxas: Optional[str] = None) -> PtxasR
 
 
 def _triton_ptxas() -> str:
+    """The ptxas Triton compiles with: inductor points TRITON_PTXAS_PATH at the one a CUDA build of torch ships
+    (whose PTX ISA Triton then targets), else Triton's own."""
     import triton
 
-    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    knobs = getattr(triton, "knobs", None)  # Triton >= 3.4
+    if knobs is not None:
+        return knobs.nvidia.ptxas.path
+    bundled = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    return os.environ.get("TRITON_PTXAS_PATH") or bundled
 
 
 # --- the run -----------------------------------------------------------------------------------------------------
@@ -550,9 +563,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.ptxas:
         report = ptxas_report([record.source for record in backend.graphs])
         warnings = "; ".join(f"{w} ({n})" for w, n in report.warnings.most_common()) or "none"
-        print(f"ptxas -arch=sm_90a: {report.kernels} Triton kernels, {report.configurations} configurations, at most "
-              f"{report.max_registers} registers; spilling: {', '.join(report.spilling) or 'none'}; "
-              f"warnings: {warnings}")  # fmt: skip
+        print(f"{report.ptxas} -arch=sm_90a: {report.kernels} Triton kernels, {report.configurations} "
+              f"configurations, at most {report.max_registers} registers; spilling: "
+              f"{', '.join(report.spilling) or 'none'}; warnings: {warnings}")  # fmt: skip
     return 0
 
 

@@ -249,7 +249,7 @@ model = torch.compile(torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU
 model(torch.randn(16, 32)).sum().backward()
 report = ptxas_report([graph.source for graph in backend.graphs])
 print(json.dumps({"kernels": report.kernels, "configurations": report.configurations,
-                  "registers": report.max_registers, "spilling": report.spilling}))
+                  "registers": report.max_registers, "spilling": report.spilling, "ptxas": report.ptxas}))
 """
 
 
@@ -266,6 +266,7 @@ def test_gpu_codegen_compiles_the_generated_kernels_for_sm_90():
     report = json.loads(done.stdout.strip().splitlines()[-1])
     assert report["kernels"] >= 2 and report["configurations"] >= report["kernels"], report
     assert report["registers"] > 0 and report["spilling"] == [], report
+    assert "ptxas (release " in report["ptxas"], report
 
 
 @pytest.mark.slow

@@ -298,7 +298,9 @@ def test_without_library_ops_the_fused_path_still_runs(monkeypatch):
 
     with monkeypatch.context() as patch:  # only while registering: torch registers ops of its own lazily
         patch.setattr(torch.library, "custom_op", refuse)
-        plain = triton_backend._as_library_op("fused_loss_test", triton_backend.fused_loss._init_fn, None)
+        plain = triton_backend._as_library_op(
+            "fused_loss_test", triton_backend.fused_loss._init_fn, None, triton_backend._FUSED_LOSS_SCHEMA
+        )
     assert not isinstance(plain, torch._library.custom_ops.CustomOpDef)
     monkeypatch.setattr(triton_backend, "fused_loss", plain)
     xr, yr, xs, ys = _small()

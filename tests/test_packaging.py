@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -137,3 +138,16 @@ def test_sources_are_ruff_clean():
         pytest.skip("ruff is not installed (it comes with the dev extra)")
     out = subprocess.run([ruff, "check", "--no-cache", "."], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_modules_with_triton_kernels_keep_evaluated_annotations():
+    """A ``@triton.jit`` kernel's ``tl.constexpr`` annotations must be objects, not strings: Triton 3.0's
+    interpreter tells constexpr parameters apart by comparing the annotation with ``tl.constexpr``, so
+    ``from __future__ import annotations`` in a kernel module breaks every interpreted launch there."""
+    stringified = [
+        str(path.relative_to(REPO))
+        for path in sorted((REPO / "covmatch").rglob("*.py"))
+        if re.search(r"^@triton\.jit", text := path.read_text(encoding="utf-8"), re.MULTILINE)
+        and "from __future__ import annotations" in text
+    ]
+    assert stringified == []

@@ -30,8 +30,6 @@ a Cauchy-Schwarz bound of ``|D|`` (from the columns' sums of squares) under 2^14
 Inputs are contiguous (the host copies others once); every offset that can exceed 2^31 is 64-bit.
 """
 
-from __future__ import annotations
-
 from dataclasses import dataclass
 from typing import Dict, Hashable, Optional, Tuple
 

@@ -16,8 +16,6 @@ is one GEMM per modality with the centring applied on load. Cancellation caveat:
 terms of size ||C||^2, so its absolute error scales with ||C||^2, not with the loss. Row offsets are 64-bit.
 """
 
-from __future__ import annotations
-
 from dataclasses import dataclass
 from typing import Optional
 

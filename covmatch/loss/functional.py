@@ -39,8 +39,18 @@ __all__ = [
 BACKENDS = ("auto", "torch", "triton", "hybrid")
 
 
-def _interpreter_on() -> bool:
+def _env_interpreter_flag() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() not in ("", "0", "false")
+
+
+# What a compiled graph sees: torch.compile cannot trace os.environ on every supported torch (2.4 gives up on it).
+_INTERPRETER_AT_IMPORT = _env_interpreter_flag()
+
+
+def _interpreter_on() -> bool:
+    if torch.compiler.is_compiling():
+        return _INTERPRETER_AT_IMPORT
+    return _env_interpreter_flag()
 
 
 # Under 'auto', exact-fp32 calls of at least this many FLOPs (covariance form, forward + backward) take the torch

@@ -242,12 +242,13 @@ def _fused_loss_backward_fake(grad, real_img, real_txt, syn_img, syn_txt, aux, r
     return [t.new_empty(t.shape) if need else _empty(real_img) for t, need in zip(inputs, needs)]
 
 
-def _as_library_op(name: str, fn, fake):
+def _as_library_op(name: str, fn, fake, schema: str):
     """``fn`` registered as the torch.library op ``covmatch::name`` with its fake implementation; where the
     torch version cannot register it (custom ops arrived in 2.4 and grew since), ``fn`` itself: eager calls
-    and autograd work the same, torch.compile then breaks the graph around the loss."""
+    and autograd work the same, torch.compile then breaks the graph around the loss. The schema is spelt out:
+    torch 2.4 cannot infer one from this module's string annotations."""
     try:
-        op = torch.library.custom_op(f"covmatch::{name}", mutates_args=())(fn)
+        op = torch.library.custom_op(f"covmatch::{name}", mutates_args=(), schema=schema)(fn)
         op.register_fake(fake)
         return op
     except Exception as err:  # an older torch's schema inference or registration
@@ -256,8 +257,18 @@ def _as_library_op(name: str, fn, fake):
 
 
 _OP_UNAVAILABLE: Dict[str, str] = {}
-fused_loss = _as_library_op("fused_loss", fused_loss, _fused_loss_fake)
-fused_loss_backward = _as_library_op("fused_loss_backward", fused_loss_backward, _fused_loss_backward_fake)
+_FUSED_LOSS_SCHEMA = (
+    "(Tensor real_img, Tensor real_txt, Tensor syn_img, Tensor syn_txt, float rho, float lam, str form, "
+    "bool[] needs) -> Tensor[]"
+)
+_FUSED_LOSS_BACKWARD_SCHEMA = (
+    "(Tensor grad, Tensor real_img, Tensor real_txt, Tensor syn_img, Tensor syn_txt, Tensor[] aux, float rho, "
+    "float lam, str form, bool[] needs) -> Tensor[]"
+)
+fused_loss = _as_library_op("fused_loss", fused_loss, _fused_loss_fake, _FUSED_LOSS_SCHEMA)
+fused_loss_backward = _as_library_op(
+    "fused_loss_backward", fused_loss_backward, _fused_loss_backward_fake, _FUSED_LOSS_BACKWARD_SCHEMA
+)
 
 
 class FusedLossFunction(torch.autograd.Function):
