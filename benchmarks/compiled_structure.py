@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import collections
 import os
+import re
 import statistics
 import sys
 import time
@@ -98,6 +99,18 @@ def kernels_of(prof) -> dict:
 
 # the profiler range around each call of a compiled graph (forward or backward) at run time
 GRAPH_CALL = "## Call CompiledFxGraph"
+# The oldest torch these counts (and gpu_codegen's fake GPU) were checked with: they read inductor's profiler
+# ranges and internals, which older versions name or lack differently (2.4 has no GRAPH_CALL range).
+OLDEST_TORCH = (2, 11)
+
+
+def unsupported_reason() -> Optional[str]:
+    """Why this torch cannot run the compiled-graph counts, or None."""
+    found = re.match(r"(\d+)\.(\d+)", torch.__version__)
+    if found and (int(found.group(1)), int(found.group(2))) >= OLDEST_TORCH:
+        return None
+    oldest = ".".join(map(str, OLDEST_TORCH))
+    return f"the compiled-graph counts need torch >= {oldest} (this is torch {torch.__version__})"
 
 
 def _has_ancestor(event, test) -> bool:
@@ -138,6 +151,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--iterations", type=int, default=5, help="timed iterations after the profiled one")
     parser.add_argument("--batch", type=int, default=4, help="real and synthetic batch")
     args = parser.parse_args(argv)
+    if unsupported_reason() is not None:
+        parser.error(unsupported_reason())  # exits with 2
     torch.set_num_threads(max(1, torch.get_num_threads()))
     results = {}
     for compile in (False, True):

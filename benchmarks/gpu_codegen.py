@@ -20,7 +20,8 @@ Limits: every graph input moves to the GPU, so a host tensor that reaches a grap
 attention kernel behind ``scaled_dot_product_attention``) keeps its CPU variant, counted as one library call like
 its CUDA one; a library call counts as one launch (cuDNN's convolution backward may launch more); with no timings
 autotuning picks nothing, which changes kernel configurations, not their number. The fake device leans on
-inductor's internals as of torch 2.14 (the version the tests pin): another version may need its patches adjusted.
+inductor's internals: it was checked with torch 2.11 (the GPU machines' version) and 2.14 (the version the tests
+pin), and refuses an older torch.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ os.environ.setdefault("COVMATCH_BENCH_SMOKE", "1")  # the step runs on the CPU, 
 
 import torch  # noqa: E402
 
-from .compiled_structure import GRAPH_CALL, build, kernels_of  # noqa: E402
+from .compiled_structure import GRAPH_CALL, build, kernels_of, unsupported_reason  # noqa: E402
 
 # an H100 SXM's properties as torch reports them (an H200 has the same SMs, registers and shared memory)
 HOPPER = types.SimpleNamespace(
@@ -530,6 +531,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if unsupported_reason() is not None:
+        parser.error(unsupported_reason())  # exits with 2
     torch.set_num_threads(max(1, torch.get_num_threads()))
     try:
         options = dict(_inductor_option(option) for option in args.option)
@@ -537,7 +540,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         with inductor_config.patch(options):  # an unknown setting fails here, not halfway through the run
             pass
-    except (ValueError, AttributeError) as error:
+    except (ValueError, AttributeError, KeyError) as error:
         parser.error(f"--option: {error}")  # exits with 2
     if args.write_code and os.path.isdir(args.write_code) and os.listdir(args.write_code):
         parser.error(f"--write-code {args.write_code}: the directory is not empty; name a new one")  # exits with 2

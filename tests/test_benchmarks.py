@@ -149,6 +149,7 @@ def test_count_launches_files_every_op_under_its_phase():
 def test_compiled_structure_tells_compiled_kernels_from_eager_launches():
     """benchmarks/compiled_structure.py's count: inductor's kernels, the calls of compiled graphs, and the
     eager ops around them (what a CUDA-graph replay still launches one by one)."""
+    _skip_where_compiled_counts_cannot_run()
     import torch
     import torch._inductor.config as inductor_config
 
@@ -196,6 +197,37 @@ class Runner:
 """
 
 
+def _skip_where_compiled_counts_cannot_run() -> None:
+    from benchmarks.compiled_structure import unsupported_reason
+
+    if unsupported_reason() is not None:
+        pytest.skip(unsupported_reason())
+
+
+def test_gpu_codegen_refuses_in_one_line(monkeypatch, tmp_path, capsys):
+    """An older torch, an unknown inductor setting and a directory that holds files each get one line on stderr
+    and exit 2, before anything runs."""
+    from benchmarks import gpu_codegen
+
+    (tmp_path / "kept.py").write_text("# a user's file\n")
+    monkeypatch.setattr(gpu_codegen.torch, "__version__", "2.14.1")  # the other refusals, on any torch
+    cases = [
+        (["--write-code", str(tmp_path)], "--write-code", "not empty"),
+        (["--option", "no_such_setting=1"], "--option", "no_such_setting"),
+    ]
+    for argv, flag, words in cases:
+        with pytest.raises(SystemExit) as exited:
+            gpu_codegen.main(argv)
+        error = capsys.readouterr().err.strip().splitlines()[-1]
+        assert exited.value.code == 2 and flag in error and words in error, error
+    monkeypatch.setattr(gpu_codegen.torch, "__version__", "2.4.1")
+    with pytest.raises(SystemExit) as exited:
+        gpu_codegen.main([])
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exited.value.code == 2 and "need torch >= 2.11 (this is torch 2.4.1)" in error, error
+    assert (tmp_path / "kept.py").read_text() == "# a user's file\n"
+
+
 def test_gpu_codegen_counts_the_launch_lines_of_a_wrapper():
     """benchmarks/gpu_codegen.py reads inductor's GPU wrapper: Triton launches (with the traffic inductor estimates
     for them), library calls and aten fallbacks, inside the partitions CUDA graphs capture or between them; a
@@ -214,6 +246,7 @@ def test_gpu_codegen_lowers_forward_and_backward_for_a_gpu_without_one():
     """The fake-Hopper lowering end to end on a small model: a forward and a backward graph for cuda:0 with
     Triton kernels and cuBLAS calls, counted once per call, no reason to skip CUDA graphs; the model itself ran
     on the CPU and computed what eager does."""
+    _skip_where_compiled_counts_cannot_run()
     import torch
 
     from benchmarks.gpu_codegen import GpuCodegenBackend
@@ -257,6 +290,7 @@ print(json.dumps({"kernels": report.kernels, "configurations": report.configurat
 def test_gpu_codegen_compiles_the_generated_kernels_for_sm_90():
     """``--ptxas``: every generated Triton kernel compiles for sm_90 in each autotuning configuration, and ptxas
     reports its registers (a process of its own: the tests run Triton in its interpreter, which compiles nothing)."""
+    _skip_where_compiled_counts_cannot_run()
     import json
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -274,6 +308,7 @@ def test_gpu_codegen_finds_every_graph_of_a_chunked_step_capturable():
     """The compiled ``tiny`` step with ``--syn-chunk``, lowered for sm_90: every graph an iteration calls is one
     inductor would capture in a CUDA graph (no mutated inputs, no CPU ops, no dynamic shapes), and replaying them
     launches far fewer kernels than ``--compile`` alone."""
+    _skip_where_compiled_counts_cannot_run()
     import torch
 
     from benchmarks.gpu_codegen import GpuCodegenBackend, run_step, summarize

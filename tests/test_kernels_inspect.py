@@ -19,8 +19,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("triton")
+
+from covmatch.loss.inspect import aot_unavailable_reason, inspect_call  # noqa: E402
+
+needs_aot = pytest.mark.skipif(aot_unavailable_reason() is not None, reason=str(aot_unavailable_reason()))
 
 REPO = Path(__file__).resolve().parents[1]
 PAPER = (128, 256, 2304, 768)
@@ -63,6 +68,7 @@ def inspected(tmp_path_factory):
     return {json.dumps(r["case"]): r for r in json.loads(run.stdout.strip().splitlines()[-1])}
 
 
+@needs_aot
 @pytest.mark.parametrize("case", HALF_CASES, ids=lambda c: f"{c[0]}-{c[1]}-{'x'.join(map(str, c[2]))}")
 def test_half_precision_compiles_to_clean_tensor_core_mainloops(inspected, case):
     result = inspected[json.dumps(case)]
@@ -86,6 +92,7 @@ def test_half_precision_compiles_to_clean_tensor_core_mainloops(inspected, case)
     assert len([p for p in result["ptx"] if p.endswith(".ptx")]) == len(kernels)
 
 
+@needs_aot
 def test_fp32_uses_tf32_tensor_cores_exactly_when_torch_allows_it(inspected):
     ieee, tf32 = (inspected[json.dumps(case)]["kernels"] for case in FP32_CASES)
     products = [k for k in ieee if k["name"] in MATRIX_PRODUCT_KERNELS]
@@ -93,6 +100,7 @@ def test_fp32_uses_tf32_tensor_cores_exactly_when_torch_allows_it(inspected):
     assert all(k["tc"] > 0 for k in tf32 if k["name"] in MATRIX_PRODUCT_KERNELS)
 
 
+@needs_aot
 @pytest.mark.parametrize("case", HYBRID_CASES, ids=lambda c: f"{c[0]}-{c[1]}")
 def test_large_shape_path_is_four_gemms_and_clean_epilogues(inspected, case):
     """The hybrid path at the large shape: the four products are torch matmuls (cuBLAS), the rest four
@@ -107,6 +115,7 @@ def test_large_shape_path_is_four_gemms_and_clean_epilogues(inspected, case):
         assert k["spills"] == 0 and k["warnings"] == [] and k["smem"] <= 232_448, k
 
 
+@needs_aot
 def test_command_line(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
@@ -120,3 +129,19 @@ def test_command_line(tmp_path):
     bad_argv = ["-m", "covmatch.loss.inspect", "--shape", "1,2,3", "--dump", str(tmp_path)]
     bad = subprocess.run([sys.executable, *bad_argv], capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
     assert bad.returncode == 2 and "expected NR,NS,DX,DY" in bad.stderr
+
+
+def test_older_triton_gets_one_clear_refusal(monkeypatch, tmp_path):
+    """Before Triton 3.3 ``ASTSource`` takes constants by position: the tool says what it needs instead of
+    failing inside Triton."""
+    import triton.compiler
+
+    class OldASTSource:
+        def __init__(self, fn, signature, constants=None, attrs=None) -> None:
+            raise AssertionError("not reached")
+
+    monkeypatch.setattr(triton.compiler, "ASTSource", OldASTSource)
+    monkeypatch.setattr("covmatch.loss.inspect.interpreter_enabled", lambda: False)
+    with pytest.raises(RuntimeError, match=r"needs Triton >= 3\.3 \(this is Triton "):
+        inspect_call(PAPER, torch.bfloat16, (9, 0), tmp_path / "dump")
+    assert not (tmp_path / "dump").exists()

@@ -209,6 +209,17 @@ def _sass(cubin: Path) -> str:
     return run.stdout
 
 
+def aot_unavailable_reason() -> Optional[str]:
+    """Why this Triton cannot compile the recorded launches ahead of time, or None: the form of
+    ``ASTSource`` used here (constexprs and attributes by name) arrived in Triton 3.3."""
+    import triton
+    from triton.compiler import ASTSource
+
+    if "constexprs" in ASTSource.__init__.__code__.co_varnames:
+        return None
+    return f"ahead-of-time compilation needs Triton >= 3.3 (this is Triton {triton.__version__})"
+
+
 def compile_launch(record: LaunchRecord, capability: Tuple[int, int], ptx_path: Path) -> KernelReport:
     """Compile one recorded launch ahead of time for ``capability`` and read what the compiler emitted."""
     import triton
@@ -239,6 +250,9 @@ def inspect_call(
     """Reports of every Triton launch of one call (PTX files in ``dump``) and its launching torch ops."""
     if interpreter_enabled():
         raise RuntimeError("TRITON_INTERPRET=1 is set: ahead-of-time compilation needs the compiled kernels")
+    reason = aot_unavailable_reason()
+    if reason is not None:
+        raise RuntimeError(reason)
     dump.mkdir(parents=True, exist_ok=True)
     launches, torch_ops = record_call(shape, dtype, capability, **kw)
     reports = [compile_launch(r, capability, dump / f"{i:02d}_{r.name}.ptx") for i, r in enumerate(launches)]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from importlib import metadata
 from pathlib import Path
 from typing import Dict, Optional
 
@@ -43,6 +44,15 @@ def resolve_text_encoder_path(name_or_path: str) -> str:
     return name_or_path
 
 
+def transformers_takes_4d_masks() -> bool:
+    """Whether the installed transformers passes a 4-D attention mask to the attention as given (5.0 on); 4.x
+    refuses one for BERT-like encoders and reads a 2-D one on the host."""
+    try:
+        return int(metadata.version("transformers").split(".")[0]) >= 5
+    except (metadata.PackageNotFoundError, ValueError):
+        return False
+
+
 class TextEncoder(nn.Module):
     """``forward(inputs_embeds [n, L, E], attention_mask [n, L]) -> features [n, hidden]``.
 
@@ -60,6 +70,7 @@ class TextEncoder(nn.Module):
         self.feature_dim = int(model.config.hidden_size)
         self.embed_dim = int(model.get_input_embeddings().weight.shape[1])
         self.whitening: Optional[nn.Module] = None  # a FeatureWhitening with --whiten-features
+        self.takes_4d_mask = transformers_takes_4d_masks()
         pooler = getattr(model, "pooler", None)
         if isinstance(pooler, nn.Module):  # BERT's pooled output is unused here: skip its matmul, keep its weights
             pooler.forward = _no_pooled_output
@@ -139,9 +150,9 @@ class TextEncoder(nn.Module):
         as given, while from a 2-D one it first asks whether the batch has padding at all (``mask.all()``), a read
         of a device value that stops the host until the GPU has caught up, three times per iteration. Boolean
         (True: attend) for SDPA, additive for eager attention, as transformers builds them; other kernels get
-        the 2-D mask."""
+        the 2-D mask, and so does transformers 4.x (whose forward then reads the mask on the host)."""
         implementation = getattr(self.model.config, "_attn_implementation", None)
-        if implementation not in ("sdpa", "eager"):
+        if not self.takes_4d_mask or implementation not in ("sdpa", "eager"):
             return attention_mask
         length = attention_mask.shape[1]
         keep = attention_mask.bool()[:, None, None, :].expand(-1, 1, length, length)
