@@ -20,7 +20,7 @@ COMPILE_ALL = $(PY) -m compileall -q -j 0 $(SITE_PACKAGES) >/dev/null 2>&1 || tr
 STAMP := $(VENV)/.covmatch-installed
 DEMO_STAMP := $(VENV)/.covmatch-demo-installed
 
-.PHONY: install test demo lint clean
+.PHONY: install test test-oldest demo lint clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,19 @@ test: $(STAMP)
 
 demo: $(DEMO_STAMP)
 	$(PY) -m covmatch.demo --runs 1
+
+# The suite on the oldest versions setup.py declares (docs/development.md, Versions), in a venv of its own.
+OLDEST_PYTHON ?= python3.9
+OLDEST_VENV ?= .venv-oldest
+OLDEST_TORCH := torch==2.4.1 torchvision==0.19.1 "numpy<2"
+OLDEST_PINS := transformers==4.40.2 timm==1.0.10 deepspeed==0.19.8
+
+# torch first: DeepSpeed's sdist imports it to build
+test-oldest:
+	test -x $(OLDEST_VENV)/bin/python || $(OLDEST_PYTHON) -m venv $(OLDEST_VENV)
+	$(OLDEST_VENV)/bin/python -m pip install --no-compile $(OLDEST_TORCH)
+	$(OLDEST_VENV)/bin/python -m pip install --no-compile -e ".[all]" $(OLDEST_TORCH) $(OLDEST_PINS)
+	$(OLDEST_VENV)/bin/pytest
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check covmatch tests benchmarks experiments docs/examples setup.py
