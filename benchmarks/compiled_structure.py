@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import collections
 import os
-import re
 import statistics
 import sys
 import time
@@ -27,6 +26,7 @@ from typing import Optional, Sequence
 os.environ.setdefault("COVMATCH_BENCH_SMOKE", "1")  # counting runs on the CPU, whatever the machine has
 
 import torch  # noqa: E402
+from torch.torch_version import TorchVersion  # noqa: E402
 
 from covmatch.distill import DistillConfig, Distiller  # noqa: E402
 from covmatch.distill.compilation import compiled_graphs  # noqa: E402
@@ -106,8 +106,7 @@ OLDEST_TORCH = (2, 11)
 
 def unsupported_reason() -> Optional[str]:
     """Why this torch cannot run the compiled-graph counts, or None."""
-    found = re.match(r"(\d+)\.(\d+)", torch.__version__)
-    if found and (int(found.group(1)), int(found.group(2))) >= OLDEST_TORCH:
+    if TorchVersion(torch.__version__) >= OLDEST_TORCH:
         return None
     oldest = ".".join(map(str, OLDEST_TORCH))
     return f"the compiled-graph counts need torch >= {oldest} (this is torch {torch.__version__})"

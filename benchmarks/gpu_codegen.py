@@ -37,6 +37,7 @@ import subprocess
 import sys
 import tempfile
 import types
+from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Sequence
 from unittest import mock
 
@@ -364,11 +365,14 @@ class PtxasReport:
     ptxas: str = ""  # the ptxas that ran, with its release
 
 
-def ptxas_report(wrappers: Sequence[str], ptxas: Optional[str] = None) -> PtxasReport:
+def ptxas_report(wrappers: Sequence[str]) -> PtxasReport:
     """Compile every Triton kernel of the given GPU wrappers for sm_90, in each of its autotuning configurations,
-    and read ``ptxas -arch=sm_90a -v`` on its PTX: registers, spills, and the warnings ptxas prints."""
+    and read ``ptxas -arch=sm_90a -v`` on its PTX (``covmatch.loss.inspect``'s reading): registers, spills, and
+    the warnings ptxas prints."""
     import torch._inductor.config as inductor_config
     from torch._inductor.codecache import PyCodeCache
+
+    from covmatch.loss.inspect import nvidia_tool, ptxas_info
 
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise RuntimeError("ptxas_report compiles Triton kernels: run it where TRITON_INTERPRET is not set")
@@ -382,38 +386,19 @@ def ptxas_report(wrappers: Sequence[str], ptxas: Optional[str] = None) -> PtxasR
             for config in autotuner.configs:
                 kernel = autotuner._precompile_config(config).kernel
                 report.configurations += 1
-                if not report.ptxas:  # once a kernel compiled: inductor may have chosen the ptxas by then
-                    ptxas = ptxas or _triton_ptxas()
+                if not report.ptxas:  # once a kernel compiled: inductor has chosen the ptxas by then
+                    ptxas = nvidia_tool("ptxas")
                     release = subprocess.run([ptxas, "--version"], capture_output=True, text=True, check=False)
                     found = re.search(r"release (\d+\.\d+)", release.stdout)
                     report.ptxas = f"{ptxas} (release {found.group(1) if found else 'unknown'})"
-                path = os.path.join(scratch, "kernel.ptx")
-                with open(path, "w") as handle:
-                    handle.write(kernel.asm["ptx"])
-                done = subprocess.run([ptxas, "-arch=sm_90a", "-v", path, "-o", os.devnull], capture_output=True,
-                                      text=True, check=False)  # fmt: skip
-                text = done.stdout + done.stderr
-                if done.returncode != 0:
-                    raise RuntimeError(f"{ptxas} failed on {name} ({config}): {text.strip()[-500:]}")
-                for registers in re.findall(r"Used (\d+) registers", text):
-                    report.max_registers = max(report.max_registers, int(registers))
-                if any(int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", text)):
+                ptx = Path(scratch) / f"{name}.ptx"  # named in ptxas_info's error
+                ptx.write_text(kernel.asm["ptx"])
+                registers, spills, warnings, _cubin = ptxas_info(ptx, (9, 0))
+                report.max_registers = max(report.max_registers, registers)
+                if spills:
                     report.spilling.append(f"{name} {config}")
-                for warning in re.findall(r"warning\s*:\s*(.*)", text):
-                    report.warnings[warning.strip()[:100]] += 1
+                report.warnings.update(warning[:100] for warning in warnings)
     return report
-
-
-def _triton_ptxas() -> str:
-    """The ptxas Triton compiles with: inductor points TRITON_PTXAS_PATH at the one a CUDA build of torch ships
-    (whose PTX ISA Triton then targets), else Triton's own."""
-    import triton
-
-    knobs = getattr(triton, "knobs", None)  # Triton >= 3.4
-    if knobs is not None:
-        return knobs.nvidia.ptxas.path
-    bundled = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-    return os.environ.get("TRITON_PTXAS_PATH") or bundled
 
 
 # --- the run -----------------------------------------------------------------------------------------------------

@@ -145,8 +145,9 @@ def _signature(record: LaunchRecord):
     return signature, constants, attrs
 
 
-def _nvidia_tool(name: str) -> str:
-    """Triton's copy of a CUDA tool (``ptxas``, ``nvdisasm``), else one on PATH."""
+def nvidia_tool(name: str) -> str:
+    """The CUDA tool (``ptxas``, ``nvdisasm``) Triton uses: the one ``TRITON_<NAME>_PATH`` names (inductor points
+    ``TRITON_PTXAS_PATH`` at the ptxas a CUDA build of torch ships), else Triton's copy, else one on PATH."""
     import triton
 
     env = os.environ.get(f"TRITON_{name.upper()}_PATH")
@@ -156,11 +157,11 @@ def _nvidia_tool(name: str) -> str:
     return str(shipped) if shipped.is_file() else (shutil.which(name) or str(shipped))
 
 
-def _ptxas(ptx: Path, capability: Tuple[int, int]) -> Tuple[int, int, List[str], Path]:
-    """(registers, spill bytes, performance warnings, cubin) from Triton's ptxas for the launch's kernel."""
+def ptxas_info(ptx: Path, capability: Tuple[int, int]) -> Tuple[int, int, List[str], Path]:
+    """(registers, spill bytes, performance warnings, cubin) from Triton's ptxas for one kernel's PTX."""
     arch = f"sm_{capability[0]}{capability[1]}" + ("a" if capability[0] >= 9 else "")
     cubin = ptx.with_suffix(".cubin")
-    run = subprocess.run([_nvidia_tool("ptxas"), f"-arch={arch}", "-v", str(ptx), "-o", str(cubin)],
+    run = subprocess.run([nvidia_tool("ptxas"), f"-arch={arch}", "-v", str(ptx), "-o", str(cubin)],
                          capture_output=True, text=True)  # fmt: skip
     if run.returncode != 0:
         raise RuntimeError(f"ptxas failed on {ptx}: {run.stderr.strip().splitlines()[-1:]}")
@@ -203,7 +204,7 @@ def sass_kloops(sass: str, tensor_core_ops: Sequence[str]) -> List[KLoop]:
 
 
 def _sass(cubin: Path) -> str:
-    run = subprocess.run([_nvidia_tool("nvdisasm"), "-c", str(cubin)], capture_output=True, text=True)
+    run = subprocess.run([nvidia_tool("nvdisasm"), "-c", str(cubin)], capture_output=True, text=True)
     if run.returncode != 0:
         raise RuntimeError(f"nvdisasm failed on {cubin}: {run.stderr.strip().splitlines()[-1:]}")
     return run.stdout
@@ -233,7 +234,7 @@ def compile_launch(record: LaunchRecord, capability: Tuple[int, int], ptx_path: 
     compiled = triton.compile(source, target=target, options=options)
     ptx = compiled.asm["ptx"]
     ptx_path.write_text(ptx)
-    registers, spills, warnings, cubin = _ptxas(ptx_path, capability)
+    registers, spills, warnings, cubin = ptxas_info(ptx_path, capability)
     kloops = sass_kloops(_sass(cubin), SASS_TENSOR_CORE[capability])
     c = record.config
     tile = f"{c.block_m}x{c.block_n}x{c.block_k} w{c.num_warps} s{c.num_stages}"
