@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Tuple
 
+import pytest
 from PIL import Image
 
 # bf16 runs of the tiny preset use 32 px: at its 16 px NFNet's last stage is 1 x 1, where CPU bf16 convolution
@@ -64,8 +65,9 @@ def make_karpathy_single_file(root: Path, ann_root: Path, *, name: str = "datase
 
 def make_hf_fixture(root: Path, ann_root: Path, image_root: Path, *, form: str) -> Path:
     """The BLIP fixture as a local Hugging Face dataset in ``root``: ``form`` "dict" (save_to_disk of a
-    DatasetDict), "column" (one Dataset with a split column) or "imagefolder" (folders + metadata.jsonl)."""
-    import datasets
+    DatasetDict), "column" (one Dataset with a split column) or "imagefolder" (folders + metadata.jsonl).
+    Skips the calling test where the ``data`` extra (``datasets``) is not installed."""
+    datasets = pytest.importorskip("datasets", reason="the data extra: pip install covmatch[data]")
 
     rows = {}
     train = json.loads(next(ann_root.glob("*train.json")).read_text())

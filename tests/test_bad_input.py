@@ -9,6 +9,7 @@ asserts the exception type and its message.
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, Optional, Sequence
@@ -33,7 +34,10 @@ class Case:
     argv: Sequence[str]
     message: str
     prepare: Optional[Callable[[Path], None]] = None
-    needs: Sequence[str] = ()  # "karpathy", "run" (a finished tiny run), "result" (an eval results folder)
+    # "karpathy", "run" (a finished tiny run), "result" (an eval results folder), or an optional package
+    # ("deepspeed", "datasets") the case is skipped without
+    needs: Sequence[str] = ()
+    missing: Sequence[str] = ()  # optional packages made unimportable for the case
 
 
 def _edit_json(path: Path, edit: Callable) -> None:
@@ -135,6 +139,10 @@ DISTILL_CASES = [
     Case("dsa-scale-nan", "distill", ["--dsa-scale", "nan"], "--dsa-scale must be a finite number, got nan"),
     Case("int-flag-not-int", "distill", ["--real-batch", "8.5"], "argument --real-batch: invalid int value: '8.5'"),
     Case("report-to-unknown", "distill", ["--report-to", "tensorboard,mlflow"], "argument --report-to: unknown destination 'mlflow'; choose from tensorboard, wandb"),
+    Case("report-to-without-tensorboard", "distill", ["--report-to", "tensorboard"],
+         "--report-to tensorboard needs the tensorboard package: pip install 'covmatch[logging]'", missing=["tensorboard"]),
+    Case("report-to-without-wandb", "distill", ["--report-to", "wandb"],
+         "--report-to wandb needs the wandb package: pip install 'covmatch[logging]'", missing=["wandb"]),
     Case("resume-and-overwrite", "distill", ["--resume", "--overwrite"], "--resume and --overwrite contradict"),
     Case("auto-resume-and-resume", "distill", ["--auto-resume", "--resume"], "--auto-resume and --resume contradict"),
     Case("unknown-image-encoder", "distill", ["--image-encoder", "no_such_net"], "unknown timm image encoder"),
@@ -178,9 +186,14 @@ DISTILL_CASES = [
     Case("init-balanced-without-labels", "distill", [*KARPATHY, "--init", "balanced"],
          "--init balanced needs class labels: the embedded dataset has them, this data has none", needs=["karpathy"]),
     Case("data-hf-no-dir", "distill", ["--dataset", "hf"], "--dataset hf needs --data-dir DIR"),
-    Case("data-hf-dir-missing", "distill", ["--dataset", "hf", "--data-dir", "{tmp}/nope"], "nope: --data-dir folder not found"),
+    Case("data-hf-dir-missing", "distill", ["--dataset", "hf", "--data-dir", "{tmp}/nope"], "nope: --data-dir folder not found",
+         needs=["datasets"]),
     Case("data-hf-not-a-dataset", "eval", ["--coreset", "random", "--dataset", "hf", "--data-dir", "{tmp}/empty"],
-         "empty: not a readable Hugging Face dataset", prepare=lambda tmp: (tmp / "empty").mkdir()),
+         "empty: not a readable Hugging Face dataset", prepare=lambda tmp: (tmp / "empty").mkdir(), needs=["datasets"]),
+    Case("data-hf-without-datasets", "distill", ["--dataset", "hf", "--data-dir", "{tmp}"],
+         "--dataset hf needs the Hugging Face datasets package: pip install 'covmatch[data]'", missing=["datasets"]),
+    Case("data-hf-without-datasets", "eval", ["--coreset", "random", "--dataset", "hf", "--data-dir", "{tmp}"],
+         "--dataset hf needs the Hugging Face datasets package: pip install 'covmatch[data]'", missing=["datasets"]),
     # DeepSpeed configs
     Case("ds-config-missing", "distill", ["--zero", "2", "--deepspeed-config", "{tmp}/none.json"], "--deepspeed-config",
          needs=["deepspeed"]),
@@ -294,9 +307,11 @@ def _copy(src: Path, dst: Path) -> None:
 
 
 @pytest.mark.parametrize("case", DISTILL_CASES + EVAL_CASES, ids=lambda c: f"{c.command}-{c.id}")
-def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, tmp_path, capsys, request):
-    if "deepspeed" in case.needs:
-        pytest.importorskip("deepspeed")
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, tmp_path, capsys, request, monkeypatch):
+    for package in {"deepspeed", "datasets"} & set(case.needs):
+        pytest.importorskip(package)
+    for package in case.missing:
+        monkeypatch.setitem(sys.modules, package, None)  # import fails, find_spec finds nothing
     if "karpathy" in case.needs:
         make_karpathy_fixture(tmp_path / "data")
     if "run" in case.needs:

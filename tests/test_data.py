@@ -236,7 +236,7 @@ def test_hf_dataset_reads_as_the_karpathy_files(tmp_path, karpathy, form):
 
 
 def test_hf_dataset_errors(tmp_path, karpathy):
-    import datasets
+    datasets = pytest.importorskip("datasets", reason="the data extra: pip install covmatch[data]")
 
     from covmatch.data.hf import HFSource
 

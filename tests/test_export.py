@@ -35,7 +35,7 @@ def _snapshot(root):
 
 
 def test_hf_export_loads_with_datasets_offline(run, tmp_path, monkeypatch):
-    import datasets
+    datasets = pytest.importorskip("datasets", reason="the data extra: pip install covmatch[data]")
 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     out = tmp_path / "hf"
