@@ -5,6 +5,7 @@
 ``loss``: the all-reduced loss and gradients on 2 shards equal the single-process ones on their union.
 ``reset STAGE:PRECISION,...``: after online steps under ZeRO, the reset puts back the pretrained parameters,
 the fp32 master copy and an empty optimiser state (a zero-gradient step then changes nothing).
+``online-steps`` (one process, no launcher): the online model under ZeRO 1-3 trains as plain PyTorch's does.
 ``chunked``: with N > the synthetic batch (each rank's batch a sample of its shard), the online model
 training and a reset, ``--syn-chunk`` distils the same set as one pass.
 """
@@ -135,6 +136,45 @@ def scenario_chunked() -> None:
     print(f"rank {rank}: chunked run == single-pass run", flush=True)
 
 
+def scenario_online_steps() -> None:
+    """One process: after two tiny fp32 iterations the online model under ZeRO 1, 2 and 3 equals plain
+    PyTorch's (no DeepSpeed default, such as its gradient clipping, changes the steps); then, the run closed,
+    another DeepSpeed run starts in the same process."""
+    import deepspeed.utils.groups
+
+    from covmatch.distill import DistillConfig, Distiller
+    from covmatch.distill.distributed import gathered_parameters
+    from covmatch.presets import get_preset
+
+    def after_two_iterations(zero: int, online: str = "real"):
+        config = DistillConfig(preset=get_preset("tiny"), zero=zero, online=online, progress=False, device="cpu")
+        d = Distiller(config, log=lambda _m: None)
+        for real_batch, online_batch in zip(d.real_batches(0, 2), d.online_batches(0, 2)):
+            d.step(real_batch, online_batch)
+        with gathered_parameters(d.model.parameters()):
+            return d, {name: p.detach().float().clone() for name, p in d.model.named_parameters()}
+
+    def distance(a: dict, b: dict) -> float:
+        return sum(float((a[k] - b[k]).norm()) ** 2 for k in a) ** 0.5
+
+    _, start = after_two_iterations(0, online="fixed")
+    _, plain = after_two_iterations(0)
+    moved = distance(plain, start)
+    assert moved > 0.5, f"the online model moved {moved:.3g}: too little to tell clipped steps from others"
+    for stage in (1, 2, 3):  # one engine after another in the process group the first one joins
+        d, zero = after_two_iterations(stage)
+        apart = distance(zero, plain)
+        assert apart < 1e-3 * moved, f"ZeRO-{stage}: {apart:.3g} from plain PyTorch's weights (they moved {moved:.3g})"
+        print(
+            f"ZeRO-{stage}: the online steps equal plain PyTorch's ({apart:.2g} apart, {moved:.2g} moved)", flush=True
+        )
+    d.close(finished=True)
+    if hasattr(deepspeed.utils.groups, "_release_process_group_references"):  # DeepSpeed >= 0.19.8
+        d, _ = after_two_iterations(2)
+        d.close(finished=True)
+        print("a second DeepSpeed run after close", flush=True)
+
+
 if __name__ == "__main__":
     name, *args = sys.argv[1:]
     if name == "loss":
@@ -143,5 +183,7 @@ if __name__ == "__main__":
         scenario_reset(args[0])
     elif name == "chunked":
         scenario_chunked()
+    elif name == "online-steps":
+        scenario_online_steps()
     else:
         raise SystemExit(f"unknown scenario {name!r}")

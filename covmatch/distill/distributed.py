@@ -171,7 +171,8 @@ def build_ds_config(
     """The DeepSpeed config for the online model: ours from the flags, a user's JSON merged over it.
 
     covmatch owns the optimiser (a client ``torch.optim.SGD``), the schedule and the step structure, so a
-    user config may not set those, nor contradict ``--zero`` / ``--fp16`` / ``--bf16``.
+    user config may not set those, nor contradict ``--zero`` / ``--fp16`` / ``--bf16`` / a non-zero
+    ``--grad-clip`` (with ``--grad-clip 0`` its ``gradient_clipping`` applies).
     """
     if stage not in ZERO_STAGES[1:]:
         raise ConfigError(f"--zero {stage}: DeepSpeed runs stages 1, 2 or 3 (0 is plain PyTorch)")
@@ -184,14 +185,17 @@ def build_ds_config(
         "bf16": {"enabled": precision == "bf16"},
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
+        # always spelt out: DeepSpeed's own default is 1.0 from 0.19.3 on (0 before), and --grad-clip 0 means none
+        "gradient_clipping": grad_clip,
     }
-    if grad_clip > 0:
-        config["gradient_clipping"] = grad_clip
     if not user_config:
         return config
     for key in ("optimizer", "scheduler"):
         if key in user_config:
             raise ConfigError(f"{source}: '{key}' is set by covmatch (the online model's SGD); remove that section")
+    user_clip = user_config.get("gradient_clipping")
+    if grad_clip > 0 and user_clip is not None and user_clip != grad_clip:
+        raise ConfigError(f"{source}: gradient_clipping={user_clip} contradicts --grad-clip {grad_clip}")
     if user_config.get("gradient_accumulation_steps", 1) != 1:
         raise ConfigError(f"{source}: gradient_accumulation_steps must be 1 (one online step per iteration)")
     merged = _deep_merge(config, user_config)
@@ -245,3 +249,16 @@ def gathered_parameters(params: Iterable[torch.nn.Parameter], *, modify: bool = 
     import deepspeed
 
     return deepspeed.zero.GatheredParameters(params, modifier_rank=0 if modify else None)
+
+
+def leave_process_group(deepspeed_used: bool) -> None:
+    """Destroy the default process group; through DeepSpeed's ``comm`` where it was used, which (from
+    DeepSpeed 0.19.8) also drops the groups DeepSpeed cached, so that a later engine in this process builds
+    new ones instead of failing on the destroyed ones."""
+    if deepspeed_used:
+        import deepspeed.comm
+
+        if deepspeed.comm.is_initialized():
+            deepspeed.comm.destroy_process_group()
+            return
+    dist.destroy_process_group()

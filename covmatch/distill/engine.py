@@ -29,7 +29,7 @@ from . import checkpoint as ckpt
 from .augment import affine_resample
 from .compilation import begin_graphed_iteration, compile_encoders, compiled_graphs
 from .config import DistillConfig
-from .distributed import build_ds_config, launched_world_size, load_ds_config, setup_processes
+from .distributed import build_ds_config, launched_world_size, leave_process_group, load_ds_config, setup_processes
 from .objective import make_objective
 from .online import OnlineModel, build_online_model
 from .precision import autocast_for
@@ -280,7 +280,7 @@ class Distiller:
             self.ranks.barrier()
         if self.online is not None:
             self.online.close()
-        dist.destroy_process_group()
+        leave_process_group(deepspeed_used=self.config.zero > 0)
 
     # ------------------------------------------------------------------ the loop
 
