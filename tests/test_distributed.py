@@ -175,6 +175,8 @@ def test_online_steps_under_zero_equal_plain_pytorch():
     output = launch(str(WORKER), "online-steps", nproc=1)
     for stage in (1, 2, 3):
         assert f"ZeRO-{stage}: the online steps equal plain PyTorch's" in output, output[-2000:]
+    if hasattr(deepspeed.utils.groups, "_release_process_group_references"):  # DeepSpeed >= 0.19.8
+        assert "a second DeepSpeed run after close" in output, output[-2000:]
 
 
 def test_reset_under_zero_restores_the_pretrained_state():
