@@ -50,7 +50,7 @@ demo: $(DEMO_STAMP)
 OLDEST_PYTHON ?= python3.9
 OLDEST_VENV ?= .venv-oldest
 OLDEST_TORCH := torch==2.4.1 torchvision==0.19.1 "numpy<2"
-OLDEST_PINS := transformers==4.40.2 timm==1.0.10 deepspeed==0.19.8
+OLDEST_PINS := transformers==4.40.2 timm==1.0.10 deepspeed==0.16.9
 
 # torch first: DeepSpeed's sdist imports it to build
 test-oldest:
