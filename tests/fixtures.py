@@ -63,11 +63,16 @@ def make_karpathy_single_file(root: Path, ann_root: Path, *, name: str = "datase
     return path
 
 
+def import_extra(module: str, extra: str):
+    """``module``, or a skip of the calling test naming the covmatch extra that installs it."""
+    return pytest.importorskip(module, reason=f"the {extra} extra: pip install covmatch[{extra}]")
+
+
 def make_hf_fixture(root: Path, ann_root: Path, image_root: Path, *, form: str) -> Path:
     """The BLIP fixture as a local Hugging Face dataset in ``root``: ``form`` "dict" (save_to_disk of a
     DatasetDict), "column" (one Dataset with a split column) or "imagefolder" (folders + metadata.jsonl).
     Skips the calling test where the ``data`` extra (``datasets``) is not installed."""
-    datasets = pytest.importorskip("datasets", reason="the data extra: pip install covmatch[data]")
+    datasets = import_extra("datasets", "data")
 
     rows = {}
     train = json.loads(next(ann_root.glob("*train.json")).read_text())

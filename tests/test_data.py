@@ -11,7 +11,7 @@ import torch
 from covmatch.data import KarpathySource, ShapesSource, image_transform, preprocess_caption
 from covmatch.errors import DataError
 
-from .fixtures import make_hf_fixture, make_karpathy_fixture, make_karpathy_single_file
+from .fixtures import import_extra, make_hf_fixture, make_karpathy_fixture, make_karpathy_single_file
 
 
 def test_preprocess_caption():
@@ -236,7 +236,7 @@ def test_hf_dataset_reads_as_the_karpathy_files(tmp_path, karpathy, form):
 
 
 def test_hf_dataset_errors(tmp_path, karpathy):
-    datasets = pytest.importorskip("datasets", reason="the data extra: pip install covmatch[data]")
+    datasets = import_extra("datasets", "data")
 
     from covmatch.data.hf import HFSource
 

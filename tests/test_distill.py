@@ -25,7 +25,7 @@ from covmatch.errors import ConfigError
 from covmatch.presets import get_preset
 from covmatch.synthetic import SyntheticSet
 
-from .fixtures import BF16_TINY_IMAGE_SIZE
+from .fixtures import BF16_TINY_IMAGE_SIZE, import_extra
 
 
 def tiny_config(**overrides) -> DistillConfig:
@@ -96,8 +96,8 @@ def test_default_run_writes_everything(tmp_path, capsys):
 def test_report_to_tensorboard_and_wandb_offline(tmp_path, monkeypatch):
     """--report-to writes TensorBoard scalars and an offline wandb run beside log.jsonl; a resume continues
     both (the same wandb run id, no TensorBoard events past the resume point)."""
-    pytest.importorskip("wandb", reason="the logging extra: pip install covmatch[logging]")
-    pytest.importorskip("tensorboard", reason="the logging extra: pip install covmatch[logging]")
+    import_extra("wandb", "logging")
+    import_extra("tensorboard", "logging")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     monkeypatch.delenv("WANDB_MODE", raising=False)  # offline is the default: no network needed

@@ -18,6 +18,8 @@ from covmatch.export import EXPORT_MARK, _text_encoder, captions
 from covmatch.models.text import TextEncoder
 from covmatch.synthetic import SyntheticSet
 
+from .fixtures import import_extra
+
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
@@ -35,7 +37,7 @@ def _snapshot(root):
 
 
 def test_hf_export_loads_with_datasets_offline(run, tmp_path, monkeypatch):
-    datasets = pytest.importorskip("datasets", reason="the data extra: pip install covmatch[data]")
+    datasets = import_extra("datasets", "data")
 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     out = tmp_path / "hf"
