@@ -91,6 +91,66 @@ def test_ds_config_always_states_the_clipping():
         build_ds_config(2, "fp32", 64, grad_clip=1.0, user_config={"gradient_clipping": 2.0})
 
 
+FP16_MAX = 65504.0
+
+
+def _gradscaler_skips(magnitudes) -> list:
+    """Steps plain ``--fp16`` skips (torch.amp.GradScaler) when a step's gradient overflows fp16 exactly where
+    its unscaled magnitude times the loss scale exceeds fp16's largest value."""
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([param], lr=0.0)
+    scaler = torch.amp.GradScaler("cpu")
+    skipped = []
+    for step, magnitude in enumerate(magnitudes):
+        scaled = float(scaler.scale(torch.ones(()))) * magnitude
+        param.grad = torch.full((1,), float("inf") if scaled > FP16_MAX else scaled)
+        scaler.step(optimizer)
+        scaler.update()
+        if scaled > FP16_MAX:
+            skipped.append(step)
+    return skipped
+
+
+def _deepspeed_skips(fp16_section: dict, magnitudes) -> list:
+    """The same for DeepSpeed's dynamic loss scaler, built from an fp16 config section as its engine builds it."""
+    from deepspeed.runtime.fp16.loss_scaler import CreateLossScaler
+
+    try:
+        from deepspeed.runtime.precision_config import DeepSpeedFP16Config  # DeepSpeed >= 0.19
+    except ImportError:
+        from deepspeed.runtime.config import get_dynamic_loss_scale_args
+
+        args = get_dynamic_loss_scale_args({"fp16": fp16_section})
+    else:
+        args = DeepSpeedFP16Config(**fp16_section).dynamic_loss_scale_args()
+    scaler = CreateLossScaler(dtype=torch.float16, static_loss_scale=0, dynamic_scaling=True, dynamic_loss_args=args)
+    skipped = []
+    for step, magnitude in enumerate(magnitudes):
+        overflow = scaler.cur_scale * magnitude > FP16_MAX
+        scaler.update_scale(overflow)
+        if overflow:
+            skipped.append(step)
+    return skipped
+
+
+def test_fp16_under_zero_skips_the_steps_plain_fp16_skips(monkeypatch):
+    """DeepSpeed's loss scaler, as configured, skips the steps GradScaler skips: 2^16 at the start, halved at
+    every overflow, doubled after 2,000 clean steps (DeepSpeed >= 0.19 doubles one step later). Its defaults
+    would skip more: they halve at every second overflow and double every 1,000 steps."""
+    import deepspeed.runtime.fp16.loss_scaler as loss_scaler
+
+    monkeypatch.setattr(loss_scaler.dist, "get_rank", lambda *args, **kwargs: 0)  # its overflow log asks
+    magnitudes = [0.6] * 9000  # overflows at a scale of 2^17, so every doubling from 2^16 is undone
+    magnitudes[100:103] = [3.0] * 3  # a burst that needs two halvings
+    expected = _gradscaler_skips(magnitudes)
+    assert expected[:2] == [100, 101] and len(expected) == 4, expected
+    skipped = _deepspeed_skips(build_ds_config(2, "fp16", 64)["fp16"], magnitudes)
+    assert len(skipped) == len(expected), (skipped, expected)
+    assert all(abs(a - b) <= 3 for a, b in zip(skipped, expected)), (skipped, expected)  # a step per doubling
+    defaults = {"enabled": True, "loss_scale": 0}
+    assert len(_deepspeed_skips(defaults, magnitudes)) > len(expected)
+
+
 @pytest.mark.parametrize(
     "stage,precision,user,message",
     [

@@ -181,7 +181,16 @@ def build_ds_config(
         "gradient_accumulation_steps": 1,
         "zero_optimization": {"stage": stage},
         "zero_allow_untested_optimizer": True,  # a client SGD, not DeepSpeed's fused Adam
-        "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+        # dynamic loss scaling as torch.amp.GradScaler does it (from 2^16, halved at every overflow, doubled
+        # after 2,000 clean steps), so --fp16 skips the same steps with and without DeepSpeed; DeepSpeed's own
+        # defaults halve at every second overflow (hysteresis 2) and double after 1,000 steps
+        "fp16": {
+            "enabled": precision == "fp16",
+            "loss_scale": 0,
+            "initial_scale_power": 16,
+            "hysteresis": 1,
+            "loss_scale_window": 2000,
+        },
         "bf16": {"enabled": precision == "bf16"},
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,

@@ -5,6 +5,7 @@ one gradient all-reduce under a launcher) and a DeepSpeed ZeRO engine.
 
 from __future__ import annotations
 
+import copy
 from typing import Callable, ContextManager, Dict, Optional
 
 import torch
@@ -116,6 +117,14 @@ class DeepSpeedOnlineModel(OnlineModel):
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=self.model, optimizer=self.optimizer, config=ds_config
         )
+        # what each reset restores of DeepSpeed's loss scaler (its scale, overflow counters): the plain model
+        # starts a fresh GradScaler at every reset, and under --fp16 both must skip the same steps
+        self._initial_loss_scaler = copy.deepcopy(vars(self._loss_scaler()))
+
+    def _loss_scaler(self):
+        """The ZeRO optimiser's loss scaler (static at 1 outside fp16); looked up each time, since loading a
+        checkpoint replaces it."""
+        return self.engine.optimizer.loss_scaler
 
     def reset(self, generator: torch.Generator) -> None:
         with gathered_parameters(self.model.parameters(), modify=True):  # ZeRO-3: full tensors, then re-shard
@@ -124,6 +133,7 @@ class DeepSpeedOnlineModel(OnlineModel):
         if hasattr(optimizer, "refresh_fp32_params"):  # ZeRO / mixed precision: fp32 master copy <- weights
             optimizer.refresh_fp32_params()
         getattr(optimizer, "optimizer", optimizer).state.clear()  # momentum buffers
+        vars(self._loss_scaler()).update(copy.deepcopy(self._initial_loss_scaler))
 
     def _forward(self, pixels, text) -> torch.Tensor:
         return self.engine(pixels, **text)
