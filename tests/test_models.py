@@ -11,6 +11,7 @@ from safetensors.torch import save_file
 from covmatch.data import tokenize_captions
 from covmatch.errors import ConfigError
 from covmatch.models import ImageEncoder, TextEncoder, build_dual_encoder
+from covmatch.models.text import transformers_takes_4d_masks
 from covmatch.presets import get_preset, parse_model_kwargs
 from covmatch.pretrain import default_cache_path
 
@@ -34,6 +35,8 @@ def test_text_paths_agree_for_real_captions(minilm):
         via_ids = minilm.model(input_ids=ids, attention_mask=mask).last_hidden_state[:, 0]
     assert via_embeds.shape == (2, 384)
     torch.testing.assert_close(via_embeds, via_ids, rtol=1e-6, atol=1e-6)
+    # the padding mask goes in a form the forward does not read on the host (4-D on transformers 5, else 3-D)
+    assert minilm.mask_form == ("4d" if transformers_takes_4d_masks() else "3d")
 
 
 def test_pretrained_minilm_is_really_pretrained(minilm):

@@ -12,7 +12,6 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from covmatch.distill import DistillConfig, Distiller
-from covmatch.models.text import transformers_takes_4d_masks
 from covmatch.presets import get_preset
 
 from .fixtures import BF16_TINY_IMAGE_SIZE
@@ -49,10 +48,6 @@ def _distiller(**overrides) -> Distiller:
         {"normalize_loss": True, "frozen_text": True, "text_features": True},
     ],  # fmt: skip
     ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "default",
-)
-@pytest.mark.skipif(
-    not transformers_takes_4d_masks(),
-    reason="transformers 4.x refuses the 4-D attention mask and reads the 2-D one on the host",
 )
 def test_a_step_reads_no_device_value(overrides):
     d = _distiller(**overrides)

@@ -44,13 +44,38 @@ def resolve_text_encoder_path(name_or_path: str) -> str:
     return name_or_path
 
 
+def model_not_found_errors() -> tuple:
+    """What transformers raises for a model or tokenizer it cannot find locally: OSError, or (4.41 to 4.57,
+    for a path that does not exist) huggingface_hub's error for a malformed Hub repository id."""
+    from huggingface_hub.utils import HFValidationError
+
+    return (OSError, HFValidationError)
+
+
 def transformers_takes_4d_masks() -> bool:
     """Whether the installed transformers passes a 4-D attention mask to the attention as given (5.0 on); 4.x
-    refuses one for BERT-like encoders and reads a 2-D one on the host."""
+    refuses one for BERT-like encoders."""
     try:
         return int(metadata.version("transformers").split(".")[0]) >= 5
     except (metadata.PackageNotFoundError, ValueError):
         return False
+
+
+# transformers 4.x encoders whose forward broadcasts a 3-D mask [n, L, L] over the heads as given
+ENCODERS_TAKING_3D_MASKS = ("bert", "roberta")
+
+
+def attention_mask_form(model: nn.Module) -> str:
+    """How the padding mask is handed to ``model`` so that its forward never reads it on the host: "4d"
+    (transformers 5: the mask the attention kernel takes), "3d" (BERT-like encoders of transformers 4.x, which
+    from a 2-D mask ask whether the batch has padding at all, 4.41 on) or "2d" (any other encoder: as given)."""
+    if transformers_takes_4d_masks():
+        return "4d"
+    if getattr(model.config, "model_type", None) in ENCODERS_TAKING_3D_MASKS and hasattr(
+        model, "get_extended_attention_mask"
+    ):
+        return "3d"
+    return "2d"
 
 
 class TextEncoder(nn.Module):
@@ -70,7 +95,7 @@ class TextEncoder(nn.Module):
         self.feature_dim = int(model.config.hidden_size)
         self.embed_dim = int(model.get_input_embeddings().weight.shape[1])
         self.whitening: Optional[nn.Module] = None  # a FeatureWhitening with --whiten-features
-        self.takes_4d_mask = transformers_takes_4d_masks()
+        self.mask_form = attention_mask_form(model)
         pooler = getattr(model, "pooler", None)
         if isinstance(pooler, nn.Module):  # BERT's pooled output is unused here: skip its matmul, keep its weights
             pooler.forward = _no_pooled_output
@@ -99,7 +124,7 @@ class TextEncoder(nn.Module):
                 model = AutoModel.from_config(config)
             else:
                 model = AutoModel.from_pretrained(path, local_files_only=True, **(config_overrides or {}))
-        except OSError as err:
+        except model_not_found_errors() as err:
             raise ConfigError(
                 f"text encoder {name_or_path!r}: not a local model directory and not in the local Hugging Face "
                 f"cache (covmatch never downloads): {str(err).splitlines()[0]}"
@@ -146,15 +171,18 @@ class TextEncoder(nn.Module):
         return features if self.whitening is None else self.whitening(features)
 
     def _attention_bias(self, attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """The padding mask as the 4-D mask the attention kernel takes, [n, 1, L, L]: transformers uses a 4-D mask
-        as given, while from a 2-D one it first asks whether the batch has padding at all (``mask.all()``), a read
-        of a device value that stops the host until the GPU has caught up, three times per iteration. Boolean
-        (True: attend) for SDPA, additive for eager attention, as transformers builds them; other kernels get
-        the 2-D mask, and so does transformers 4.x (whose forward then reads the mask on the host)."""
-        implementation = getattr(self.model.config, "_attn_implementation", None)
-        if not self.takes_4d_mask or implementation not in ("sdpa", "eager"):
-            return attention_mask
+        """The padding mask in a form the encoder uses as given: from a 2-D one transformers first asks whether
+        the batch has padding at all (``mask.all()``), a read of a device value that stops the host until the
+        GPU has caught up, three times per iteration. With transformers 5, the 4-D mask [n, 1, L, L] the
+        attention kernel takes (boolean, True: attend, for SDPA; additive for eager attention, as transformers
+        builds them; other kernels get the 2-D mask); with 4.x, BERT-like encoders get it as [n, L, L], which
+        they make additive themselves."""
         length = attention_mask.shape[1]
+        if self.mask_form == "3d":
+            return attention_mask[:, None, :].expand(-1, length, -1)
+        implementation = getattr(self.model.config, "_attn_implementation", None)
+        if self.mask_form != "4d" or implementation not in ("sdpa", "eager"):
+            return attention_mask
         keep = attention_mask.bool()[:, None, None, :].expand(-1, 1, length, length)
         if implementation == "sdpa":
             return keep
