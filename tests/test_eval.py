@@ -259,6 +259,12 @@ def test_training_sets_carry_captions_and_refuse_what_cannot_be_used(distilled):
     without_tokens = type(syn)(syn.images, syn.text_embeds, syn.attention_mask, dict(syn.metadata))
     with pytest.raises(ConfigError, match="saved without nearest_token_ids"):
         carry_captions(without_tokens, model.text, preset.seq_len, where="set")
+    metadata = dict(syn.metadata, tokenizer="/no/such/tok")
+    elsewhere = type(syn)(
+        syn.images, syn.text_embeds, syn.attention_mask, metadata, nearest_token_ids=syn.nearest_token_ids
+    )
+    with pytest.raises(ConfigError, match="set: its tokenizer '/no/such/tok' is not available locally"):
+        carry_captions(elsewhere, model.text, preset.seq_len, where="set")
 
     from covmatch.data.build import build_source, build_train_dataset
 

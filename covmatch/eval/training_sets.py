@@ -13,7 +13,7 @@ from covmatch.data import tokenize_captions
 from covmatch.data.build import build_train_dataset
 from covmatch.data.datasets import CLIP_MEAN, CLIP_STD, image_transform
 from covmatch.errors import CheckpointError, ConfigError
-from covmatch.models.text import resolve_text_encoder_path
+from covmatch.models.text import model_not_found_errors, resolve_text_encoder_path
 from covmatch.synthetic import SyntheticSet
 from covmatch.visualize import decode_token_ids
 
@@ -54,7 +54,7 @@ def carry_captions(syn: SyntheticSet, text_encoder, seq_len: int, *, where: str)
         source_tokenizer = AutoTokenizer.from_pretrained(
             resolve_text_encoder_path(tokenizer_name), local_files_only=True
         )
-    except OSError:
+    except model_not_found_errors():
         raise ConfigError(f"{where}: its tokenizer {tokenizer_name!r} is not available locally") from None
     texts = decode_token_ids(syn.nearest_token_ids, syn.attention_mask, source_tokenizer)
     ids, mask = tokenize_captions(text_encoder.tokenizer, texts, seq_len)
