@@ -270,6 +270,31 @@ def test_fp16_overflow_skips_the_step(monkeypatch):
     assert d.skipped_steps == 1 and not torch.equal(d.synthetic.images, images0)
 
 
+def test_fp16_online_overflow_skips_the_online_step_and_is_counted(tmp_path, monkeypatch):
+    """An online step whose InfoNCE overflows in fp16 is skipped (not applied), counted in log.jsonl as
+    ``online_skipped_steps`` (with the steps fp16 itself overflows at the initial loss scale), and not taken
+    for divergence."""
+    from covmatch.distill.online import OnlineModel
+
+    forward, weights = OnlineModel._forward, []
+
+    def overflow_at_the_second_step(self, pixels, text):
+        weights.append(self.model.head_parameters()[0].detach().clone())
+        loss = forward(self, pixels, text)
+        return loss * float("inf") if len(weights) == 2 else loss
+
+    monkeypatch.setattr(OnlineModel, "_forward", overflow_at_the_second_step)
+    out = tmp_path / "run"
+    config = tiny_config(iterations=6, precision="fp16", online="real", reset_every=10, log_every=2, out=str(out))
+    d = Distiller(config, log=quiet)
+    d.run()
+    weights.append(d.model.head_parameters()[0].detach().clone())
+    unapplied = [int(torch.equal(before, after)) for before, after in zip(weights, weights[1:])]
+    assert len(unapplied) == 6 and unapplied[1] == 1 and 0 in unapplied
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["online_skipped_steps"] for r in records] == [sum(unapplied[i : i + 2]) for i in (0, 2, 4)]
+
+
 def _run_cli(out, *extra):
     cmd = [sys.executable, "-m", "covmatch.distill", "--preset", "tiny", "--out", str(out), "--iterations", "8",
            "--save-every", "2", "--no-progress", "--device", "cpu", *extra]  # fmt: skip

@@ -167,7 +167,14 @@ class Distiller:
         if cfg.step_order == "loss-first":
             online_loss = self._online_update(real_batch, t)
         self.iteration += 1
-        metrics = {"loss": parts.total, "cov": parts.cov, "mean": parts.mean, "online": online_loss, "skipped": skipped}
+        metrics = {
+            "loss": parts.total,
+            "cov": parts.cov,
+            "mean": parts.mean,
+            "online": online_loss,
+            "skipped": skipped,
+            "online_skipped": self.online.last_skipped,
+        }
         return {**metrics, **self.synthetic.relative_steps(skipped)}
 
     def _to_device(self, real_batch):
@@ -381,17 +388,18 @@ class Distiller:
     def _stop_if_diverged(
         self, metrics: Dict[str, torch.Tensor], first: int, out: Optional[Path], *, check_set: bool
     ) -> None:
-        """Raise DivergedError if a loss term of the iterations ``first ..`` in ``metrics`` (host tensors;
-        steps that fp16 loss scaling skipped aside) or, before a save (``check_set``), the synthetic set
-        itself is NaN or infinite.
+        """Raise DivergedError if a loss term of the iterations ``first ..`` in ``metrics`` (host tensors; steps
+        that fp16 loss scaling skipped aside: the set's for its terms, the online model's for its InfoNCE) or,
+        before a save (``check_set``), the synthetic set itself is NaN or infinite.
 
         Loss terms are identical on every rank and the set's check is all-reduced, so all ranks stop together.
         """
         applied = metrics["skipped"] == 0
+        online_applied = metrics["online_skipped"] == 0
         for i in range(len(applied)):
             for key, name in _TERM_NAMES.items():
                 value = float(metrics[key][i])
-                if applied[i] and not math.isfinite(value):
+                if (online_applied if key == "online" else applied)[i] and not math.isfinite(value):
                     raise DivergedError(
                         f"distillation diverged at iteration {first + i}: the {name} became {value}; "
                         f"{_saved_before(out)}; try {_TERM_HINTS[key]}"

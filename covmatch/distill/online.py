@@ -30,6 +30,7 @@ class OnlineModel:
         self.ranks = ranks
         self.device = device
         self.autocast: Callable[[], ContextManager] = autocast
+        self.last_skipped = torch.zeros((), device=device)  # 1.0 where the last step overflowed in fp16 (skipped)
         self._fresh_optimizer()
 
     def _fresh_optimizer(self) -> None:
@@ -85,7 +86,7 @@ class OnlineModel:
         (loss if scale is None else loss * scale).backward()
         if self.ranks.distributed:
             average_gradients([p for g in self.optimizer.param_groups for p in g["params"]], self.ranks)
-        self.scaled_step(clip_norm=self.settings.grad_clip)
+        self.last_skipped = self.scaled_step(clip_norm=self.settings.grad_clip)
         # spent: freed now rather than at the next step, so that they are not held through the synthetic pass,
         # usually the iteration's largest graph (they are one fp32 copy of the trainable weights)
         self.optimizer.zero_grad(set_to_none=True)
@@ -120,6 +121,7 @@ class DeepSpeedOnlineModel(OnlineModel):
         # what each reset restores of DeepSpeed's loss scaler (its scale, overflow counters): the plain model
         # starts a fresh GradScaler at every reset, and under --fp16 both must skip the same steps
         self._initial_loss_scaler = copy.deepcopy(vars(self._loss_scaler()))
+        self._skip_flags = torch.tensor([0.0, 1.0], device=device)  # DeepSpeed counts skips on the host
 
     def _loss_scaler(self):
         """The ZeRO optimiser's loss scaler (static at 1 outside fp16); looked up each time, since loading a
@@ -139,8 +141,10 @@ class DeepSpeedOnlineModel(OnlineModel):
         return self.engine(pixels, **text)
 
     def _backward_and_step(self, loss: torch.Tensor) -> None:
+        skipped_before = self.engine.skipped_steps
         self.engine.backward(loss)
         self.engine.step()
+        self.last_skipped = self._skip_flags[self.engine.skipped_steps - skipped_before]
 
     def state_dict(self) -> dict:
         return {}  # in DeepSpeed's own checkpoint

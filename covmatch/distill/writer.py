@@ -29,9 +29,11 @@ def to_host(pending: List[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
 
 
 def summarise(stacked: Dict[str, torch.Tensor], t: int, seconds_per_it: float, device) -> dict:
-    """The log record of the iterations in ``stacked`` (``to_host``): mean of each metric, skipped steps."""
-    record = {"iteration": t, **{k: float(v.mean()) for k, v in stacked.items() if k != "skipped"}}
-    record["skipped_steps"] = int(stacked["skipped"].sum())
+    """The log record of the iterations in ``stacked`` (``to_host``): mean of each metric, and the steps fp16
+    loss scaling skipped, of the set (``skipped_steps``) and of the online model (``online_skipped_steps``)."""
+    counts = {"skipped": "skipped_steps", "online_skipped": "online_skipped_steps"}
+    record = {"iteration": t, **{k: float(v.mean()) for k, v in stacked.items() if k not in counts}}
+    record.update({name: int(stacked[k].sum()) for k, name in counts.items() if k in stacked})
     record["s_per_it"] = seconds_per_it
     if device.type == "cuda":
         record["max_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
