@@ -115,6 +115,30 @@ def test_a_checkpoint_at_a_reset_boundary_leaves_out_the_online_model_and_resume
     assert whole == part
 
 
+def test_the_fp16_loss_scale_carries_over_resets_and_boundary_checkpoints(tmp_path):
+    """fp16 (plain PyTorch on the CPU): the online model's loss scale is not set back at a reset, a checkpoint
+    at a reset boundary keeps it, and a run resumed from there distils the uninterrupted run's set."""
+    from covmatch.distill import distill
+
+    def config(out: str, **overrides) -> DistillConfig:
+        preset = get_preset("tiny", online="real", reset_every=3, iterations=overrides.pop("iterations", 6))
+        return DistillConfig(preset=preset, device="cpu", precision="fp16", progress=False, out=str(tmp_path / out),
+                             save_every=3, keep_checkpoints=10, log_every=1, **overrides)  # fmt: skip
+
+    distill(config("whole"), log=lambda _m: None)
+    records = [json.loads(line) for line in (tmp_path / "whole" / "log.jsonl").read_text().splitlines()]
+    skipped = [r["online_skipped_steps"] for r in records]
+    boundary = torch.load(tmp_path / "whole" / "checkpoints" / "step_00000003.pt", weights_only=True)["state"]
+    assert boundary["online_omitted"] and "model" not in boundary
+    scale = boundary["online_scaler"]["scale"]
+    assert scale == 2.0 ** 16 / 2 ** sum(skipped[:3]) < 2.0**16, (scale, skipped)  # overflows at 2^16 on this model
+    assert sum(skipped[3:]) < sum(skipped[:3])  # the second cycle starts at the lowered scale
+    distill(config("part", iterations=3), log=lambda _m: None)
+    distill(config("part", resume=True), log=lambda _m: None)
+    whole, part = ((tmp_path / d / "synthetic.safetensors").read_bytes() for d in ("whole", "part"))
+    assert whole == part
+
+
 def test_each_modalitys_relative_step_is_logged_and_a_standstill_is_warned_once(tmp_path, capsys):
     from covmatch.analyze import modality_steps
     from covmatch.distill.cli import main as distill_main

@@ -241,8 +241,8 @@ class Distiller:
     def state_dict(self, *, light: bool = False) -> dict:
         """Everything a resume needs, gathered over ranks (collective): the whole synthetic set and its
         optimiser state, every rank's RNG state; the online model and its optimiser unless DeepSpeed saves them,
-        or unless ``light`` and the next iteration resets them (then only the marker ``online_omitted``: the
-        reset restores everything they hold)."""
+        or unless ``light`` and the next iteration resets them (then the marker ``online_omitted`` and the fp16
+        loss scale: the reset restores everything else they hold)."""
         gather = self.ranks.gather_rows
         rng = {"torch": gather(torch.get_rng_state().unsqueeze(0))}
         if self.device.type == "cuda":
@@ -255,14 +255,20 @@ class Distiller:
             "loss_normaliser": float("nan") if normaliser is None else float(normaliser),
             **self.synthetic.state_dict(),
             "rng": rng,
-            **({"online_omitted": True} if omit_online else self.online.state_dict()),
+            **(
+                {"online_omitted": True, **self.online.boundary_state_dict()}
+                if omit_online
+                else self.online.state_dict()
+            ),
         }
 
     def load_state_dict(self, state: dict) -> None:
         """Apply a checkpoint already validated by ``checkpoint.read_checkpoint`` (so nothing fails half-way);
         each rank takes its shard."""
         self.synthetic.load_state_dict(state, state["skipped_steps"])
-        if not state.get("online_omitted"):  # else the next iteration resets the online model anyway
+        if state.get("online_omitted"):  # the next iteration resets the online model
+            self.online.load_boundary_state_dict(state)
+        else:
             self.online.load_state_dict(state)
         rank = self.ranks.rank
         torch.set_rng_state(state["rng"]["torch"][rank].clone())  # a row of its own (offset 0)

@@ -5,7 +5,6 @@ one gradient all-reduce under a launcher) and a DeepSpeed ZeRO engine.
 
 from __future__ import annotations
 
-import copy
 from typing import Callable, ContextManager, Dict, Optional
 
 import torch
@@ -31,19 +30,16 @@ class OnlineModel:
         self.device = device
         self.autocast: Callable[[], ContextManager] = autocast
         self.last_skipped = torch.zeros((), device=device)  # 1.0 where the last step overflowed in fp16 (skipped)
-        self._fresh_optimizer()
+        self._build_optimizer()
 
-    def _fresh_optimizer(self) -> None:
+    def _build_optimizer(self) -> None:
         """SGD with no state (multi-tensor ``foreach`` steps): encoders at the encoder learning rate, projections
-        at the head's."""
+        at the head's; under fp16 its loss scaling, one ``GradScaler`` for the whole run."""
         p = self.settings.preset
         encoders = [q for q in self.model.encoder_parameters() if q.requires_grad]
         groups = [{"params": encoders, "lr": p.online_lr_encoder}] if encoders else []
         groups.append({"params": self.model.head_parameters(), "lr": p.online_lr_proj})
         self.optimizer = torch.optim.SGD(groups, lr=p.online_lr_proj, momentum=p.online_momentum, foreach=True)
-        self._fresh_scaler()
-
-    def _fresh_scaler(self) -> None:
         self.scaled_step = ScaledStep(
             self.optimizer, self.device, enabled=self.settings.precision == "fp16", ranks=self.ranks
         )
@@ -51,7 +47,8 @@ class OnlineModel:
     def reset(self, generator: torch.Generator) -> None:
         """Back to the pretrained encoders, fresh projections from ``generator`` (on the model's device), and
         the optimiser's momentum zeroed in place: with no dampening, SGD's first step from a zero buffer is the
-        step from none, and nothing is reallocated."""
+        step from none, and nothing is reallocated. The fp16 loss scale carries on: set back to 2^16 at every
+        reset, the first steps of each cycle would overflow again until it has come down to where it was."""
         self.model.reset(generator)
         with torch.no_grad():
             buffers = [
@@ -59,7 +56,6 @@ class OnlineModel:
             ]
             if buffers:
                 torch._foreach_zero_(buffers)
-        self._fresh_scaler()
 
     @torch.no_grad()
     def encode_real(self, pixels: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> Features:
@@ -103,6 +99,13 @@ class OnlineModel:
         self.optimizer.load_state_dict(state["online_optimizer"])
         self.scaled_step.load_state_dict(state["online_scaler"])
 
+    def boundary_state_dict(self) -> dict:
+        """What a checkpoint taken where the next iteration resets the model keeps: the loss scale."""
+        return {"online_scaler": self.scaled_step.state_dict()}
+
+    def load_boundary_state_dict(self, state: dict) -> None:
+        self.scaled_step.load_state_dict(state.get("online_scaler", {}))  # none saved: the initial scale
+
     def close(self) -> None:
         """Nothing to release."""
 
@@ -118,15 +121,7 @@ class DeepSpeedOnlineModel(OnlineModel):
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=self.model, optimizer=self.optimizer, config=ds_config
         )
-        # what each reset restores of DeepSpeed's loss scaler (its scale, overflow counters): the plain model
-        # starts a fresh GradScaler at every reset, and under --fp16 both must skip the same steps
-        self._initial_loss_scaler = copy.deepcopy(vars(self._loss_scaler()))
         self._skip_flags = torch.tensor([0.0, 1.0], device=device)  # DeepSpeed counts skips on the host
-
-    def _loss_scaler(self):
-        """The ZeRO optimiser's loss scaler (static at 1 outside fp16); looked up each time, since loading a
-        checkpoint replaces it."""
-        return self.engine.optimizer.loss_scaler
 
     def reset(self, generator: torch.Generator) -> None:
         with gathered_parameters(self.model.parameters(), modify=True):  # ZeRO-3: full tensors, then re-shard
@@ -134,8 +129,7 @@ class DeepSpeedOnlineModel(OnlineModel):
         optimizer = self.engine.optimizer
         if hasattr(optimizer, "refresh_fp32_params"):  # ZeRO / mixed precision: fp32 master copy <- weights
             optimizer.refresh_fp32_params()
-        getattr(optimizer, "optimizer", optimizer).state.clear()  # momentum buffers
-        vars(self._loss_scaler()).update(copy.deepcopy(self._initial_loss_scaler))
+        getattr(optimizer, "optimizer", optimizer).state.clear()  # momentum buffers; the loss scale carries on
 
     def _forward(self, pixels, text) -> torch.Tensor:
         return self.engine(pixels, **text)
