@@ -44,6 +44,7 @@ def _distiller(**overrides) -> Distiller:
     [
         {},
         {"precision": "bf16", "image_size": BF16_TINY_IMAGE_SIZE},
+        {"precision": "fp16"},  # loss scaling: the fused SGD skips an overflowed step on the device
         {"syn_chunk": 3, "num_pairs": 12},
         {"normalize_loss": True, "frozen_text": True, "text_features": True},
     ],  # fmt: skip
@@ -56,6 +57,32 @@ def test_a_step_reads_no_device_value(overrides):
         for real, online in batches:
             d.step(real, online)
     assert counter.reads == [], counter.reads
+
+
+def test_sgd_is_fused_and_skips_an_overflowed_first_step_without_reading_a_device_value():
+    """precision.sgd on the CPU: one fused kernel, momentum buffers from zero, so that a first step skipped for
+    an fp16 overflow leaves nothing uninitialised and the next step is SGD's first step from none."""
+    from covmatch.distill.distributed import Ranks
+    from covmatch.distill.precision import ScaledStep, sgd
+
+    cpu = torch.device("cpu")
+    param, reference = torch.nn.Parameter(torch.ones(4)), torch.nn.Parameter(torch.ones(4))
+    optimizer = sgd([{"params": [param]}], cpu, lr=0.1, momentum=0.5)
+    assert optimizer.defaults["fused"] and not optimizer.state[param]["momentum_buffer"].any()
+    step = ScaledStep(optimizer, cpu, enabled=True, ranks=Ranks())
+    gradient = torch.tensor([1.0, -2.0, 3.0, 0.5])
+    with ValueReads() as counter:
+        step.loss_scale()  # as before a backward
+        param.grad = torch.full((4,), float("inf"))
+        skipped = [step()]
+        after_skip = param.detach().clone()
+        param.grad = gradient * step.loss_scale()
+        skipped.append(step())
+    assert counter.reads == []
+    assert [float(s) for s in skipped] == [1.0, 0.0] and torch.equal(after_skip, reference.detach())
+    reference.grad = gradient
+    torch.optim.SGD([reference], lr=0.1, momentum=0.5).step()
+    torch.testing.assert_close(param.detach(), reference.detach(), rtol=0, atol=0)
 
 
 def test_the_synthetic_pass_runs_without_the_online_models_gradients(monkeypatch):

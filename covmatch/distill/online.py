@@ -13,7 +13,7 @@ from covmatch.models import DualEncoder
 
 from .distributed import Ranks, average_gradients, gathered_parameters
 from .objective import Features
-from .precision import ScaledStep
+from .precision import ScaledStep, sgd
 
 __all__ = ["OnlineModel", "DeepSpeedOnlineModel", "build_online_model"]
 
@@ -22,6 +22,7 @@ class OnlineModel:
     """The plain online model: ``reset``, ``encode_real``, ``train_step``, and its state for checkpoints."""
 
     engine = None  # no DeepSpeed engine
+    fused_sgd = True  # one fused kernel per step where torch has one (no host sync under fp16)
 
     def __init__(self, model: DualEncoder, settings, *, ranks: Ranks, device: torch.device, autocast) -> None:
         self.model = model
@@ -33,13 +34,17 @@ class OnlineModel:
         self._build_optimizer()
 
     def _build_optimizer(self) -> None:
-        """SGD with no state (multi-tensor ``foreach`` steps): encoders at the encoder learning rate, projections
-        at the head's; under fp16 its loss scaling, one ``GradScaler`` for the whole run."""
+        """SGD (``precision.sgd``, or multi-tensor foreach with no state for DeepSpeed to wrap): encoders at the
+        encoder learning rate, projections at the head's; under fp16 its loss scaling, one ``GradScaler`` for
+        the whole run."""
         p = self.settings.preset
         encoders = [q for q in self.model.encoder_parameters() if q.requires_grad]
         groups = [{"params": encoders, "lr": p.online_lr_encoder}] if encoders else []
         groups.append({"params": self.model.head_parameters(), "lr": p.online_lr_proj})
-        self.optimizer = torch.optim.SGD(groups, lr=p.online_lr_proj, momentum=p.online_momentum, foreach=True)
+        if self.fused_sgd:
+            self.optimizer = sgd(groups, self.device, lr=p.online_lr_proj, momentum=p.online_momentum)
+        else:
+            self.optimizer = torch.optim.SGD(groups, lr=p.online_lr_proj, momentum=p.online_momentum, foreach=True)
         self.scaled_step = ScaledStep(
             self.optimizer, self.device, enabled=self.settings.precision == "fp16", ranks=self.ranks
         )
@@ -113,6 +118,8 @@ class OnlineModel:
 class DeepSpeedOnlineModel(OnlineModel):
     """The online model inside a DeepSpeed engine (``--zero 1-3``): DeepSpeed does loss scaling, gradient
     reduction, clipping and ZeRO sharding; it saves its own state (``save``/``load`` in checkpoints)."""
+
+    fused_sgd = False  # DeepSpeed steps the optimiser on its own flat partitions and checks overflows itself
 
     def __init__(self, model, settings, *, ranks, device, autocast, ds_config: dict) -> None:
         super().__init__(model, settings, ranks=ranks, device=device, autocast=autocast)

@@ -1,18 +1,20 @@
-"""Mixed precision behind one seam: the autocast context of a run, and an optimiser step under dynamic loss
-scaling that is one call (scale, unscale, agree on an overflow across ranks, step or skip, update)."""
+"""Mixed precision behind one seam: the autocast context of a run, the SGD it steps, and an optimiser step under
+dynamic loss scaling that is one call (scale, unscale, agree on an overflow across ranks, step or skip, update)."""
 
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, ContextManager, Optional
+from typing import Callable, ContextManager, List, Optional
 
 import torch
 
 from .distributed import Ranks
 
-__all__ = ["AMP_DTYPES", "autocast_for", "ScaledStep"]
+__all__ = ["AMP_DTYPES", "autocast_for", "sgd", "ScaledStep"]
 
 AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+# where torch has a fused SGD kernel (CPU from torch 2.4 on); elsewhere the multi-tensor foreach step
+FUSED_SGD_DEVICES = ("cuda", "cpu")
 
 
 def autocast_for(device: torch.device, precision: str) -> Callable[[], ContextManager]:
@@ -21,6 +23,21 @@ def autocast_for(device: torch.device, precision: str) -> Callable[[], ContextMa
     if dtype is None:
         return contextlib.nullcontext
     return lambda: torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def sgd(groups: List[dict], device: torch.device, *, lr: float, momentum: float) -> torch.optim.SGD:
+    """SGD whose step is one fused kernel on ``device`` where torch has one: under fp16 loss scaling the
+    GradScaler then hands it the overflow flag and it skips on the device, where the foreach step reads the
+    flag on the host (a sync per step). Momentum buffers start at zero, which with no dampening is the same
+    first step as none: a fused first step skipped for an overflow would leave them uninitialised."""
+    if device.type not in FUSED_SGD_DEVICES:
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, foreach=True)
+    optimizer = torch.optim.SGD(groups, lr=lr, momentum=momentum, fused=True)
+    if momentum:
+        for group in optimizer.param_groups:
+            for param in group["params"]:
+                optimizer.state[param]["momentum_buffer"] = torch.zeros_like(param)
+    return optimizer
 
 
 class ScaledStep:

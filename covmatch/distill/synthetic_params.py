@@ -13,7 +13,7 @@ from covmatch.synthetic import SyntheticSet
 from .augment import MatchAugmentation
 from .distributed import Ranks
 from .objective import DistillObjective, LossParts, SyntheticBatch, synthetic_backward
-from .precision import ScaledStep
+from .precision import ScaledStep, sgd
 from .streams import synthetic_sample
 
 __all__ = ["SyntheticParameters"]
@@ -43,7 +43,7 @@ class SyntheticParameters:
         for name, tensor in self.learned().items():
             tensor.requires_grad_(True)
             groups.append({"params": [tensor], "lr": p.lr_img if name == "images" else p.lr_txt, "name": name})
-        self.optimizer = torch.optim.SGD(groups, lr=p.lr_img, momentum=p.syn_momentum, foreach=True)
+        self.optimizer = sgd(groups, device, lr=p.lr_img, momentum=p.syn_momentum)
         self.scaled_step = ScaledStep(self.optimizer, device, enabled=settings.precision == "fp16", ranks=ranks)
         self.skipped = torch.zeros((), device=device)  # steps skipped for an fp16 overflow, kept on the device
         self.augmentation = MatchAugmentation(settings.dsa_shift, settings.dsa_scale)
