@@ -466,9 +466,6 @@ def _to_float64(d: Distiller) -> None:
     with torch.no_grad():
         d.synthetic.images.data = d.synthetic.images.data.double()
         d.synthetic.text_embeds.data = d.synthetic.text_embeds.data.double()
-        for optimizer in (d.online.optimizer, d.synthetic.optimizer):  # their momentum, made with the parameters
-            for state in optimizer.state.values():
-                state["momentum_buffer"] = state["momentum_buffer"].double()
 
 
 @pytest.mark.parametrize("grad_checkpointing", [False, True], ids=["plain", "grad-checkpointing"])

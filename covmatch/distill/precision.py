@@ -28,16 +28,27 @@ def autocast_for(device: torch.device, precision: str) -> Callable[[], ContextMa
 def sgd(groups: List[dict], device: torch.device, *, lr: float, momentum: float) -> torch.optim.SGD:
     """SGD whose step is one fused kernel on ``device`` where torch has one: under fp16 loss scaling the
     GradScaler then hands it the overflow flag and it skips on the device, where the foreach step reads the
-    flag on the host (a sync per step). Momentum buffers start at zero, which with no dampening is the same
-    first step as none: a fused first step skipped for an overflow would leave them uninitialised."""
+    flag on the host (a sync per step). Momentum buffers start at zero, made just before the first step (with
+    no dampening the same first step as from none): a fused first step skipped for an overflow would leave
+    them uninitialised."""
     if device.type not in FUSED_SGD_DEVICES:
         return torch.optim.SGD(groups, lr=lr, momentum=momentum, foreach=True)
     optimizer = torch.optim.SGD(groups, lr=lr, momentum=momentum, fused=True)
     if momentum:
-        for group in optimizer.param_groups:
-            for param in group["params"]:
-                optimizer.state[param]["momentum_buffer"] = torch.zeros_like(param)
+        optimizer.register_step_pre_hook(_zero_momentum_where_missing)
     return optimizer
+
+
+def _zero_momentum_where_missing(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+    """A step pre-hook: zero momentum buffers where there are none (they come and go together: made here,
+    loaded with a state dict, or, once made, kept)."""
+    state = optimizer.state
+    if "momentum_buffer" in state.get(optimizer.param_groups[0]["params"][0], {}):
+        return
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            if "momentum_buffer" not in state[param]:
+                state[param]["momentum_buffer"] = torch.zeros_like(param)
 
 
 class ScaledStep:
