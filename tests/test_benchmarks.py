@@ -143,7 +143,7 @@ def test_count_launches_files_every_op_under_its_phase():
                   "synthetic SGD step"):  # fmt: skip
         assert sum(ordinary[phase].values()) > 0 and ordinary[phase] == reset[phase], phase
     assert "reset" not in ordinary and 0 < sum(reset["reset"].values()) < 20
-    assert reset["reset"]["_foreach_copy_"] == 1 and reset["synthetic SGD step"]["_foreach_add_"] >= 1
+    assert reset["reset"]["_foreach_copy_"] == 1 and reset["synthetic SGD step"]["_fused_sgd_"] >= 1
 
 
 def test_compiled_structure_tells_compiled_kernels_from_eager_launches():
