@@ -49,10 +49,11 @@ def pytest_configure(config):
     # Triton's interpreter (the CPU runs of the kernels) fails with numpy releases newer than the Triton: < 3.7
     # takes int() of one-element arrays for loop bounds, which numpy >= 2.4 refuses, and 3.0 computes wrong
     # values with numpy 2. Every kernel test would fail; say why once instead.
-    if os.environ.get("TRITON_INTERPRET", "0") in ("", "0") or _release("triton") is None:
+    triton, numpy = _release("triton"), _release("numpy")
+    if os.environ.get("TRITON_INTERPRET", "0") in ("", "0") or triton is None:
         return
     versions = f"Triton {metadata.version('triton')}'s interpreter (the CPU runs of the kernels)"
-    if _release("triton") < (3, 7) and _release("numpy") >= (2, 4):
+    if numpy is not None and triton < (3, 7) and numpy >= (2, 4):
         raise pytest.UsageError(
             f"{versions} cannot run with numpy {metadata.version('numpy')}: pip install 'numpy<2.4' (or triton>=3.7)"
         )

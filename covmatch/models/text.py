@@ -71,9 +71,7 @@ def attention_mask_form(model: nn.Module) -> str:
     from a 2-D mask ask whether the batch has padding at all, 4.41 on) or "2d" (any other encoder: as given)."""
     if transformers_takes_4d_masks():
         return "4d"
-    if getattr(model.config, "model_type", None) in ENCODERS_TAKING_3D_MASKS and hasattr(
-        model, "get_extended_attention_mask"
-    ):
+    if getattr(model.config, "model_type", None) in ENCODERS_TAKING_3D_MASKS:
         return "3d"
     return "2d"
 
