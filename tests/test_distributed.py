@@ -7,12 +7,14 @@ a machine also compiles DeepSpeed's small shared-memory communication op (cached
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import socket
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -111,8 +113,8 @@ def _gradscaler_skips(magnitudes) -> list:
     return skipped
 
 
-def _deepspeed_skips(fp16_section: dict, magnitudes) -> list:
-    """The same for DeepSpeed's dynamic loss scaler, built from an fp16 config section as its engine builds it."""
+def _deepspeed_scaler(fp16_section: dict):
+    """DeepSpeed's dynamic loss scaler, built from an fp16 config section as its engine builds it."""
     from deepspeed.runtime.fp16.loss_scaler import CreateLossScaler
 
     try:
@@ -123,9 +125,14 @@ def _deepspeed_skips(fp16_section: dict, magnitudes) -> list:
         args = get_dynamic_loss_scale_args({"fp16": fp16_section})
     else:
         args = DeepSpeedFP16Config(**fp16_section).dynamic_loss_scale_args()
-    scaler = CreateLossScaler(dtype=torch.float16, static_loss_scale=0, dynamic_scaling=True, dynamic_loss_args=args)
+    return CreateLossScaler(dtype=torch.float16, static_loss_scale=0, dynamic_scaling=True, dynamic_loss_args=args)
+
+
+def _deepspeed_skips(fp16_section: dict, magnitudes, scaler=None, first: int = 0) -> list:
+    """The steps DeepSpeed's dynamic loss scaler skips (``scaler``: one already part-way, at step ``first``)."""
+    scaler = scaler or _deepspeed_scaler(fp16_section)
     skipped = []
-    for step, magnitude in enumerate(magnitudes):
+    for step, magnitude in enumerate(magnitudes, start=first):
         overflow = scaler.cur_scale * magnitude > FP16_MAX
         scaler.update_scale(overflow)
         if overflow:
@@ -149,6 +156,40 @@ def test_fp16_under_zero_skips_the_steps_plain_fp16_skips(monkeypatch):
     assert all(abs(a - b) <= 3 for a, b in zip(skipped, expected)), (skipped, expected)  # a step per doubling
     defaults = {"enabled": True, "loss_scale": 0}
     assert len(_deepspeed_skips(defaults, magnitudes)) > len(expected)
+
+
+def test_the_deepspeed_loss_scale_carries_over_a_reset_boundary_checkpoint(monkeypatch):
+    """A checkpoint at a reset boundary keeps no DeepSpeed checkpoint, only the engine's step counters and its
+    fp16 loss scaler's state: an engine resumed from it skips the steps the uninterrupted one skips."""
+    import deepspeed.runtime.fp16.loss_scaler as loss_scaler
+
+    from covmatch.distill.online import DeepSpeedOnlineModel
+
+    monkeypatch.setattr(loss_scaler.dist, "get_rank", lambda *args, **kwargs: 0)
+    fp16 = build_ds_config(2, "fp16", 64)["fp16"]
+    magnitudes = [0.6] * 9000
+    magnitudes[100:103] = [3.0] * 3
+    whole = _deepspeed_skips(fp16, magnitudes)
+
+    def online_model(scaler) -> DeepSpeedOnlineModel:  # only the engine parts the boundary state touches
+        model = DeepSpeedOnlineModel.__new__(DeepSpeedOnlineModel)
+        counters = {"global_steps": 0, "global_samples": 0, "skipped_steps": 0}
+        model.engine = SimpleNamespace(optimizer=SimpleNamespace(loss_scaler=scaler), **counters)
+        return model
+
+    before = online_model(_deepspeed_scaler(fp16))
+    skipped = _deepspeed_skips(fp16, magnitudes[:4500], before.engine.optimizer.loss_scaler)
+    before.engine.global_steps, before.engine.global_samples, before.engine.skipped_steps = 4500, 160000, 4
+    buffer = io.BytesIO()
+    torch.save(before.boundary_state_dict(), buffer)
+    state = torch.load(io.BytesIO(buffer.getvalue()), weights_only=True)
+    after = online_model(_deepspeed_scaler(fp16))
+    after.load_boundary_state_dict(state)
+    assert (after.engine.global_steps, after.engine.global_samples, after.engine.skipped_steps) == (4500, 160000, 4)
+    skipped += _deepspeed_skips(fp16, magnitudes[4500:], after.engine.optimizer.loss_scaler, first=4500)
+    assert skipped == whole and len(whole) == 4, (skipped, whole)
+    fresh = online_model(_deepspeed_scaler(fp16))  # without the saved state it would start again at 2^16
+    assert _deepspeed_skips(fp16, magnitudes[4500:], fresh.engine.optimizer.loss_scaler, first=4500) != whole[2:]
 
 
 @pytest.mark.parametrize(
@@ -289,6 +330,39 @@ def test_zero2_bf16_run_resumes_and_refuses_another_world_size(tmp_path):
     output = launch(*distill_argv(out, *bf16, "--iterations", "8", "--resume"), nproc=1, expect=2)
     assert "written by a run with 2 process(es), this run has 1; resume with the same world size" in output
     assert (out / "synthetic.safetensors").read_bytes() == before
+
+
+def test_zero_checkpoint_at_a_reset_boundary_holds_no_deepspeed_state_and_resumes_bit_exactly(tmp_path):
+    """ZeRO-2, bf16, 2 ranks: a checkpoint where the next iteration resets the online model (the tiny preset's
+    every 3) is the set, its optimiser state and DeepSpeed's step counters, without DeepSpeed's checkpoint of
+    the online model; resumed from it, a run distils the uninterrupted run's set bit for bit."""
+    flags = ("--zero", "2", "--bf16", "--image-size", str(BF16_TINY_IMAGE_SIZE), "--grad-clip", "1.0")
+    flags += ("--save-every", "3", "--log-every", "1")
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    launch(*distill_argv(whole, *flags, "--iterations", "5"))
+    checkpoints = whole / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == [
+        "step_00000003.pt",
+        "step_00000005.online",
+        "step_00000005.pt",
+    ]
+    boundary = torch.load(checkpoints / "step_00000003.pt", weights_only=True)["state"]
+    assert boundary["online_omitted"] and boundary["online_engine_counters"]["global_steps"] == 3
+    launch(*distill_argv(split, *flags, "--iterations", "3"))
+    output = launch(*distill_argv(split, *flags, "--iterations", "5", "--resume"))
+    assert "(iteration 3)" in output
+    a, b = SyntheticSet.load(whole), SyntheticSet.load(split)
+    assert torch.equal(a.images, b.images) and torch.equal(a.text_embeds, b.text_embeds)
+    logs = [(p / "log.jsonl").read_text().splitlines() for p in (whole, split)]
+    online = [[json.loads(line)["online"] for line in log] for log in logs]
+    assert online[0] == online[1], online  # the online model's InfoNCE after the resume too
+    states = [
+        torch.load(
+            p / "checkpoints" / "step_00000005.online" / "online" / "mp_rank_00_model_states.pt", weights_only=False
+        )
+        for p in (whole, split)
+    ]  # DeepSpeed's own files (they hold its config objects)
+    assert states[0]["global_steps"] == states[1]["global_steps"] == 5
 
 
 def assert_same_set(sharded: SyntheticSet, single: SyntheticSet) -> None:

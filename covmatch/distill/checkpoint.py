@@ -1,12 +1,12 @@
 """Atomic checkpoints of a distillation run, the last K kept, validated in full before anything is applied.
 
 A checkpoint saved where the next iteration resets the online model leaves that model and its optimiser out
-(``online_omitted``): the reset restores all they hold, so it is about the synthetic set's size, not the
-encoders'. A checkpoint is one ``torch.save`` file of tensors, numbers and strings only, read back with
-``weights_only=True`` (no pickled code). It is written to a temporary file and moved into place with
-``os.replace``, so a crash never leaves a half-written checkpoint under the final name. With several
-processes, rank 0 writes the whole (gathered) synthetic set. With DeepSpeed (``--zero 1-3``) the online
-model and its sharded optimiser state are saved by DeepSpeed into ``step_<t>.online/`` first, and the
+(``online_omitted``; with DeepSpeed, its whole checkpoint): the reset restores all they hold, so it is about
+the synthetic set's size, not the encoders'. A checkpoint is one ``torch.save`` file of tensors, numbers and
+strings only, read back with ``weights_only=True`` (no pickled code). It is written to a temporary file and
+moved into place with ``os.replace``, so a crash never leaves a half-written checkpoint under the final name.
+With several processes, rank 0 writes the whole (gathered) synthetic set. With DeepSpeed (``--zero 1-3``) the
+online model and its sharded optimiser state are saved by DeepSpeed into ``step_<t>.online/`` first, and the
 ``step_<t>.pt`` file, written last, marks the checkpoint complete.
 """
 
@@ -80,7 +80,7 @@ def save_checkpoint(distiller, directory: Path, *, keep: int) -> Path:
     ranks = distiller.ranks
     state = distiller.state_dict(light=True)  # at a reset boundary without the online model the reset restores
     path = directory / f"step_{distiller.iteration:08d}.pt"
-    if distiller.engine is not None:
+    if distiller.engine is not None and not state.get("online_omitted"):
         distiller.online.save(str(online_dir(path)))
         ranks.barrier()  # every shard is on disk before the .pt says the checkpoint is complete
     if ranks.is_main:
@@ -141,9 +141,22 @@ def read_checkpoint(path: Path, distiller) -> dict:
     if isinstance(state, dict) and state.get("online_omitted"):  # saved at a reset boundary: no online model
         current = {k: v for k, v in current.items() if k not in distiller.online.state_dict()}
     _check_like(state, current, str(path), "")
-    if distiller.engine is not None and not (online_dir(path) / "online").is_dir():
+    omitted = isinstance(state, dict) and state.get("online_omitted")
+    if distiller.engine is not None and not omitted and not (online_dir(path) / "online").is_dir():
         raise CheckpointError(f"{path}: its DeepSpeed state {online_dir(path)}/online is missing")
+    if omitted:
+        _check_boundary_numbers(state, str(path))
     return state
+
+
+def _check_boundary_numbers(state: dict, where: str) -> None:
+    """The DeepSpeed counters and loss scaler a reset-boundary checkpoint keeps are mappings of numbers."""
+    for key in ("online_engine_counters", "online_loss_scaler"):
+        values = state.get(key, {})
+        if not isinstance(values, dict) or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in values.values()
+        ):
+            raise CheckpointError(f"{where}: {key} should be a mapping of numbers")
 
 
 def _check_like(saved, current, where: str, prefix: str) -> None:
@@ -187,7 +200,7 @@ def resume_latest(
             problems.append(str(err))
             continue
         distiller.load_state_dict(state)
-        if distiller.engine is not None:
+        if distiller.engine is not None and not state.get("online_omitted"):
             distiller.online.load(str(online_dir(path)))
         for problem in problems:
             log(f"covmatch: skipping checkpoint: {problem}")

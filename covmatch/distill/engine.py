@@ -241,14 +241,14 @@ class Distiller:
     def state_dict(self, *, light: bool = False) -> dict:
         """Everything a resume needs, gathered over ranks (collective): the whole synthetic set and its
         optimiser state, every rank's RNG state; the online model and its optimiser unless DeepSpeed saves them,
-        or unless ``light`` and the next iteration resets them (then the marker ``online_omitted`` and the fp16
-        loss scale: the reset restores everything else they hold)."""
+        or unless ``light`` and the next iteration resets them (then the marker ``online_omitted``, the fp16
+        loss scale and DeepSpeed's step counters: the reset restores everything else they hold)."""
         gather = self.ranks.gather_rows
         rng = {"torch": gather(torch.get_rng_state().unsqueeze(0))}
         if self.device.type == "cuda":
             rng["cuda"] = gather(torch.cuda.get_rng_state(self.device).to(self.device).unsqueeze(0)).cpu()
         normaliser = self.loss_normaliser
-        omit_online = light and self.engine is None and self._reset_due(self.iteration)
+        omit_online = light and self._reset_due(self.iteration)
         return {
             "iteration": self.iteration,
             "skipped_steps": self.skipped_steps,

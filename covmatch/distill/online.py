@@ -115,9 +115,16 @@ class OnlineModel:
         """Nothing to release."""
 
 
+# DeepSpeed's engine counters its own checkpoint restores, and the state of its fp16 DynamicLossScaler (the rest
+# of the scaler is the configuration it was built with)
+ENGINE_COUNTERS = ("global_steps", "global_samples", "skipped_steps")
+DYNAMIC_SCALER_STATE = ("cur_scale", "cur_iter", "last_overflow_iter", "cur_hysteresis")
+
+
 class DeepSpeedOnlineModel(OnlineModel):
     """The online model inside a DeepSpeed engine (``--zero 1-3``): DeepSpeed does loss scaling, gradient
-    reduction, clipping and ZeRO sharding; it saves its own state (``save``/``load`` in checkpoints)."""
+    reduction, clipping and ZeRO sharding; it saves its own state (``save``/``load`` in checkpoints), except at a
+    reset boundary, where the reset restores it."""
 
     fused_sgd = False  # DeepSpeed steps the optimiser on its own flat partitions and checks overflows itself
 
@@ -152,6 +159,24 @@ class DeepSpeedOnlineModel(OnlineModel):
 
     def load_state_dict(self, state: dict) -> None:
         """Loaded by ``load`` from DeepSpeed's checkpoint."""
+
+    def boundary_state_dict(self) -> dict:
+        """What a checkpoint taken where the next iteration resets the model keeps of the engine, in place of
+        DeepSpeed's own checkpoint: the counters its checkpoint restores and, under fp16, the dynamic loss
+        scaler's state (the reset restores the weights, their fp32 master copy and the zeroed momentum)."""
+        state = {"online_engine_counters": {name: int(getattr(self.engine, name)) for name in ENGINE_COUNTERS}}
+        scaler = getattr(self.engine.optimizer, "loss_scaler", None)
+        if getattr(scaler, "dynamic", False):
+            state["online_loss_scaler"] = {name: float(getattr(scaler, name)) for name in DYNAMIC_SCALER_STATE}
+        return state
+
+    def load_boundary_state_dict(self, state: dict) -> None:
+        for name, value in state.get("online_engine_counters", {}).items():
+            setattr(self.engine, name, int(value))
+        scaler = getattr(self.engine.optimizer, "loss_scaler", None)
+        if getattr(scaler, "dynamic", False):  # none saved: the initial scale
+            for name, value in state.get("online_loss_scaler", {}).items():
+                setattr(scaler, name, float(value) if name == "cur_scale" else int(value))
 
     def save(self, directory: str) -> None:
         self.engine.save_checkpoint(directory, tag="online", save_latest=False)
