@@ -332,11 +332,17 @@ def test_zero2_bf16_run_resumes_and_refuses_another_world_size(tmp_path):
     assert (out / "synthetic.safetensors").read_bytes() == before
 
 
-def test_zero_checkpoint_at_a_reset_boundary_holds_no_deepspeed_state_and_resumes_bit_exactly(tmp_path):
-    """ZeRO-2, bf16, 2 ranks: a checkpoint where the next iteration resets the online model (the tiny preset's
-    every 3) is the set, its optimiser state and DeepSpeed's step counters, without DeepSpeed's checkpoint of
-    the online model; resumed from it, a run distils the uninterrupted run's set bit for bit."""
-    flags = ("--zero", "2", "--bf16", "--image-size", str(BF16_TINY_IMAGE_SIZE), "--grad-clip", "1.0")
+@pytest.mark.parametrize("stage,precision", [("2", "bf16"), ("3", "fp32")])
+def test_zero_checkpoint_at_a_reset_boundary_holds_no_deepspeed_state_and_resumes_bit_exactly(
+    tmp_path, stage, precision
+):
+    """2 ranks: a checkpoint where the next iteration resets the online model (the tiny preset's every 3) is the
+    set, its optimiser state and DeepSpeed's step counters, without DeepSpeed's checkpoint of the online model;
+    resumed from it, a run distils the uninterrupted run's set bit for bit (ZeRO-3: the reset gathers, restores
+    and re-partitions the weights)."""
+    flags = ("--zero", stage, "--grad-clip", "1.0")
+    if precision == "bf16":
+        flags += ("--bf16", "--image-size", str(BF16_TINY_IMAGE_SIZE))
     flags += ("--save-every", "3", "--log-every", "1")
     whole, split = tmp_path / "whole", tmp_path / "split"
     launch(*distill_argv(whole, *flags, "--iterations", "5"))
@@ -356,12 +362,13 @@ def test_zero_checkpoint_at_a_reset_boundary_holds_no_deepspeed_state_and_resume
     logs = [(p / "log.jsonl").read_text().splitlines() for p in (whole, split)]
     online = [[json.loads(line)["online"] for line in log] for log in logs]
     assert online[0] == online[1], online  # the online model's InfoNCE after the resume too
+    # DeepSpeed's own files (pickled config objects; ZeRO-3 names its model states per rank)
     states = [
         torch.load(
-            p / "checkpoints" / "step_00000005.online" / "online" / "mp_rank_00_model_states.pt", weights_only=False
+            next((p / "checkpoints" / "step_00000005.online" / "online").glob("*model_states.pt")), weights_only=False
         )
         for p in (whole, split)
-    ]  # DeepSpeed's own files (they hold its config objects)
+    ]
     assert states[0]["global_steps"] == states[1]["global_steps"] == 5
 
 
