@@ -6,6 +6,7 @@
 ``reset STAGE:PRECISION,...``: after online steps under ZeRO, the reset puts back the pretrained parameters,
 the fp32 master copy and an empty optimiser state (a zero-gradient step then changes nothing).
 ``online-steps`` (one process, no launcher): the online model under ZeRO 1-3 trains as plain PyTorch's does.
+``fp16-boundary`` (one process): DeepSpeed's fp16 online model resumes from a reset-boundary checkpoint's state.
 ``chunked``: with N > the synthetic batch (each rank's batch a sample of its shard), the online model
 training and a reset, ``--syn-chunk`` distils the same set as one pass.
 """
@@ -178,6 +179,69 @@ def scenario_online_steps() -> None:
         print("a second DeepSpeed run after close", flush=True)
 
 
+def scenario_fp16_boundary() -> None:
+    """One process, DeepSpeed's fp16 ZeRO-2 on the CPU (its CPU accelerator told fp16 is supported, which it
+    denies; covmatch itself refuses --fp16 --zero off CUDA): an online model resumed from what a reset-boundary
+    checkpoint keeps (``boundary_state_dict``, through torch.save and a weights-only load) trains as the
+    uninterrupted one does, overflow skips, loss scale and step counters included."""
+    import io
+
+    from deepspeed.accelerator import get_accelerator
+
+    from covmatch.distill import DistillConfig
+    from covmatch.distill.distributed import build_ds_config, setup_processes
+    from covmatch.distill.online import DeepSpeedOnlineModel
+    from covmatch.distill.precision import autocast_for
+    from covmatch.distill.streams import stream_generator
+    from covmatch.presets import get_preset
+    from covmatch.pretrain import pretrained_dual_encoder
+
+    type(get_accelerator()).is_fp16_supported = lambda self: True
+    preset = get_preset("tiny")
+    config = DistillConfig(preset=preset, zero=2, precision="fp16", progress=False, device="cpu")
+    ranks, device = setup_processes("cpu", 2)
+    ds_config = build_ds_config(2, "fp16", preset.real_batch)
+
+    def online_model() -> DeepSpeedOnlineModel:
+        torch.manual_seed(0)
+        model = pretrained_dual_encoder(preset, progress=False)
+        autocast = autocast_for(device, "fp16")
+        return DeepSpeedOnlineModel(model, config, ranks=ranks, device=device, autocast=autocast, ds_config=ds_config)
+
+    def batch(t: int):
+        g = torch.Generator().manual_seed(t)
+        pixels = torch.randn(preset.real_batch, 3, preset.image_size, preset.image_size, generator=g)
+        ids = torch.randint(1000, 2000, (preset.real_batch, preset.seq_len), generator=g)
+        return pixels, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+    def train(online: DeepSpeedOnlineModel, start: int, stop: int) -> list:
+        torch.manual_seed(start)  # dropout's draws, which a checkpoint's RNG state would restore
+        if start % 3 == 0:
+            online.reset(stream_generator(0, "reset", start, device=device))
+        return [float(online.train_step(*batch(t))) for t in range(start, stop)]
+
+    whole = online_model()
+    train(whole, 0, 3)  # in fp16 throughout, the tiny model's gradients overflow at DeepSpeed's initial 2^16
+    assert whole.engine.skipped_steps > 0, "no fp16 overflow: no loss scale of its own to carry over"
+    buffer = io.BytesIO()
+    torch.save(whole.boundary_state_dict(), buffer)
+    skipped = whole.engine.skipped_steps
+    losses = train(whole, 3, 6)
+    assert whole.engine.skipped_steps < skipped + 3, "every step after the boundary skipped: nothing trained"
+    resumed = online_model()
+    resumed.load_boundary_state_dict(torch.load(io.BytesIO(buffer.getvalue()), weights_only=True))
+    assert train(resumed, 3, 6) == losses
+    for name in ("global_steps", "global_samples", "skipped_steps"):
+        assert getattr(resumed.engine, name) == getattr(whole.engine, name), name
+    assert vars(resumed.engine.optimizer.loss_scaler) == vars(whole.engine.optimizer.loss_scaler)
+    weights = [dict(m.model.named_parameters()) for m in (whole, resumed)]
+    assert all(torch.equal(p, weights[1][k]) for k, p in weights[0].items()), "the weights differ after resuming"
+    scale = whole.engine.optimizer.loss_scaler.cur_scale
+    print(f"fp16 ZeRO-2: resumed at a reset boundary (loss scale {scale:g}, {whole.engine.skipped_steps} skips)")
+    whole.close()
+    resumed.close()
+
+
 if __name__ == "__main__":
     name, *args = sys.argv[1:]
     if name == "loss":
@@ -188,5 +252,7 @@ if __name__ == "__main__":
         scenario_chunked()
     elif name == "online-steps":
         scenario_online_steps()
+    elif name == "fp16-boundary":
+        scenario_fp16_boundary()
     else:
         raise SystemExit(f"unknown scenario {name!r}")

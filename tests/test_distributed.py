@@ -192,6 +192,13 @@ def test_the_deepspeed_loss_scale_carries_over_a_reset_boundary_checkpoint(monke
     assert _deepspeed_skips(fp16, magnitudes[4500:], fresh.engine.optimizer.loss_scaler, first=4500) != whole[2:]
 
 
+def test_deepspeed_fp16_online_model_resumes_from_a_reset_boundary_checkpoint():
+    """A real fp16 ZeRO-2 engine (on the CPU, told fp16 is supported): what a boundary checkpoint keeps of it
+    makes a fresh engine train on as the uninterrupted one, skips, loss scale and weights alike."""
+    output = launch(str(WORKER), "fp16-boundary", nproc=1)
+    assert "fp16 ZeRO-2: resumed at a reset boundary" in output, output[-2000:]
+
+
 @pytest.mark.parametrize(
     "stage,precision,user,message",
     [

@@ -159,7 +159,7 @@ def test_the_fp16_loss_scale_carries_over_resets_and_boundary_checkpoints(tmp_pa
     boundary = torch.load(tmp_path / "whole" / "checkpoints" / "step_00000003.pt", weights_only=True)["state"]
     assert boundary["online_omitted"] and "model" not in boundary
     scale = boundary["online_scaler"]["scale"]
-    assert scale == 2.0 ** 16 / 2 ** sum(skipped[:3]) < 2.0**16, (scale, skipped)  # overflows at 2^16 on this model
+    assert scale == 2.0**16 / 2 ** sum(skipped[:3]) < 2.0**16, (scale, skipped)  # overflows at 2^16 on this model
     assert sum(skipped[3:]) < sum(skipped[:3])  # the second cycle starts at the lowered scale
     distill(config("part", iterations=3), log=lambda _m: None)
     distill(config("part", resume=True), log=lambda _m: None)
