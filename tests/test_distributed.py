@@ -307,76 +307,81 @@ def held_out_loss(d: Distiller, syn: SyntheticSet, batches) -> float:
     return total / len(batches)
 
 
-def test_zero2_bf16_run_resumes_and_refuses_another_world_size(tmp_path):
-    out = tmp_path / "zero2"
+def checkpoint_names(out: Path) -> list:
+    return sorted(p.name for p in (out / "checkpoints").iterdir())
+
+
+def deepspeed_global_steps(checkpoint: Path) -> int:
+    """DeepSpeed's step counter in its own checkpoint of the online model (its files hold pickled config
+    objects; ZeRO-3 names its model states per rank)."""
+    states = next((checkpoint.with_suffix(".online") / "online").glob("*model_states.pt"))
+    return torch.load(states, weights_only=False)["global_steps"]
+
+
+def test_zero2_bf16_run_resumes_bit_exactly_and_refuses_another_world_size(tmp_path):
+    """ZeRO-2, bf16, 2 ranks, the tiny preset (reset every 3), checkpoints every 2: a run stopped at 4 (with
+    DeepSpeed's checkpoint of the online model), resumed to 6 (a reset boundary: no DeepSpeed checkpoint, only
+    its step counters) and from there to 7 distils the uninterrupted run's set bit for bit."""
     # --grad-clip 1.0: unclipped, the tiny preset's online model diverges within a reset cycle (InfoNCE 3.2 ->
     # 9.8 in three steps), and the set then does not lower the held-out loss; it also checks the flag reaches
     # DeepSpeed's config in a launched run
     bf16 = ("--zero", "2", "--bf16", "--image-size", str(BF16_TINY_IMAGE_SIZE), "--grad-clip", "1.0")
-    launch(*distill_argv(out, *bf16, "--iterations", "4", "--save-every", "2", "--log-every", "2"))
-    syn = SyntheticSet.load(out)  # validates shapes, dtypes and metadata
+    flags = (*bf16, "--save-every", "2", "--log-every", "1")
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    launch(*distill_argv(whole, *flags, "--iterations", "7"))
+    launch(*distill_argv(split, *flags, "--iterations", "4"))
+    syn = SyntheticSet.load(split)  # validates shapes, dtypes and metadata
     assert len(syn) == 8 and syn.metadata["iteration"] == 4
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
+    assert checkpoint_names(split) == [
         "step_00000002.online",
         "step_00000002.pt",
         "step_00000004.online",
         "step_00000004.pt",
     ]
-    output = launch(*distill_argv(out, *bf16, "--iterations", "6", "--resume", "--log-every", "2"))
+    output = launch(*distill_argv(split, *flags, "--iterations", "6", "--resume"))
     assert "resumed from" in output and "(iteration 4)" in output
-    final = SyntheticSet.load(out)
-    assert final.metadata["iteration"] == 6
+    assert "step_00000006.pt" in checkpoint_names(split) and "step_00000006.online" not in checkpoint_names(split)
+    boundary = torch.load(split / "checkpoints" / "step_00000006.pt", weights_only=True)["state"]
+    assert boundary["online_omitted"] and boundary["online_engine_counters"]["global_steps"] == 6
+    output = launch(*distill_argv(split, *flags, "--iterations", "7", "--resume"))
+    assert "(iteration 6)" in output
+    final, uninterrupted = SyntheticSet.load(split), SyntheticSet.load(whole)
+    assert final.metadata["iteration"] == 7
+    assert torch.equal(final.images, uninterrupted.images) and torch.equal(final.text_embeds, uninterrupted.text_embeds)
+    logs = [[json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()] for out in (whole, split)]
+    assert [r["iteration"] for r in logs[1]] == list(range(1, 8))
+    assert [r["online"] for r in logs[0]] == [r["online"] for r in logs[1]]  # the online model's InfoNCE too
+    assert deepspeed_global_steps(whole / "checkpoints" / "step_00000007.pt") == 7
+    assert deepspeed_global_steps(split / "checkpoints" / "step_00000007.pt") == 7  # counters carried over
     preset = get_preset("tiny", image_size=BF16_TINY_IMAGE_SIZE)
     d = Distiller(DistillConfig(preset=preset, progress=False, device="cpu"), log=lambda _m: None)
     held_out = list(d.real_batches(100, 104))
     before, after = held_out_loss(d, d.synthetic_set(), held_out), held_out_loss(d, final, held_out)
     assert after < 0.99 * before, (before, after)  # with the online model training (reset every 3)
-    assert [json.loads(line)["iteration"] for line in (out / "log.jsonl").read_text().splitlines()] == [2, 4, 6]
     # one process cannot continue a 2-process run: one clear line, exit 2, nothing overwritten
-    before = (out / "synthetic.safetensors").read_bytes()
-    output = launch(*distill_argv(out, *bf16, "--iterations", "8", "--resume"), nproc=1, expect=2)
+    before = (split / "synthetic.safetensors").read_bytes()
+    output = launch(*distill_argv(split, *bf16, "--iterations", "8", "--resume"), nproc=1, expect=2)
     assert "written by a run with 2 process(es), this run has 1; resume with the same world size" in output
-    assert (out / "synthetic.safetensors").read_bytes() == before
+    assert (split / "synthetic.safetensors").read_bytes() == before
 
 
-@pytest.mark.parametrize("stage,precision", [("2", "bf16"), ("3", "fp32")])
-def test_zero_checkpoint_at_a_reset_boundary_holds_no_deepspeed_state_and_resumes_bit_exactly(
-    tmp_path, stage, precision
-):
-    """2 ranks: a checkpoint where the next iteration resets the online model (the tiny preset's every 3) is the
-    set, its optimiser state and DeepSpeed's step counters, without DeepSpeed's checkpoint of the online model;
-    resumed from it, a run distils the uninterrupted run's set bit for bit (ZeRO-3: the reset gathers, restores
-    and re-partitions the weights)."""
-    flags = ("--zero", stage, "--grad-clip", "1.0")
-    if precision == "bf16":
-        flags += ("--bf16", "--image-size", str(BF16_TINY_IMAGE_SIZE))
-    flags += ("--save-every", "3", "--log-every", "1")
+def test_zero3_run_resumes_bit_exactly_from_a_reset_boundary_checkpoint(tmp_path):
+    """ZeRO-3, fp32, 2 ranks: the reset gathers, restores and re-partitions the weights, so a checkpoint where
+    the next iteration resets the online model needs no DeepSpeed checkpoint either."""
+    flags = ("--zero", "3", "--grad-clip", "1.0", "--save-every", "3", "--log-every", "1")
     whole, split = tmp_path / "whole", tmp_path / "split"
     launch(*distill_argv(whole, *flags, "--iterations", "5"))
-    checkpoints = whole / "checkpoints"
-    assert sorted(p.name for p in checkpoints.iterdir()) == [
-        "step_00000003.pt",
-        "step_00000005.online",
-        "step_00000005.pt",
-    ]
-    boundary = torch.load(checkpoints / "step_00000003.pt", weights_only=True)["state"]
-    assert boundary["online_omitted"] and boundary["online_engine_counters"]["global_steps"] == 3
+    assert checkpoint_names(whole) == ["step_00000003.pt", "step_00000005.online", "step_00000005.pt"]
     launch(*distill_argv(split, *flags, "--iterations", "3"))
     output = launch(*distill_argv(split, *flags, "--iterations", "5", "--resume"))
     assert "(iteration 3)" in output
     a, b = SyntheticSet.load(whole), SyntheticSet.load(split)
     assert torch.equal(a.images, b.images) and torch.equal(a.text_embeds, b.text_embeds)
-    logs = [(p / "log.jsonl").read_text().splitlines() for p in (whole, split)]
-    online = [[json.loads(line)["online"] for line in log] for log in logs]
-    assert online[0] == online[1], online  # the online model's InfoNCE after the resume too
-    # DeepSpeed's own files (pickled config objects; ZeRO-3 names its model states per rank)
-    states = [
-        torch.load(
-            next((p / "checkpoints" / "step_00000005.online" / "online").glob("*model_states.pt")), weights_only=False
-        )
-        for p in (whole, split)
+    logs = [
+        [json.loads(line)["online"] for line in (out / "log.jsonl").read_text().splitlines()] for out in (whole, split)
     ]
-    assert states[0]["global_steps"] == states[1]["global_steps"] == 5
+    assert logs[0] == logs[1]
+    assert deepspeed_global_steps(split / "checkpoints" / "step_00000005.pt") == 5
 
 
 def assert_same_set(sharded: SyntheticSet, single: SyntheticSet) -> None:
