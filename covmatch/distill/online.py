@@ -163,7 +163,7 @@ class DeepSpeedOnlineModel(OnlineModel):
     def boundary_state_dict(self) -> dict:
         """What a checkpoint taken where the next iteration resets the model keeps of the engine, in place of
         DeepSpeed's own checkpoint: the counters its checkpoint restores and, under fp16, the dynamic loss
-        scaler's state (the reset restores the weights, their fp32 master copy and the zeroed momentum)."""
+        scaler's state (the reset restores the weights and their fp32 master copy, and clears the momentum)."""
         state = {"online_engine_counters": {name: int(getattr(self.engine, name)) for name in ENGINE_COUNTERS}}
         scaler = getattr(self.engine.optimizer, "loss_scaler", None)
         if getattr(scaler, "dynamic", False):
@@ -171,12 +171,16 @@ class DeepSpeedOnlineModel(OnlineModel):
         return state
 
     def load_boundary_state_dict(self, state: dict) -> None:
-        for name, value in state.get("online_engine_counters", {}).items():
-            setattr(self.engine, name, int(value))
+        counters = state.get("online_engine_counters", {})
+        for name in ENGINE_COUNTERS:
+            if name in counters:
+                setattr(self.engine, name, int(counters[name]))
         scaler = getattr(self.engine.optimizer, "loss_scaler", None)
-        if getattr(scaler, "dynamic", False):  # none saved: the initial scale
-            for name, value in state.get("online_loss_scaler", {}).items():
-                setattr(scaler, name, float(value) if name == "cur_scale" else int(value))
+        saved = state.get("online_loss_scaler", {})  # none saved: the initial scale
+        if getattr(scaler, "dynamic", False):
+            for name in DYNAMIC_SCALER_STATE:
+                if name in saved:
+                    setattr(scaler, name, float(saved[name]) if name == "cur_scale" else int(saved[name]))
 
     def save(self, directory: str) -> None:
         self.engine.save_checkpoint(directory, tag="online", save_latest=False)
