@@ -87,6 +87,17 @@ def _set_nan_tensor(tmp: Path) -> None:
     save_file(tensors, str(path), metadata={"format": "covmatch"})
 
 
+def _bad_boundary_checkpoint(tmp: Path) -> None:
+    """The newest checkpoint made a reset-boundary one whose DeepSpeed counters are not numbers; the older one
+    truncated, so that no checkpoint can be resumed."""
+    checkpoints = tmp / "run" / "checkpoints"
+    payload = torch.load(checkpoints / "step_00000004.pt", weights_only=True)
+    payload["state"] = {k: v for k, v in payload["state"].items() if k not in ("model", "online_optimizer")}
+    payload["state"].update(online_omitted=True, online_engine_counters={"global_steps": "four"})
+    torch.save(payload, checkpoints / "step_00000004.pt")
+    _truncate("run/checkpoints/step_00000002.pt")(tmp)
+
+
 def _wrong_shape_weights(tmp: Path) -> None:
     from safetensors.torch import save_file
 
@@ -205,6 +216,8 @@ DISTILL_CASES = [
     # checkpoints (--out {run} holds a finished tiny run)
     Case("resume-all-truncated", "distill", ["--resume", "--iterations", "6"], "step_00000004.pt: unreadable or truncated",
          prepare=lambda tmp: [_truncate(f"run/checkpoints/step_0000000{t}.pt")(tmp) for t in (2, 4)], needs=["run"]),
+    Case("resume-boundary-counters", "distill", ["--resume", "--iterations", "6"], "step_00000004.pt: online_engine_counters should be a mapping of numbers",
+         prepare=_bad_boundary_checkpoint, needs=["run"]),
     Case("resume-no-checkpoint", "distill", ["--resume", "--iterations", "6"], "holds no checkpoint; nothing was changed",
          prepare=_remove("run/checkpoints"), needs=["run"]),
     Case("resume-other-run", "distill", ["--resume", "--num-pairs", "6"], "made with num_pairs=8, this run has num_pairs=6",

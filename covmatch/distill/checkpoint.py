@@ -150,8 +150,9 @@ def read_checkpoint(path: Path, distiller) -> dict:
 
 
 def _check_boundary_numbers(state: dict, where: str) -> None:
-    """The DeepSpeed counters and loss scaler a reset-boundary checkpoint keeps are mappings of numbers."""
-    for key in ("online_engine_counters", "online_loss_scaler"):
+    """The loss scaler (plain or DeepSpeed's) and DeepSpeed's counters a reset-boundary checkpoint keeps in place
+    of the online model are mappings of numbers."""
+    for key in ("online_scaler", "online_engine_counters", "online_loss_scaler"):
         values = state.get(key, {})
         if not isinstance(values, dict) or not all(
             isinstance(v, (int, float)) and not isinstance(v, bool) for v in values.values()
