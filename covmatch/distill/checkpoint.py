@@ -138,14 +138,14 @@ def read_checkpoint(path: Path, distiller) -> dict:
             raise CheckpointError(f"{path}: made with {key}={saved.get(key)!r}, this run has {key}={value!r}")
     state = payload["state"]
     current = distiller.state_dict()
-    if isinstance(state, dict) and state.get("online_omitted"):  # saved at a reset boundary: no online model
+    omitted = isinstance(state, dict) and state.get("online_omitted")  # saved at a reset boundary: no online model
+    if omitted:
         current = {k: v for k, v in current.items() if k not in distiller.online.state_dict()}
     _check_like(state, current, str(path), "")
-    omitted = isinstance(state, dict) and state.get("online_omitted")
-    if distiller.engine is not None and not omitted and not (online_dir(path) / "online").is_dir():
-        raise CheckpointError(f"{path}: its DeepSpeed state {online_dir(path)}/online is missing")
     if omitted:
         _check_boundary_numbers(state, str(path))
+    elif distiller.engine is not None and not (online_dir(path) / "online").is_dir():
+        raise CheckpointError(f"{path}: its DeepSpeed state {online_dir(path)}/online is missing")
     return state
 
 
