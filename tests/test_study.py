@@ -20,6 +20,7 @@ from experiments.embedded_study.report import METRICS, mean_std, write_report
 @pytest.fixture()
 def root(tmp_path, monkeypatch):
     monkeypatch.setattr(study_jobs, "ROOT", tmp_path)
+    monkeypatch.setattr(runner, "POLL_SECONDS", 0.05)  # stand-in jobs finish in a fraction of a second
     return tmp_path
 
 

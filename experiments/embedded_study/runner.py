@@ -20,6 +20,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from . import jobs as study_jobs
 from .design import choose_config, job_list
 
+# How often the runner looks for finished jobs and free lanes; jobs take minutes to hours.
+POLL_SECONDS = 5.0
+
 
 def _record(job, seconds: float, lane: int, rc: int, root: Path) -> None:
     root.mkdir(parents=True, exist_ok=True)
@@ -114,7 +117,7 @@ def run_jobs(
             print(f"study: lane {lane}: {job.name}", flush=True)
         if not running:
             break  # everything done, failed, blocked by a failure, or past the deadline
-        time.sleep(5)
+        time.sleep(POLL_SECONDS)
     return len(failed)
 
 
