@@ -126,6 +126,19 @@ def test_cuda_graphed_set_equals_eager_on_a_gpu(monkeypatch, captions):
         torch._dynamo.reset()  # the graphs and their CUDA-graph memory, before the next case
 
 
+def test_a_compiled_run_says_its_first_iterations_compile(tmp_path):
+    """The progress bar stands still while the encoders compile: the run says why, once, before it starts."""
+    lines: list = []
+    preset = get_preset("tiny", iterations=1)
+    d = Distiller(DistillConfig(preset=preset, device="cpu", out=str(tmp_path), progress=False), log=lines.append)
+    d.config.compile = True  # the message alone: compiling the encoders is the tests above
+    d.run()
+    assert [line for line in lines if "compile" in line] == [
+        "covmatch: --compile: the first iterations compile both encoders (minutes at the paper's size), the others "
+        "reuse the graphs"
+    ]
+
+
 @pytest.mark.parametrize(
     "argv,message",
     [

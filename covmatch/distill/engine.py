@@ -333,6 +333,9 @@ class Distiller:
             initial = self.synthetic_set()
             if writer is not None:
                 initial.save(out / "initial")
+        if cfg.compile and self.iteration < cfg.iterations:
+            self.log("covmatch: --compile: the first iterations compile both encoders (minutes at the paper's size), "
+                     "the others reuse the graphs")  # fmt: skip
         progress = progress_bar(cfg.iterations, self.iteration, enabled=cfg.progress and self.ranks.is_main)
         try:
             return self._iterate(cfg.iterations, out, writer, progress)
