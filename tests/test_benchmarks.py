@@ -305,7 +305,7 @@ def test_gpu_codegen_compiles_the_generated_kernels_for_sm_90():
 
 @pytest.mark.slow
 def test_gpu_codegen_finds_every_graph_of_a_chunked_step_capturable():
-    """The compiled ``tiny`` step with ``--syn-chunk``, lowered for sm_90: every graph an iteration calls is one
+    """The compiled ``tiny`` step in bf16 with ``--syn-chunk``, lowered for sm_90: every graph an iteration calls is one
     inductor would capture in a CUDA graph (no mutated inputs, no CPU ops, no dynamic shapes), and replaying them
     launches far fewer kernels than ``--compile`` alone."""
     _skip_where_compiled_counts_cannot_run()
@@ -315,7 +315,7 @@ def test_gpu_codegen_finds_every_graph_of_a_chunked_step_capturable():
 
     backend = GpuCodegenBackend()
     try:
-        counted = run_step(backend, preset_name="tiny", precision="fp32", batch=4, syn_chunk=2)
+        counted = run_step(backend, preset_name="tiny", precision="bf16", batch=4, syn_chunk=2)
     finally:
         torch._dynamo.reset()
     assert len(backend.graphs) >= 8, [g.kind for g in backend.graphs]  # online, target, synthetic chunks, backwards
