@@ -14,6 +14,7 @@ training and a reset, ``--syn-chunk`` distils the same set as one pass.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -74,48 +75,84 @@ def scenario_loss() -> None:
 
 
 def scenario_reset(cases: str) -> None:
-    """``cases``: comma-separated STAGE:PRECISION, e.g. ``1:fp32,2:bf16,3:fp32`` (one engine after another)."""
-    from covmatch.distill import DistillConfig, Distiller
+    """``cases``: comma-separated STAGE:PRECISION[:persist], e.g. ``1:fp32,2:bf16,3:fp32:0`` (one engine after
+    another; ``persist`` sets ZeRO-3's ``stage3_param_persistence_threshold``, DeepSpeed's default keeps every
+    parameter of the tiny model gathered). Two rounds of online steps and a reset; under ZeRO-3 the second
+    reset copies each rank's own partitions back and gathers only the heads."""
+    import json
+    import tempfile
+
+    from covmatch.distill import DistillConfig, Distiller, online
     from covmatch.distill.distributed import gathered_parameters
     from covmatch.distill.streams import stream_generator
     from covmatch.presets import get_preset
 
+    gathered_counts = []
+    gather = online.gathered_parameters
+
+    def counting_gather(params, **kwargs):
+        params = list(params)
+        gathered_counts.append(len(params))
+        return gather(params, **kwargs)
+
+    online.gathered_parameters = counting_gather
     d = None
     for case in cases.split(","):
-        stage, precision = case.split(":")
+        stage, precision, *persist = case.split(":")
+        user_config = None
+        if persist:
+            user_config = Path(tempfile.mkdtemp()) / "ds.json"
+            threshold = {"stage3_param_persistence_threshold": int(persist[0])}
+            user_config.write_text(json.dumps({"zero_optimization": threshold}))
         config = DistillConfig(
             preset=get_preset("tiny", iterations=3, reset_every=100),
             zero=int(stage),
             precision=precision,
             progress=False,
             device="cpu",
+            deepspeed_config=user_config,
         )
         d = Distiller(config, log=lambda _m: None)
         pretrained = d.model.pretrained_state()
-        for batch in d.real_batches(0, 3):
-            d.step(batch)
-        d.engine.optimizer.loss_scaler.cur_scale /= 4  # as fp16's would be after overflows
-        scaler = dict(vars(d.engine.optimizer.loss_scaler))
         params = dict(d.model.named_parameters())
         names = [k for k in pretrained if k in params]
+        heads = len(list(d.model.image_proj.parameters())) + len(list(d.model.text_proj.parameters())) + 1
 
         def differences(params=params, names=names, pretrained=pretrained) -> list:
             with gathered_parameters([params[k] for k in names]):
                 return [k for k in names if not torch.equal(params[k].detach(), pretrained[k].to(params[k].dtype))]
 
-        assert differences(), "the online steps did not change the encoders"
-        d.online.reset(stream_generator(0, "reset", 3))
-        assert differences() == [], f"after the reset: {differences()[:3]} differ from the pretrained weights"
-        assert vars(d.engine.optimizer.loss_scaler) == scaler, "the reset changed the loss scaler"
-        # A step on a zero gradient must not move anything: the fp32 master weights were refreshed and the
-        # momentum buffers cleared (a stale master copy or momentum would pull the weights away).
-        pixels, ids, mask, _ = next(iter(d.real_batches(5, 6)))
-        with d.autocast():
-            loss = d.engine(pixels, input_ids=ids, attention_mask=mask)
-        d.engine.backward(loss * 0.0)
-        d.engine.step()
-        assert differences() == [], f"a zero-gradient step after the reset moved {differences()[:3]}"
-        print(f"rank {d.ranks.rank}: ZeRO-{stage} {precision}: the reset restores the pretrained state", flush=True)
+        for round, batches in enumerate(((0, 3), (6, 8))):
+            *first, last = d.real_batches(*batches)
+            for batch in first:
+                d.step(batch)
+            assert differences(), "the online steps did not change the encoders"
+            d.step(last)  # DeepSpeed's state as training leaves it (persistent parameters gathered, not partitioned)
+            d.engine.optimizer.loss_scaler.cur_scale /= 4  # as fp16's would be after overflows
+            scaler = dict(vars(d.engine.optimizer.loss_scaler))
+            gathered_counts.clear()
+            d.online.reset(stream_generator(0, "reset", 3 + round))
+            persistent = [p for p in params.values() if getattr(p, "ds_persist", False)]
+            assert all(p.ds_status.name == "AVAILABLE" for p in persistent), "persistent parameters left partitioned"
+            moved = differences()
+            assert moved == [], f"after the reset: {moved[:3]} differ from the pretrained weights"
+            assert vars(d.engine.optimizer.loss_scaler) == scaler, "the reset changed the loss scaler"
+            if stage == "3" and round == 1:
+                assert gathered_counts == [heads], f"the second reset gathered {gathered_counts}, not the {heads} heads"
+                local = sum(v.numel() for v in d.online._local_pretrained.values)  # this rank's share, padded
+                full = sum(pretrained[k].numel() for k in names if k.startswith(("image.", "text.")))
+                assert local <= full / d.ranks.world_size + len(names), (local, full)
+            # A step on a zero gradient must not move anything: the fp32 master weights were refreshed and the
+            # momentum buffers cleared (a stale master copy or momentum would pull the weights away).
+            pixels, ids, mask, _ = next(iter(d.real_batches(5, 6)))
+            with d.autocast():
+                loss = d.engine(pixels, input_ids=ids, attention_mask=mask)
+            d.engine.backward(loss * 0.0)
+            d.engine.step()
+            moved = differences()
+            assert moved == [], f"a zero-gradient step after the reset moved {moved[:3]}"
+        label = f"ZeRO-{stage} {precision}" + (f" persistence {persist[0]}" if persist else "")
+        print(f"rank {d.ranks.rank}: {label}: the reset restores the pretrained state", flush=True)
     d.close(finished=True)
 
 

@@ -170,6 +170,33 @@ def test_dual_encoder_reset_restores_pretrained(tiny_model):
         assert torch.equal(v, again[k]), k  # the same generator seed gives the same projections
 
 
+def test_restore_pretrained_buffers_only_and_from_the_host():
+    """``parameters=False`` restores the encoders' buffers and leaves the parameters (ZeRO-3 restores those on
+    its own partitions); ``keep_on_device=False`` restores everything without keeping a device copy."""
+    torch.manual_seed(0)
+    model = build_dual_encoder(get_preset("tiny"))
+    model.image.register_buffer("running_stat", torch.arange(4.0))
+    model.snapshot_pretrained()
+    weight = next(model.image.parameters())
+    pretrained_weight = weight.detach().clone()
+    with torch.no_grad():
+        weight.add_(1.0)
+        model.image.running_stat.mul_(3.0)
+    model.restore_pretrained(parameters=False, keep_on_device=False)
+    assert torch.equal(model.image.running_stat, torch.arange(4.0))
+    assert torch.equal(weight.detach(), pretrained_weight + 1.0)
+    assert model._restore is None
+    with torch.no_grad():
+        model.image.running_stat.mul_(3.0)
+    model.restore_pretrained(keep_on_device=False)
+    assert torch.equal(model.image.running_stat, torch.arange(4.0)) and torch.equal(weight.detach(), pretrained_weight)
+    assert model._restore is None
+    with torch.no_grad():
+        weight.add_(1.0)
+    model.restore_pretrained()  # the default: from a copy kept on the model's device
+    assert torch.equal(weight.detach(), pretrained_weight) and model._restore is not None
+
+
 def test_info_nce_prefers_matched_pairs(tiny_model):
     z = torch.randn(6, 32)
     matched = tiny_model.contrastive_loss(z, z)

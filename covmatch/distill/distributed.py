@@ -32,6 +32,7 @@ __all__ = [
     "build_ds_config",
     "load_ds_config",
     "gathered_parameters",
+    "LocalPartitionSnapshot",
 ]
 
 ZERO_STAGES = (0, 1, 2, 3)
@@ -258,6 +259,52 @@ def gathered_parameters(params: Iterable[torch.nn.Parameter], *, modify: bool = 
     import deepspeed
 
     return deepspeed.zero.GatheredParameters(params, modifier_rank=0 if modify else None)
+
+
+class LocalPartitionSnapshot:
+    """ZeRO-3: this rank's partitions of some parameters, copied once while they hold the values to come back
+    to; ``restore`` puts them back in one batched copy on the rank's own partitions: no gather, no full tensor.
+
+    DeepSpeed keeps some parameters gathered between steps (the small ones under
+    ``stage3_param_persistence_threshold``) and, with hierarchical partitioning (ZeRO++ hpZ), a secondary copy
+    of each partition; ``settle`` brings those copies up to date once partitions changed, as DeepSpeed does
+    after a step or after loading a checkpoint.
+    """
+
+    def __init__(self, params: Iterable[torch.nn.Parameter], optimizer) -> None:
+        self.params = [p for p in params if hasattr(p, "ds_tensor")]
+        self.values = [p.ds_tensor.detach().clone() for p in self.params]
+        self.optimizer = optimizer
+
+    @staticmethod
+    def applies_to(params: Iterable[torch.nn.Parameter]) -> bool:
+        """Whether every parameter is partitioned by ZeRO-3 with its partition in memory (not swapped to NVMe)."""
+        params = list(params)
+        return bool(params) and all(
+            getattr(p, "ds_tensor", None) is not None and "nvme" not in str(getattr(p.ds_tensor, "final_location", ""))
+            for p in params
+        )
+
+    def restore(self) -> None:
+        """The partitions back to the snapshot; full copies of them still gathered are released (``settle``
+        gathers the persistent ones again)."""
+        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+        gathered = [p for p in self.params if p.ds_status == ZeroParamStatus.AVAILABLE]
+        if gathered:
+            gathered[0].partition(param_list=gathered)
+        with torch.no_grad():
+            torch._foreach_copy_([p.ds_tensor for p in self.params], self.values)
+
+    def settle(self) -> None:
+        """Secondary partitions dropped and DeepSpeed's persistent parameters gathered again (the model's
+        parameters as a step leaves them)."""
+        invalidate = getattr(self.optimizer, "invalidate_secondary_tensor", None)
+        if invalidate is not None:
+            invalidate()
+        persistent = list(getattr(self.optimizer, "persistent_parameters", ()))
+        if persistent:
+            persistent[0].all_gather(param_list=persistent)
 
 
 def leave_process_group(deepspeed_used: bool) -> None:

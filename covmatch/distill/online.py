@@ -11,7 +11,7 @@ import torch
 
 from covmatch.models import DualEncoder
 
-from .distributed import Ranks, average_gradients, gathered_parameters
+from .distributed import LocalPartitionSnapshot, Ranks, average_gradients, gathered_parameters
 from .objective import Features
 from .precision import ScaledStep, sgd
 
@@ -136,10 +136,29 @@ class DeepSpeedOnlineModel(OnlineModel):
             model=self.model, optimizer=self.optimizer, config=ds_config
         )
         self._skip_flags = torch.tensor([0.0, 1.0], device=device)  # DeepSpeed counts skips on the host
+        self._local_pretrained: Optional[LocalPartitionSnapshot] = None  # ZeRO-3, from the first reset on
 
     def reset(self, generator: torch.Generator) -> None:
-        with gathered_parameters(self.model.parameters(), modify=True):  # ZeRO-3: full tensors, then re-shard
-            self.model.reset(generator)
+        """As the plain model's reset, on DeepSpeed's state. Under ZeRO-3 no rank keeps a full copy of the
+        pretrained model: the first reset gathers the parameters and fills them from the host snapshot, and
+        every rank then keeps its own partitions of the encoders, which later resets copy back in place (only
+        the small heads are gathered)."""
+        model = self.model
+        heads = [*model.image_proj.parameters(), *model.text_proj.parameters(), model.logit_scale]
+        if self._local_pretrained is not None:
+            self._local_pretrained.restore()
+            model.restore_pretrained(parameters=False, keep_on_device=False)
+            with gathered_parameters(heads, modify=True):
+                model.reinitialise_heads(generator)
+        else:
+            zero3 = LocalPartitionSnapshot.applies_to(model.encoder_parameters())
+            with gathered_parameters(model.parameters(), modify=True):  # ZeRO-3: full tensors, then re-shard
+                model.restore_pretrained(keep_on_device=not zero3)
+                model.reinitialise_heads(generator)
+            if zero3:
+                self._local_pretrained = LocalPartitionSnapshot(model.encoder_parameters(), self.engine.optimizer)
+        if self._local_pretrained is not None:
+            self._local_pretrained.settle()
         optimizer = self.engine.optimizer
         if hasattr(optimizer, "refresh_fp32_params"):  # ZeRO / mixed precision: fp32 master copy <- weights
             optimizer.refresh_fp32_params()

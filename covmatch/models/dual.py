@@ -103,11 +103,14 @@ class DualEncoder(nn.Module):
         if not stale:  # a cast since (DeepSpeed's half-precision weights): sources in the weights' dtypes again
             stale = any(t.dtype != s.dtype for t, s in zip(self._restore[1], self._restore[2]))
         if stale:
-            live = self.state_dict(keep_vars=True)
-            targets = [live[name] for name in self._pretrained]
+            targets = self._restore_targets()
             sources = [self._pretrained[name].to(device, t.dtype) for name, t in zip(self._pretrained, targets)]
             self._restore = (device, targets, sources)
         return self._restore[1], self._restore[2]
+
+    def _restore_targets(self) -> List[torch.Tensor]:
+        live = self.state_dict(keep_vars=True)
+        return [live[name] for name in self._pretrained]
 
     def pretrained_state(self) -> Dict[str, torch.Tensor]:
         return self._pretrained
@@ -120,9 +123,30 @@ class DualEncoder(nn.Module):
 
     def reset(self, generator: Optional[torch.Generator] = None) -> None:
         """Encoders back to pretrained weights, projections re-initialised, temperature back to its start."""
-        targets, sources = self._restore_pairs()
+        self.restore_pretrained()
+        self.reinitialise_heads(generator)
+
+    def restore_pretrained(self, *, parameters: bool = True, keep_on_device: bool = True) -> None:
+        """The encoders' parameters and buffers back to the snapshot (``parameters=False``: the buffers only).
+        ``keep_on_device=False`` copies from the host snapshot and keeps no device copy (what ZeRO-3 wants:
+        no full copy of the model per rank)."""
+        if keep_on_device:
+            targets, sources = self._restore_pairs()
+        else:
+            targets, sources = self._restore_targets(), list(self._pretrained.values())
+        if not parameters:
+            params = {id(p) for p in self.parameters()}
+            kept = [i for i, t in enumerate(targets) if id(t) not in params]
+            targets, sources = [targets[i] for i in kept], [sources[i] for i in kept]
         with torch.no_grad():
-            torch._foreach_copy_(targets, sources)
+            if keep_on_device and targets:
+                torch._foreach_copy_(targets, sources)
+            elif not keep_on_device:
+                for target, source in zip(targets, sources):  # host to device, cast to the target's dtype
+                    target.copy_(source)
+
+    def reinitialise_heads(self, generator: Optional[torch.Generator] = None) -> None:
+        """Fresh projections drawn from ``generator`` and the temperature back to its start."""
         self.image_proj.reset_parameters(generator)
         self.text_proj.reset_parameters(generator)
         with torch.no_grad():
