@@ -170,9 +170,9 @@ def test_dual_encoder_reset_restores_pretrained(tiny_model):
         assert torch.equal(v, again[k]), k  # the same generator seed gives the same projections
 
 
-def test_restore_pretrained_buffers_only_and_from_the_host():
-    """``parameters=False`` restores the encoders' buffers and leaves the parameters (ZeRO-3 restores those on
-    its own partitions); ``keep_on_device=False`` restores everything without keeping a device copy."""
+def test_restore_pretrained_some_tensors_and_from_the_host():
+    """Given tensors, only those are restored (ZeRO-3 restores the buffers so, the parameters on its own
+    partitions); ``keep_on_device=False`` restores without keeping a device copy of the snapshot."""
     torch.manual_seed(0)
     model = build_dual_encoder(get_preset("tiny"))
     model.image.register_buffer("running_stat", torch.arange(4.0))
@@ -182,7 +182,7 @@ def test_restore_pretrained_buffers_only_and_from_the_host():
     with torch.no_grad():
         weight.add_(1.0)
         model.image.running_stat.mul_(3.0)
-    model.restore_pretrained(parameters=False, keep_on_device=False)
+    model.restore_pretrained(model.encoder_buffers(), keep_on_device=False)
     assert torch.equal(model.image.running_stat, torch.arange(4.0))
     assert torch.equal(weight.detach(), pretrained_weight + 1.0)
     assert model._restore is None

@@ -139,25 +139,30 @@ class DeepSpeedOnlineModel(OnlineModel):
         self._local_pretrained: Optional[LocalPartitionSnapshot] = None  # ZeRO-3, from the first reset on
 
     def reset(self, generator: torch.Generator) -> None:
-        """As the plain model's reset, on DeepSpeed's state. Under ZeRO-3 no rank keeps a full copy of the
-        pretrained model: the first reset gathers the parameters and fills them from the host snapshot, and
-        every rank then keeps its own partitions of the encoders, which later resets copy back in place (only
-        the small heads are gathered)."""
+        """As the plain model's reset, on DeepSpeed's state. Under ZeRO-3 no rank ever holds the whole model
+        or a full copy of its pretrained state: the first reset restores the encoders module by module (each
+        module's parameters gathered, filled from the host snapshot, partitioned again), and every rank then
+        keeps its own partitions of them, which later resets copy back in place; the heads are gathered."""
         model = self.model
         heads = [*model.image_proj.parameters(), *model.text_proj.parameters(), model.logit_scale]
-        if self._local_pretrained is not None:
-            self._local_pretrained.restore()
-            model.restore_pretrained(parameters=False, keep_on_device=False)
-            with gathered_parameters(heads, modify=True):
-                model.reinitialise_heads(generator)
-        else:
-            zero3 = LocalPartitionSnapshot.applies_to(model.encoder_parameters())
-            with gathered_parameters(model.parameters(), modify=True):  # ZeRO-3: full tensors, then re-shard
+        if not LocalPartitionSnapshot.applies_to(model.encoder_parameters()):  # ZeRO-1/2, or ZeRO-3 on NVMe
+            zero3 = any(hasattr(p, "ds_id") for p in model.parameters())
+            with gathered_parameters(model.parameters(), modify=True):
                 model.restore_pretrained(keep_on_device=not zero3)
                 model.reinitialise_heads(generator)
-            if zero3:
+        else:
+            if self._local_pretrained is not None:
+                self._local_pretrained.restore()
+            else:
+                for module in [*model.image.modules(), *model.text.modules()]:
+                    own = list(module.parameters(recurse=False))
+                    if own:
+                        with gathered_parameters(own, modify=True):
+                            model.restore_pretrained(own, keep_on_device=False)
                 self._local_pretrained = LocalPartitionSnapshot(model.encoder_parameters(), self.engine.optimizer)
-        if self._local_pretrained is not None:
+            model.restore_pretrained(model.encoder_buffers(), keep_on_device=False)
+            with gathered_parameters(heads, modify=True):
+                model.reinitialise_heads(generator)
             self._local_pretrained.settle()
         optimizer = self.engine.optimizer
         if hasattr(optimizer, "refresh_fp32_params"):  # ZeRO / mixed precision: fp32 master copy <- weights

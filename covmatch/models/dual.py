@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -126,17 +126,19 @@ class DualEncoder(nn.Module):
         self.restore_pretrained()
         self.reinitialise_heads(generator)
 
-    def restore_pretrained(self, *, parameters: bool = True, keep_on_device: bool = True) -> None:
-        """The encoders' parameters and buffers back to the snapshot (``parameters=False``: the buffers only).
+    def restore_pretrained(
+        self, tensors: Optional[Iterable[torch.Tensor]] = None, *, keep_on_device: bool = True
+    ) -> None:
+        """The encoders' parameters and buffers (those of them in ``tensors`` when given) back to the snapshot.
         ``keep_on_device=False`` copies from the host snapshot and keeps no device copy (what ZeRO-3 wants:
         no full copy of the model per rank)."""
         if keep_on_device:
             targets, sources = self._restore_pairs()
         else:
             targets, sources = self._restore_targets(), list(self._pretrained.values())
-        if not parameters:
-            params = {id(p) for p in self.parameters()}
-            kept = [i for i, t in enumerate(targets) if id(t) not in params]
+        if tensors is not None:
+            wanted = {id(t) for t in tensors}
+            kept = [i for i, t in enumerate(targets) if id(t) in wanted]
             targets, sources = [targets[i] for i in kept], [sources[i] for i in kept]
         with torch.no_grad():
             if keep_on_device and targets:
@@ -154,6 +156,9 @@ class DualEncoder(nn.Module):
 
     def encoder_parameters(self):
         return list(self.image.parameters()) + list(self.text.parameters())
+
+    def encoder_buffers(self) -> List[torch.Tensor]:
+        return list(self.image.buffers()) + list(self.text.buffers())
 
     def head_parameters(self):
         heads = list(self.image_proj.parameters()) + list(self.text_proj.parameters())
