@@ -135,6 +135,50 @@ def test_grad_checkpointing_keeps_outputs(tiny_model, minilm):
     assert minilm.encode_ids(ids, mask).shape == (1, 384)
 
 
+def test_image_checkpointing_is_per_block_with_the_same_features_and_gradients():
+    """The stem and each block are their own checkpointed segments (timm's own checkpoints whole stages); the
+    features and the gradients to the pixels and the weights are those without checkpointing, train mode
+    (stochastic depth, its random draws replayed in the recomputation) included; disabling restores the plain
+    forwards."""
+    torch.manual_seed(0)
+    encoder = ImageEncoder.create("test_nfnet", image_size=16, model_kwargs={"drop_path_rate": 0.2}).train()
+    segments = [encoder.model.stem, *[block for stage in encoder.model.stages for block in stage]]
+    pixels = torch.randn(3, 3, 16, 16)
+
+    def features_and_gradients():
+        x = pixels.clone().requires_grad_(True)
+        torch.manual_seed(1)
+        out = encoder(x)
+        out.square().sum().backward()
+        grads = [x.grad] + [p.grad.clone() for p in encoder.parameters()]
+        encoder.zero_grad(set_to_none=True)
+        return out.detach(), grads
+
+    def saved_bytes() -> int:  # what autograd keeps of a forward, weights left out, each storage once
+        weights = {p.untyped_storage().data_ptr() for p in encoder.parameters()}
+        kept = {}
+
+        def keep(tensor):
+            kept[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+            encoder(pixels.clone().requires_grad_(True)).sum()
+        return sum(n for ptr, n in kept.items() if ptr not in weights)
+
+    plain = features_and_gradients()
+    plain_bytes = saved_bytes()
+    encoder.set_grad_checkpointing(True)
+    assert all("forward" in m.__dict__ for m in segments) and not encoder.model.grad_checkpointing
+    assert saved_bytes() < 0.3 * plain_bytes  # the segments' inputs, and the head's few
+    checkpointed = features_and_gradients()
+    torch.testing.assert_close(checkpointed[0], plain[0], rtol=0, atol=0)
+    for got, expected in zip(checkpointed[1], plain[1]):
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-7)
+    encoder.set_grad_checkpointing(False)
+    assert not any("forward" in m.__dict__ for m in segments) and saved_bytes() == plain_bytes
+
+
 def test_channels_last_keeps_features_and_pixel_gradients(tiny_model):
     pixels = torch.randn(3, 3, 16, 16, requires_grad=True)
     ref = tiny_model.image(pixels)

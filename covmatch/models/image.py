@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import types
 from pathlib import Path
-from typing import Mapping, Optional
+from typing import List, Mapping, Optional
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from covmatch.errors import ConfigError
@@ -36,6 +38,27 @@ def _cached_hub_file(model: nn.Module) -> Path:
         f"pretrained weights of {repo!r} are not in the local Hugging Face cache; covmatch never downloads: "
         "pass a local file with --image-weights"
     )
+
+
+def _checkpointed_forward(self: nn.Module, *args, **kwargs):
+    """A module's own forward as one checkpointed segment: its input kept, its activations recomputed in
+    backward."""
+    forward = type(self).forward
+    if not torch.is_grad_enabled():
+        return forward(self, *args, **kwargs)
+    return torch.utils.checkpoint.checkpoint(forward, self, *args, use_reentrant=False, **kwargs)
+
+
+def _checkpoint_segments(model: nn.Module) -> Optional[List[nn.Module]]:
+    """The stem and every block of a timm model built as ``stem`` + ``stages``, a sequence of sequences of
+    blocks (NFNet, RegNet...), or None for models of another build: the segments the image encoder checkpoints
+    one by one."""
+    stem, stages = getattr(model, "stem", None), getattr(model, "stages", None)
+    if not isinstance(stem, nn.Module) or not isinstance(stages, nn.Sequential) or len(stages) == 0:
+        return None
+    if not all(isinstance(stage, nn.Sequential) for stage in stages):
+        return None
+    return [stem] + [block for stage in stages for block in stage]
 
 
 class ImageEncoder(nn.Module):
@@ -90,7 +113,24 @@ class ImageEncoder(nn.Module):
         return cls(model, name, image_size, kwargs)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.model.set_grad_checkpointing(enable)
+        """Recompute activations in backward. Models built as a stem and stages of blocks checkpoint the stem and
+        each block on its own. timm's checkpointing recomputes a whole stage at once, whose activations then all
+        live together (NFNet-L0's third stage, 6 blocks at 14 x 14 x 1536, about 4 GiB for 256 images of 224 px
+        in bf16), and stores the stem's full-resolution activations: counted on the CPU at the paper's batches
+        (bf16, real 128, synthetic 256), an iteration's peak is 9.0 GiB with timm's, 7.6 GiB per block, 6.2 GiB
+        per block and stem (``benchmarks/count_memory.py --whole-step``). The blocks' forward is recomputed once
+        either way; recomputing the stem adds 12 % to NFNet-L0's forward FLOPs (1.05 of 8.51 GFLOP per image).
+        Other models use timm's own checkpointing."""
+        segments = _checkpoint_segments(self.model)
+        if segments is None:
+            self.model.set_grad_checkpointing(enable)
+            return
+        self.model.set_grad_checkpointing(False)
+        for module in segments:
+            if enable:
+                module.forward = types.MethodType(_checkpointed_forward, module)
+            else:
+                module.__dict__.pop("forward", None)
 
     def set_channels_last(self, enable: bool = True) -> None:
         """NHWC weights and inputs: the layout cuDNN's tensor-core convolutions use natively (NCHW costs
