@@ -272,7 +272,7 @@ class LocalPartitionSnapshot:
     """
 
     def __init__(self, params: Iterable[torch.nn.Parameter], optimizer) -> None:
-        self.params = [p for p in params if hasattr(p, "ds_tensor")]
+        self.params = list(params)  # each with its partition (``applies_to``)
         self.values = [p.ds_tensor.detach().clone() for p in self.params]
         self.optimizer = optimizer
 

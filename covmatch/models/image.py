@@ -51,8 +51,8 @@ def _checkpointed_forward(self: nn.Module, *args, **kwargs):
 
 def _checkpoint_segments(model: nn.Module) -> Optional[List[nn.Module]]:
     """The stem and every block of a timm model built as ``stem`` + ``stages``, a sequence of sequences of
-    blocks (NFNet, RegNet...), or None for models of another build: the segments the image encoder checkpoints
-    one by one."""
+    blocks (the NFNet family: nfnet_*, eca_nfnet_*, nf_resnet*), or None for models of another build: the
+    segments the image encoder checkpoints one by one."""
     stem, stages = getattr(model, "stem", None), getattr(model, "stages", None)
     if not isinstance(stem, nn.Module) or not isinstance(stages, nn.Sequential) or len(stages) == 0:
         return None
