@@ -9,6 +9,7 @@ the fp32 master copy and an empty optimiser state (a zero-gradient step then cha
 ``fp16-boundary`` (one process): DeepSpeed's fp16 online model resumes from a reset-boundary checkpoint's state.
 ``chunked``: with N > the synthetic batch (each rank's batch a sample of its shard), the online model
 training and a reset, ``--syn-chunk`` distils the same set as one pass.
+``checkpointed``: under ZeRO-3, a run that checkpoints each block equals one that does not.
 """
 
 from __future__ import annotations
@@ -285,6 +286,47 @@ def scenario_fp16_boundary() -> None:
     resumed.close()
 
 
+def scenario_checkpointed() -> None:
+    """ZeRO-3 with no parameter persistent (each module's weights gathered on entry, released on exit): a run
+    whose encoders checkpoint each block (the recomputation in backward gathers the weights again) distils the
+    set and trains the online model as the run without checkpointing does, a reset included."""
+    import json
+    import tempfile
+
+    from covmatch.distill import DistillConfig, Distiller
+    from covmatch.distill.distributed import gathered_parameters
+    from covmatch.presets import get_preset
+
+    user_config = Path(tempfile.mkdtemp()) / "ds.json"
+    user_config.write_text(json.dumps({"zero_optimization": {"stage3_param_persistence_threshold": 0}}))
+    results = {}
+    for checkpointing in (False, True):  # both runs in the process group the first one joins
+        preset = get_preset("tiny", iterations=4, reset_every=3, syn_batch=8, num_pairs=8)
+        config = DistillConfig(
+            preset=preset, zero=3, grad_checkpointing=checkpointing, progress=False, device="cpu",
+            deepspeed_config=user_config,
+        )  # fmt: skip
+        d = Distiller(config, log=lambda _m: None)
+        first_conv = d.model.image.model.stages[0][0].conv1
+        calls = []
+        first_conv.register_forward_hook(lambda *_, calls=calls: calls.append(1))
+        synthetic = d.run()
+        params = dict(d.model.named_parameters())
+        with gathered_parameters(params.values()):
+            weights = {k: p.detach().clone() for k, p in params.items()}
+        results[checkpointing] = synthetic, weights, len(calls)
+    rank = d.ranks.rank
+    d.close(finished=True)
+    (plain, plain_weights, plain_calls), (ckpt, ckpt_weights, ckpt_calls) = results[False], results[True]
+    assert ckpt_calls > plain_calls, f"no block recomputed: {ckpt_calls} forward calls against {plain_calls}"
+    for key in ("images", "text_embeds"):
+        a, b = getattr(ckpt, key), getattr(plain, key)
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5 * float(b.abs().max())), (key, float((a - b).abs().max()))
+    for k, p in plain_weights.items():
+        assert torch.allclose(ckpt_weights[k], p, rtol=1e-4, atol=1e-6), (k, float((ckpt_weights[k] - p).abs().max()))
+    print(f"rank {rank}: ZeRO-3 checkpointed run == plain run ({ckpt_calls} against {plain_calls} block calls)")
+
+
 if __name__ == "__main__":
     name, *args = sys.argv[1:]
     if name == "loss":
@@ -297,5 +339,7 @@ if __name__ == "__main__":
         scenario_online_steps()
     elif name == "fp16-boundary":
         scenario_fp16_boundary()
+    elif name == "checkpointed":
+        scenario_checkpointed()
     else:
         raise SystemExit(f"unknown scenario {name!r}")

@@ -295,6 +295,13 @@ def test_reset_under_zero_restores_the_pretrained_state():
         assert output.count(f"{case}: the reset restores the pretrained state") == 2, case
 
 
+def test_checkpointed_blocks_under_zero3_distil_what_a_plain_run_does():
+    """Each block's recomputation in backward gathers its weights again (no parameter persistent): the set and
+    the online model after four iterations and a reset equal those of the run without checkpointing."""
+    output = launch(str(WORKER), "checkpointed")
+    assert output.count("ZeRO-3 checkpointed run == plain run") == 2, output[-2000:]
+
+
 def held_out_loss(d: Distiller, syn: SyntheticSet, batches) -> float:
     """Distillation loss of ``syn`` at the t=0 online model over real batches the runs never see."""
     m = d.model
