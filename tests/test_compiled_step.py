@@ -156,7 +156,8 @@ def test_a_compiled_run_says_its_first_iterations_compile(tmp_path):
 @pytest.mark.parametrize(
     "argv,message",
     [
-        (["--compile", "--zero", "1"], "--compile does not work with --zero"),
+        (["--compile", "--zero", "3"], "--compile works with --zero 1 and 2, not 3"),
+        (["--compile", "--cuda-graphs", "--zero", "2"], "--cuda-graphs is not supported with --zero"),
         (["--cuda-graphs"], "--cuda-graphs captures the compiled encoders: add --compile"),
         (["--compile", "--cuda-graphs", "--device", "cpu"], "--cuda-graphs needs a CUDA device"),
     ],

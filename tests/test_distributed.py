@@ -302,6 +302,14 @@ def test_checkpointed_blocks_under_zero3_distil_what_a_plain_run_does():
     assert output.count("ZeRO-3 checkpointed run == plain run") == 2, output[-2000:]
 
 
+@pytest.mark.slow
+def test_compiled_encoders_under_zero2_take_the_eager_steps():
+    """--compile --zero 2 (fp32, one process): the compiled encoders' gradients reach DeepSpeed's reduction and
+    its steps, resets included; the set and the online model take the eager run's steps to 1e-3 of each."""
+    output = launch(str(WORKER), "compiled", "2", nproc=1)
+    assert "ZeRO-2: the compiled run takes the eager run's steps" in output, output[-2000:]
+
+
 def held_out_loss(d: Distiller, syn: SyntheticSet, batches) -> float:
     """Distillation loss of ``syn`` at the t=0 online model over real batches the runs never see."""
     m = d.model

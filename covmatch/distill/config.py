@@ -198,15 +198,20 @@ class DistillConfig(CommonSettings):
                 field="deepspeed_config",
                 mentions=("zero",),
             )
-        if self.compile and self.zero:
+        if self.compile and self.zero == 3:
             raise ConfigError(
-                "compile does not work with zero: DeepSpeed wraps and partitions the model it would compile; "
-                "drop one", field="compile", mentions=("zero",),
+                "compile works with zero 1 and 2, not 3: the compiled encoders would read ZeRO-3's partitioned "
+                "weights without DeepSpeed gathering them", field="compile", mentions=("zero",),
             )  # fmt: skip
         if self.cuda_graphs and not self.compile:
             raise ConfigError(
                 "cuda_graphs captures the compiled encoders: add compile", field="cuda_graphs", mentions=("compile",)
             )
+        if self.cuda_graphs and self.zero:
+            raise ConfigError(
+                "cuda_graphs is not supported with zero (CUDA-graph capture under DeepSpeed is untested); "
+                "use compile alone", field="cuda_graphs", mentions=("zero", "compile"),
+            )  # fmt: skip
         if self.resume and self.overwrite:
             raise ConfigError(
                 "resume and overwrite contradict each other; pick one", field="resume", mentions=("overwrite",)
