@@ -332,9 +332,10 @@ def scenario_compiled(stages: str) -> None:
     """One process, fp32; ``stages``: comma-separated ZeRO stages (1, 2). With ``--compile`` under DeepSpeed
     (whose engine wraps the compiled encoders and reduces the gradients their compiled backward produces) four
     iterations with two resets take the eager run's steps of the set and of the online model, to 1e-3 of each
-    step, and no graph is compiled after the second iteration. In bf16 the comparison says little: DeepSpeed's
-    16-bit weights round every step, and eager bf16 and fp32 runs already differ by most of the caption step.
-    Inductor's C++ kernels without SIMD and eager's random numbers, as in test_compiled_step.py."""
+    set tensor's step and of the online model's, and no graph is compiled after the second iteration. In bf16
+    the comparison says little: DeepSpeed's 16-bit weights round every step, and eager bf16 and fp32 runs
+    already differ by most of the caption step. Inductor's C++ kernels without SIMD and eager's random numbers,
+    as in test_compiled_step.py."""
     import torch._inductor.config as inductor_config
 
     from covmatch.distill import DistillConfig, Distiller
@@ -355,25 +356,30 @@ def scenario_compiled(stages: str) -> None:
             d.step(real, online)
             graphs.append(compiled_graphs() - before)
         steps = {k: t - start[k] for k, t in learnt(d).items()}
-        skipped = d.engine.skipped_steps
-        d.close(finished=True)
-        return steps, graphs, skipped
+        return d, steps, graphs, d.engine.skipped_steps
 
     settings = {"cpp.vec_isa_ok": False, "fx_graph_cache": False, "fallback_random": True}
     for stage in stages.split(","):
         with inductor_config.patch(settings):
-            eager, _, eager_skipped = run(int(stage), compile=False)
-            compiled, graphs, skipped = run(int(stage), compile=True)
+            # one engine after another in the process group the first one joins (DeepSpeed < 0.19.8 cannot
+            # start another after a close)
+            _, eager, _, eager_skipped = run(int(stage), compile=False)
+            d, compiled, graphs, skipped = run(int(stage), compile=True)
         assert skipped == eager_skipped == 0, (skipped, eager_skipped)
         assert 0 < graphs[1] == graphs[-1], f"graphs compiled by each iteration: {graphs}"
-        # attention's key biases have no gradient but rounding (softmax ignores a shift along a row)
-        moved = [k for k, step in eager.items() if step.norm() > 0 and not k.endswith("attention.self.key.bias")]
-        assert {"images", "text_embeds"} <= set(moved) and len(moved) > 10, moved[:12]
-        gaps = {k: float((compiled[k] - eager[k]).norm() / eager[k].norm()) for k in moved}
-        worst = max(gaps, key=gaps.get)
-        assert gaps[worst] <= 1e-3, (worst, gaps[worst], {k: gaps[k] for k in ("images", "text_embeds")})
-        print(f"ZeRO-{stage}: the compiled run takes the eager run's steps ({graphs[-1]} graphs, "
-              f"at most {gaps[worst]:.2g} of a step apart: {worst})", flush=True)  # fmt: skip
+        # the set tensor by tensor; the online model as one vector (a tensor whose gradient nearly cancels
+        # takes a step of rounding size, which inductor's reordered sums move by percents, in torch 2.4 say)
+        gaps = {k: float((compiled[k] - eager[k]).norm() / eager[k].norm()) for k in ("images", "text_embeds")}
+        weights = [k for k in eager if k not in gaps]
+        gap = torch.stack([(compiled[k] - eager[k]).norm() for k in weights]).norm()
+        moved = torch.stack([eager[k].norm() for k in weights]).norm()
+        gaps["online model"] = float(gap / moved)
+        assert moved > 0 and min(eager[k].norm() for k in ("images", "text_embeds")) > 0, "nothing moved"
+        assert max(gaps.values()) <= 1e-3, gaps
+        summary = ", ".join(f"{k} {v:.1g}" for k, v in gaps.items())
+        print(f"ZeRO-{stage}: the compiled run takes the eager run's steps ({graphs[-1]} graphs; apart by a "
+              f"fraction of each step: {summary})", flush=True)  # fmt: skip
+    d.close(finished=True)
 
 
 if __name__ == "__main__":

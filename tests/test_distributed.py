@@ -305,7 +305,8 @@ def test_checkpointed_blocks_under_zero3_distil_what_a_plain_run_does():
 @pytest.mark.slow
 def test_compiled_encoders_under_zero2_take_the_eager_steps():
     """--compile --zero 2 (fp32, one process): the compiled encoders' gradients reach DeepSpeed's reduction and
-    its steps, resets included; the set and the online model take the eager run's steps to 1e-3 of each."""
+    its steps, resets included; the set and the online model take the eager run's steps to 1e-3 of each (the
+    online model's as one vector)."""
     output = launch(str(WORKER), "compiled", "2", nproc=1)
     assert "ZeRO-2: the compiled run takes the eager run's steps" in output, output[-2000:]
 
