@@ -76,15 +76,22 @@ def scenario_loss() -> None:
     print(f"rank {ranks.rank}: sharded loss == single-process loss")
 
 
+def _persistence_config(threshold: int) -> Path:
+    """A DeepSpeed user config setting ZeRO-3's ``stage3_param_persistence_threshold``, in a new directory."""
+    import json
+    import tempfile
+
+    path = Path(tempfile.mkdtemp()) / "ds.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage3_param_persistence_threshold": threshold}}))
+    return path
+
+
 def scenario_reset(cases: str) -> None:
     """``cases``: comma-separated STAGE:PRECISION[:persist], e.g. ``1:fp32,2:bf16,3:fp32:0`` (one engine after
     another; ``persist`` sets ZeRO-3's ``stage3_param_persistence_threshold``, DeepSpeed's default keeps every
     parameter of the tiny model gathered). Two rounds of online steps and a reset; under ZeRO-3 the first reset
     (iteration 0's) gathers one module at a time, later ones copy each rank's own partitions back and gather
     only the heads."""
-    import json
-    import tempfile
-
     from covmatch.distill import DistillConfig, Distiller, online
     from covmatch.distill.distributed import gathered_parameters
     from covmatch.distill.streams import stream_generator
@@ -102,11 +109,7 @@ def scenario_reset(cases: str) -> None:
     d = None
     for case in cases.split(","):
         stage, precision, *persist = case.split(":")
-        user_config = None
-        if persist:
-            user_config = Path(tempfile.mkdtemp()) / "ds.json"
-            threshold = {"stage3_param_persistence_threshold": int(persist[0])}
-            user_config.write_text(json.dumps({"zero_optimization": threshold}))
+        user_config = _persistence_config(int(persist[0])) if persist else None
         config = DistillConfig(
             preset=get_preset("tiny", iterations=3, reset_every=100),
             zero=int(stage),
@@ -291,15 +294,11 @@ def scenario_checkpointed() -> None:
     """ZeRO-3 with no parameter persistent (each module's weights gathered on entry, released on exit): a run
     whose encoders checkpoint each block (the recomputation in backward gathers the weights again) distils the
     set and trains the online model as the run without checkpointing does, a reset included."""
-    import json
-    import tempfile
-
     from covmatch.distill import DistillConfig, Distiller
     from covmatch.distill.distributed import gathered_parameters
     from covmatch.presets import get_preset
 
-    user_config = Path(tempfile.mkdtemp()) / "ds.json"
-    user_config.write_text(json.dumps({"zero_optimization": {"stage3_param_persistence_threshold": 0}}))
+    user_config = _persistence_config(0)
     results = {}
     for checkpointing in (False, True):  # both runs in the process group the first one joins
         preset = get_preset("tiny", iterations=4, reset_every=3, syn_batch=8, num_pairs=8)

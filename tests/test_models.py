@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from benchmarks.count_memory import SavedBytes
 from covmatch.data import tokenize_captions
 from covmatch.errors import ConfigError
 from covmatch.models import ImageEncoder, TextEncoder, build_dual_encoder
@@ -155,16 +156,10 @@ def test_image_checkpointing_is_per_block_with_the_same_features_and_gradients()
         return out.detach(), grads
 
     def saved_bytes() -> int:  # what autograd keeps of a forward, weights left out, each storage once
-        weights = {p.untyped_storage().data_ptr() for p in encoder.parameters()}
-        kept = {}
-
-        def keep(tensor):
-            kept[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
-            return tensor
-
-        with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+        counter = SavedBytes(encoder.parameters())
+        with torch.autograd.graph.saved_tensors_hooks(counter.pack, counter.unpack):
             encoder(pixels.clone().requires_grad_(True)).sum()
-        return sum(n for ptr, n in kept.items() if ptr not in weights)
+        return counter.peak
 
     plain = features_and_gradients()
     plain_bytes = saved_bytes()
