@@ -54,6 +54,8 @@ OLDEST_PINS := transformers==4.40.2 timm==1.0.10 deepspeed==0.16.9
 
 # torch first: DeepSpeed's sdist imports it to build
 test-oldest:
+	@test -x $(OLDEST_VENV)/bin/python || $(OLDEST_PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 9)' 2>/dev/null \
+		|| { echo "make test-oldest: '$(OLDEST_PYTHON)' is not a working Python 3.9; pass OLDEST_PYTHON=/path/to/python3.9" >&2; exit 2; }
 	test -x $(OLDEST_VENV)/bin/python || $(OLDEST_PYTHON) -m venv $(OLDEST_VENV)
 	$(OLDEST_VENV)/bin/python -m pip install --no-compile $(OLDEST_TORCH)
 	$(OLDEST_VENV)/bin/python -m pip install --no-compile -e ".[all]" $(OLDEST_TORCH) $(OLDEST_PINS)
